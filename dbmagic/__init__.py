@@ -1,0 +1,98 @@
+"""dbmagic: Databricks-served LLMs as a first-class part of a notebook.
+
+In a notebook::
+
+    %load_ext dbmagic
+    %%dbllm --endpoint databricks-meta-llama-3-3-70b-instruct --temperature 0.2
+    Summarize {{ text }} in one sentence.
+
+From Python::
+
+    import dbmagic
+    dbmagic.get_client().complete("How are you?", endpoint="databricks-meta-llama-3-3-70b-instruct")
+
+``import dbmagic`` stays light: the client (and ``requests``) load on first use, and heavy
+packages (ipywidgets, pandas, mlflow, pyspark) only with the feature that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import (
+    AuthenticationError,
+    BadRequest,
+    BadResponse,
+    ConfigurationError,
+    ConnectionFailed,
+    DbMagicError,
+    EndpointNotFound,
+    PermissionDenied,
+    RateLimited,
+    RequestError,
+    RequestTimeout,
+    ServerError,
+    StreamInterrupted,
+    TransformError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Client": "client",
+    "Completion": "client",
+    "Stream": "client",
+    "PreparedRequest": "client",
+    "EndpointInfo": "client",
+    "get_client": "client",
+    "configure": "client",
+    "Credentials": "_credentials",
+    "Timeouts": "_http",
+    "RetryPolicy": "_http",
+}
+
+__all__ = [
+    *_LAZY,
+    "load_ipython_extension",
+    "DbMagicError",
+    "ConfigurationError",
+    "TransformError",
+    "RequestError",
+    "BadRequest",
+    "AuthenticationError",
+    "PermissionDenied",
+    "EndpointNotFound",
+    "RateLimited",
+    "ServerError",
+    "RequestTimeout",
+    "ConnectionFailed",
+    "BadResponse",
+    "StreamInterrupted",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dbmagic' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext dbmagic``: register ``%%dbllm``, ``%dbllm`` and ``%config DbLLM``."""
+    from .magic import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .magic import unload_ipython_extension as unload
+
+    unload(ipython)

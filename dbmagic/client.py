@@ -1,0 +1,526 @@
+"""The dbmagic client: one per kernel, shared by the magic, the panel and your own code.
+
+>>> import dbmagic
+>>> client = dbmagic.get_client()            # finds the workspace by itself
+>>> client.complete("How are you?", endpoint="databricks-meta-llama-3-3-70b-instruct").text
+>>> for piece in client.stream("Tell me a story", endpoint="databricks-meta-llama-3-3-70b-instruct"):
+...     print(piece, end="")
+
+A call goes: prompt + parameters -> the seed-shaped request ``{"prompt", "temperature", "stop", ...}``
+-> ``transform_input(**request)`` -> the wire body of the endpoint's kind -> one HTTP request (with
+bounded retries) -> the parsed answer -> ``transform_output(value)`` -> a `Completion`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import requests
+import urllib3
+
+from . import _wire
+from ._credentials import Credentials, org_id_from_host, resolve_credentials
+from ._http import Clock, RetryPolicy, Timeouts, Transport
+from .errors import (
+    BadResponse,
+    ConfigurationError,
+    RequestError,
+    StreamInterrupted,
+    TransformError,
+    error_from_response,
+)
+
+__all__ = ["Client", "Completion", "Stream", "PreparedRequest", "EndpointInfo", "get_client", "configure"]
+
+Transform = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    """One serving endpoint as the workspace describes it."""
+
+    name: str
+    task: str | None
+    state: str
+    endpoint_type: str | None
+    served: tuple[str, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """The request shape dbmagic uses for it: chat, completions, embeddings or custom."""
+        return _wire.kind_for(self.task)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "EndpointInfo":
+        served = []
+        for entity in (data.get("config") or {}).get("served_entities") or []:
+            model = entity.get("foundation_model") or entity.get("external_model") or {}
+            served.append(model.get("name") or entity.get("entity_name") or entity.get("name") or "")
+        return cls(
+            name=data.get("name", ""),
+            task=data.get("task"),
+            state=(data.get("state") or {}).get("ready", "UNKNOWN"),
+            endpoint_type=data.get("endpoint_type"),
+            served=tuple(s for s in served if s),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """Exactly what a call will send (what ``--dry-run`` shows)."""
+
+    kind: str
+    target: str
+    path: str
+    body: dict[str, Any]
+    host: str
+    stream: bool = False
+
+    @property
+    def url(self) -> str:
+        return self.host + self.path
+
+    def describe(self) -> dict[str, Any]:
+        """The request as a dict with the token hidden."""
+        return {
+            "method": "POST",
+            "url": self.url,
+            "headers": {"Authorization": "Bearer ***", "Content-Type": "application/json"},
+            "json": self.body,
+        }
+
+
+@dataclass
+class Completion:
+    """One answer.
+
+    ``value`` is what ``transform_output`` returned (else the natural value: the text for chat and
+    completions, the vectors for embeddings, ``predictions[0]`` for custom models, the JSON value for
+    proxy apps); ``text`` is the answer as text; ``raw`` the parsed JSON the server sent.
+    """
+
+    text: str
+    value: Any
+    endpoint: str
+    kind: str
+    raw: Any = field(default=None, repr=False)
+    usage: dict[str, Any] = field(default_factory=dict)
+    latency: float = 0.0
+    request: dict[str, Any] = field(default_factory=dict, repr=False)
+    request_id: str | None = None
+    served_model: str | None = None
+    finish_reason: str | None = None
+    time_to_first_token: float | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Client:
+    """Talks to Databricks Model Serving endpoints and cluster driver-proxy apps.
+
+    Credentials are found in this order: ``host=``/``token=`` (or ``profile=``), the Databricks
+    notebook context, ``DATABRICKS_HOST``/``DATABRICKS_TOKEN``, then ``~/.databrickscfg``. They are
+    resolved on first use; ``client.credentials.source`` says which one was used.
+
+    ``timeouts``, ``retry``, ``clock`` and ``session`` are seams for tuning and for tests.
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        token: str | None = None,
+        *,
+        profile: str | None = None,
+        credentials: Credentials | None = None,
+        timeouts: Timeouts = Timeouts(),
+        retry: RetryPolicy = RetryPolicy(),
+        clock: Clock | None = None,
+        session: requests.Session | None = None,
+        pool_size: int = 16,
+    ):
+        self._explicit = (host, token, profile)
+        self._credentials = credentials
+        self._lock = threading.Lock()
+        self._endpoints: dict[str, EndpointInfo] = {}
+        self.transport = Transport(timeouts=timeouts, retry=retry, clock=clock, session=session, pool_size=pool_size)
+
+    def __repr__(self) -> str:
+        if self._credentials is None:
+            return "Client(credentials not resolved yet)"
+        return f"Client(host={self._credentials.host!r}, source={self._credentials.source!r})"
+
+    # -- credentials and discovery -------------------------------------------------------------
+
+    @property
+    def credentials(self) -> Credentials:
+        """The workspace host, token and their source, resolved on first use."""
+        if self._credentials is None:
+            with self._lock:
+                if self._credentials is None:
+                    host, token, profile = self._explicit
+                    self._credentials = resolve_credentials(host, token, profile)
+        return self._credentials
+
+    def whoami(self) -> dict[str, str]:
+        """Host, credential source and ``token: ***``."""
+        return self.credentials.describe()
+
+    def endpoints(self) -> list[EndpointInfo]:
+        """The workspace's serving endpoints (``GET /api/2.0/serving-endpoints``), fetched afresh."""
+        data = self._get("/api/2.0/serving-endpoints", "the serving endpoints list")
+        infos = [EndpointInfo.from_json(e) for e in data.get("endpoints") or []]
+        self._endpoints.update((i.name, i) for i in infos)
+        return infos
+
+    def endpoint(self, name: str, *, refresh: bool = False) -> EndpointInfo:
+        """One endpoint's description, cached for the client's life unless ``refresh``."""
+        if refresh or name not in self._endpoints:
+            data = self._get(f"/api/2.0/serving-endpoints/{name}", f"endpoint {name!r}")
+            self._endpoints[name] = EndpointInfo.from_json(data)
+        return self._endpoints[name]
+
+    def _get(self, path: str, target: str) -> Any:
+        response = self.transport.request(self.credentials, "GET", path, target=target)
+        return _json(response, target)
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        prompt: Any,
+        endpoint: str | None = None,
+        *,
+        cluster_id: str | None = None,
+        port: int | str | None = None,
+        org_id: str | None = None,
+        task: str | None = None,
+        system: str | None = None,
+        history: Sequence[dict[str, Any]] = (),
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        n: int | None = None,
+        extra_params: dict[str, Any] | None = None,
+        transform_input: Transform | None = None,
+        stream: bool = False,
+        **params: Any,
+    ) -> PreparedRequest:
+        """Build the request a call would send, without sending it (the dry run)."""
+        kind, path, target = self._target(endpoint, cluster_id, port, org_id, task)
+        if isinstance(stop, str):
+            stop = [stop]
+        request = _wire.seed_request(
+            prompt,
+            {"temperature": temperature, "max_tokens": max_tokens, "stop": list(stop) if stop else None,
+             "n": n, "extra_params": extra_params or None, **params},
+        )
+        if transform_input is not None:
+            request = _apply_input_transform(transform_input, request)
+        body = _wire.build_body(kind, request, system=system, history=history, stream=stream)
+        return PreparedRequest(kind, target, path, body, self.credentials.host,
+                               stream=stream and kind in _wire.STREAMING_KINDS)
+
+    def complete(
+        self,
+        prompt: Any,
+        endpoint: str | None = None,
+        *,
+        transform_output: Transform | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Completion:
+        """Send one prompt and wait for the whole answer.
+
+        ``endpoint`` names a serving endpoint; or give ``cluster_id`` and ``port`` (and ``org_id``)
+        for a driver-proxy app. Options: ``task``, ``system``, ``history``, ``temperature``,
+        ``max_tokens``, ``stop``, ``n``, ``extra_params``, ``transform_input``, and any other
+        keyword, sent as a request field.
+        """
+        prepared = self.prepare(prompt, endpoint, **options)
+        return self.send(prepared, transform_output=transform_output, timeout=timeout)
+
+    def send(self, prepared: PreparedRequest, *, transform_output: Transform | None = None,
+             timeout: float | None = None) -> Completion:
+        """Send a `PreparedRequest` and wait for the whole answer."""
+        started = time.perf_counter()
+        response = self.transport.request(
+            self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body, timeout=timeout
+        )
+        data = _json(response, prepared.target)
+        latency = time.perf_counter() - started
+        try:
+            parsed = _wire.parse_response(prepared.kind, data)
+        except _wire.WireError as exc:
+            raise BadResponse(f"{prepared.target} sent {exc}", target=prepared.target) from None
+        return _completion(prepared, parsed, data, response, latency, transform_output)
+
+    def stream(
+        self,
+        prompt: Any,
+        endpoint: str | None = None,
+        *,
+        transform_output: Transform | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> "Stream":
+        """Send one prompt and iterate over the answer's text as it arrives.
+
+        Endpoints that do not stream (embeddings, custom models, proxy apps) give their whole text
+        as one piece. After the loop, ``stream.completion`` holds the `Completion`. A cut stream
+        raises `StreamInterrupted`, whose ``.partial`` (and ``stream.text``) keep what arrived.
+        """
+        prepared = self.prepare(prompt, endpoint, stream=True, **options)
+        return self.open_stream(prepared, transform_output=transform_output, timeout=timeout)
+
+    def open_stream(self, prepared: PreparedRequest, *, transform_output: Transform | None = None,
+                    timeout: float | None = None) -> "Stream":
+        """Send a `PreparedRequest` (built with ``stream=True``) and return its `Stream`."""
+        started = time.perf_counter()
+        response = self.transport.request(
+            self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body,
+            stream=True, timeout=timeout,
+        )
+        return Stream(self, prepared, response, started, transform_output)
+
+    def _target(self, endpoint: str | None, cluster_id: Any, port: Any, org_id: Any, task: str | None):
+        if endpoint and (cluster_id or port):
+            raise ConfigurationError(
+                "Give either an endpoint or a proxy app (cluster_id and port), not both."
+            )
+        if endpoint:
+            kind = _wire.kind_for(task) if task else self.endpoint(endpoint).kind
+            return kind, f"/serving-endpoints/{endpoint}/invocations", f"endpoint {endpoint!r}"
+        if port:
+            creds = self.credentials
+            cluster_id = cluster_id or creds.cluster_id
+            if not cluster_id:
+                raise ConfigurationError(
+                    "A driver-proxy app needs the cluster id: pass cluster_id= (--cluster-id); "
+                    "it is found by itself only inside a Databricks notebook."
+                )
+            org_id = org_id or creds.workspace_id or org_id_from_host(creds.host) or "0"
+            path = f"/driver-proxy-api/o/{org_id}/{cluster_id}/{port}"
+            return _wire.PROXY, path, f"proxy app on cluster {cluster_id} port {port}"
+        raise ConfigurationError(
+            "No endpoint given: pass endpoint= (--endpoint NAME, or %config DbLLM.endpoint = NAME), "
+            "or cluster_id= and port= for a driver-proxy app. `%dbllm endpoints` lists the endpoints."
+        )
+
+    def close(self) -> None:
+        """Close the HTTP session (its pooled connections)."""
+        self.transport.close()
+
+
+class Stream:
+    """An answer arriving piece by piece. Iterate for text chunks; then read ``.completion``.
+
+    ``text`` is everything that has arrived so far, also after an error or ``close()``.
+    """
+
+    def __init__(self, client: Client, prepared: PreparedRequest, response: requests.Response,
+                 started: float, transform_output: Transform | None):
+        self.prepared = prepared
+        self.text = ""
+        self.completion: Completion | None = None
+        self._client = client
+        self._response = response
+        self._started = started
+        self._transform_output = transform_output
+        self._iterator = self._iterate()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._iterator
+
+    def __next__(self) -> str:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop reading (the Stop button, Ctrl-C); ``text`` keeps what arrived."""
+        self._iterator.close()
+        self._response.close()
+
+    def _iterate(self) -> Iterator[str]:
+        response, prepared = self._response, self.prepared
+        try:
+            content_type = response.headers.get("Content-Type", "")
+            if not prepared.stream or "text/event-stream" not in content_type:
+                yield from self._whole_answer()
+                return
+            yield from self._events()
+        finally:
+            response.close()
+
+    def _whole_answer(self) -> Iterator[str]:
+        data = _json(self._response, self.prepared.target)
+        latency = time.perf_counter() - self._started
+        try:
+            parsed = _wire.parse_response(self.prepared.kind, data)
+        except _wire.WireError as exc:
+            raise BadResponse(f"{self.prepared.target} sent {exc}", target=self.prepared.target) from None
+        self.text = parsed.text
+        if parsed.text:
+            yield parsed.text
+        self.completion = _completion(self.prepared, parsed, data, self._response, latency,
+                                      self._transform_output, time_to_first_token=latency)
+
+    def _events(self) -> Iterator[str]:
+        target = self.prepared.target
+        decoder = _wire.SSEDecoder()
+        usage: dict[str, Any] = {}
+        finish: str | None = None
+        model: str | None = None
+        first: float | None = None
+        done = False
+        raw = self._response.raw
+        while True:
+            try:
+                chunk = raw.read1(65536)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if done:
+                    break
+                raise self._cut(f"the connection broke ({exc.__class__.__name__})") from None
+            if done:  # read the body to its end so the connection goes back to the pool
+                if not chunk:
+                    break
+                continue
+            events = list(decoder.feed(chunk)) if chunk else decoder.close()
+            for event in events:
+                if event.strip() == "[DONE]":
+                    done = True
+                    break
+                try:
+                    data = json.loads(event)
+                except ValueError:
+                    raise self._cut("an event that is not JSON") from None
+                if "error_code" in data or "error" in data:
+                    error = error_from_response(500, json.dumps(data), target=target,
+                                                host=self.prepared.host)
+                    raise self._cut(f"an error mid-stream: {error.server_message or error.error_code}")
+                piece, chunk_usage, chunk_finish = _wire.chunk_delta(data)
+                usage = chunk_usage or usage
+                finish = chunk_finish or finish
+                model = data.get("model") or model
+                if piece:
+                    if first is None:
+                        first = time.perf_counter() - self._started
+                    self.text += piece
+                    yield piece
+            if not chunk:
+                if not done and (decoder.truncated or finish is None):
+                    raise self._cut("the connection closed before the end of the answer")
+                break
+        latency = time.perf_counter() - self._started
+        parsed = _wire.Parsed(self.text, self.text, usage, model, finish)
+        self.completion = _completion(self.prepared, parsed, None, self._response, latency,
+                                      self._transform_output, time_to_first_token=first)
+
+    def _cut(self, why: str) -> StreamInterrupted:
+        return StreamInterrupted(
+            f"The stream from {self.prepared.target} was cut: {why}; {len(self.text)} characters arrived",
+            partial=self.text,
+            target=self.prepared.target,
+        )
+
+
+def _apply_input_transform(transform: Transform, request: dict[str, Any]) -> dict[str, Any]:
+    name = _name(transform)
+    try:
+        result = transform(**request)
+    except Exception as exc:
+        raise TransformError(
+            f"transform_input {name!r} raised {exc.__class__.__name__}: {exc}. "
+            "Fix the function (its traceback is above) or run without it.",
+            transform=name,
+        ) from exc
+    if not isinstance(result, dict):
+        raise TransformError(
+            f"transform_input {name!r} returned {type(result).__name__}, not a dict. "
+            "It must return the request, e.g. `def f(**request): ...; return request`.",
+            transform=name,
+        )
+    return result
+
+
+def _apply_output_transform(transform: Transform, value: Any) -> Any:
+    name = _name(transform)
+    try:
+        return transform(value)
+    except Exception as exc:
+        raise TransformError(
+            f"transform_output {name!r} raised {exc.__class__.__name__}: {exc}. "
+            "Fix the function (its traceback is above) or run without it.",
+            transform=name,
+        ) from exc
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def _json(response: requests.Response, target: str) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        snippet = response.text[:200]
+        raise BadResponse(
+            f"{target} sent an answer that is not JSON: {snippet!r}", target=target, status=response.status_code
+        ) from None
+
+
+def _completion(prepared: PreparedRequest, parsed: _wire.Parsed, data: Any, response: requests.Response,
+                latency: float, transform_output: Transform | None, time_to_first_token: float | None = None
+                ) -> Completion:
+    value = parsed.value
+    if transform_output is not None:
+        value = _apply_output_transform(transform_output, value)
+    headers = response.headers
+    return Completion(
+        text=value if isinstance(value, str) else parsed.text,
+        value=value,
+        endpoint=prepared.target,
+        kind=prepared.kind,
+        raw=data,
+        usage=parsed.usage,
+        latency=latency,
+        request=prepared.body,
+        request_id=headers.get("x-request-id"),
+        served_model=parsed.served_model or headers.get("served-model-name"),
+        finish_reason=parsed.finish_reason,
+        time_to_first_token=time_to_first_token,
+    )
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def get_client() -> Client:
+    """The kernel's one shared client (created on first use)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Client()
+    return _default
+
+
+def configure(host: str | None = None, token: str | None = None, *, profile: str | None = None,
+              **client_options: Any) -> Client:
+    """Replace the shared client, e.g. ``dbmagic.configure(host=..., token=dbutils.secrets.get(...))``.
+
+    With no arguments it re-resolves the credentials from the notebook context, environment or
+    profile (after you changed them).
+    """
+    global _default
+    with _default_lock:
+        old, _default = _default, Client(host, token, profile=profile, **client_options)
+    if old is not None:
+        old.close()
+    return _default

@@ -1,0 +1,269 @@
+"""Everything dbmagic raises, and the one table that maps HTTP answers to it.
+
+::
+
+    DbMagicError                     base of every dbmagic error
+    ├── ConfigurationError           no credentials, a refused host, a bad option
+    ├── TransformError               a transform_input/transform_output raised or returned the wrong type
+    └── RequestError                 the workspace answered with an error, or could not be reached
+        ├── BadRequest               400: the request body was refused
+        ├── AuthenticationError      401: missing, wrong or expired token
+        ├── PermissionDenied         403: no CAN_QUERY on the endpoint
+        ├── EndpointNotFound         404: no such serving endpoint or proxy app
+        ├── RateLimited              429: too many requests (retried, bounded)
+        ├── ServerError              5xx: the endpoint failed or is scaling up (retried, bounded)
+        ├── RequestTimeout           504, or no answer within the read timeout
+        ├── ConnectionFailed         the host could not be reached
+        └── BadResponse              an answer dbmagic cannot read
+            └── StreamInterrupted    a stream stopped before its end; ``.partial`` keeps what arrived
+
+Every message says what happened, carries the server's own words, and ends with the next step.
+No message ever contains the token: `RequestError` scrubs the secrets it is given.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+__all__ = [
+    "DbMagicError",
+    "ConfigurationError",
+    "TransformError",
+    "RequestError",
+    "BadRequest",
+    "AuthenticationError",
+    "PermissionDenied",
+    "EndpointNotFound",
+    "RateLimited",
+    "ServerError",
+    "RequestTimeout",
+    "ConnectionFailed",
+    "BadResponse",
+    "StreamInterrupted",
+    "error_from_response",
+]
+
+
+class DbMagicError(Exception):
+    """Base class of every error dbmagic raises."""
+
+
+class ConfigurationError(DbMagicError):
+    """Credentials could not be found, a host was refused, or an option is invalid."""
+
+
+class TransformError(DbMagicError):
+    """A user transform raised, or returned something dbmagic cannot use.
+
+    ``.transform`` is the transform's name; the user's own exception is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, transform: str = ""):
+        super().__init__(message)
+        self.transform = transform
+
+
+class RequestError(DbMagicError):
+    """The workspace answered with an error, or did not answer.
+
+    Attributes: ``status`` (HTTP status or None), ``error_code`` (Databricks ``error_code``),
+    ``server_message`` (the server's own words), ``target`` (endpoint or proxy app),
+    ``request_id`` (when the server sent one), ``retry_after`` (seconds, for 429/503).
+    """
+
+    next_step = "Check the endpoint name and the workspace, then run the cell again."
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        target: str = "",
+        status: int | None = None,
+        error_code: str | None = None,
+        server_message: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        next_step: str | None = None,
+        secrets: Iterable[str] = (),
+    ):
+        self.target = target
+        self.status = status
+        self.error_code = error_code
+        self.request_id = request_id
+        self.retry_after = retry_after
+        if next_step is not None:
+            self.next_step = next_step
+        self.server_message = _scrub(server_message, secrets) if server_message else server_message
+        super().__init__(_scrub(self._compose(what), secrets))
+
+    def _compose(self, what: str) -> str:
+        head = what
+        code = self.error_code if self.error_code != str(self.status) else None
+        detail = " ".join(p for p in (str(self.status or ""), code or "") if p)
+        if self.server_message:
+            detail = f"{detail}: {self.server_message}" if detail else self.server_message
+        if detail:
+            head = f"{head} ({detail})"
+        if self.request_id:
+            head = f"{head} [request id {self.request_id}]"
+        return f"{head}. {self.next_step}"
+
+
+class BadRequest(RequestError):
+    next_step = "Fix the parameters named in the message (see the request with --dry-run)."
+
+
+class AuthenticationError(RequestError):
+    next_step = (
+        "The token is missing, wrong or expired: set DATABRICKS_TOKEN (or the profile's token) "
+        "to a valid personal access token and reconnect with dbmagic.configure()."
+    )
+
+
+class PermissionDenied(RequestError):
+    next_step = "Ask the endpoint's owner for CAN_QUERY permission, or use another endpoint."
+
+
+class EndpointNotFound(RequestError):
+    next_step = "List the endpoints you can query with `%dbllm endpoints` or Client().endpoints()."
+
+
+class RateLimited(RequestError):
+    next_step = "The endpoint is rate limited: wait a moment, lower the concurrency, or raise its limit."
+
+
+class ServerError(RequestError):
+    next_step = (
+        "The endpoint failed or is scaling up from zero: check its state with "
+        "`%dbllm endpoints` and try again in a minute."
+    )
+
+
+class RequestTimeout(RequestError):
+    next_step = (
+        "The endpoint did not answer in time: raise the timeout (--timeout / timeout=), "
+        "ask for fewer tokens, or try again."
+    )
+
+
+class ConnectionFailed(RequestError):
+    next_step = "Check the host (`%dbllm whoami`) and your network, then try again."
+
+
+class BadResponse(RequestError):
+    next_step = (
+        "The endpoint's answer has an unexpected shape: pass a transform_output that reads it, "
+        "or set task= to the endpoint's real task."
+    )
+
+
+class StreamInterrupted(BadResponse):
+    """The stream stopped before its end. ``.partial`` holds the text that did arrive."""
+
+    next_step = "The text that arrived is kept in .partial; run the cell again for a whole answer."
+
+    def __init__(self, what: str, *, partial: str = "", **kwargs: Any):
+        self.partial = partial
+        super().__init__(what, **kwargs)
+
+
+# The one table: Databricks error_code first (it is more specific), then HTTP status.
+_BY_CODE: dict[str, type[RequestError]] = {
+    "INVALID_PARAMETER_VALUE": BadRequest,
+    "BAD_REQUEST": BadRequest,
+    "MALFORMED_REQUEST": BadRequest,
+    "UNAUTHENTICATED": AuthenticationError,
+    "PERMISSION_DENIED": PermissionDenied,
+    "RESOURCE_DOES_NOT_EXIST": EndpointNotFound,
+    "ENDPOINT_NOT_FOUND": EndpointNotFound,
+    "REQUEST_LIMIT_EXCEEDED": RateLimited,
+    "RESOURCE_EXHAUSTED": RateLimited,
+    "TEMPORARILY_UNAVAILABLE": ServerError,
+    "INTERNAL_ERROR": ServerError,
+    "DEADLINE_EXCEEDED": RequestTimeout,
+}
+_BY_STATUS: dict[int, type[RequestError]] = {
+    400: BadRequest,
+    401: AuthenticationError,
+    403: PermissionDenied,
+    404: EndpointNotFound,
+    408: RequestTimeout,
+    429: RateLimited,
+    504: RequestTimeout,
+}
+_WHAT: dict[type[RequestError], str] = {
+    BadRequest: "{target} refused the request",
+    AuthenticationError: "{host} did not accept the token for {target}",
+    PermissionDenied: "No permission to query {target}",
+    EndpointNotFound: "{target} was not found on {host}",
+    RateLimited: "{target} is rate limited",
+    ServerError: "{target} failed",
+    RequestTimeout: "{target} timed out",
+    RequestError: "{target} answered with an error",
+}
+
+
+def error_class(status: int | None, error_code: str | None) -> type[RequestError]:
+    """The error class for an HTTP status and a Databricks ``error_code``."""
+    if error_code and error_code in _BY_CODE:
+        return _BY_CODE[error_code]
+    if status in _BY_STATUS:
+        return _BY_STATUS[status]
+    if status is not None and status >= 500:
+        return ServerError
+    return RequestError
+
+
+def error_from_response(
+    status: int,
+    body: bytes | str,
+    *,
+    target: str,
+    host: str,
+    request_id: str | None = None,
+    retry_after: float | None = None,
+    secrets: Iterable[str] = (),
+) -> RequestError:
+    """Build the right `RequestError` from an error answer (any body: JSON, text, HTML, empty)."""
+    error_code, message = parse_error_body(body)
+    cls = error_class(status, error_code)
+    what = _WHAT.get(cls, _WHAT[RequestError]).format(target=target, host=host)
+    return cls(
+        what,
+        target=target,
+        status=status,
+        error_code=error_code,
+        server_message=message,
+        request_id=request_id,
+        retry_after=retry_after,
+        secrets=secrets,
+    )
+
+
+def parse_error_body(body: bytes | str) -> tuple[str | None, str | None]:
+    """``(error_code, message)`` from an error body of any shape the workspace sends."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = text.strip()
+    if not text:
+        return None, None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        code = data.get("error_code")
+        message = data.get("message") or data.get("error") or data.get("detail")
+        if isinstance(message, dict):  # {"error": {"message": ...}} from some external models
+            message = message.get("message") or json.dumps(message)
+        return (str(code) if code is not None else None), (str(message) if message else None)
+    if text.lstrip().startswith("<"):  # an HTML error page: its text is noise, say what it was
+        return None, "the server sent an HTML error page"
+    return None, text[:500]
+
+
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text

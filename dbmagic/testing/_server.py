@@ -1,0 +1,508 @@
+"""The local workspace: a real threaded HTTP server that speaks the Databricks REST subset dbmagic uses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+__all__ = ["LocalWorkspace", "Endpoint", "Fault", "RecordedRequest", "echo_reply", "DEFAULT_ENDPOINTS"]
+
+_INVOCATIONS = re.compile(r"^/serving-endpoints/([^/]+)/invocations/?$")
+_ENDPOINT = re.compile(r"^/api/2\.0/serving-endpoints/([^/]+)/?$")
+_PROXY = re.compile(r"^/driver-proxy-api/o/([^/]+)/([^/]+)/(\d+)(/.*)?$")
+
+
+@dataclass
+class Endpoint:
+    """A serving endpoint of the local workspace.
+
+    ``task`` picks the behaviour (``llm/v1/chat``, ``llm/v1/completions``, ``llm/v1/embeddings``,
+    or None for a custom model). ``predict`` replaces a custom model's behaviour: it gets the
+    input records (a list of dicts or values) and returns the predictions list.
+    """
+
+    name: str
+    task: str | None
+    endpoint_type: str = "FOUNDATION_MODEL_API"
+    model: str = "local-echo"
+    ready: str = "READY"
+    predict: Callable[[list[Any]], list[Any]] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        entity: dict[str, Any] = {"name": f"{self.name}-entity"}
+        if self.endpoint_type == "FOUNDATION_MODEL_API":
+            entity["foundation_model"] = {"name": self.model}
+        elif self.endpoint_type == "EXTERNAL_MODEL":
+            entity["external_model"] = {"name": self.model, "provider": "local"}
+        else:
+            entity["entity_name"] = self.model
+        data = {
+            "name": self.name,
+            "creator": "local@dbmagic.test",
+            "creation_timestamp": 1700000000000,
+            "last_updated_timestamp": 1700000000000,
+            "state": {"ready": self.ready, "config_update": "NOT_UPDATING"},
+            "endpoint_type": self.endpoint_type,
+            "config": {"served_entities": [entity]},
+            "tags": [],
+            "id": hashlib.md5(self.name.encode()).hexdigest(),
+        }
+        if self.task:
+            data["task"] = self.task
+        return data
+
+
+DEFAULT_ENDPOINTS = (
+    Endpoint("databricks-meta-llama-3-3-70b-instruct", "llm/v1/chat", model="meta-llama-3.3-70b-instruct"),
+    Endpoint("databricks-gte-large-en", "llm/v1/embeddings", model="gte-large-en"),
+    Endpoint("local-completions", "llm/v1/completions", "EXTERNAL_MODEL", model="local-instruct"),
+    Endpoint("local-custom-model", None, "CUSTOM_MODEL", model="local-custom-model-1"),
+)
+
+
+@dataclass
+class Fault:
+    """What to do instead of a normal answer, ``times`` times.
+
+    ``status`` answers with that status (and ``body``, else a Databricks-shaped error) and
+    ``retry_after`` as a header (and any other ``headers``); ``delay`` waits first; ``cut_after`` streams that many chunks then
+    drops the connection; ``malformed`` sends a body that is not JSON.
+    """
+
+    status: int | None = None
+    body: Any = None
+    retry_after: float | str | None = None
+    delay: float = 0.0
+    cut_after: int | None = None
+    malformed: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    times: int = 1
+
+
+@dataclass
+class RecordedRequest:
+    """One request the local workspace received. ``headers['Authorization']`` is masked."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    json: Any
+    authorized: bool
+    at: float = field(default_factory=time.perf_counter, repr=False)
+
+
+_CODES = {400: "BAD_REQUEST", 401: "401", 403: "PERMISSION_DENIED", 404: "RESOURCE_DOES_NOT_EXIST",
+          429: "REQUEST_LIMIT_EXCEEDED", 500: "INTERNAL_ERROR", 503: "TEMPORARILY_UNAVAILABLE"}
+
+
+def echo_reply(prompt: str, *, system: str | None = None, stop: list[str] | None = None,
+               max_tokens: int | None = None) -> tuple[str, str]:
+    """The local workspace's deterministic answer: ``(text, finish_reason)``.
+
+    ``Echo: <prompt>``, prefixed with ``[<system>] `` when a system prompt is given, cut at the
+    first stop sequence, and cut to ``max_tokens`` words.
+    """
+    text = f"[{system}] Echo: {prompt}" if system else f"Echo: {prompt}"
+    finish = "stop"
+    for s in stop or []:
+        if s and s in text:
+            text = text[: text.index(s)]
+    if max_tokens is not None:
+        words = _pieces(text)
+        if len(words) > max_tokens:
+            text, finish = "".join(words[:max_tokens]), "length"
+    return text, finish
+
+
+def _pieces(text: str) -> list[str]:
+    """Token-like pieces: each word with the white space before it."""
+    return re.findall(r"\s*\S+", text) or ([text] if text else [])
+
+
+def _embed(text: str, dim: int = 8) -> list[float]:
+    digest = hashlib.sha256(str(text).encode()).digest()
+    raw = [(b - 127.5) / 127.5 for b in digest[:dim]]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [round(x / norm, 6) for x in raw]
+
+
+class LocalWorkspace:
+    """A local Databricks workspace on 127.0.0.1 for tests, notebooks and demos.
+
+    >>> with LocalWorkspace() as ws:
+    ...     client = dbmagic.Client(host=ws.host, token=ws.token)
+    ...     client.complete("Hi", endpoint="databricks-meta-llama-3-3-70b-instruct").text
+    'Echo: Hi'
+
+    It checks the bearer token (401 otherwise), logs every request (``ws.requests``), counts new
+    connections (``ws.connections``), streams SSE when asked (``stream_mode`` ``"chunked"`` or
+    ``"close"`` for close-delimited bodies, ``chunk_delay`` seconds between chunks), and injects
+    faults with `fail`. The client never falls back to it by itself.
+    """
+
+    def __init__(self, *, token: str | None = None, endpoints: tuple[Endpoint, ...] | list[Endpoint] = DEFAULT_ENDPOINTS,
+                 port: int = 0, stream_mode: str = "chunked", chunk_delay: float = 0.0,
+                 proxy_apps: dict[tuple[str, int], Callable[[Any], Any]] | None = None):
+        self.token = token or "dbmagic-local-" + secrets.token_hex(12)
+        self.endpoints = {e.name: e for e in endpoints}
+        self.proxy_apps: dict[tuple[str, int], Callable[[Any], Any]] = (
+            dict(proxy_apps) if proxy_apps is not None else {("0123-456789-local", 7777): _echo_app}
+        )
+        self.stream_mode = stream_mode
+        self.chunk_delay = chunk_delay
+        self.requests: list[RecordedRequest] = []
+        self.connections = 0
+        self._faults: dict[str, deque[Fault]] = {}
+        self._lock = threading.Lock()
+        self._counter = 0
+        self._port = port
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> "LocalWorkspace":
+        if self._server is None:
+            handler = type("Handler", (_Handler,), {"workspace": self})
+            self._server = ThreadingHTTPServer(("127.0.0.1", self._port), handler)
+            self._server.daemon_threads = True
+            self._server.block_on_close = False
+            self._thread = threading.Thread(target=self._server.serve_forever, name="dbmagic-local-workspace",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "LocalWorkspace":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = self.host if self._server else "stopped"
+        return f"LocalWorkspace({state}, token='***', endpoints={list(self.endpoints)})"
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("The local workspace is not running: call start() first.")
+        return self._server.server_address[1]
+
+    @property
+    def host(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def environ(self) -> dict[str, str]:
+        """``DATABRICKS_HOST``/``DATABRICKS_TOKEN`` for this workspace, e.g. ``os.environ.update(ws.environ())``."""
+        return {"DATABRICKS_HOST": self.host, "DATABRICKS_TOKEN": self.token}
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def add_endpoint(self, endpoint: Endpoint) -> None:
+        self.endpoints[endpoint.name] = endpoint
+
+    def add_proxy_app(self, cluster_id: str, port: int, app: Callable[[Any], Any] | None = None) -> None:
+        """Serve a driver-proxy app: ``app(body) -> JSON value`` (default: echo the prompt)."""
+        self.proxy_apps[(cluster_id, int(port))] = app or _echo_app
+
+    def fail(self, name: str, status: int | None = None, **fault: Any) -> Fault:
+        """Queue a fault for the next request(s) to endpoint ``name`` (its invocations), a proxy
+        app (``"CLUSTER_ID:PORT"``), or an exact path such as ``/api/2.0/serving-endpoints``."""
+        f = Fault(status=status, **fault)
+        with self._lock:
+            self._faults.setdefault(name, deque()).append(f)
+        return f
+
+    def clear(self) -> None:
+        """Forget logged requests, connection counts and pending faults."""
+        with self._lock:
+            self.requests.clear()
+            self.connections = 0
+            self._faults.clear()
+
+    def _take_fault(self, *keys: str) -> Fault | None:
+        with self._lock:
+            for key in keys:
+                queue = self._faults.get(key)
+                if queue:
+                    fault = queue[0]
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        queue.popleft()
+                    return fault
+        return None
+
+    def _next_id(self) -> str:
+        with self._lock:
+            self._counter += 1
+            return f"local-{self._counter:06d}"
+
+
+def _echo_app(body: Any) -> Any:
+    if not isinstance(body, dict) or "prompt" not in body:
+        raise ValueError("the app expects a JSON object with a 'prompt'")
+    return echo_reply(str(body["prompt"]), stop=body.get("stop"))[0]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    workspace: LocalWorkspace
+    server_version = "dbmagic-local-workspace"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.workspace._lock:
+            self.workspace.connections += 1
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    # -- routing --------------------------------------------------------------------------------
+
+    def _dispatch(self, method: str) -> None:
+        ws = self.workspace
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        headers = dict(self.headers.items())
+        sent_auth = headers.get("Authorization", "")
+        authorized = secrets.compare_digest(sent_auth, f"Bearer {ws.token}")
+        if "Authorization" in headers:
+            headers["Authorization"] = "Bearer ***"
+        path = self.path.split("?", 1)[0]
+        ws.requests.append(RecordedRequest(method, path, headers, body, authorized))
+        if not authorized:
+            return self._error(401, "Credential was not sent or was of an unsupported type for this API.")
+        if raw and body is None:
+            return self._error(400, "Malformed JSON in the request body.", "MALFORMED_REQUEST")
+
+        if method == "GET" and path.rstrip("/") == "/api/2.0/serving-endpoints":
+            if self._fault(path) is True:
+                return
+            return self._json(200, {"endpoints": [e.describe() for e in ws.endpoints.values()]})
+        match = _ENDPOINT.match(path)
+        if method == "GET" and match:
+            endpoint = ws.endpoints.get(match.group(1))
+            if endpoint is None:
+                return self._not_found(match.group(1))
+            if self._fault(path) is True:
+                return
+            return self._json(200, {**endpoint.describe(), "permission_level": "CAN_QUERY"})
+        match = _INVOCATIONS.match(path)
+        if method == "POST" and match:
+            endpoint = ws.endpoints.get(match.group(1))
+            if endpoint is None:
+                return self._not_found(match.group(1))
+            fault = self._fault(endpoint.name, path)
+            if fault is True:
+                return
+            return self._invoke(endpoint, body, fault)
+        match = _PROXY.match(path)
+        if method == "POST" and match:
+            key = (match.group(2), int(match.group(3)))
+            app = ws.proxy_apps.get(key)
+            if app is None:
+                return self._error(404, f"No app is listening on cluster {key[0]} port {key[1]}.")
+            if self._fault(f"{key[0]}:{key[1]}", path) is True:
+                return
+            try:
+                return self._json(200, app(body))
+            except Exception as exc:  # the app's own failure, as a real driver app would give
+                return self._text(500, f"{exc.__class__.__name__}: {exc}")
+        if method == "GET" and path == "/.well-known/databricks-config":
+            return self._json(200, {})
+        return self._error(404, f"No API found for '{method} {path}'.", "ENDPOINT_NOT_FOUND")
+
+    def _fault(self, *keys: str) -> Fault | bool | None:
+        """Apply a queued fault. True when it answered; a Fault for streaming faults to apply later."""
+        fault = self.workspace._take_fault(*keys)
+        if fault is None:
+            return None
+        if fault.delay:
+            time.sleep(fault.delay)
+        if fault.status is not None:
+            extra = dict(fault.headers)
+            if fault.retry_after is not None:
+                extra["Retry-After"] = str(fault.retry_after)
+            if fault.body is None:
+                self._error(fault.status, f"Injected failure {fault.status}.", extra=extra)
+            elif isinstance(fault.body, (dict, list)):
+                self._json(fault.status, fault.body, extra=extra)
+            else:
+                self._text(fault.status, str(fault.body), extra=extra)
+            return True
+        if fault.malformed and fault.cut_after is None:
+            self._send(200, b'{"choices": [{"message": ', "application/json")
+            return True
+        return fault
+
+    # -- endpoint behaviours --------------------------------------------------------------------
+
+    def _invoke(self, endpoint: Endpoint, body: Any, fault: Fault | None) -> None:
+        if not isinstance(body, dict):
+            return self._error(400, "The request body must be a JSON object.")
+        task = endpoint.task
+        if task == "llm/v1/embeddings":
+            inputs = body.get("input")
+            if inputs is None:
+                return self._error(400, "Missing required field 'input'.", "INVALID_PARAMETER_VALUE")
+            items = inputs if isinstance(inputs, list) else [inputs]
+            return self._json(200, {
+                "object": "list", "model": endpoint.model,
+                "data": [{"object": "embedding", "index": i, "embedding": _embed(t)} for i, t in enumerate(items)],
+                "usage": {"prompt_tokens": sum(len(_pieces(str(t))) for t in items),
+                          "total_tokens": sum(len(_pieces(str(t))) for t in items)},
+            })
+        if task is None:
+            records = _records(body)
+            if records is None:
+                return self._error(400, "Provide one of dataframe_split, dataframe_records, instances, inputs.")
+            predict = endpoint.predict or _echo_predictions
+            return self._json(200, {"predictions": predict(records)})
+        if task == "llm/v1/chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                return self._error(400, "Missing required field 'messages'.", "INVALID_PARAMETER_VALUE")
+            system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
+            prompt = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+            prompt_tokens = sum(len(_pieces(str(m.get("content", "")))) for m in messages)
+        else:
+            if "prompt" not in body:
+                return self._error(400, "Missing required field 'prompt'.", "INVALID_PARAMETER_VALUE")
+            system, prompt = None, body["prompt"]
+            prompt_tokens = len(_pieces(str(prompt)))
+        for name, kind in (("temperature", (int, float)), ("max_tokens", int), ("n", int)):
+            if name in body and not isinstance(body[name], kind):
+                return self._error(400, f"Invalid value for '{name}': {body[name]!r}.", "INVALID_PARAMETER_VALUE")
+        text, finish = echo_reply(str(prompt), system=system, stop=body.get("stop"), max_tokens=body.get("max_tokens"))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(_pieces(text)),
+                 "total_tokens": prompt_tokens + len(_pieces(text))}
+        chat = task == "llm/v1/chat"
+        if body.get("stream"):
+            return self._stream(endpoint, text, finish, usage, chat, fault)
+        n = body.get("n") or 1
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                       for i in range(n)]
+            obj = "chat.completion"
+        else:
+            choices = [{"index": i, "text": text, "finish_reason": finish} for i in range(n)]
+            obj = "text_completion"
+        self._json(200, {"id": f"cmpl-{self.workspace._counter}", "object": obj, "created": 1700000000,
+                         "model": endpoint.model, "choices": choices, "usage": usage})
+
+    def _stream(self, endpoint: Endpoint, text: str, finish: str, usage: dict, chat: bool, fault: Fault | None) -> None:
+        ws = self.workspace
+        chunked = ws.stream_mode == "chunked"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("x-request-id", ws._next_id())
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+
+        def write(data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            self.wfile.flush()
+
+        pieces = _pieces(text)
+        for i, piece in enumerate(pieces):
+            if fault is not None and fault.cut_after is not None and i >= fault.cut_after:
+                if fault.malformed:
+                    write(b"data: {\"choices\": [{\"delta\": \n\n")
+                self.close_connection = True
+                return  # drop the connection mid-stream: no [DONE], no final chunk
+            last = i == len(pieces) - 1
+            if chat:
+                delta: dict[str, Any] = {"content": piece}
+                if i == 0:
+                    delta["role"] = "assistant"
+                choice = {"index": 0, "delta": delta, "finish_reason": finish if last else None}
+                event: dict[str, Any] = {"object": "chat.completion.chunk", "model": endpoint.model, "choices": [choice]}
+            else:
+                choice = {"index": 0, "text": piece, "finish_reason": finish if last else None}
+                event = {"object": "text_completion", "model": endpoint.model, "choices": [choice]}
+            if last:
+                event["usage"] = usage
+            write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            if ws.chunk_delay:
+                time.sleep(ws.chunk_delay)
+        write(b"data: [DONE]\n\n")
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+    # -- answers --------------------------------------------------------------------------------
+
+    def _not_found(self, name: str) -> None:
+        self._error(404, f"Endpoint with name '{name}' does not exist.")
+
+    def _error(self, status: int, message: str, code: str | None = None, extra: dict[str, str] | None = None) -> None:
+        self._json(status, {"error_code": code or _CODES.get(status, str(status)), "message": message}, extra=extra)
+
+    def _json(self, status: int, data: Any, extra: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(data).encode(), "application/json", extra)
+
+    def _text(self, status: int, text: str, extra: dict[str, str] | None = None) -> None:
+        self._send(status, text.encode(), "text/plain; charset=utf-8", extra)
+
+    def _send(self, status: int, payload: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("x-request-id", self.workspace._next_id())
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def _records(body: dict[str, Any]) -> list[Any] | None:
+    if "dataframe_records" in body:
+        return list(body["dataframe_records"])
+    if "dataframe_split" in body:
+        split = body["dataframe_split"]
+        return [dict(zip(split.get("columns", []), row)) for row in split.get("data", [])]
+    if "instances" in body:
+        return list(body["instances"])
+    if "inputs" in body:
+        inputs = body["inputs"]
+        return list(inputs) if isinstance(inputs, list) else [inputs]
+    return None
+
+
+def _echo_predictions(records: list[Any]) -> list[Any]:
+    out = []
+    for record in records:
+        if isinstance(record, dict) and "prompt" in record:
+            out.append(echo_reply(str(record["prompt"]), stop=record.get("stop"))[0])
+        else:
+            out.append(record)
+    return out

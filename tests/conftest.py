@@ -1,0 +1,66 @@
+"""Shared fixtures: a clean environment, the local workspace, a fake clock, a client wired to them."""
+
+from __future__ import annotations
+
+import pytest
+
+import dbmagic
+import dbmagic.client
+from dbmagic import Client, RetryPolicy
+from dbmagic.testing import LocalWorkspace
+
+CHAT = "databricks-meta-llama-3-3-70b-instruct"
+COMPLETIONS = "local-completions"
+EMBEDDINGS = "databricks-gte-large-en"
+CUSTOM = "local-custom-model"
+CLUSTER, PORT = "0123-456789-local", 7777
+
+
+class FakeClock:
+    """A clock whose sleep only advances time, and records what it was asked to wait."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No real DATABRICKS_* settings, a temporary HOME, and no shared client left from another test."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("DATABRICKS_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(dbmagic.client, "_default", None)
+    yield home
+    if dbmagic.client._default is not None:
+        dbmagic.client._default.close()
+
+
+@pytest.fixture
+def workspace():
+    with LocalWorkspace() as ws:
+        yield ws
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def client(workspace, clock):
+    c = Client(host=workspace.host, token=workspace.token, clock=clock, retry=RetryPolicy(attempts=4, deadline=120))
+    yield c
+    c.close()
