@@ -184,10 +184,10 @@ class Transport:
                     )
                     reason = retry_reason(response.status_code)
             if reason is None or attempt >= self.retry.attempts:
-                raise _gave_up(error, attempt) from None
+                raise error.gave_up_after(attempt) from None
             wait = retry_delay(self.retry, attempt, retry_after, self.rand)
             if self.clock.monotonic() - start + wait > self.retry.deadline:
-                raise _gave_up(error, attempt) from None
+                raise error.gave_up_after(attempt) from None
             self.clock.sleep(wait)
 
     def close(self) -> None:
@@ -218,9 +218,3 @@ def _transport_error(exc: requests.RequestException, target: str, host: str, rea
     if isinstance(exc, requests.ConnectTimeout):
         return ConnectionFailed(f"Could not connect to {host} in time", target=target)
     return ConnectionFailed(f"Could not reach {host} ({exc.__class__.__name__})", target=target)
-
-
-def _gave_up(error: RequestError, attempts: int) -> RequestError:
-    if attempts > 1:
-        error.args = (f"{error.args[0]} (gave up after {attempts} attempts)",)
-    return error

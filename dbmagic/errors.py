@@ -95,10 +95,18 @@ class RequestError(DbMagicError):
         if next_step is not None:
             self.next_step = next_step
         self.server_message = _scrub(server_message, secrets) if server_message else server_message
-        super().__init__(_scrub(self._compose(what), secrets))
+        self.what = _scrub(what, secrets)
+        self.attempts = 1
+        super().__init__(self._compose())
 
-    def _compose(self, what: str) -> str:
-        head = what
+    def gave_up_after(self, attempts: int) -> "RequestError":
+        """Note in the message that this was the last of ``attempts`` tries."""
+        self.attempts = attempts
+        self.args = (self._compose(),)
+        return self
+
+    def _compose(self) -> str:
+        head = self.what
         code = self.error_code if self.error_code != str(self.status) else None
         detail = " ".join(p for p in (str(self.status or ""), code or "") if p)
         if self.server_message:
@@ -107,6 +115,8 @@ class RequestError(DbMagicError):
             head = f"{head} ({detail})"
         if self.request_id:
             head = f"{head} [request id {self.request_id}]"
+        if self.attempts > 1:
+            head = f"{head}, gave up after {self.attempts} attempts"
         return f"{head}. {self.next_step}"
 
 

@@ -1,0 +1,369 @@
+"""The client over real HTTP: every endpoint kind, transforms, streams, errors, and what was sent."""
+
+from __future__ import annotations
+
+import pytest
+
+import dbmagic
+from dbmagic import (
+    BadResponse,
+    Client,
+    ConfigurationError,
+    EndpointNotFound,
+    RequestError,
+    StreamInterrupted,
+    TransformError,
+)
+from dbmagic._credentials import Credentials
+from dbmagic.errors import error_class
+from dbmagic.testing import Endpoint, LocalWorkspace
+
+from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, EMBEDDINGS, PORT
+
+
+def last(workspace):
+    return workspace.requests[-1]
+
+
+# -- the seed's own transforms (LangChain's documentation page) ------------------------------------
+
+def transform_input(**request):
+    full_prompt = f"""{request["prompt"]}
+    Be Concise.
+    """
+    request["prompt"] = full_prompt
+    return request
+
+
+def transform_output(response):
+    return response.upper()
+
+
+# -- each endpoint kind --------------------------------------------------------------------------
+
+def test_chat(client, workspace):
+    completion = client.complete("How are you?", endpoint=CHAT, system="Be brief.", temperature=0.1,
+                                 max_tokens=256, stop=["\n\n"], n=1, extra_params={"top_k": 5})
+    assert completion.text == "[Be brief.] Echo: How are you?"
+    assert completion.kind == "chat"
+    assert completion.usage == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+    assert completion.served_model == "meta-llama-3.3-70b-instruct"
+    assert completion.request_id.startswith("local-")
+    assert completion.latency > 0
+    sent = last(workspace)
+    assert sent.path == f"/serving-endpoints/{CHAT}/invocations"
+    assert sent.headers["Authorization"] == "Bearer ***" and sent.authorized
+    assert sent.headers["Content-Type"] == "application/json"
+    assert sent.json == {"messages": [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "How are you?"}],
+                         "temperature": 0.1, "max_tokens": 256, "stop": ["\n\n"], "n": 1,
+                         "extra_params": {"top_k": 5}}
+
+
+def test_chat_history_is_sent_before_the_prompt(client, workspace):
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Echo: Hi"}]
+    client.complete("Again", endpoint=CHAT, history=history)
+    assert last(workspace).json["messages"] == [*history, {"role": "user", "content": "Again"}]
+
+
+def test_stop_and_max_tokens_take_effect(client):
+    assert client.complete("one. two. three", endpoint=CHAT, stop=".").text == "Echo: one"
+    completion = client.complete("a b c d e", endpoint=COMPLETIONS, max_tokens=3)
+    assert (completion.text, completion.finish_reason) == ("Echo: a b", "length")
+
+
+def test_completions(client, workspace):
+    completion = client.complete("Once upon", endpoint=COMPLETIONS, temperature=0.0, stop=["."])
+    assert completion.text == "Echo: Once upon"
+    assert last(workspace).json == {"prompt": "Once upon", "temperature": 0.0, "stop": ["."]}
+
+
+def test_embeddings(client, workspace):
+    completion = client.complete(["alpha", "beta"], endpoint=EMBEDDINGS)
+    assert last(workspace).json == {"input": ["alpha", "beta"]}
+    assert len(completion.value) == 2 and len(completion.value[0]) == 8
+    assert completion.text == "2 embeddings of dimension 8"
+    assert completion.value[0] != completion.value[1]
+
+
+def test_custom_model_sends_dataframe_records_and_takes_the_first_prediction(client, workspace):
+    completion = client.complete("How are you?", endpoint=CUSTOM, temperature=0.2)
+    assert last(workspace).json == {"dataframe_records": [{"prompt": "How are you?", "temperature": 0.2}]}
+    assert completion.value == "Echo: How are you?"
+    assert completion.raw == {"predictions": ["Echo: How are you?"]}
+
+
+def test_custom_model_with_structured_predictions(workspace, client):
+    workspace.add_endpoint(Endpoint("scorer", None, "CUSTOM_MODEL",
+                                    predict=lambda rows: [{"score": len(r["prompt"])} for r in rows]))
+    completion = client.complete("four", endpoint="scorer", transform_output=lambda p: p["score"] * 10)
+    assert completion.value == 40
+    assert completion.text == '{"score": 4}'
+
+
+def test_driver_proxy_app(client, workspace):
+    completion = client.complete("How are you?", cluster_id=CLUSTER, port=PORT, stop=["?"])
+    assert completion.value == "Echo: How are you"
+    assert last(workspace).path == f"/driver-proxy-api/o/0/{CLUSTER}/{PORT}"
+    assert last(workspace).json == {"prompt": "How are you?", "stop": ["?"]}
+
+
+def test_proxy_org_and_cluster_from_the_notebook_context_or_azure_host(workspace):
+    in_notebook = Client(credentials=Credentials(workspace.host, "notebook context", _token=workspace.token,
+                                                 workspace_id="5555", cluster_id=CLUSTER))
+    assert in_notebook.complete("x", port=PORT).text == "Echo: x"
+    assert last(workspace).path == f"/driver-proxy-api/o/5555/{CLUSTER}/{PORT}"
+    azure = Client(host="https://adb-1234567890123456.7.azuredatabricks.net", token="t")
+    prepared = azure.prepare("x", cluster_id="c-1", port=8080)
+    assert prepared.url == "https://adb-1234567890123456.7.azuredatabricks.net/driver-proxy-api/o/1234567890123456/c-1/8080"
+
+
+def test_proxy_without_cluster_outside_a_notebook(client):
+    with pytest.raises(ConfigurationError, match="needs the cluster id: pass cluster_id="):
+        client.complete("x", port=PORT)
+
+
+def test_no_target(client):
+    with pytest.raises(ConfigurationError, match="No endpoint given: pass endpoint="):
+        client.complete("x")
+
+
+def test_task_override_skips_the_lookup_and_changes_the_shape(client, workspace):
+    with pytest.raises(RequestError):  # the custom model rejects a chat body: the override was used
+        client.complete("x", endpoint=CUSTOM, task="llm/v1/chat")
+    assert [r.path for r in workspace.requests] == [f"/serving-endpoints/{CUSTOM}/invocations"]
+    assert last(workspace).json == {"messages": [{"role": "user", "content": "x"}]}
+
+
+def test_endpoint_metadata_is_cached_and_one_request_per_call(client, workspace):
+    for i in range(5):
+        client.complete(f"call {i}", endpoint=CHAT)
+    paths = [r.path for r in workspace.requests]
+    assert paths[0] == f"/api/2.0/serving-endpoints/{CHAT}"
+    assert paths[1:] == [f"/serving-endpoints/{CHAT}/invocations"] * 5
+    assert workspace.connections == 1
+
+
+def test_endpoints_listing(client):
+    infos = {e.name: e for e in client.endpoints()}
+    assert infos[CHAT].kind == "chat" and infos[CHAT].state == "READY"
+    assert infos[EMBEDDINGS].kind == "embeddings"
+    assert infos[CUSTOM].kind == "custom" and infos[CUSTOM].endpoint_type == "CUSTOM_MODEL"
+    assert infos[COMPLETIONS].served == ("local-instruct",)
+
+
+def test_dry_run_sends_nothing_and_shows_the_transformed_request(client, workspace):
+    prepared = client.prepare("Hi", endpoint=COMPLETIONS, transform_input=transform_input, temperature=0.5)
+    assert prepared.describe() == {
+        "method": "POST",
+        "url": f"{workspace.host}/serving-endpoints/{COMPLETIONS}/invocations",
+        "headers": {"Authorization": "Bearer ***", "Content-Type": "application/json"},
+        "json": {"prompt": "Hi\n    Be Concise.\n    ", "temperature": 0.5},
+    }
+    assert all(not r.path.endswith("invocations") for r in workspace.requests)
+
+
+# -- transforms ------------------------------------------------------------------------------------
+
+def test_langchain_transforms_work_unchanged(client, workspace):
+    completion = client.complete("How are you?", endpoint=CHAT, transform_input=transform_input,
+                                 transform_output=transform_output)
+    assert last(workspace).json["messages"][-1]["content"] == "How are you?\n    Be Concise.\n    "
+    assert completion.value == completion.text == "ECHO: HOW ARE YOU?\n    BE CONCISE.\n    "
+    assert completion.raw["choices"][0]["message"]["content"] == "Echo: How are you?\n    Be Concise.\n    "
+
+
+def test_transform_input_may_build_messages(client, workspace):
+    def as_messages(**request):
+        return {"messages": [{"role": "user", "content": request["prompt"] + "!"}], "temperature": 0}
+
+    assert client.complete("hey", endpoint=CHAT, system="ignored", transform_input=as_messages).text == "Echo: hey!"
+    assert last(workspace).json == {"messages": [{"role": "user", "content": "hey!"}], "temperature": 0}
+
+
+def test_transform_output_on_a_proxy_app_gets_the_json_value(client):
+    assert client.complete("x", cluster_id=CLUSTER, port=PORT, transform_output=len).value == len("Echo: x")
+
+
+def test_transform_that_raises_names_itself_and_keeps_the_cause(client, workspace):
+    def broken(**request):
+        return request["no_such_key"]
+
+    with pytest.raises(TransformError, match=r"transform_input .*broken' raised KeyError: 'no_such_key'") as info:
+        client.complete("x", endpoint=CHAT, transform_input=broken)
+    assert isinstance(info.value.__cause__, KeyError)
+    assert not any(r.path.endswith("invocations") for r in workspace.requests)
+
+
+def test_transform_returning_the_wrong_type(client):
+    def returns_text(**request):
+        return request["prompt"]
+
+    with pytest.raises(TransformError, match=r"returned str, not a dict.*return request"):
+        client.complete("x", endpoint=CHAT, transform_input=returns_text)
+    with pytest.raises(TransformError, match=r"transform_output 'int' raised ValueError"):
+        client.complete("x", endpoint=CHAT, transform_output=int)
+
+
+# -- streaming -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["chunked", "close"])
+def test_stream_chat_token_by_token(mode):
+    with LocalWorkspace(stream_mode=mode) as ws:
+        client = Client(host=ws.host, token=ws.token)
+        stream = client.stream("one two three", endpoint=CHAT, max_tokens=10, transform_output=transform_output)
+        pieces = list(stream)
+        assert pieces == ["Echo:", " one", " two", " three"]
+        assert ws.requests[-1].json["stream"] is True
+        completion = stream.completion
+        assert completion.text == "ECHO: ONE TWO THREE"
+        assert completion.usage["completion_tokens"] == 4
+        assert completion.finish_reason == "stop"
+        assert completion.time_to_first_token is not None
+
+
+def test_stream_completions(client, workspace):
+    stream = client.stream("a b", endpoint=COMPLETIONS)
+    assert "".join(stream) == "Echo: a b"
+    assert last(workspace).json == {"prompt": "a b", "stream": True}
+
+
+def test_stream_of_a_non_streaming_kind_gives_one_piece(client, workspace):
+    stream = client.stream("hi", endpoint=CUSTOM)
+    assert list(stream) == ["Echo: hi"]
+    assert "stream" not in str(last(workspace).json)
+    assert stream.completion.value == "Echo: hi"
+
+
+@pytest.mark.parametrize("mode", ["chunked", "close"])
+def test_cut_stream_keeps_what_arrived(mode):
+    with LocalWorkspace(stream_mode=mode) as ws:
+        client = Client(host=ws.host, token=ws.token)
+        ws.fail(CHAT, cut_after=3)
+        stream = client.stream("one two three four five", endpoint=CHAT)
+        received = []
+        with pytest.raises(StreamInterrupted, match=r"The stream from endpoint '.*' was cut: .*; "
+                                                    r"13 characters arrived.*kept in .partial") as info:
+            for piece in stream:
+                received.append(piece)
+        assert received == ["Echo:", " one", " two"]
+        assert info.value.partial == stream.text == "Echo: one two"
+
+
+def test_malformed_stream_event(client, workspace):
+    workspace.fail(CHAT, cut_after=1, malformed=True)
+    stream = client.stream("one two", endpoint=CHAT)
+    with pytest.raises(StreamInterrupted, match="an event that is not JSON") as info:
+        list(stream)
+    assert info.value.partial == "Echo:"
+
+
+def test_stream_close_stops_reading_and_keeps_text(workspace):
+    workspace.chunk_delay = 0.01
+    client = Client(host=workspace.host, token=workspace.token)
+    stream = client.stream(" ".join(["word"] * 50), endpoint=CHAT)
+    first = next(iter(stream))
+    stream.close()
+    assert first == "Echo:" and stream.text == "Echo:"
+    assert list(stream) == []
+
+
+# -- errors: every row of WIRE.md, every body shape, never the token ------------------------------
+
+@pytest.mark.parametrize("status, code, cls_name, words", [
+    (400, "INVALID_PARAMETER_VALUE", "BadRequest", "refused the request"),
+    (401, None, "AuthenticationError", "did not accept the token"),
+    (403, "PERMISSION_DENIED", "PermissionDenied", "No permission to query"),
+    (404, "RESOURCE_DOES_NOT_EXIST", "EndpointNotFound", "was not found on"),
+    (429, "REQUEST_LIMIT_EXCEEDED", "RateLimited", "is rate limited"),
+    (500, None, "ServerError", "failed"),
+    (502, None, "ServerError", "failed"),
+    (503, "TEMPORARILY_UNAVAILABLE", "ServerError", "failed"),
+    (504, None, "RequestTimeout", "timed out"),
+])
+def test_error_rows(workspace, clock, status, code, cls_name, words):
+    client = Client(host=workspace.host, token=workspace.token, clock=clock,
+                    retry=dbmagic.RetryPolicy(attempts=1))
+    body = {"message": "The server's own words."}
+    if code:
+        body["error_code"] = code
+    workspace.fail(CHAT, status, body=body)
+    with pytest.raises(RequestError) as info:
+        client.complete("x", endpoint=CHAT, task="chat")
+    error = info.value
+    assert type(error).__name__ == cls_name
+    assert (error.status, error.error_code) == (status, code)
+    message = str(error)
+    assert f"endpoint '{CHAT}'" in message and words in message
+    assert "The server's own words." in message
+    assert message.endswith(error.next_step) and len(error.next_step) > 20
+
+
+@pytest.mark.parametrize("body, shown", [
+    ({"error": "model overloaded"}, "model overloaded"),
+    ("plain text failure", "plain text failure"),
+    ("<html><body>Bad Gateway</body></html>", "the server sent an HTML error page"),
+    ("", "(400)"),
+])
+def test_error_body_shapes(client, workspace, body, shown):
+    workspace.fail(CHAT, 400, body=body)
+    with pytest.raises(RequestError) as info:
+        client.complete("x", endpoint=CHAT)
+    assert shown in str(info.value)
+
+
+def test_unknown_endpoint(client):
+    with pytest.raises(EndpointNotFound, match=r"endpoint 'nope' was not found on http://127.0.0.1:\d+ "
+                                               r"\(404 RESOURCE_DOES_NOT_EXIST: Endpoint with name 'nope' does not "
+                                               r"exist.\).*%dbllm endpoints"):
+        client.complete("x", endpoint="nope")
+
+
+def test_answer_that_is_not_json_or_has_the_wrong_shape(client, workspace):
+    workspace.fail(CHAT, malformed=True)
+    with pytest.raises(BadResponse, match="sent an answer that is not JSON"):
+        client.complete("x", endpoint=CHAT)
+    with pytest.raises(BadResponse, match="a chat answer without the expected fields.*transform_output"):
+        client.complete("x", endpoint=EMBEDDINGS, task="chat", transform_input=lambda **r: {"input": "x"})
+
+
+def test_token_never_appears_in_errors_even_when_the_server_echoes_it(client, workspace):
+    workspace.fail(CHAT, 403, body={"error_code": "PERMISSION_DENIED", "message": f"token {workspace.token} denied"})
+    with pytest.raises(RequestError) as info:
+        client.complete("x", endpoint=CHAT)
+    assert workspace.token not in str(info.value)
+    assert workspace.token not in repr(info.value)
+    assert workspace.token not in (info.value.server_message or "")
+    assert "token *** denied" in str(info.value)
+
+
+def test_wrong_token(workspace):
+    client = Client(host=workspace.host, token="wrong-token")
+    with pytest.raises(dbmagic.AuthenticationError, match="did not accept the token.*DATABRICKS_TOKEN") as info:
+        client.endpoints()
+    assert "wrong-token" not in str(info.value)
+
+
+def test_error_class_prefers_error_code():
+    assert error_class(400, "RESOURCE_DOES_NOT_EXIST") is EndpointNotFound
+    assert error_class(418, None) is RequestError
+
+
+# -- the shared client -----------------------------------------------------------------------------
+
+def test_get_client_is_shared_and_configure_replaces_it(workspace, monkeypatch):
+    monkeypatch.setenv("DATABRICKS_HOST", workspace.host)
+    monkeypatch.setenv("DATABRICKS_TOKEN", workspace.token)
+    first = dbmagic.get_client()
+    assert dbmagic.get_client() is first
+    assert first.credentials.source == "environment"
+    second = dbmagic.configure(host=workspace.host, token=workspace.token)
+    assert dbmagic.get_client() is second is not first
+    assert second.credentials.source == "explicit arguments"
+
+
+def test_client_without_credentials_fails_on_first_use_not_on_creation():
+    client = Client()
+    assert "not resolved" in repr(client)
+    with pytest.raises(ConfigurationError, match="No Databricks credentials found"):
+        client.complete("x", endpoint=CHAT)
