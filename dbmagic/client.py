@@ -34,7 +34,7 @@ from .errors import (
     error_from_response,
 )
 
-__all__ = ["Client", "Completion", "Stream", "PreparedRequest", "EndpointInfo", "get_client", "configure"]
+__all__ = ["Client", "Conversations", "Completion", "Stream", "PreparedRequest", "EndpointInfo", "get_client", "configure"]
 
 Transform = Callable[..., Any]
 
@@ -122,6 +122,36 @@ class Completion:
         return self.text
 
 
+class Conversations:
+    """Chat turns per endpoint, kept for the kernel's life: ``%%dbllm --chat`` and the panel share them."""
+
+    def __init__(self) -> None:
+        self._turns: dict[str, list[dict[str, str]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> list[dict[str, str]]:
+        """The conversation with ``key`` (an endpoint name, or ``cluster:port``), oldest first."""
+        with self._lock:
+            return list(self._turns.get(key, ()))
+
+    def add(self, key: str, user: str, assistant: str) -> None:
+        with self._lock:
+            self._turns.setdefault(key, []).extend(
+                [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
+
+    def reset(self, key: str | None = None) -> None:
+        """Forget one conversation, or all of them."""
+        with self._lock:
+            if key is None:
+                self._turns.clear()
+            else:
+                self._turns.pop(key, None)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return [k for k, v in self._turns.items() if v]
+
+
 class Client:
     """Talks to Databricks Model Serving endpoints and cluster driver-proxy apps.
 
@@ -149,6 +179,7 @@ class Client:
         self._credentials = credentials
         self._lock = threading.Lock()
         self._endpoints: dict[str, EndpointInfo] = {}
+        self.conversations = Conversations()
         self.transport = Transport(timeouts=timeouts, retry=retry, clock=clock, session=session, pool_size=pool_size)
 
     def __repr__(self) -> str:

@@ -125,8 +125,8 @@ def echo_reply(prompt: str, *, system: str | None = None, stop: list[str] | None
 
 
 def _pieces(text: str) -> list[str]:
-    """Token-like pieces: each word with the white space before it."""
-    return re.findall(r"\s*\S+", text) or ([text] if text else [])
+    """Token-like pieces: each word with the white space before it (the last keeps what follows)."""
+    return re.findall(r"\s*\S+(?:\s+$)?", text) or ([text] if text else [])
 
 
 def _embed(text: str, dim: int = 8) -> list[float]:
@@ -271,6 +271,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.workspace._lock:
             self.workspace.connections += 1
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (Stop, Ctrl-C)
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass

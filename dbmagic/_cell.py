@@ -1,0 +1,128 @@
+"""One prompt, from settings to the rendered answer: the work shared by ``%%dbllm`` and the panel.
+
+``CallSpec`` is the whole description of a call (what the magic's options and ``%config`` defaults
+resolve to). `run_prompt` renders the template, resolves the transforms, sends through the shared
+client (streaming when it can), shows the answer, keeps the chat history, and stores the
+`Completion` as ``_dbllm`` in the namespace, also when a stream is cut or interrupted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, MutableMapping
+
+from . import _wire
+from .client import Client, Completion, PreparedRequest
+from .errors import ConfigurationError, StreamInterrupted
+from .render import LiveOutput, bundle, output_metadata
+from .templating import render_prompt
+from .transforms import resolve_transform
+
+__all__ = ["CallSpec", "run_prompt", "LAST"]
+
+LAST = "_dbllm"
+
+
+@dataclass
+class CallSpec:
+    """Everything that decides one call, as resolved from options and defaults."""
+
+    endpoint: str | None = None
+    cluster_id: str | None = None
+    port: int | None = None
+    org_id: str | None = None
+    task: str | None = None
+    system: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+    format: str = "markdown"
+    stream: bool = True
+    chat: bool = False
+    transform_input: str | None = None
+    transform_output: str | None = None
+
+    @property
+    def target_key(self) -> str:
+        """The conversation key: the endpoint name or ``cluster:port``."""
+        return self.endpoint or f"{self.cluster_id}:{self.port}"
+
+    def client_options(self) -> dict[str, Any]:
+        named = dict(
+            endpoint=self.endpoint, cluster_id=self.cluster_id, port=self.port, org_id=self.org_id,
+            task=self.task, system=self.system, temperature=self.temperature, max_tokens=self.max_tokens,
+            stop=self.stop or None,
+        )
+        return {**named, **self.params}  # a -p field named like an option wins: it was asked for last
+
+
+def prepare(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], client: Client,
+            *, stream: bool = False) -> tuple[PreparedRequest, Any]:
+    """Render the prompt and build the request; returns it and the output transform."""
+    prompt = render_prompt(template, namespace).strip()
+    t_in = resolve_transform(spec.transform_input, namespace, "transform_input")
+    t_out = resolve_transform(spec.transform_output, namespace, "transform_output")
+    history = client.conversations.get(spec.target_key) if spec.chat else ()
+    prepared = client.prepare(prompt, history=history, transform_input=t_in, stream=stream, **spec.client_options())
+    if spec.chat and prepared.kind != _wire.CHAT:
+        raise ConfigurationError(
+            f"--chat keeps a conversation with a chat endpoint, and {prepared.target} takes {prepared.kind} "
+            "requests. Drop --chat, or use a chat endpoint."
+        )
+    return prepared, t_out
+
+
+def dry_run(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], client: Client,
+            *, rich: bool = True) -> PreparedRequest:
+    """Show the exact request that would be sent (token hidden); send nothing."""
+    from IPython.display import display
+
+    prepared, _ = prepare(spec, template, namespace, client, stream=spec.stream)
+    display(bundle(prepared.describe(), "json", rich=rich), raw=True)
+    return prepared
+
+
+def run_prompt(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], client: Client,
+               *, rich: bool = True) -> Completion:
+    """Send one prompt and show its answer; see the module docstring."""
+    prepared, t_out = prepare(spec, template, namespace, client, stream=spec.stream)
+    live = LiveOutput(spec.format, rich=rich)
+    if not prepared.stream:
+        completion = client.send(prepared, transform_output=t_out, timeout=spec.timeout)
+    else:
+        started = time.perf_counter()
+        stream = client.open_stream(prepared, transform_output=t_out, timeout=spec.timeout)
+        try:
+            for piece in stream:
+                live.append(piece)
+        except (StreamInterrupted, KeyboardInterrupt) as exc:
+            stream.close()
+            cut = isinstance(exc, StreamInterrupted)
+            namespace[LAST] = _partial(prepared, stream.text, time.perf_counter() - started,
+                                       "cut" if cut else "interrupted")
+            note = (f"The stream was {'cut' if cut else 'interrupted'}: "
+                    f"{len(stream.text)} characters kept in {LAST}.text.")
+            live.finish(stream.text, note=note)
+            raise
+        completion = stream.completion
+        assert completion is not None  # a stream that ended without error has its completion
+    namespace[LAST] = completion
+    if spec.chat:
+        client.conversations.add(spec.target_key, _user_turn(prepared), completion.text)
+    live.finish(completion.value, output_metadata(completion))
+    return completion
+
+
+def _user_turn(prepared: PreparedRequest) -> str:
+    messages = prepared.body.get("messages")
+    if prepared.kind == _wire.CHAT and messages:
+        return str(messages[-1].get("content", ""))
+    return str(prepared.body.get("prompt", ""))
+
+
+def _partial(prepared: PreparedRequest, text: str, latency: float, why: str) -> Completion:
+    return Completion(text=text, value=text, endpoint=prepared.target, kind=prepared.kind, latency=latency,
+                      request=prepared.body, finish_reason=why)

@@ -1,0 +1,145 @@
+"""How an answer looks in the notebook: formats, the live (streamed) output, output metadata.
+
+Formats: ``markdown`` (default), ``text``, ``code`` (a highlighted block), ``json`` (parsed, code
+fences stripped) and ``html``. Every output carries ``{"dbmagic": {endpoint, served_model, usage,
+latency_ms, request_id}}`` in its metadata. Terminal IPython gets plain text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from typing import Any, Callable, TextIO
+
+from .errors import DbMagicError
+
+__all__ = ["FORMATS", "bundle", "output_metadata", "extract_code", "parse_json", "LiveOutput", "FormatError"]
+
+FORMATS = ("markdown", "text", "code", "json", "html")
+_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+
+
+class FormatError(DbMagicError):
+    """The answer cannot be shown in the requested format (e.g. ``json`` that does not parse)."""
+
+
+def extract_code(text: str) -> tuple[str, str]:
+    """``(code, language)``: the first fenced block of ``text``, or all of it."""
+    match = _FENCE.search(text)
+    if match:
+        return match.group(2).rstrip("\n"), match.group(1)
+    return text.strip("\n"), ""
+
+
+def parse_json(text: str) -> Any:
+    """Parse an answer as JSON, stripping a code fence around it."""
+    candidate = extract_code(text)[0] if "```" in text else text
+    try:
+        return json.loads(candidate)
+    except ValueError as exc:
+        raise FormatError(
+            f"The answer is not valid JSON ({exc}). It is kept in _dbllm.text; "
+            "show it with -f text, or ask the model for JSON only."
+        ) from None
+
+
+def bundle(value: Any, fmt: str, *, rich: bool = True) -> dict[str, Any]:
+    """The MIME bundle for ``value`` in format ``fmt``."""
+    if not isinstance(value, str):
+        try:
+            pretty = json.dumps(value, indent=2, ensure_ascii=False)
+        except (TypeError, ValueError):
+            return {"text/plain": repr(value)}
+        return {"application/json": _jsonable(value), "text/plain": pretty} if rich else {"text/plain": pretty}
+    if not rich or fmt == "text":
+        return {"text/plain": value}
+    if fmt == "markdown":
+        return {"text/markdown": value, "text/plain": value}
+    if fmt == "code":
+        code, language = extract_code(value)
+        return {"text/markdown": f"```{language}\n{code}\n```", "text/plain": code}
+    if fmt == "json":
+        data = parse_json(value)
+        return {"application/json": _jsonable(data), "text/plain": json.dumps(data, indent=2, ensure_ascii=False)}
+    if fmt == "html":
+        return {"text/html": value, "text/plain": value}
+    raise FormatError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+
+
+def _jsonable(value: Any) -> Any:
+    # front ends render application/json only for objects and arrays
+    return value if isinstance(value, (dict, list)) else {"value": value}
+
+
+def output_metadata(completion: Any) -> dict[str, Any]:
+    """What a notebook user can audit about an answer, stored in the output's metadata."""
+    return {"dbmagic": {
+        "endpoint": completion.endpoint,
+        "served_model": completion.served_model,
+        "usage": completion.usage,
+        "latency_ms": round(completion.latency * 1000, 1),
+        "request_id": completion.request_id,
+    }}
+
+
+class LiveOutput:
+    """One output updated in place as text streams in, at most ``max_rate`` updates a second.
+
+    The first piece is shown at once; later pieces wait for the throttle; `finish` always shows
+    the final value. In the terminal (``rich=False``) pieces are written to ``stdout`` as they come.
+    """
+
+    def __init__(self, fmt: str, *, rich: bool = True, max_rate: float = 20.0,
+                 clock: Callable[[], float] = time.monotonic, stdout: TextIO | None = None):
+        self.fmt = fmt
+        self.rich = rich
+        self.updates = 0
+        self._interval = 1.0 / max_rate
+        self._clock = clock
+        self._stdout = stdout
+        self._handle: Any = None
+        self._last = float("-inf")
+        self._text = ""
+        self._shown = ""
+
+    def append(self, piece: str) -> None:
+        """A new piece of text arrived."""
+        self._text += piece
+        if not self.rich:
+            out = self._stdout or sys.stdout
+            out.write(piece)
+            out.flush()
+            return
+        now = self._clock()
+        if now - self._last >= self._interval:
+            self._show(bundle(self._text, self.fmt if self.fmt in ("markdown", "code", "html") else "text"))
+            self._last = now
+
+    def finish(self, value: Any, metadata: dict[str, Any] | None = None, note: str | None = None) -> None:
+        """Show the final value (and an optional note, e.g. that the stream was cut)."""
+        if not self.rich:
+            out = self._stdout or sys.stdout
+            if self._text:
+                out.write("\n")
+            else:
+                out.write(bundle(value, self.fmt, rich=False)["text/plain"] + "\n")
+            if note:
+                out.write(note + "\n")
+            out.flush()
+            return
+        data = bundle(value, self.fmt)
+        if note:
+            data = {k: (f"{v}\n\n*{note}*" if k == "text/markdown" else f"{v}\n\n{note}" if k == "text/plain" else v)
+                    for k, v in data.items()}
+        self._show(data, metadata)
+
+    def _show(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        from IPython.display import display
+
+        if self._handle is None:
+            self._handle = display(data, raw=True, metadata=metadata, display_id=True)
+        else:
+            self._handle.update(data, raw=True, metadata=metadata)
+        self.updates += 1

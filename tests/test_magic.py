@@ -1,0 +1,338 @@
+"""%%dbllm in a real InteractiveShell against the local workspace: what was sent, what the user sees."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from IPython.core.displaypub import CapturingDisplayPublisher
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+import dbmagic
+from dbmagic._cell import LAST
+from dbmagic.render import LiveOutput
+from dbmagic.testing import LocalWorkspace
+
+from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, EMBEDDINGS, PORT
+
+
+@pytest.fixture
+def shell(workspace, monkeypatch):
+    """The IPython singleton (display() publishes through it) with dbmagic freshly loaded,
+    credentials from the environment, and every display captured."""
+    monkeypatch.setenv("DATABRICKS_HOST", workspace.host)
+    monkeypatch.setenv("DATABRICKS_TOKEN", workspace.token)
+    ip = InteractiveShell.instance()
+    ip.config.pop("DbLLM", None)
+    ip.reset(new_session=False)
+    ip.run_line_magic("reload_ext", "dbmagic")
+    ip.display_pub = CapturingDisplayPublisher()
+    ip.rl_next_input = None
+    yield ip
+    ip.display_pub = CapturingDisplayPublisher()
+
+
+def shown(ip):
+    """The data of the last thing displayed (the final state of a streamed answer)."""
+    return ip.display_pub.outputs[-1]["data"]
+
+
+def sent(workspace):
+    return [r for r in workspace.requests if r.method == "POST"][-1]
+
+
+def cell(ip, line, body):
+    return ip.run_cell_magic("dbllm", line, body)
+
+
+# -- LangChain's documented transforms, used by name from the notebook ------------------------------
+
+LANGCHAIN_TRANSFORMS = '''
+def transform_input(**request):
+    full_prompt = f"""{request["prompt"]}
+    Be Concise.
+    """
+    request["prompt"] = full_prompt
+    return request
+
+def transform_output(response):
+    return response.upper()
+'''
+
+
+def test_chat_prompt_with_every_call_option(shell, workspace):
+    cell(shell, f'--endpoint {CHAT} -t 0.2 --max-tokens 200 --stop "\\n\\n" --stop END --system "Be brief." '
+                "-p top_p=0.9 -p 'tags=[\"a\"]' -p label=plain --timeout 30", "Hello there")
+    assert sent(workspace).path == f"/serving-endpoints/{CHAT}/invocations"
+    assert sent(workspace).json == {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+        "temperature": 0.2, "max_tokens": 200, "stop": ["\n\n", "END"], "top_p": 0.9, "tags": ["a"],
+        "label": "plain", "stream": True}
+    assert shown(shell) == {"text/markdown": "[Be brief.] Echo: Hello there",
+                            "text/plain": "[Be brief.] Echo: Hello there"}
+    meta = shell.display_pub.outputs[-1]["metadata"]["dbmagic"]
+    assert meta["endpoint"] == f"endpoint '{CHAT}'"
+    assert meta["served_model"] == "meta-llama-3.3-70b-instruct"
+    assert meta["usage"]["completion_tokens"] == 5 and meta["latency_ms"] >= 0
+
+
+def test_template_over_the_namespace_without_ipython_expansion(shell, workspace):
+    shell.user_ns.update(notes="Q3 numbers", audience="the board", items=[1, 2])
+    cell(shell, f"-e {CHAT}", 'Summarize {{ notes }} for {{ audience }} ({{ items | length }} items). '
+                              'Reply as {"summary": "$x"}.')
+    assert sent(workspace).json["messages"][-1]["content"] == (
+        'Summarize Q3 numbers for the board (2 items). Reply as {"summary": "$x"}.')
+
+
+def test_undefined_template_name_fails_and_sends_nothing(shell, workspace):
+    with pytest.raises(UsageError, match="The prompt template uses 'notez', which is not defined in the notebook"):
+        cell(shell, f"-e {CHAT}", "Summarize {{ notez }}")
+    assert not [r for r in workspace.requests if r.method == "POST"]
+
+
+def test_config_defaults_and_line_options_beat_them(shell, workspace):
+    shell.run_line_magic("config", f'DbLLM.endpoint = "{CHAT}"')
+    shell.run_line_magic("config", "DbLLM.temperature = 0.7")
+    shell.run_line_magic("config", 'DbLLM.system = "Default system."')
+    shell.run_line_magic("config", 'DbLLM.params = {"top_k": 3}')
+    cell(shell, "", "first")
+    assert sent(workspace).json["temperature"] == 0.7 and sent(workspace).json["top_k"] == 3
+    assert sent(workspace).json["messages"][0] == {"role": "system", "content": "Default system."}
+    cell(shell, f"-e {COMPLETIONS} -t 0", "second")
+    assert sent(workspace).path == f"/serving-endpoints/{COMPLETIONS}/invocations"
+    assert sent(workspace).json["temperature"] == 0
+
+
+def test_one_line_prompt_keeps_quotes(shell, workspace):
+    shell.run_line_magic("dbllm", f"-e {COMPLETIONS} What's \"2+2\"? {{x}}")
+    assert sent(workspace).json == {"prompt": "What's \"2+2\"? {x}", "stream": True}
+    assert shown(shell)["text/plain"] == "Echo: What's \"2+2\"? {x}"
+
+
+def test_driver_proxy_app(shell, workspace):
+    cell(shell, f"--cluster-id {CLUSTER} --port {PORT} --org-id 42 --stop ?", "How are you?")
+    assert sent(workspace).path == f"/driver-proxy-api/o/42/{CLUSTER}/{PORT}"
+    assert sent(workspace).json == {"prompt": "How are you?", "stop": ["?"]}
+    assert shown(shell)["text/plain"] == "Echo: How are you"
+
+
+def test_embeddings_and_custom_models(shell, workspace):
+    cell(shell, f"-e {EMBEDDINGS} -o vectors", "alpha")
+    assert sent(workspace).json == {"input": "alpha"}
+    assert len(shell.user_ns["vectors"]) == 1 and len(shell.user_ns["vectors"][0]) == 8
+    assert "application/json" in shown(shell)
+    cell(shell, f"-e {CUSTOM} -t 0.5 -o prediction", "score me")
+    assert sent(workspace).json == {"dataframe_records": [{"prompt": "score me", "temperature": 0.5}]}
+    assert shell.user_ns["prediction"] == "Echo: score me"
+
+
+def test_langchain_transforms_by_name(shell, workspace):
+    shell.run_cell(LANGCHAIN_TRANSFORMS)
+    cell(shell, f"-e {CHAT} --transform-input transform_input --transform-output transform_output -o answer",
+         "How are you?")
+    assert sent(workspace).json["messages"][-1]["content"] == "How are you?\n    Be Concise.\n    "
+    assert shell.user_ns["answer"] == "ECHO: HOW ARE YOU?\n    BE CONCISE.\n    "
+    assert shown(shell)["text/markdown"] == shell.user_ns["answer"]
+    completion = shell.user_ns[LAST]
+    assert completion.text == shell.user_ns["answer"]
+    assert completion.usage["completion_tokens"] == 6  # the raw answer's usage is kept
+
+
+def test_transform_from_config_and_dotted_names(shell, workspace):
+    shell.run_cell("import types\nhelpers = types.SimpleNamespace(shout=lambda v: v + '!')")
+    shell.run_cell(LANGCHAIN_TRANSFORMS)
+    shell.run_line_magic("config", 'DbLLM.transform_input = "transform_input"')
+    cell(shell, f"-e {COMPLETIONS} --transform-output helpers.shout --no-stream -o out", "Hi")
+    assert sent(workspace).json["prompt"] == "Hi\n    Be Concise.\n    "
+    assert shell.user_ns["out"] == "Echo: Hi\n    Be Concise.\n    !"
+
+
+def test_unknown_and_non_callable_transforms(shell):
+    with pytest.raises(UsageError, match=r"transform_input 'nope' is not defined in the notebook.*def nope\(\*\*request\)"):
+        cell(shell, f"-e {CHAT} --transform-input nope", "x")
+    shell.user_ns["not_a_function"] = 42
+    with pytest.raises(UsageError, match="transform_output 'not_a_function' is a int, not a function"):
+        cell(shell, f"-e {CHAT} --transform-output not_a_function", "x")
+    shell.run_cell("def takes_two(a, b): return a")
+    with pytest.raises(UsageError, match="must take exactly one argument"):
+        cell(shell, f"-e {CHAT} --transform-output takes_two", "x")
+
+
+def test_transform_that_raises_shows_the_users_traceback_and_fails_the_cell(shell, capsys):
+    shell.run_cell("def add_context(**request):\n    return request['context'] + 1\n")
+    capsys.readouterr()
+    result = shell.run_cell(f"%%dbllm -e {CHAT} --transform-input add_context\nHi\n")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "transform_input 'add_context' raised KeyError: 'context'" in str(result.error_in_exec)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # no colours
+    assert "add_context" in out and "request['context'] + 1" in out and "KeyError" in out
+
+
+def test_dry_run_shows_the_request_and_sends_nothing(shell, workspace):
+    shell.run_cell(LANGCHAIN_TRANSFORMS)
+    cell(shell, f"-e {CHAT} --transform-input transform_input --dry-run -t 0.1", "Hi")
+    assert not [r for r in workspace.requests if r.method == "POST"]
+    data = shown(shell)["application/json"]
+    assert data["url"] == f"{workspace.host}/serving-endpoints/{CHAT}/invocations"
+    assert data["headers"]["Authorization"] == "Bearer ***"
+    assert data["json"]["messages"][-1]["content"] == "Hi\n    Be Concise.\n    "
+    assert workspace.token not in str(shell.display_pub.outputs)
+
+
+@pytest.mark.parametrize("fmt, key, expected", [
+    ("text", "text/plain", "Echo: **bold**"),
+    ("markdown", "text/markdown", "Echo: **bold**"),
+    ("html", "text/html", "Echo: **bold**"),
+])
+def test_formats(shell, fmt, key, expected):
+    cell(shell, f"-e {CHAT} -f {fmt}", "**bold**")
+    assert shown(shell)[key] == expected
+    if fmt == "text":
+        assert list(shown(shell)) == ["text/plain"]
+
+
+def test_code_format_and_insert(shell):
+    cell(shell, f"-e {CHAT} -f code --insert", "```python\nprint('hi')\n```")
+    assert shown(shell)["text/markdown"] == "```python\nprint('hi')\n```"
+    assert shown(shell)["text/plain"] == "print('hi')"
+    assert shell.rl_next_input == "print('hi')"
+
+
+def test_json_format_parses_through_code_fences(shell):
+    cell(shell, f"-e {CUSTOM} -f json", '```json\n{"a": [1, 2]}\n```')  # custom model echoes
+    assert shown(shell)["application/json"] == {"a": [1, 2]}
+
+
+def test_json_format_that_does_not_parse(shell):
+    with pytest.raises(UsageError, match="The answer is not valid JSON .* kept in _dbllm.text"):
+        cell(shell, f"-e {CHAT} -f json", "not json")
+    assert shell.user_ns[LAST].text == "Echo: not json"
+
+
+def test_streaming_updates_one_output_in_place(shell, workspace):
+    cell(shell, f"-e {CHAT}", " ".join(f"w{i}" for i in range(30)))
+    outputs = shell.display_pub.outputs
+    assert outputs[0]["transient"]["display_id"] == outputs[-1]["transient"]["display_id"]
+    assert [o["update"] for o in outputs] == [False] + [True] * (len(outputs) - 1)
+    assert outputs[0]["data"]["text/plain"] == "Echo:"  # the first token shows at once
+    assert outputs[-1]["data"]["text/plain"] == "Echo: " + " ".join(f"w{i}" for i in range(30))
+
+
+def test_no_stream(shell, workspace):
+    cell(shell, f"-e {CHAT} --no-stream", "a b c")
+    assert "stream" not in sent(workspace).json
+    assert len(shell.display_pub.outputs) == 1
+
+
+def test_cut_stream_keeps_what_arrived_and_fails_the_cell(shell, workspace):
+    workspace.fail(CHAT, cut_after=2)
+    with pytest.raises(UsageError, match="was cut.*characters arrived"):
+        cell(shell, f"-e {CHAT}", "one two three four")
+    assert shell.user_ns[LAST].text == "Echo: one"
+    assert shell.user_ns[LAST].finish_reason == "cut"
+    assert shown(shell)["text/markdown"].startswith("Echo: one\n\n*The stream was cut: 9 characters kept")
+
+
+def test_interrupt_stops_the_stream_and_keeps_what_arrived(shell, workspace):
+    class InterruptOnThird(CapturingDisplayPublisher):
+        def publish(self, data, *args, **kwargs):
+            super().publish(data, *args, **kwargs)
+            if len(self.outputs) == 2:
+                raise KeyboardInterrupt
+
+    workspace.chunk_delay = 0.06  # past the display throttle, so each piece is shown
+    shell.display_pub = InterruptOnThird()
+    with pytest.raises(KeyboardInterrupt):
+        cell(shell, f"-e {CHAT}", "one two three four five six")
+    assert shell.user_ns[LAST].text == "Echo: one"
+    assert shell.user_ns[LAST].finish_reason == "interrupted"
+    assert "interrupted: 9 characters kept in _dbllm.text" in shown(shell)["text/plain"]
+
+
+def test_chat_history_reset(shell, workspace, capsys):
+    cell(shell, f"-e {CHAT} --chat", "first")
+    cell(shell, f"-e {CHAT} --chat", "second")
+    assert sent(workspace).json["messages"] == [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "Echo: first"},
+        {"role": "user", "content": "second"}]
+    shell.run_line_magic("dbllm", "history")
+    assert f"--- {CHAT}\nuser: first\nassistant: Echo: first\nuser: second\nassistant: Echo: second" in (
+        capsys.readouterr().out)
+    shell.run_line_magic("dbllm", f"reset {CHAT}")
+    cell(shell, f"-e {CHAT} --chat", "third")
+    assert sent(workspace).json["messages"] == [{"role": "user", "content": "third"}]
+    with pytest.raises(UsageError, match="--chat keeps a conversation with a chat endpoint"):
+        cell(shell, f"-e {COMPLETIONS} --chat", "x")
+
+
+def test_whoami_endpoints_last(shell, workspace):
+    shell.run_line_magic("dbllm", "whoami")
+    text = shown(shell)["text/plain"]
+    assert f"host    {workspace.host}" in text and "source  environment" in text and "token   ***" in text
+    assert workspace.token not in str(shell.display_pub.outputs)
+    shell.run_line_magic("dbllm", "endpoints")
+    table = shown(shell)["text/markdown"]
+    assert f"| {CHAT} | llm/v1/chat | READY | FOUNDATION_MODEL_API | meta-llama-3.3-70b-instruct |" in table
+    assert f"| {CUSTOM} | (custom model) | READY | CUSTOM_MODEL |" in table
+    cell(shell, f"-e {CHAT} --no-stream", "x y")
+    shell.run_line_magic("dbllm", "last")
+    assert "tokens        prompt 2 / completion 3 / total 5" in shown(shell)["text/plain"]
+
+
+@pytest.mark.parametrize("line, message", [
+    (f"-e {CHAT} -t hot", "argument -t/--temperature: invalid float value: 'hot'"),
+    (f"-e {CHAT} --max-tokens many", "invalid int value: 'many'"),
+    (f"-e {CHAT} -f yaml", "invalid choice: 'yaml'"),
+    (f"-e {CHAT} -p novalue", "-p takes KEY=VALUE"),
+    (f"-e {CHAT} -o 1bad", "not a valid variable name"),
+    (f"-e {CHAT} stray words", "Unexpected words after the options: 'stray words'"),
+    ("", "No endpoint given: pass endpoint= (--endpoint NAME"),
+    (f"-e {CHAT} --task chat -p max_tokens=\"x\"", "Invalid value for 'max_tokens'"),
+])
+def test_bad_option_values(shell, line, message):
+    with pytest.raises(UsageError) as info:
+        cell(shell, line, "Hi")
+    assert message in str(info.value)
+
+
+def test_errors_fail_the_cell_with_the_next_step(shell):
+    result = shell.run_cell("%%dbllm -e no-such-endpoint\nHi\n")
+    assert type(result.error_in_exec) is UsageError
+    assert "endpoint 'no-such-endpoint' was not found" in str(result.error_in_exec)
+    assert "%dbllm endpoints" in str(result.error_in_exec)
+
+
+def test_empty_cell_and_no_prompt(shell):
+    with pytest.raises(UsageError, match="The cell is empty"):
+        cell(shell, f"-e {CHAT}", "  \n")
+    with pytest.raises(UsageError, match="No prompt"):
+        shell.run_line_magic("dbllm", f"-e {CHAT}")
+
+
+def test_no_credentials_error_reaches_the_user(shell, monkeypatch):
+    monkeypatch.delenv("DATABRICKS_HOST")
+    dbmagic.configure()
+    with pytest.raises(UsageError, match="No Databricks credentials found. Tried, in order"):
+        cell(shell, f"-e {CHAT}", "Hi")
+
+
+def test_terminal_gets_plain_text(workspace, capsys):
+    out = LiveOutput("markdown", rich=False)
+    for piece in ["Echo:", " **a**"]:
+        out.append(piece)
+    out.finish("Echo: **a**")
+    assert capsys.readouterr().out == "Echo: **a**\n"
+
+
+def test_live_output_throttles_updates():
+    now = [0.0]
+    out = LiveOutput("markdown", max_rate=20, clock=lambda: now[0])
+    published = []
+    out._show = lambda data, metadata=None: published.append(data["text/plain"])
+    for i in range(200):  # 200 pieces over 1 second
+        out.append(f"{i} ")
+        now[0] += 0.005
+    out.finish("final")
+    assert 20 <= len(published) <= 22
+    assert published[0] == "0 " and published[-1] == "final"
