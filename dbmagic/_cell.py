@@ -8,6 +8,7 @@ client (streaming when it can), shows the answer, keeps the chat history, and st
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, MutableMapping
@@ -15,7 +16,7 @@ from typing import Any, MutableMapping
 from . import _wire
 from .client import Client, Completion, PreparedRequest
 from .errors import ConfigurationError, StreamInterrupted
-from .render import LiveOutput, bundle, output_metadata
+from .render import LiveOutput, output_metadata
 from .templating import render_prompt
 from .transforms import resolve_transform
 
@@ -81,7 +82,9 @@ def dry_run(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], 
     from IPython.display import display
 
     prepared, _ = prepare(spec, template, namespace, client, stream=spec.stream)
-    display(bundle(prepared.describe(), "json", rich=rich), raw=True)
+    text = json.dumps(prepared.describe(), indent=2, ensure_ascii=False)
+    data = {"text/markdown": f"```json\n{text}\n```", "text/plain": text} if rich else {"text/plain": text}
+    display(data, raw=True)
     return prepared
 
 

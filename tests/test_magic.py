@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -173,7 +174,8 @@ def test_dry_run_shows_the_request_and_sends_nothing(shell, workspace):
     shell.run_cell(LANGCHAIN_TRANSFORMS)
     cell(shell, f"-e {CHAT} --transform-input transform_input --dry-run -t 0.1", "Hi")
     assert not [r for r in workspace.requests if r.method == "POST"]
-    data = shown(shell)["application/json"]
+    data = json.loads(shown(shell)["text/plain"])
+    assert shown(shell)["text/markdown"].startswith("```json\n{")
     assert data["url"] == f"{workspace.host}/serving-endpoints/{CHAT}/invocations"
     assert data["headers"]["Authorization"] == "Bearer ***"
     assert data["json"]["messages"][-1]["content"] == "Hi\n    Be Concise.\n    "

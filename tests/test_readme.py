@@ -1,0 +1,30 @@
+"""The README stays true: its usage block is %%dbllm?'s, and CI runs its test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from dbmagic.magic import DbLLM
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+def test_usage_section_matches_the_magic_help():
+    block = re.search(r"<!-- usage.*?-->\n```text\n(.*?)\n```\n<!-- /usage -->", README, re.S)
+    assert block, "README lost its usage block"
+    help_text = DbLLM.dbllm.parser.format_help().split("\n", 2)[2]  # without the '::' line
+    assert words(block.group(1)) == words(help_text), (
+        "README usage differs from %%dbllm?: regenerate it from DbLLM.dbllm.parser.format_help()")
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
+    test_command = next(c for c in commands if "pytest" in c)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_command.replace("python3 -m venv .venv && ", "") in ci
