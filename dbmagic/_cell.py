@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, MutableMapping
+from typing import TYPE_CHECKING, Any, MutableMapping
 
 from . import _wire
-from .client import Client, Completion, PreparedRequest
 from .errors import ConfigurationError, StreamInterrupted
 from .render import LiveOutput, output_metadata
 from .templating import render_prompt
 from .transforms import resolve_transform
 
-__all__ = ["CallSpec", "run_prompt", "LAST"]
+if TYPE_CHECKING:  # the client (and requests) load with the first call, not with %load_ext
+    from .client import Client, Completion, PreparedRequest
+
+__all__ = ["CallSpec", "run_prompt", "dry_run", "LAST"]
 
 LAST = "_dbllm"
 
@@ -127,5 +129,7 @@ def _user_turn(prepared: PreparedRequest) -> str:
 
 
 def _partial(prepared: PreparedRequest, text: str, latency: float, why: str) -> Completion:
+    from .client import Completion
+
     return Completion(text=text, value=text, endpoint=prepared.target, kind=prepared.kind, latency=latency,
                       request=prepared.body, finish_reason=why)

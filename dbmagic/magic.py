@@ -42,13 +42,19 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode
 
 from . import _cell
-from .client import get_client
 from .errors import DbMagicError, TransformError
 from .render import FORMATS, extract_code
 
 __all__ = ["DbLLM", "load_ipython_extension", "unload_ipython_extension"]
 
 SUBCOMMANDS = ("whoami", "endpoints", "history", "reset", "last")
+
+
+def get_client() -> Any:
+    # the client (and requests) load on first use, keeping %load_ext as cheap as a bare start
+    from .client import get_client
+
+    return get_client()
 
 
 @magics_class

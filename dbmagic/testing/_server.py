@@ -99,6 +99,7 @@ class RecordedRequest:
     json: Any
     authorized: bool
     at: float = field(default_factory=time.perf_counter, repr=False)
+    chunks_sent_at: list[float] = field(default_factory=list, repr=False)  # perf_counter of each SSE write
 
 
 _CODES = {400: "BAD_REQUEST", 401: "401", 403: "PERMISSION_DENIED", 404: "RESOURCE_DOES_NOT_EXIST",
@@ -303,7 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
         if "Authorization" in headers:
             headers["Authorization"] = "Bearer ***"
         path = self.path.split("?", 1)[0]
-        ws.requests.append(RecordedRequest(method, path, headers, body, authorized))
+        self._record = RecordedRequest(method, path, headers, body, authorized)
+        ws.requests.append(self._record)
         if not authorized:
             return self._error(401, "Credential was not sent or was of an unsupported type for this API.")
         if raw and body is None:
@@ -437,9 +439,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
 
+        sent_at = self._record.chunks_sent_at
+
         def write(data: bytes) -> None:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
             self.wfile.flush()
+            sent_at.append(time.perf_counter())
 
         pieces = _pieces(text)
         for i, piece in enumerate(pieces):
