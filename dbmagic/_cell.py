@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, MutableMapping
+from typing import TYPE_CHECKING, Any, Callable, MutableMapping
 
 from . import _wire
 from .errors import ConfigurationError, StreamInterrupted
@@ -20,7 +20,7 @@ from .templating import render_prompt
 from .transforms import resolve_transform
 
 if TYPE_CHECKING:  # the client (and requests) load with the first call, not with %load_ext
-    from .client import Client, Completion, PreparedRequest
+    from .client import Client, Completion, PreparedRequest, Stream
 
 __all__ = ["CallSpec", "run_prompt", "dry_run", "LAST"]
 
@@ -91,29 +91,34 @@ def dry_run(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], 
 
 
 def run_prompt(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], client: Client,
-               *, rich: bool = True) -> Completion:
-    """Send one prompt and show its answer; see the module docstring."""
+               *, rich: bool = True, live: LiveOutput | None = None,
+               on_stream: Callable[[Stream], None] | None = None) -> Completion:
+    """Send one prompt and show its answer; see the module docstring.
+
+    ``live`` is where the answer is shown (default: this cell's output); ``on_stream`` receives
+    the `Stream` once it is open, so another thread can ``cancel()`` it (the panel's Stop). A
+    cancelled stream returns what arrived, with ``finish_reason == "stopped"``.
+    """
     prepared, t_out = prepare(spec, template, namespace, client, stream=spec.stream)
-    live = LiveOutput(spec.format, rich=rich)
+    live = live or LiveOutput(spec.format, rich=rich)
     if not prepared.stream:
         completion = client.send(prepared, transform_output=t_out, timeout=spec.timeout)
     else:
         started = time.perf_counter()
         stream = client.open_stream(prepared, transform_output=t_out, timeout=spec.timeout)
+        if on_stream is not None:
+            on_stream(stream)
         try:
             for piece in stream:
                 live.append(piece)
         except (StreamInterrupted, KeyboardInterrupt) as exc:
             stream.close()
-            cut = isinstance(exc, StreamInterrupted)
-            namespace[LAST] = _partial(prepared, stream.text, time.perf_counter() - started,
-                                       "cut" if cut else "interrupted")
-            note = (f"The stream was {'cut' if cut else 'interrupted'}: "
-                    f"{len(stream.text)} characters kept in {LAST}.text.")
-            live.finish(stream.text, note=note)
+            why = "cut" if isinstance(exc, StreamInterrupted) else "interrupted"
+            _keep_partial(namespace, live, prepared, stream.text, started, why)
             raise
+        if stream.completion is None:  # cancelled
+            return _keep_partial(namespace, live, prepared, stream.text, started, "stopped")
         completion = stream.completion
-        assert completion is not None  # a stream that ended without error has its completion
     namespace[LAST] = completion
     if spec.chat:
         client.conversations.add(spec.target_key, _user_turn(prepared), completion.text)
@@ -121,15 +126,20 @@ def run_prompt(spec: CallSpec, template: str, namespace: MutableMapping[str, Any
     return completion
 
 
+def _keep_partial(namespace: MutableMapping[str, Any], live: LiveOutput, prepared: PreparedRequest, text: str,
+                  started: float, why: str) -> Completion:
+    """Store and show what arrived of an answer that did not end normally."""
+    from .client import Completion
+
+    partial = Completion(text=text, value=text, endpoint=prepared.target, kind=prepared.kind,
+                         latency=time.perf_counter() - started, request=prepared.body, finish_reason=why)
+    namespace[LAST] = partial
+    live.finish(text, note=f"The stream was {why}: {len(text)} characters kept in {LAST}.text.")
+    return partial
+
+
 def _user_turn(prepared: PreparedRequest) -> str:
     messages = prepared.body.get("messages")
     if prepared.kind == _wire.CHAT and messages:
         return str(messages[-1].get("content", ""))
     return str(prepared.body.get("prompt", ""))
-
-
-def _partial(prepared: PreparedRequest, text: str, latency: float, why: str) -> Completion:
-    from .client import Completion
-
-    return Completion(text=text, value=text, endpoint=prepared.target, kind=prepared.kind, latency=latency,
-                      request=prepared.body, finish_reason=why)

@@ -14,6 +14,7 @@ bounded retries) -> the parsed answer -> ``transform_output(value)`` -> a `Compl
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -360,6 +361,7 @@ class Stream:
         self.prepared = prepared
         self.text = ""
         self.completion: Completion | None = None
+        self.cancelled = False
         self._client = client
         self._response = response
         self._started = started
@@ -373,9 +375,21 @@ class Stream:
         return next(self._iterator)
 
     def close(self) -> None:
-        """Stop reading (the Stop button, Ctrl-C); ``text`` keeps what arrived."""
+        """Stop reading (from the thread that iterates); ``text`` keeps what arrived."""
         self._iterator.close()
         self._response.close()
+
+    def cancel(self) -> None:
+        """Stop from another thread (a Stop button): the iteration ends quietly, ``completion``
+        stays None and ``text`` keeps what arrived. The socket is shut down so that a read blocked
+        on a silent endpoint wakes at once."""
+        self.cancelled = True
+        sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
 
     def _iterate(self) -> Iterator[str]:
         response, prepared = self._response, self.prepared
@@ -411,9 +425,13 @@ class Stream:
         done = False
         raw = self._response.raw
         while True:
+            if self.cancelled:
+                return
             try:
                 chunk = raw.read1(65536)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if self.cancelled:
+                    return
                 if done:
                     break
                 raise self._cut(f"the connection broke ({exc.__class__.__name__})") from None
@@ -444,6 +462,8 @@ class Stream:
                     self.text += piece
                     yield piece
             if not chunk:
+                if self.cancelled:
+                    return
                 if not done and (decoder.truncated or finish is None):
                     raise self._cut("the connection closed before the end of the answer")
                 break

@@ -27,7 +27,8 @@ In [8]: %%dbllm --transform-input add_context --transform-output to_upper --dry-
   usage, latency) is always in ``_dbllm``. The output's metadata records endpoint, model, usage.
 - Errors fail the cell with a short message and the next step; a transform's own traceback is shown.
 
-Subcommands of the line magic: ``whoami``, ``endpoints``, ``history``, ``reset [ENDPOINT]``, ``last``.
+Subcommands of the line magic: ``whoami``, ``endpoints``, ``history``, ``reset [ENDPOINT]``, ``last``,
+``panel`` (an ipywidgets panel for interactive prompting over the same client).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .render import FORMATS, extract_code
 
 __all__ = ["DbLLM", "load_ipython_extension", "unload_ipython_extension"]
 
-SUBCOMMANDS = ("whoami", "endpoints", "history", "reset", "last")
+SUBCOMMANDS = ("whoami", "endpoints", "history", "reset", "last", "panel")
 
 
 def get_client() -> Any:
@@ -91,7 +92,7 @@ class DbLLM(Magics):
     @argument("--stop", action="append", help=r'stop sequence, repeatable; escapes like "\n" work')
     @argument("-p", "--param", action="append", metavar="KEY=VALUE",
               help="extra request field, repeatable; VALUE is parsed as JSON when it parses")
-    @argument("--system", help="system prompt (chat endpoints)")
+    @argument("--system", help=r'system prompt (chat endpoints); escapes like "\n" work')
     @argument("--task", help="override the endpoint's task: chat, completions, embeddings, custom")
     @argument("--timeout", type=float, help="seconds to wait for the answer, or for each streamed chunk")
     @argument("--transform-input", metavar="NAME", help="function(**request) -> request from the notebook")
@@ -168,7 +169,8 @@ class DbLLM(Magics):
         params.update(parse_params(args.param or []))
         return _cell.CallSpec(
             endpoint=endpoint, cluster_id=cluster_id, port=port, org_id=pick("org_id"),
-            task=pick("task"), system=pick("system"), temperature=pick("temperature"),
+            task=pick("task"), system=unescape(args.system) if args.system is not None else self.system,
+            temperature=pick("temperature"),
             max_tokens=pick("max_tokens"),
             stop=[unescape(s) for s in args.stop] if args.stop else list(self.stop),
             params=params, timeout=pick("timeout"), format=(args.format or self.format).lower(),
@@ -217,6 +219,11 @@ class DbLLM(Magics):
         else:
             conversations.reset()
             print("Forgot every conversation.")
+
+    def _cmd_panel(self, args: list[str]) -> None:
+        from ._panel import panel
+
+        panel(self.shell)
 
     def _cmd_last(self, args: list[str]) -> None:
         completion = self.shell.user_ns.get(_cell.LAST)

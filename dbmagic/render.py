@@ -89,11 +89,15 @@ class LiveOutput:
 
     The first piece is shown at once; later pieces wait for the throttle; `finish` always shows
     the final value. In the terminal (``rich=False``) pieces are written to ``stdout`` as they come.
+    ``sink(data, metadata)`` shows a bundle; by default one IPython display handle is updated in place
+    (the panel passes one that fills its Output widget).
     """
 
     def __init__(self, fmt: str, *, rich: bool = True, max_rate: float = 20.0,
-                 clock: Callable[[], float] = time.monotonic, stdout: TextIO | None = None):
+                 clock: Callable[[], float] = time.monotonic, stdout: TextIO | None = None,
+                 sink: Callable[[dict[str, Any], dict[str, Any] | None], None] | None = None):
         self.fmt = fmt
+        self.sink = sink or self._display
         self.rich = rich
         self.updates = 0
         self._interval = 1.0 / max_rate
@@ -129,17 +133,24 @@ class LiveOutput:
                 out.write(note + "\n")
             out.flush()
             return
-        data = bundle(value, self.fmt)
+        try:
+            data = bundle(value, self.fmt)
+        except FormatError:  # show the answer as text, then say why it is not what was asked for
+            self._show(bundle(value, "text"), metadata)
+            raise
         if note:
             data = {k: (f"{v}\n\n*{note}*" if k == "text/markdown" else f"{v}\n\n{note}" if k == "text/plain" else v)
                     for k, v in data.items()}
         self._show(data, metadata)
 
     def _show(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        self.sink(data, metadata)
+        self.updates += 1
+
+    def _display(self, data: dict[str, Any], metadata: dict[str, Any] | None) -> None:
         from IPython.display import display
 
         if self._handle is None:
             self._handle = display(data, raw=True, metadata=metadata, display_id=True)
         else:
             self._handle.update(data, raw=True, metadata=metadata)
-        self.updates += 1

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import TransformError
 
-__all__ = ["resolve_transform"]
+__all__ = ["resolve_transform", "callables_in"]
 
 def resolve_transform(name: str | None, namespace: Mapping[str, Any], role: str) -> Callable[..., Any] | None:
     """The callable called ``name`` in ``namespace`` (``role`` is ``transform_input`` or
@@ -65,3 +65,18 @@ def _check_signature(fn: Callable[..., Any], name: str, role: str) -> None:
                 transform=name,
             )
 
+
+
+def callables_in(namespace: Mapping[str, Any]) -> list[str]:
+    """Names of the user's own functions in ``namespace``, for the panel's transform pickers:
+    no private names, classes, modules or IPython's helpers."""
+    import types
+
+    hidden = {"exit", "quit", "get_ipython", "open"}
+    names = []
+    for key, value in namespace.items():
+        if key.startswith("_") or key in hidden or isinstance(value, (type, types.ModuleType)):
+            continue
+        if isinstance(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+            names.append(key)
+    return sorted(names)

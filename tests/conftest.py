@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from IPython.core.displaypub import CapturingDisplayPublisher
+from IPython.core.interactiveshell import InteractiveShell
 
 import dbmagic
 import dbmagic.client
@@ -46,6 +48,22 @@ def clean_env(monkeypatch, tmp_path):
     yield home
     if dbmagic.client._default is not None:
         dbmagic.client._default.close()
+
+
+@pytest.fixture
+def shell(workspace, monkeypatch):
+    """The IPython singleton (display() publishes through it) with dbmagic freshly loaded,
+    credentials from the environment, and every display captured."""
+    monkeypatch.setenv("DATABRICKS_HOST", workspace.host)
+    monkeypatch.setenv("DATABRICKS_TOKEN", workspace.token)
+    ip = InteractiveShell.instance()
+    ip.config.pop("DbLLM", None)
+    ip.reset(new_session=False)
+    ip.run_line_magic("reload_ext", "dbmagic")
+    ip.display_pub = CapturingDisplayPublisher()
+    ip.rl_next_input = None
+    yield ip
+    ip.display_pub = CapturingDisplayPublisher()
 
 
 @pytest.fixture

@@ -18,22 +18,6 @@ from dbmagic.testing import LocalWorkspace
 from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, EMBEDDINGS, PORT
 
 
-@pytest.fixture
-def shell(workspace, monkeypatch):
-    """The IPython singleton (display() publishes through it) with dbmagic freshly loaded,
-    credentials from the environment, and every display captured."""
-    monkeypatch.setenv("DATABRICKS_HOST", workspace.host)
-    monkeypatch.setenv("DATABRICKS_TOKEN", workspace.token)
-    ip = InteractiveShell.instance()
-    ip.config.pop("DbLLM", None)
-    ip.reset(new_session=False)
-    ip.run_line_magic("reload_ext", "dbmagic")
-    ip.display_pub = CapturingDisplayPublisher()
-    ip.rl_next_input = None
-    yield ip
-    ip.display_pub = CapturingDisplayPublisher()
-
-
 def shown(ip):
     """The data of the last thing displayed (the final state of a streamed answer)."""
     return ip.display_pub.outputs[-1]["data"]
@@ -208,8 +192,9 @@ def test_json_format_parses_through_code_fences(shell):
 
 def test_json_format_that_does_not_parse(shell):
     with pytest.raises(UsageError, match="The answer is not valid JSON .* kept in _dbllm.text"):
-        cell(shell, f"-e {CHAT} -f json", "not json")
+        cell(shell, f"-e {CHAT} -f json --no-stream", "not json")
     assert shell.user_ns[LAST].text == "Echo: not json"
+    assert shown(shell) == {"text/plain": "Echo: not json"}
 
 
 def test_streaming_updates_one_output_in_place(shell, workspace):

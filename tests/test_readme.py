@@ -20,7 +20,7 @@ def test_usage_section_matches_the_magic_help():
     assert block, "README lost its usage block"
     help_text = DbLLM.dbllm.parser.format_help().split("\n", 2)[2]  # without the '::' line
     assert words(block.group(1)) == words(help_text), (
-        "README usage differs from %%dbllm?: regenerate it from DbLLM.dbllm.parser.format_help()")
+        "README usage differs from %%dbllm?: run python scripts/update_readme_usage.py")
 
 
 def test_ci_runs_the_readme_test_command():

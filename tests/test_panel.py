@@ -1,0 +1,228 @@
+"""The panel without a front end: set widget values, click buttons, read what the panel shows."""
+
+from __future__ import annotations
+
+import html
+import re
+import threading
+
+import pytest
+
+import dbmagic
+from dbmagic._cell import LAST
+from dbmagic._panel import PROXY, Panel
+from dbmagic.testing import Endpoint
+
+from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, PORT
+
+
+@pytest.fixture
+def panel(shell):
+    p = Panel(shell)
+    yield p
+    p.stop()
+    p.wait()
+
+
+def posts(workspace):
+    return [r for r in workspace.requests if r.method == "POST"]
+
+
+def answer(p):
+    return p.output.outputs[-1]["data"]
+
+
+def status(p):
+    """The status line as the user reads it."""
+    return html.unescape(re.sub(r"<[^>]+>", "", p.status.value))
+
+
+def ask(p, prompt, **values):
+    for name, value in values.items():
+        getattr(p, name).value = value
+    p.prompt.value = prompt
+    p.send_button.click()
+    p.wait()
+
+
+def test_endpoint_picker_lists_the_workspace_and_defaults_to_config(shell, workspace):
+    shell.run_line_magic("config", f'DbLLM.endpoint = "{COMPLETIONS}"')
+    p = Panel(shell)
+    labels = dict((v, k) for k, v in p.endpoint.options)
+    assert labels[CHAT] == f"{CHAT} · llm/v1/chat · READY"
+    assert labels[CUSTOM] == f"{CUSTOM} · custom model · READY"
+    assert PROXY in labels
+    assert p.endpoint.value == COMPLETIONS
+    workspace.add_endpoint(Endpoint("brand-new", "llm/v1/chat", ready="NOT_READY"))
+    p.refresh_button.click()
+    assert dict((v, k) for k, v in p.endpoint.options)["brand-new"] == "brand-new · llm/v1/chat · NOT_READY"
+    assert p.endpoint.value == COMPLETIONS  # refreshing keeps the choice
+
+
+def test_send_streams_into_the_panel_with_template_system_and_parameters(panel, shell, workspace):
+    shown = []
+    panel.output.observe(lambda change: shown.append(change["new"]), names="outputs")
+    shell.user_ns["who"] = "world"
+    ask(panel, "Hello {{ who }}, one two three four", system="Be brief.", temperature="0.3", max_tokens="50",
+        stop_sequences=["four"], format="text")
+    assert posts(workspace)[-1].json == {
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Hello world, one two three four"}],
+        "temperature": 0.3, "max_tokens": 50, "stop": ["four"], "stream": True}
+    assert answer(panel) == {"text/plain": "[Be brief.] Echo: Hello world, one two three "}
+    assert len([s for s in shown if s]) >= 2  # streamed: the first piece, then the final answer
+    assert f"endpoint '{CHAT}' (meta-llama-3.3-70b-instruct) · " in status(panel)
+    assert " ms · 8 → 8 tokens" in status(panel)
+    assert shell.user_ns[LAST].text == "[Be brief.] Echo: Hello world, one two three "
+    assert dbmagic.panel_result() is panel.result is shell.user_ns[LAST]
+
+
+def test_ctrl_enter_sends(panel, workspace):
+    panel.prompt.value = "via keyboard"
+    panel.prompt._handle_custom_msg({"type": "submit"}, [])
+    panel.wait()
+    assert posts(workspace)[-1].json["messages"][-1]["content"] == "via keyboard"
+
+
+def test_markdown_code_and_json_formats(panel):
+    ask(panel, "**x**")
+    assert answer(panel)["text/markdown"] == "Echo: **x**"
+    ask(panel, '```json\n{"a": 1}\n```', endpoint=CUSTOM, format="json")  # the model echoes
+    assert answer(panel)["application/json"] == {"a": 1}
+    ask(panel, "not json")
+    assert "The answer is not valid JSON" in status(panel)
+    assert answer(panel) == {"text/plain": "Echo: not json"}  # shown as text all the same
+    ask(panel, "print(1)", endpoint=CHAT, format="code")
+    assert answer(panel)["text/markdown"] == "```\nEcho: print(1)\n```"
+
+
+def test_proxy_app(panel, workspace):
+    ask(panel, "How are you?", endpoint=PROXY, cluster_id=CLUSTER, port=str(PORT))
+    assert posts(workspace)[-1].path == f"/driver-proxy-api/o/0/{CLUSTER}/{PORT}"
+    assert answer(panel)["text/markdown"] == "Echo: How are you?"
+    panel.port.value = "seventy"
+    panel.send()
+    assert "Port 'seventy' is not a number" in status(panel)
+
+
+def test_transform_pickers_list_notebook_functions(panel, shell, workspace):
+    assert [v for _, v in panel.transform_input.options] == [""]
+    shell.run_cell("def shout(value):\n    return value.upper()\n"
+                   "def concise(**request):\n    request['prompt'] += ' Be Concise.'\n    return request\n"
+                   "import os\nnumber = 3\n")
+    panel.refresh_transforms_button.click()
+    assert [v for _, v in panel.transform_input.options] == ["", "concise", "shout"]
+    ask(panel, "hi", transform_input="concise", transform_output="shout")
+    assert posts(workspace)[-1].json["messages"][-1]["content"] == "hi Be Concise."
+    assert answer(panel)["text/markdown"] == "ECHO: HI BE CONCISE."
+
+
+def test_transform_error_shows_status_and_the_users_traceback(panel, shell):
+    shell.run_cell("def broken(**request):\n    return request['missing']\n")
+    panel.refresh_transforms()
+    ask(panel, "hi", transform_input="broken")
+    assert "transform_input 'broken' raised KeyError" in status(panel)
+    stderr = "".join(o.get("text", "") for o in panel.output.outputs)
+    assert "return request['missing']" in stderr and "KeyError" in stderr
+
+
+def test_404_429_and_cut_stream(panel, workspace):
+    ask(panel, "hi", endpoint=PROXY, cluster_id="no-such-cluster", port="1")
+    assert "⚠" in status(panel) and "was not found" in status(panel) and "%dbllm endpoints" in status(panel)
+
+    workspace.fail(CHAT, 429, retry_after=0)
+    ask(panel, "again", endpoint=CHAT)
+    assert answer(panel)["text/markdown"] == "Echo: again"
+    assert len([r for r in posts(workspace) if r.path.endswith("invocations")]) == 2
+
+    workspace.fail(CHAT, cut_after=2)
+    ask(panel, "one two three")
+    assert "The stream from endpoint" in status(panel) and "was cut" in status(panel)
+    assert answer(panel)["text/markdown"].startswith("Echo: one")
+    assert not panel.running and not panel.send_button.disabled
+
+
+def test_stop_keeps_what_arrived_and_the_kernel_stays_responsive(panel, shell, workspace):
+    workspace.chunk_delay = 0.3
+    first_piece = threading.Event()
+    panel.output.observe(lambda change: first_piece.set(), names="outputs")
+    panel.prompt.value = "one two three four five six seven"
+    panel.send_button.click()
+    assert panel.running and panel.send_button.disabled and not panel.stop_button.disabled
+    assert shell.run_cell("21 * 2").result == 42  # the main thread is free while the answer streams
+    assert first_piece.wait(5)
+    panel.stop_button.click()
+    panel.wait(5)
+    assert not panel.running and not panel.send_button.disabled and panel.stop_button.disabled
+    kept = shell.user_ns[LAST]
+    assert kept.finish_reason == "stopped" and kept.text.startswith("Echo:")
+    assert len(kept.text) < len("Echo: one two three four five six seven")
+    assert "Stopped: " in status(panel) and "characters kept in _dbllm.text" in status(panel)
+
+
+def test_clear(panel):
+    ask(panel, "hi")
+    panel.clear_button.click()
+    assert panel.output.outputs == () and status(panel) == ""
+
+
+def test_bad_parameter_values_send_nothing(panel, workspace):
+    ask(panel, "hi", temperature="warm")
+    assert "Temperature 'warm' is not a number" in status(panel)
+    panel.temperature.value = ""
+    ask(panel, "hi", max_tokens="1.5")
+    assert "Max tokens '1.5' is not a whole number" in status(panel)
+    ask(panel, "   ", max_tokens="")
+    assert "Write a prompt first." in status(panel)
+    assert posts(workspace) == []
+
+
+def test_two_panels_do_not_interfere(shell, workspace):
+    workspace.chunk_delay = 0.01
+    a, b = Panel(shell), Panel(shell)
+    a.endpoint.value, b.endpoint.value = CHAT, COMPLETIONS
+    a.prompt.value, b.prompt.value = "alpha one two three", "beta one two three"
+    a.send_button.click()
+    b.send_button.click()
+    a.wait()
+    b.wait()
+    assert answer(a)["text/markdown"] == "Echo: alpha one two three"
+    assert answer(b)["text/markdown"] == "Echo: beta one two three"
+    assert a.result.endpoint != b.result.endpoint
+
+
+def test_history_is_the_same_store_as_chat_cells(panel, shell, workspace, capsys):
+    ask(panel, "from the panel")
+    assert "from the panel" in panel.history.value and "Echo: from the panel" in panel.history.value
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --chat", "from a cell")
+    assert posts(workspace)[-1].json["messages"][:2] == [
+        {"role": "user", "content": "from the panel"}, {"role": "assistant", "content": "Echo: from the panel"}]
+    ask(panel, "back in the panel")
+    assert len(posts(workspace)[-1].json["messages"]) == 5
+    panel.reset_button.click()
+    assert "No conversation" in panel.history.value
+    panel.chat.value = False
+    ask(panel, "no memory")
+    assert posts(workspace)[-1].json["messages"] == [{"role": "user", "content": "no memory"}]
+
+
+def test_copy_as_cell_reproduces_the_request(panel, shell, workspace):
+    shell.run_cell("def shout(value):\n    return value.upper()\n")
+    panel.refresh_transforms()
+    panel.chat.value = False
+    ask(panel, "Hi {{ 1 + 1 }}", system="Line one\nline two", temperature="0.25", max_tokens="20",
+        stop_sequences=["\\n\\n"], format="text", transform_output="shout")
+    from_panel = posts(workspace)[-1].json
+    cell = panel.copy_as_cell()
+    assert cell == ("%%dbllm -e databricks-meta-llama-3-3-70b-instruct -t 0.25 --max-tokens 20 --stop '\\n\\n' "
+                    "--system 'Line one\\nline two' -f text --transform-output shout\nHi {{ 1 + 1 }}")
+    assert panel.cell_text.value == cell and panel.cell_text.layout.display == ""
+    assert "Copied the %%dbllm cell" in status(panel)
+    assert shell.run_cell(cell).success
+    assert posts(workspace)[-1].json == from_panel
+
+
+def test_line_magic_opens_a_panel(shell):
+    shell.run_line_magic("dbllm", "panel")
+    views = [o for o in shell.display_pub.outputs if "application/vnd.jupyter.widget-view+json" in o["data"]]
+    assert len(views) == 1
