@@ -115,6 +115,7 @@ class Panel:
         d = self.defaults
 
         full = w.Layout(width="100%")
+        label = {"description_width": "initial"}
         self.endpoint = w.Dropdown(description="Endpoint", layout=w.Layout(width="60%"))
         self.refresh_button = w.Button(icon="refresh", tooltip="Refresh the endpoint list", layout=w.Layout(width="36px"))
         self.cluster_id = w.Text(value=d.cluster_id or "", placeholder="cluster id", description="Cluster",
@@ -126,13 +127,15 @@ class Panel:
                                                       "Ctrl/Cmd+Enter sends")
         self.prompt.add_class("dbmagic-prompt")
         self.temperature = w.Text(value="" if d.temperature is None else str(d.temperature),
-                                  placeholder="default", description="Temperature", layout=w.Layout(width="22%"))
+                                  placeholder="default", description="Temperature", style=label,
+                                  layout=w.Layout(width="20%"))
         self.max_tokens = w.Text(value="" if d.max_tokens is None else str(d.max_tokens),
-                                 placeholder="default", description="Max tokens", layout=w.Layout(width="22%"))
-        self.stop_sequences = w.TagsInput(value=list(d.stop), allow_duplicates=False, layout=w.Layout(width="30%"))
+                                 placeholder="default", description="Max tokens", style=label,
+                                 layout=w.Layout(width="20%"))
+        self.stop_sequences = w.TagsInput(value=list(d.stop), allow_duplicates=False, layout=w.Layout(width="28%"))
         self.stop_sequences.add_class("dbmagic-stop")
         self.format = w.Dropdown(options=[f for f in FORMATS], value=d.format, description="Format",
-                                 layout=w.Layout(width="22%"))
+                                 style=label, layout=w.Layout(width="20%"))
         self.transform_input = w.Dropdown(description="Input fn", layout=w.Layout(width="34%"))
         self.transform_output = w.Dropdown(description="Output fn", layout=w.Layout(width="34%"))
         self.refresh_transforms_button = w.Button(icon="refresh", tooltip="Refresh the transform lists",

@@ -1,0 +1,149 @@
+"""The panel in a real browser: JupyterLab in headless Debian Chromium, driven by Playwright.
+
+Opens a notebook that runs ``%dbllm panel`` against the local workspace, types a prompt, presses
+Send (and then Ctrl+Enter), and checks that the answer streams in and the status line appears.
+Saves ``artifacts/panel.png``. Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; .ci/run
+installs it); without it the test is skipped locally and fails under CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dbmagic.testing import LocalWorkspace
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "artifacts"
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):
+        pytest.fail("CI must have Chromium for the browser test: apt-get install -y chromium", pytrace=False)
+    pytest.skip("no /usr/bin/chromium (apt-get install -y chromium)", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api")
+
+NOTEBOOK = {
+    "cells": [{"cell_type": "code", "execution_count": None, "id": "panel", "metadata": {}, "outputs": [],
+               "source": "%load_ext dbmagic\n%dbllm panel"}],
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A JupyterLab server whose kernels see the local workspace through DATABRICKS_HOST/TOKEN."""
+    with LocalWorkspace(chunk_delay=0.15) as ws:
+        root, config = tmp_path / "root", tmp_path / "jupyter"
+        root.mkdir()
+        (root / "panel.ipynb").write_text(json.dumps(NOTEBOOK))
+        (config / "config" / "labconfig").mkdir(parents=True)
+        (config / "config" / "labconfig" / "page_config.json").write_text(json.dumps(
+            {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+        port, token = free_port(), secrets.token_hex(16)
+        env = {**os.environ, **ws.environ(),
+               "JUPYTER_CONFIG_DIR": str(config / "config"), "JUPYTER_DATA_DIR": str(config / "data"),
+               "JUPYTER_RUNTIME_DIR": str(config / "runtime"), "IPYTHONDIR": str(config / "ipython"),
+               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+        env.pop("JUPYTER_PATH", None)
+        log = open(tmp_path / "lab.log", "w")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", f"--ServerApp.token={token}",
+             "--ServerApp.ip=127.0.0.1", "--allow-root", f"--ServerApp.root_dir={root}",
+             "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
+             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        previous = signal.signal(signal.SIGTERM, lambda *a: (_kill(server), sys.exit(1)))
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=2)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise RuntimeError("JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text())
+                    time.sleep(0.3)
+            yield f"http://127.0.0.1:{port}/lab/tree/panel.ipynb?token={token}&reset", ws
+        finally:
+            _kill(server)
+            signal.signal(signal.SIGTERM, previous)
+            log.close()
+
+
+def _kill(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_panel_streams_an_answer_in_jupyterlab(lab):
+    url, ws = lab
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+            expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
+            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return 1; }")
+
+            prompt = page.locator(".dbmagic-prompt-input")
+            expect(prompt).to_be_visible(timeout=30_000)
+            cells_before = page.locator(".jp-NotebookPanel .jp-Cell").count()
+            prompt.click()
+            prompt.fill("")
+            prompt.type("Hello from a real browser, one two three")  # keystrokes, with 'a' and 'b' in them
+            page.get_by_role("button", name="Send").click()
+
+            answer = page.locator(".dbmagic-answer")
+            final = "Echo: Hello from a real browser, one two three"
+            seen: list[str] = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                text = answer.inner_text().strip()
+                if text and (not seen or seen[-1] != text):
+                    seen.append(text)
+                if text == final:
+                    break
+                time.sleep(0.02)
+            assert seen and seen[-1] == final, seen
+            assert len(seen) >= 3, f"the answer did not stream in: {seen}"  # partial texts came first
+            status = page.locator(".dbmagic-status")
+            expect(status).to_contain_text("meta-llama-3.3-70b-instruct", timeout=10_000)
+            expect(status).to_contain_text("tokens")
+            assert page.locator(".jp-NotebookPanel .jp-Cell").count() == cells_before  # typing made no cells
+            sent = [r for r in ws.requests if r.path.endswith("/invocations")]
+            assert sent[-1].json["messages"][-1]["content"] == "Hello from a real browser, one two three"
+            page.screenshot(path=str(ARTIFACTS / "panel.png"), full_page=True)
+
+            prompt.fill("Sent with the keyboard")
+            prompt.press("Control+Enter")
+            expect(answer).to_contain_text("Echo: Sent with the keyboard", timeout=30_000)
+        finally:
+            browser.close()
