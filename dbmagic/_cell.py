@@ -25,6 +25,14 @@ if TYPE_CHECKING:  # the client (and requests) load with the first call, not wit
 __all__ = ["CallSpec", "run_prompt", "dry_run", "LAST"]
 
 LAST = "_dbllm"
+# call settings, not request fields: a -p with one of these names is a mistake
+_NOT_PARAMS = {
+    **{name: f"use --{name.replace('_', '-')}" for name in
+       ("endpoint", "cluster_id", "port", "org_id", "task", "system", "transform_input")},
+    "stream": "answers stream by default; --no-stream turns it off",
+    "history": "--chat keeps the conversation",
+    "prompt": "the prompt is the cell body",
+}
 
 
 @dataclass
@@ -59,7 +67,11 @@ class CallSpec:
             task=self.task, system=self.system, temperature=self.temperature, max_tokens=self.max_tokens,
             stop=self.stop or None,
         )
-        return {**named, **self.params}  # a -p field named like an option wins: it was asked for last
+        misplaced = sorted(set(self.params) & set(_NOT_PARAMS))
+        if misplaced:
+            name = misplaced[0]
+            raise ConfigurationError(f"-p {name}=... is a setting, not a request field: {_NOT_PARAMS[name]}.")
+        return {**named, **self.params}  # -p temperature=... wins over -t: it is the more specific
 
 
 def prepare(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], client: Client,

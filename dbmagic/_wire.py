@@ -35,6 +35,11 @@ def kind_for(task: str | None) -> str:
     return CUSTOM
 
 
+def known_task(task: str) -> bool:
+    """Whether ``task`` names a request shape dbmagic knows (for a user's explicit override)."""
+    return task in KINDS or task in _TASKS or task.startswith("agent/")
+
+
 def seed_request(prompt: Any, params: dict[str, Any]) -> dict[str, Any]:
     """The request LangChain's ``Databricks`` class hands to ``transform_input``:
     ``{"prompt": ..., "temperature": ..., "stop": [...], ...}`` (unset parameters left out)."""

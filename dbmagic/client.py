@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import quote
 
 import requests
 import urllib3
@@ -214,7 +215,7 @@ class Client:
     def endpoint(self, name: str, *, refresh: bool = False) -> EndpointInfo:
         """One endpoint's description, cached for the client's life unless ``refresh``."""
         if refresh or name not in self._endpoints:
-            data = self._get(f"/api/2.0/serving-endpoints/{name}", f"endpoint {name!r}")
+            data = self._get(f"/api/2.0/serving-endpoints/{quote(name, safe='')}", f"endpoint {name!r}")
             self._endpoints[name] = EndpointInfo.from_json(data)
         return self._endpoints[name]
 
@@ -319,16 +320,21 @@ class Client:
             self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body,
             stream=True, timeout=timeout,
         )
-        return Stream(self, prepared, response, started, transform_output)
+        return Stream(prepared, response, started, transform_output)
 
     def _target(self, endpoint: str | None, cluster_id: Any, port: Any, org_id: Any, task: str | None):
         if endpoint and (cluster_id or port):
             raise ConfigurationError(
                 "Give either an endpoint or a proxy app (cluster_id and port), not both."
             )
+        if task and not _wire.known_task(task):
+            raise ConfigurationError(
+                f"Unknown task {task!r}: use chat, completions, embeddings or custom "
+                "(or the endpoint's own, e.g. llm/v1/chat)."
+            )
         if endpoint:
             kind = _wire.kind_for(task) if task else self.endpoint(endpoint).kind
-            return kind, f"/serving-endpoints/{endpoint}/invocations", f"endpoint {endpoint!r}"
+            return kind, f"/serving-endpoints/{quote(endpoint, safe='')}/invocations", f"endpoint {endpoint!r}"
         if port:
             creds = self.credentials
             cluster_id = cluster_id or creds.cluster_id
@@ -356,13 +362,12 @@ class Stream:
     ``text`` is everything that has arrived so far, also after an error or ``close()``.
     """
 
-    def __init__(self, client: Client, prepared: PreparedRequest, response: requests.Response,
-                 started: float, transform_output: Transform | None):
+    def __init__(self, prepared: PreparedRequest, response: requests.Response, started: float,
+                 transform_output: Transform | None):
         self.prepared = prepared
         self.text = ""
         self.completion: Completion | None = None
         self.cancelled = False
-        self._client = client
         self._response = response
         self._started = started
         self._transform_output = transform_output

@@ -18,6 +18,21 @@ CUSTOM = "local-custom-model"
 CLUSTER, PORT = "0123-456789-local", 7777
 
 
+# LangChain's documented transforms, verbatim (its Databricks LLM page): the magic tests run this
+# source in the notebook namespace; the client tests exec it.
+LANGCHAIN_TRANSFORMS = '''
+def transform_input(**request):
+    full_prompt = f"""{request["prompt"]}
+    Be Concise.
+    """
+    request["prompt"] = full_prompt
+    return request
+
+def transform_output(response):
+    return response.upper()
+'''
+
+
 class FakeClock:
     """A clock whose sleep only advances time, and records what it was asked to wait."""
 

@@ -18,7 +18,7 @@ from dbmagic._credentials import Credentials
 from dbmagic.errors import error_class
 from dbmagic.testing import Endpoint, LocalWorkspace
 
-from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, EMBEDDINGS, PORT
+from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, EMBEDDINGS, LANGCHAIN_TRANSFORMS, PORT
 
 
 def last(workspace):
@@ -27,16 +27,9 @@ def last(workspace):
 
 # -- the seed's own transforms (LangChain's documentation page) ------------------------------------
 
-def transform_input(**request):
-    full_prompt = f"""{request["prompt"]}
-    Be Concise.
-    """
-    request["prompt"] = full_prompt
-    return request
-
-
-def transform_output(response):
-    return response.upper()
+_seed: dict = {}
+exec(LANGCHAIN_TRANSFORMS, _seed)
+transform_input, transform_output = _seed["transform_input"], _seed["transform_output"]
 
 
 # -- each endpoint kind --------------------------------------------------------------------------
@@ -121,6 +114,17 @@ def test_proxy_org_and_cluster_from_the_notebook_context_or_azure_host(workspace
 def test_proxy_without_cluster_outside_a_notebook(client):
     with pytest.raises(ConfigurationError, match="needs the cluster id: pass cluster_id="):
         client.complete("x", port=PORT)
+
+
+def test_unknown_task_override(client):
+    with pytest.raises(ConfigurationError, match="Unknown task 'chta': use chat, completions"):
+        client.complete("x", endpoint=CHAT, task="chta")
+
+
+def test_endpoint_name_cannot_reach_another_path(client, workspace):
+    with pytest.raises(EndpointNotFound):
+        client.complete("x", endpoint="../../api/2.0/serving-endpoints", task="chat")
+    assert workspace.requests[-1].path == "/serving-endpoints/..%2F..%2Fapi%2F2.0%2Fserving-endpoints/invocations"
 
 
 def test_no_target(client):

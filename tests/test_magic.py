@@ -15,7 +15,7 @@ from dbmagic._cell import LAST
 from dbmagic.render import LiveOutput
 from dbmagic.testing import LocalWorkspace
 
-from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, EMBEDDINGS, PORT
+from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, EMBEDDINGS, LANGCHAIN_TRANSFORMS, PORT
 
 
 def shown(ip):
@@ -29,21 +29,6 @@ def sent(workspace):
 
 def cell(ip, line, body):
     return ip.run_cell_magic("dbllm", line, body)
-
-
-# -- LangChain's documented transforms, used by name from the notebook ------------------------------
-
-LANGCHAIN_TRANSFORMS = '''
-def transform_input(**request):
-    full_prompt = f"""{request["prompt"]}
-    Be Concise.
-    """
-    request["prompt"] = full_prompt
-    return request
-
-def transform_output(response):
-    return response.upper()
-'''
 
 
 def test_chat_prompt_with_every_call_option(shell, workspace):
@@ -272,6 +257,8 @@ def test_whoami_endpoints_last(shell, workspace):
     (f"-e {CHAT} --max-tokens many", "invalid int value: 'many'"),
     (f"-e {CHAT} -f yaml", "invalid choice: 'yaml'"),
     (f"-e {CHAT} -p novalue", "-p takes KEY=VALUE"),
+    (f"-e {CHAT} -p stream=false", "-p stream=... is a setting, not a request field: answers stream by default; --no-stream"),
+    (f"-e {CHAT} -p cluster_id=x", "-p cluster_id=... is a setting, not a request field: use --cluster-id."),
     (f"-e {CHAT} -o 1bad", "not a valid variable name"),
     (f"-e {CHAT} stray words", "Unexpected words after the options: 'stray words'"),
     ("", "No endpoint given: pass endpoint= (--endpoint NAME"),
