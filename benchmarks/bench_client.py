@@ -34,13 +34,13 @@ def per_call(calls: int) -> None:
         headers = {"Authorization": f"Bearer {ws.token}"}
         body = {"messages": [{"role": "user", "content": "How are you?"}], "temperature": 0.1}
 
-        def raw() -> None:
+        def raw() -> str:
             r = session.post(url, json=body, headers=headers, timeout=(10, 300))
             r.raise_for_status()
-            r.json()["choices"][0]["message"]["content"]
+            return r.json()["choices"][0]["message"]["content"]
 
-        def ours() -> None:
-            client.complete("How are you?", endpoint=ENDPOINT, temperature=0.1).text
+        def ours() -> str:
+            return client.complete("How are you?", endpoint=ENDPOINT, temperature=0.1).text
 
         for _ in range(50):  # warm both: connections, endpoint metadata, caches
             raw()

@@ -31,7 +31,7 @@ PROXY = "__proxy__"
 _last_result: Completion | None = None
 
 
-def panel(shell: Any = None, client: Client | None = None) -> "Panel":
+def panel(shell: Any = None, client: Client | None = None) -> Panel:
     """Open a prompting panel in the notebook and return it."""
     from IPython.display import display
 

@@ -8,8 +8,9 @@ app). Pure functions over dicts and bytes: no HTTP here.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 CHAT, COMPLETIONS, EMBEDDINGS, CUSTOM, PROXY = "chat", "completions", "embeddings", "custom", "proxy"
 KINDS = (CHAT, COMPLETIONS, EMBEDDINGS, CUSTOM, PROXY)

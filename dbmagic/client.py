@@ -17,8 +17,9 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import requests
@@ -30,7 +31,6 @@ from ._http import Clock, RetryPolicy, Timeouts, Transport
 from .errors import (
     BadResponse,
     ConfigurationError,
-    RequestError,
     StreamInterrupted,
     TransformError,
     error_from_response,
@@ -58,7 +58,7 @@ class EndpointInfo:
         return _wire.kind_for(self.task)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "EndpointInfo":
+    def from_json(cls, data: dict[str, Any]) -> EndpointInfo:
         served = []
         for entity in (data.get("config") or {}).get("served_entities") or []:
             model = entity.get("foundation_model") or entity.get("external_model") or {}
@@ -302,7 +302,7 @@ class Client:
         transform_output: Transform | None = None,
         timeout: float | None = None,
         **options: Any,
-    ) -> "Stream":
+    ) -> Stream:
         """Send one prompt and iterate over the answer's text as it arrives.
 
         Endpoints that do not stream (embeddings, custom models, proxy apps) give their whole text
@@ -313,7 +313,7 @@ class Client:
         return self.open_stream(prepared, transform_output=transform_output, timeout=timeout)
 
     def open_stream(self, prepared: PreparedRequest, *, transform_output: Transform | None = None,
-                    timeout: float | None = None) -> "Stream":
+                    timeout: float | None = None) -> Stream:
         """Send a `PreparedRequest` (built with ``stream=True``) and return its `Stream`."""
         started = time.perf_counter()
         response = self.transport.request(

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         client.execute()
     except CellExecutionError as exc:
         failed = exc
-    for i, cell in enumerate(nb.cells, 1):
+    for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         print(f"In [{cell.get('execution_count') or ' '}]: " + cell.source.replace("\n", "\n    ...: "))

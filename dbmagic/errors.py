@@ -24,7 +24,8 @@ No message ever contains the token: `RequestError` scrubs the secrets it is give
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "DbMagicError",
@@ -99,7 +100,7 @@ class RequestError(DbMagicError):
         self.attempts = 1
         super().__init__(self._compose())
 
-    def gave_up_after(self, attempts: int) -> "RequestError":
+    def gave_up_after(self, attempts: int) -> RequestError:
         """Note in the message that this was the last of ``attempts`` tries."""
         self.attempts = attempts
         self.args = (self._compose(),)

@@ -252,7 +252,7 @@ def _show_table(headers: list[str], rows: list[list[str]], *, header: bool = Tru
     md += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     widths = [max(len(str(r[i])) for r in ([headers] if header else []) + rows) for i in range(len(headers))]
     lines = [headers] if header else []
-    text = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in lines + rows)
+    text = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in lines + rows)
     display({"text/markdown": "\n".join(md), "text/plain": text}, raw=True)
 
 

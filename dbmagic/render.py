@@ -11,7 +11,8 @@ import json
 import re
 import sys
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from .errors import DbMagicError
 

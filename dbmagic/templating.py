@@ -6,7 +6,8 @@ safe. A prompt without ``{{``, ``{%`` or ``{#`` is returned as it is, without lo
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ConfigurationError
 

@@ -8,12 +8,10 @@ import re
 import pytest
 from IPython.core.displaypub import CapturingDisplayPublisher
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
 import dbmagic
 from dbmagic._cell import LAST
 from dbmagic.render import LiveOutput
-from dbmagic.testing import LocalWorkspace
 
 from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, EMBEDDINGS, LANGCHAIN_TRANSFORMS, PORT
 

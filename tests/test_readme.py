@@ -28,3 +28,12 @@ def test_ci_runs_the_readme_test_command():
     test_command = next(c for c in commands if "pytest" in c)
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_command.replace("python3 -m venv .venv && ", "") in ci
+
+
+def test_committed_notebooks_and_docs_hold_no_token():
+    # the local workspace's tokens are "dbmagic-local-<hex>"; a real one would follow "Bearer "
+    for path in [*(ROOT / "notebooks").glob("*.ipynb"), ROOT / "README.md"]:
+        text = path.read_text()
+        assert "dbmagic-local-" not in text, path
+        assert not re.search(r"Bearer (?!\*\*\*)\w", text), path
+        assert not re.search(r"dapi[0-9a-f]{32}", text), path

@@ -11,9 +11,10 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["LocalWorkspace", "Endpoint", "Fault", "RecordedRequest", "echo_reply", "DEFAULT_ENDPOINTS"]
 
@@ -172,7 +173,7 @@ class LocalWorkspace:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> "LocalWorkspace":
+    def start(self) -> LocalWorkspace:
         if self._server is None:
             handler = type("Handler", (_Handler,), {"workspace": self})
             self._server = ThreadingHTTPServer(("127.0.0.1", self._port), handler)
@@ -189,7 +190,7 @@ class LocalWorkspace:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "LocalWorkspace":
+    def __enter__(self) -> LocalWorkspace:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -503,7 +504,7 @@ def _records(body: dict[str, Any]) -> list[Any] | None:
         return list(body["dataframe_records"])
     if "dataframe_split" in body:
         split = body["dataframe_split"]
-        return [dict(zip(split.get("columns", []), row)) for row in split.get("data", [])]
+        return [dict(zip(split.get("columns", []), row, strict=False)) for row in split.get("data", [])]
     if "instances" in body:
         return list(body["instances"])
     if "inputs" in body:

@@ -79,7 +79,7 @@ def lab(tmp_path):
                     break
                 except OSError:
                     if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError("JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text())
+                        raise RuntimeError("JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text()) from None
                     time.sleep(0.3)
             yield f"http://127.0.0.1:{port}/lab/tree/panel.ipynb?token={token}&reset", ws
         finally:
