@@ -68,7 +68,9 @@ def retry_reason(status: int | None, error: Exception | None = None) -> str | No
     """Why this outcome is worth another try, or None. 504 and other 4xx are not retried:
     a 504 request may have run, and a 4xx will fail the same way again."""
     if error is not None:
-        if isinstance(error, requests.ConnectionError) and not isinstance(error, requests.ReadTimeout):
+        if isinstance(error, (requests.ReadTimeout, requests.exceptions.SSLError)):
+            return None  # a slow answer may still be running; a certificate will not fix itself
+        if isinstance(error, requests.ConnectionError):
             return "connection error"
         return None
     if status in RETRY_STATUSES:
@@ -216,6 +218,12 @@ def _version() -> str:
 def _transport_error(exc: requests.RequestException, target: str, host: str, read_timeout: float) -> RequestError:
     if isinstance(exc, requests.ReadTimeout):
         return RequestTimeout(f"{target} sent no answer within {read_timeout:g} s", target=target)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return ConnectionFailed(
+            f"The TLS handshake with {host} failed ({exc.__class__.__name__})", target=target,
+            next_step="If a corporate proxy re-signs HTTPS, point REQUESTS_CA_BUNDLE at its CA certificate; "
+                      "otherwise check the host (`%dbllm whoami`).",
+        )
     if isinstance(exc, requests.ConnectTimeout):
         return ConnectionFailed(f"Could not connect to {host} in time", target=target)
     return ConnectionFailed(f"Could not reach {host} ({exc.__class__.__name__})", target=target)

@@ -37,6 +37,7 @@ def test_retry_reason_table():
     assert [retry_reason(s) for s in (400, 401, 403, 404, 504)] == [None] * 5
     assert retry_reason(None, requests.ConnectionError("refused")) == "connection error"
     assert retry_reason(None, requests.ReadTimeout("slow")) is None
+    assert retry_reason(None, requests.exceptions.SSLError("bad certificate")) is None
 
 
 def test_retry_delay_honours_and_caps_retry_after_else_backs_off():
@@ -147,3 +148,13 @@ def test_netrc_cannot_replace_the_token(client, workspace, clean_env):
     (clean_env / ".netrc").write_text("machine 127.0.0.1 login token password wrong-password\n")
     assert client.complete("hi", endpoint=CHAT).text == "Echo: hi"
     assert workspace.requests[-1].authorized
+
+
+def test_tls_failure_is_not_retried_and_names_the_fix(workspace, clock):
+    # https:// to the plain-HTTP local workspace: a real failed TLS handshake
+    client = Client(host=f"https://127.0.0.1:{workspace.port}", token=workspace.token, clock=clock)
+    with pytest.raises(ConnectionFailed, match=r"The TLS handshake with https://127.0.0.1:\d+ failed .*"
+                                               r"REQUESTS_CA_BUNDLE") as info:
+        client.complete("hi", endpoint=CHAT, task="chat")
+    assert clock.sleeps == []
+    assert "gave up" not in str(info.value)
