@@ -80,6 +80,10 @@ class DbLLM(Magics):
         config=True)
     transform_output = Unicode(None, allow_none=True, help="Name of a transform_output(value) function.").tag(
         config=True)
+    chat = Bool(False, help="Keep a conversation per endpoint across cells.").tag(config=True)
+    dry_run = Bool(False, help="Show every request instead of sending it.").tag(config=True)
+    output = Unicode(None, allow_none=True, help="Variable that receives every answer.").tag(config=True)
+    insert = Bool(False, help="Put each answer's code into the next cell.").tag(config=True)
 
     @no_var_expand
     @magic_arguments()
@@ -137,19 +141,20 @@ class DbLLM(Magics):
             template = cell
             if not template.strip():
                 raise UsageError("The cell is empty: write the prompt below the %%dbllm line.")
-        if args.output is not None and not args.output.isidentifier():
-            raise UsageError(f"-o {args.output!r} is not a valid variable name.")
+        output = args.output or self.output
+        if output is not None and not output.isidentifier():
+            raise UsageError(f"-o {output!r} is not a valid variable name.")
         spec = self._spec(args)
         namespace = self.shell.user_ns
         client = get_client()
         rich = type(self.shell).__name__ != "TerminalInteractiveShell"
-        if args.dry_run:
+        if args.dry_run or self.dry_run:
             _cell.dry_run(spec, template, namespace, client, rich=rich)
             return None
         completion = _cell.run_prompt(spec, template, namespace, client, rich=rich)
-        if args.output:
-            namespace[args.output] = completion.value
-        if args.insert:
+        if output:
+            namespace[output] = completion.value
+        if args.insert or self.insert:
             self.shell.set_next_input(extract_code(completion.text)[0], replace=False)
         return None
 
@@ -174,7 +179,7 @@ class DbLLM(Magics):
             max_tokens=pick("max_tokens"),
             stop=[unescape(s) for s in args.stop] if args.stop else list(self.stop),
             params=params, timeout=pick("timeout"), format=(args.format or self.format).lower(),
-            stream=self.stream and not args.no_stream, chat=args.chat,
+            stream=self.stream and not args.no_stream, chat=args.chat or self.chat,
             transform_input=pick("transform_input"), transform_output=pick("transform_output"),
         )
 

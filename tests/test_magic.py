@@ -72,6 +72,21 @@ def test_config_defaults_and_line_options_beat_them(shell, workspace):
     assert sent(workspace).json["temperature"] == 0
 
 
+def test_flag_options_have_config_defaults_too(shell, workspace):
+    shell.run_line_magic("config", "DbLLM.dry_run = True")
+    cell(shell, f"-e {CHAT}", "only shown")
+    assert not [r for r in workspace.requests if r.method == "POST"]
+    shell.run_line_magic("config", "DbLLM.dry_run = False")
+    shell.run_line_magic("config", 'DbLLM.output = "last_answer"')
+    shell.run_line_magic("config", "DbLLM.chat = True")
+    shell.run_line_magic("config", "DbLLM.insert = True")
+    cell(shell, f"-e {CHAT}", "one")
+    cell(shell, f"-e {CHAT}", "two")
+    assert shell.user_ns["last_answer"] == "Echo: two"
+    assert len(sent(workspace).json["messages"]) == 3  # the conversation was kept
+    assert shell.rl_next_input == "Echo: two"
+
+
 def test_one_line_prompt_keeps_quotes(shell, workspace):
     shell.run_line_magic("dbllm", f"-e {COMPLETIONS} What's \"2+2\"? {{x}}")
     assert sent(workspace).json == {"prompt": "What's \"2+2\"? {x}", "stream": True}
