@@ -49,6 +49,18 @@ from .render import FORMATS, extract_code
 __all__ = ["DbLLM", "load_ipython_extension", "unload_ipython_extension"]
 
 SUBCOMMANDS = ("whoami", "endpoints", "history", "reset", "last", "panel")
+_TAKE_ARGS = ("history", "reset")
+
+
+def _positive(kind: type) -> Any:
+    def convert(text: str) -> Any:
+        value = kind(text)  # argparse turns a ValueError into "invalid <kind> value"
+        if value <= 0:
+            raise ValueError(text)
+        return value
+
+    convert.__name__ = f"positive {kind.__name__}"
+    return convert
 
 
 def get_client() -> Any:
@@ -89,16 +101,16 @@ class DbLLM(Magics):
     @magic_arguments()
     @argument("-e", "--endpoint", help="serving endpoint to query (default: %%config DbLLM.endpoint)")
     @argument("--cluster-id", help="cluster of a driver-proxy app (found by itself inside Databricks)")
-    @argument("--port", type=int, help="port of a driver-proxy app")
+    @argument("--port", type=_positive(int), help="port of a driver-proxy app")
     @argument("--org-id", help="org id for the driver-proxy URL (default: from the workspace)")
     @argument("-t", "--temperature", type=float, help="sampling temperature")
-    @argument("--max-tokens", type=int, help="largest number of tokens to generate")
+    @argument("--max-tokens", type=_positive(int), help="largest number of tokens to generate")
     @argument("--stop", action="append", help=r'stop sequence, repeatable; escapes like "\n" work')
     @argument("-p", "--param", action="append", metavar="KEY=VALUE",
               help="extra request field, repeatable; VALUE is parsed as JSON when it parses")
     @argument("--system", help=r'system prompt (chat endpoints); escapes like "\n" work')
     @argument("--task", help="override the endpoint's task: chat, completions, embeddings, custom")
-    @argument("--timeout", type=float, help="seconds to wait for the answer, or for each streamed chunk")
+    @argument("--timeout", type=_positive(float), help="seconds to wait for the answer, or for each streamed chunk")
     @argument("--transform-input", metavar="NAME", help="function(**request) -> request from the notebook")
     @argument("--transform-output", metavar="NAME", help="function(value) -> value from the notebook")
     @argument("--dry-run", action="store_true", help="show the exact request (token hidden); send nothing")
@@ -123,7 +135,8 @@ class DbLLM(Magics):
 
     def _run(self, line: str, cell: str | None) -> None:
         words = line.split()
-        if cell is None and words and words[0] in SUBCOMMANDS:
+        # `%dbllm last week's numbers?` is a prompt: only history and reset take words after them
+        if cell is None and words and words[0] in SUBCOMMANDS and (len(words) == 1 or words[0] in _TAKE_ARGS):
             return getattr(self, f"_cmd_{words[0]}")(words[1:])
         argv, rest = split_options(self.dbllm.parser, line)
         args = self.dbllm.parser.parse_args(argv)  # raises UsageError on bad values

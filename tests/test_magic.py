@@ -251,6 +251,12 @@ def test_chat_history_reset(shell, workspace, capsys):
         cell(shell, f"-e {COMPLETIONS} --chat", "x")
 
 
+def test_a_prompt_may_start_with_a_subcommand_word(shell, workspace):
+    shell.run_line_magic("config", f'DbLLM.endpoint = "{CHAT}"')
+    shell.run_line_magic("dbllm", "last week's numbers?")
+    assert sent(workspace).json["messages"][-1]["content"] == "last week's numbers?"
+
+
 def test_whoami_endpoints_last(shell, workspace):
     shell.run_line_magic("dbllm", "whoami")
     text = shown(shell)["text/plain"]
@@ -267,7 +273,9 @@ def test_whoami_endpoints_last(shell, workspace):
 
 @pytest.mark.parametrize("line, message", [
     (f"-e {CHAT} -t hot", "argument -t/--temperature: invalid float value: 'hot'"),
-    (f"-e {CHAT} --max-tokens many", "invalid int value: 'many'"),
+    (f"-e {CHAT} --max-tokens many", "invalid positive int value: 'many'"),
+    (f"-e {CHAT} --max-tokens 0", "invalid positive int value: '0'"),
+    (f"-e {CHAT} --timeout -1", "invalid positive float value: '-1'"),
     (f"-e {CHAT} -f yaml", "invalid choice: 'yaml'"),
     (f"-e {CHAT} -p novalue", "-p takes KEY=VALUE"),
     (f"-e {CHAT} -p stream=false", "-p stream=... is a setting, not a request field: answers stream by default; --no-stream"),
