@@ -135,7 +135,7 @@ def resolve_credentials(
             raise ConfigurationError(
                 f"Pass both host= and token= (or neither); {missing} is missing. {_FIX}"
             )
-        return Credentials(normalize_host(host), "explicit arguments", _token=token)
+        return Credentials(normalize_host(host), "explicit arguments", _token=token.strip())
     if profile:
         found = _from_profile(env, profile, tried)
         if found:
@@ -149,7 +149,8 @@ def resolve_credentials(
         return found
 
     # 3. the environment
-    env_host, env_token = env.get("DATABRICKS_HOST", ""), env.get("DATABRICKS_TOKEN", "")
+    # a token pasted with a trailing newline would make an invalid header
+    env_host, env_token = env.get("DATABRICKS_HOST", "").strip(), env.get("DATABRICKS_TOKEN", "").strip()
     if env_host and env_token:
         return Credentials(normalize_host(env_host), "environment", _token=env_token)
     missing = [n for n, v in (("DATABRICKS_HOST", env_host), ("DATABRICKS_TOKEN", env_token)) if not v]

@@ -30,7 +30,7 @@ def test_explicit_arguments_win_over_environment_and_profile(clean_env, monkeypa
 
 def test_environment_used_outside_a_notebook(monkeypatch):
     monkeypatch.setenv("DATABRICKS_HOST", "adb-123.4.azuredatabricks.net/")
-    monkeypatch.setenv("DATABRICKS_TOKEN", "env-token")
+    monkeypatch.setenv("DATABRICKS_TOKEN", "env-token\n")  # as `export DATABRICKS_TOKEN=$(cat file)` can leave it
     creds = resolve_credentials()
     assert creds.host == "https://adb-123.4.azuredatabricks.net"
     assert creds.source == "environment"
