@@ -37,3 +37,10 @@ def test_committed_notebooks_and_docs_hold_no_token():
         assert "dbmagic-local-" not in text, path
         assert not re.search(r"Bearer (?!\*\*\*)\w", text), path
         assert not re.search(r"dapi[0-9a-f]{32}", text), path
+
+
+def test_testing_example_runs_as_written():
+    block = re.search(r"## Testing your own code.*?```python\n(.*?)\n```", README, re.S).group(1)
+    import dbmagic
+
+    exec(block, {"dbmagic": dbmagic})
