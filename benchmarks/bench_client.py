@@ -5,7 +5,8 @@
 Prints:
 - the client's median per-call latency as a ratio to a reused ``requests.Session.post`` of the
   same body to the same local workspace (target <= 1.10x), with the HTTP requests and new
-  connections the client makes per call (target: exactly 1 and 0);
+  connections per call (target: exactly 1 and 0); and the same for ``mlflow.deployments`` when
+  it is installed;
 - ``python -c "import dbmagic"`` as a ratio to ``python -c "import requests"`` (target <= 1.5x),
   and the same for ``from dbmagic import Client`` (which loads requests).
 """
@@ -13,6 +14,7 @@ Prints:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -42,27 +44,35 @@ def per_call(calls: int) -> None:
         def ours() -> str:
             return client.complete("How are you?", endpoint=ENDPOINT, temperature=0.1).text
 
-        for _ in range(50):  # warm both: connections, endpoint metadata, caches
-            raw()
-            ours()
-        ws.clear()
-        times: dict[str, list[float]] = {"raw": [], "client": []}
-        for i in range(calls):  # interleaved, alternating who goes first, so drift hits both alike
-            order = (("raw", raw), ("client", ours)) if i % 2 == 0 else (("client", ours), ("raw", raw))
-            for name, fn in order:
+        contenders = {"requests.Session.post": raw, "dbmagic Client.complete": ours}
+        try:  # a peer, when installed (pip install mlflow-skinny): measured in the same loop
+            os.environ.update(ws.environ())
+            from mlflow.deployments import get_deploy_client
+
+            deploy = get_deploy_client("databricks")
+            contenders["mlflow.deployments predict"] = lambda: deploy.predict(endpoint=ENDPOINT, inputs=body)
+        except ImportError:
+            print("(mlflow not installed: pip install mlflow-skinny to compare with mlflow.deployments)")
+
+        for _ in range(50):  # warm all: connections, endpoint metadata, caches
+            for fn in contenders.values():
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        order = list(contenders.items())
+        for i in range(calls):  # interleaved, rotating who goes first, so drift hits all alike
+            for name, fn in order[i % len(order):] + order[:i % len(order)]:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-        ws.clear()
-        for _ in range(calls):
-            ours()
-        requests_per_call = len(ws.requests) / calls
-        connections_per_call = ws.connections / calls
-        raw_med, ours_med = statistics.median(times["raw"]), statistics.median(times["client"])
-        print(f"per call over {calls} calls (median): requests.Session.post {raw_med * 1e6:.0f} us, "
-              f"dbmagic Client.complete {ours_med * 1e6:.0f} us -> ratio {ours_med / raw_med:.3f}x")
-        print(f"client HTTP requests per call: {requests_per_call:.3f}; "
-              f"new connections per call: {connections_per_call:.3f}")
+        base = statistics.median(times["requests.Session.post"])
+        for name, fn in contenders.items():
+            ws.clear()
+            for _ in range(100):
+                fn()
+            med = statistics.median(times[name])
+            print(f"{name:28s} median {med * 1e6:6.0f} us over {calls} calls -> {med / base:.3f}x; "
+                  f"HTTP requests per call {len(ws.requests) / 100:.2f}, new connections per call "
+                  f"{ws.connections / 100:.2f}")
 
 
 def imports(runs: int) -> None:

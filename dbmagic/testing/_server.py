@@ -307,6 +307,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         self._record = RecordedRequest(method, path, headers, body, authorized)
         ws.requests.append(self._record)
+        if method == "GET" and path == "/.well-known/databricks-config":  # public, as on a workspace
+            return self._json(200, {"workspace_id": "1234567890123456"})
         if not authorized:
             return self._error(401, "Credential was not sent or was of an unsupported type for this API.")
         if raw and body is None:
@@ -345,8 +347,6 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, app(body))
             except Exception as exc:  # the app's own failure, as a real driver app would give
                 return self._text(500, f"{exc.__class__.__name__}: {exc}")
-        if method == "GET" and path == "/.well-known/databricks-config":
-            return self._json(200, {})
         return self._error(404, f"No API found for '{method} {path}'.", "ENDPOINT_NOT_FOUND")
 
     def _fault(self, *keys: str) -> Fault | bool | None:
