@@ -9,8 +9,10 @@ client (streaming when it can), shows the answer, keeps the chat history, and st
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,10 +124,13 @@ def run_prompt(spec: CallSpec, template: str, namespace: MutableMapping[str, Any
         if on_stream is not None:
             on_stream(stream)
         try:
-            for piece in stream:
-                live.append(piece)
+            for piece in _pumped(stream, tick=live.interval):
+                if piece is None:
+                    live.flush()  # the endpoint paused: show what the throttle held back
+                else:
+                    live.append(piece)
         except (StreamInterrupted, KeyboardInterrupt) as exc:
-            stream.close()
+            stream.cancel()
             why = "cut" if isinstance(exc, StreamInterrupted) else "interrupted"
             _keep_partial(namespace, live, prepared, stream.text, started, why)
             raise
@@ -137,6 +142,41 @@ def run_prompt(spec: CallSpec, template: str, namespace: MutableMapping[str, Any
         client.conversations.add(spec.target_key, _user_turn(prepared), completion.text)
     live.finish(completion.value, output_metadata(completion))
     return completion
+
+
+def _pumped(stream: Stream, *, tick: float) -> Iterator[str | None]:
+    """The stream's pieces, read in a helper thread so that this one can wake every ``tick``
+    seconds (yielding None) while the endpoint is quiet. Display calls stay on the caller's thread,
+    where the kernel routes output to the right cell; Ctrl-C lands here and cancels the read."""
+    box: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            for piece in stream:
+                box.put(("piece", piece))
+            box.put(("end", None))
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            box.put(("error", exc))
+
+    reader = threading.Thread(target=read, name="dbmagic-stream", daemon=True)
+    reader.start()
+    try:
+        while True:
+            try:
+                kind, value = box.get(timeout=tick)
+            except queue.Empty:
+                yield None
+                continue
+            if kind == "piece":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+    finally:
+        if reader.is_alive():
+            stream.cancel()
+            reader.join(5)
 
 
 def _keep_partial(namespace: MutableMapping[str, Any], live: LiveOutput, prepared: PreparedRequest, text: str,

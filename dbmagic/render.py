@@ -109,6 +109,11 @@ class LiveOutput:
         self._text = ""
         self._shown = ""
 
+    @property
+    def interval(self) -> float:
+        """Seconds between updates (1 / max_rate)."""
+        return self._interval
+
     def append(self, piece: str) -> None:
         """A new piece of text arrived."""
         self._text += piece
@@ -117,10 +122,17 @@ class LiveOutput:
             out.write(piece)
             out.flush()
             return
+        self.flush()
+
+    def flush(self) -> None:
+        """Show text that the throttle held back, once the interval has passed (call it when the
+        stream goes quiet, so a pause never hides what already arrived)."""
+        if not self.rich or self._text == self._shown:
+            return
         now = self._clock()
         if now - self._last >= self._interval:
             self._show(bundle(self._text, self.fmt if self.fmt in ("markdown", "code", "html") else "text"))
-            self._last = now
+            self._shown, self._last = self._text, now
 
     def finish(self, value: Any, metadata: dict[str, Any] | None = None, note: str | None = None) -> None:
         """Show the final value (and an optional note, e.g. that the stream was cut)."""

@@ -204,6 +204,15 @@ def test_streaming_updates_one_output_in_place(shell, workspace):
     assert outputs[-1]["data"]["text/plain"] == "Echo: " + " ".join(f"w{i}" for i in range(30))
 
 
+def test_a_pause_in_the_stream_shows_what_the_throttle_held_back(shell, workspace):
+    workspace.fail(CHAT, stall_after=3, stall=0.4)  # "Echo:", " one", " two", then a pause
+    cell(shell, f"-e {CHAT} -f text", "one two three four")
+    texts = [o["data"]["text/plain"] for o in shell.display_pub.outputs]
+    assert texts[0] == "Echo:"
+    assert "Echo: one two" in texts  # shown during the pause, before " three" arrived
+    assert texts[-1] == "Echo: one two three four"
+
+
 def test_no_stream(shell, workspace):
     cell(shell, f"-e {CHAT} --no-stream", "a b c")
     assert "stream" not in sent(workspace).json

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import re
 import threading
+import time
 
 import pytest
 
@@ -158,6 +159,21 @@ def test_stop_keeps_what_arrived_and_the_kernel_stays_responsive(panel, shell, w
     assert kept.finish_reason == "stopped" and kept.text.startswith("Echo:")
     assert len(kept.text) < len("Echo: one two three four five six seven")
     assert "Stopped: " in status(panel) and "characters kept in _dbllm.text" in status(panel)
+
+
+def test_stop_while_the_endpoint_is_silent(panel, workspace):
+    workspace.fail(CHAT, stall_after=1, stall=10)
+    first_piece = threading.Event()
+    panel.output.observe(lambda change: first_piece.set(), names="outputs")
+    panel.prompt.value = "one two three"
+    panel.send_button.click()
+    assert first_piece.wait(5)
+    started = time.monotonic()
+    panel.stop_button.click()
+    panel.wait(5)
+    assert not panel.running
+    assert time.monotonic() - started < 2  # the blocked read was woken, not waited out
+    assert "Stopped: 5 characters kept" in status(panel)
 
 
 def test_clear(panel):

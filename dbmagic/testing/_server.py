@@ -76,8 +76,9 @@ class Fault:
     """What to do instead of a normal answer, ``times`` times.
 
     ``status`` answers with that status (and ``body``, else a Databricks-shaped error) and
-    ``retry_after`` as a header (and any other ``headers``); ``delay`` waits first; ``cut_after`` streams that many chunks then
-    drops the connection; ``malformed`` sends a body that is not JSON.
+    ``retry_after`` as a header (and any other ``headers``); ``delay`` waits first; ``cut_after``
+    streams that many chunks then drops the connection; ``stall_after`` pauses ``stall`` seconds
+    after that many chunks; ``malformed`` sends a body that is not JSON.
     """
 
     status: int | None = None
@@ -85,6 +86,8 @@ class Fault:
     retry_after: float | str | None = None
     delay: float = 0.0
     cut_after: int | None = None
+    stall_after: int | None = None
+    stall: float = 0.0
     malformed: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     times: int = 1
@@ -469,6 +472,8 @@ class _Handler(BaseHTTPRequestHandler):
             write(b"data: " + json.dumps(event).encode() + b"\n\n")
             if ws.chunk_delay:
                 time.sleep(ws.chunk_delay)
+            if fault is not None and fault.stall_after == i + 1:
+                time.sleep(fault.stall)
         write(b"data: [DONE]\n\n")
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
