@@ -369,7 +369,7 @@ class Panel:
         else:
             opts += ["--cluster-id", str(spec.cluster_id), "--port", str(spec.port)]
         if spec.temperature is not None:
-            opts += ["-t", _format_number(spec.temperature)]
+            opts += ["-t", f"{spec.temperature:g}"]
         if spec.max_tokens is not None:
             opts += ["--max-tokens", str(spec.max_tokens)]
         if spec.stop != list(d.stop):
@@ -410,10 +410,6 @@ def _number(text: str, kind: type, label: str) -> Any:
     except ValueError:
         raise ConfigurationError(f"{label} {text!r} is not a {'whole ' if kind is int else ''}number: "
                                  "type one, or leave it empty for the endpoint's default.") from None
-
-
-def _format_number(value: float) -> str:
-    return f"{value:g}"
 
 
 def _escape(text: str) -> str:

@@ -100,7 +100,6 @@ class LiveOutput:
         self.fmt = fmt
         self.sink = sink or self._display
         self.rich = rich
-        self.updates = 0
         self._interval = 1.0 / max_rate
         self._clock = clock
         self._stdout = stdout
@@ -158,7 +157,6 @@ class LiveOutput:
 
     def _show(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
         self.sink(data, metadata)
-        self.updates += 1
 
     def _display(self, data: dict[str, Any], metadata: dict[str, Any] | None) -> None:
         from IPython.display import display

@@ -101,6 +101,14 @@ def test_driver_proxy_app(client, workspace):
     assert last(workspace).json == {"prompt": "How are you?", "stop": ["?"]}
 
 
+def test_proxy_app_with_its_own_contract_needs_a_transform_output(client, workspace):
+    workspace.add_proxy_app("0101-000000-other", 8080, lambda body: {"answer": body["prompt"][::-1], "score": 0.5})
+    completion = client.complete("abc", cluster_id="0101-000000-other", port=8080,
+                                 transform_output=lambda value: value["answer"])
+    assert completion.value == "cba"
+    assert completion.raw == {"answer": "cba", "score": 0.5}
+
+
 def test_proxy_org_and_cluster_from_the_notebook_context_or_azure_host(workspace):
     in_notebook = Client(credentials=Credentials(workspace.host, "notebook context", _token=workspace.token,
                                                  workspace_id="5555", cluster_id=CLUSTER))
@@ -146,6 +154,9 @@ def test_endpoint_metadata_is_cached_and_one_request_per_call(client, workspace)
     assert paths[0] == f"/api/2.0/serving-endpoints/{CHAT}"
     assert paths[1:] == [f"/serving-endpoints/{CHAT}/invocations"] * 5
     assert workspace.connections == 1
+    assert client.endpoint(CHAT).kind == "chat" and len(workspace.requests) == 6
+    client.endpoint(CHAT, refresh=True)
+    assert workspace.requests[-1].path == f"/api/2.0/serving-endpoints/{CHAT}"
 
 
 def test_endpoints_listing(client):

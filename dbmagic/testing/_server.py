@@ -102,7 +102,6 @@ class RecordedRequest:
     headers: dict[str, str]
     json: Any
     authorized: bool
-    at: float = field(default_factory=time.perf_counter, repr=False)
     chunks_sent_at: list[float] = field(default_factory=list, repr=False)  # perf_counter of each SSE write
 
 
