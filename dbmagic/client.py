@@ -33,7 +33,7 @@ from .errors import (
     ConfigurationError,
     StreamInterrupted,
     TransformError,
-    error_from_response,
+    parse_error_body,
 )
 
 __all__ = ["Client", "Conversations", "Completion", "Stream", "PreparedRequest", "EndpointInfo", "get_client", "configure"]
@@ -288,11 +288,7 @@ class Client:
         )
         data = _json(response, prepared.target)
         latency = time.perf_counter() - started
-        try:
-            parsed = _wire.parse_response(prepared.kind, data)
-        except _wire.WireError as exc:
-            raise BadResponse(f"{prepared.target} sent {exc}", target=prepared.target) from None
-        return _completion(prepared, parsed, data, response, latency, transform_output)
+        return _completion(prepared, _parse(prepared, data), data, response, latency, transform_output)
 
     def stream(
         self,
@@ -410,10 +406,7 @@ class Stream:
     def _whole_answer(self) -> Iterator[str]:
         data = _json(self._response, self.prepared.target)
         latency = time.perf_counter() - self._started
-        try:
-            parsed = _wire.parse_response(self.prepared.kind, data)
-        except _wire.WireError as exc:
-            raise BadResponse(f"{self.prepared.target} sent {exc}", target=self.prepared.target) from None
+        parsed = _parse(self.prepared, data)
         self.text = parsed.text
         if parsed.text:
             yield parsed.text
@@ -421,7 +414,6 @@ class Stream:
                                       self._transform_output, time_to_first_token=latency)
 
     def _events(self) -> Iterator[str]:
-        target = self.prepared.target
         decoder = _wire.SSEDecoder()
         usage: dict[str, Any] = {}
         finish: str | None = None
@@ -454,9 +446,8 @@ class Stream:
                 except ValueError:
                     raise self._cut("an event that is not JSON") from None
                 if "error_code" in data or "error" in data:
-                    error = error_from_response(500, json.dumps(data), target=target,
-                                                host=self.prepared.host)
-                    raise self._cut(f"an error mid-stream: {error.server_message or error.error_code}")
+                    code, message = parse_error_body(event)
+                    raise self._cut(f"an error mid-stream: {message or code}")
                 piece, chunk_usage, chunk_finish = _wire.chunk_delta(data)
                 usage = chunk_usage or usage
                 finish = chunk_finish or finish
@@ -518,6 +509,13 @@ def _apply_output_transform(transform: Transform, value: Any) -> Any:
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def _parse(prepared: PreparedRequest, data: Any) -> _wire.Parsed:
+    try:
+        return _wire.parse_response(prepared.kind, data)
+    except _wire.WireError as exc:
+        raise BadResponse(f"{prepared.target} sent {exc}", target=prepared.target) from None
 
 
 def _json(response: requests.Response, target: str) -> Any:

@@ -273,6 +273,14 @@ def test_malformed_stream_event(client, workspace):
     assert info.value.partial == "Echo:"
 
 
+def test_error_event_mid_stream(client, workspace):
+    workspace.fail(CHAT, cut_after=2, body={"error_code": "INTERNAL_ERROR", "message": "model crashed"})
+    stream = client.stream("one two three", endpoint=CHAT)
+    with pytest.raises(StreamInterrupted, match="an error mid-stream: model crashed") as info:
+        list(stream)
+    assert info.value.partial == "Echo: one"
+
+
 def test_stream_close_stops_reading_and_keeps_text(workspace):
     workspace.chunk_delay = 0.01
     client = Client(host=workspace.host, token=workspace.token)

@@ -77,7 +77,7 @@ class Fault:
 
     ``status`` answers with that status (and ``body``, else a Databricks-shaped error) and
     ``retry_after`` as a header (and any other ``headers``); ``delay`` waits first; ``cut_after``
-    streams that many chunks then drops the connection; ``stall_after`` pauses ``stall`` seconds
+    streams that many chunks (then ``body`` as an event, when it is a dict) and drops the connection; ``stall_after`` pauses ``stall`` seconds
     after that many chunks; ``malformed`` sends a body that is not JSON.
     """
 
@@ -454,6 +454,8 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None and fault.cut_after is not None and i >= fault.cut_after:
                 if fault.malformed:
                     write(b"data: {\"choices\": [{\"delta\": \n\n")
+                elif isinstance(fault.body, dict):  # an error event mid-stream, as gateways send
+                    write(b"data: " + json.dumps(fault.body).encode() + b"\n\n")
                 self.close_connection = True
                 return  # drop the connection mid-stream: no [DONE], no final chunk
             last = i == len(pieces) - 1
