@@ -13,12 +13,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _wire
 from .errors import ConfigurationError, StreamInterrupted
 from .render import LiveOutput, output_metadata
+from .settings import CLIENT_OPTIONS, CallSpec
 from .templating import render_prompt
 from .transforms import resolve_transform
 
@@ -28,53 +28,6 @@ if TYPE_CHECKING:  # the client (and requests) load with the first call, not wit
 __all__ = ["CallSpec", "run_prompt", "dry_run", "LAST"]
 
 LAST = "_dbllm"
-# call settings, not request fields: a -p with one of these names is a mistake
-_NOT_PARAMS = {
-    **{name: f"use --{name.replace('_', '-')}" for name in
-       ("endpoint", "cluster_id", "port", "org_id", "task", "system", "transform_input")},
-    "stream": "answers stream by default; --no-stream turns it off",
-    "history": "--chat keeps the conversation",
-    "prompt": "the prompt is the cell body",
-}
-
-
-@dataclass
-class CallSpec:
-    """Everything that decides one call, as resolved from options and defaults."""
-
-    endpoint: str | None = None
-    cluster_id: str | None = None
-    port: int | None = None
-    org_id: str | None = None
-    task: str | None = None
-    system: str | None = None
-    temperature: float | None = None
-    max_tokens: int | None = None
-    stop: list[str] = field(default_factory=list)
-    params: dict[str, Any] = field(default_factory=dict)
-    timeout: float | None = None
-    format: str = "markdown"
-    stream: bool = True
-    chat: bool = False
-    transform_input: str | None = None
-    transform_output: str | None = None
-
-    @property
-    def target_key(self) -> str:
-        """The conversation key: the endpoint name or ``cluster:port``."""
-        return self.endpoint or f"{self.cluster_id}:{self.port}"
-
-    def client_options(self) -> dict[str, Any]:
-        named = dict(
-            endpoint=self.endpoint, cluster_id=self.cluster_id, port=self.port, org_id=self.org_id,
-            task=self.task, system=self.system, temperature=self.temperature, max_tokens=self.max_tokens,
-            stop=self.stop or None,
-        )
-        misplaced = sorted(set(self.params) & set(_NOT_PARAMS))
-        if misplaced:
-            name = misplaced[0]
-            raise ConfigurationError(f"-p {name}=... is a setting, not a request field: {_NOT_PARAMS[name]}.")
-        return {**named, **self.params}  # -p temperature=... wins over -t: it is the more specific
 
 
 def prepare(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], client: Client,
@@ -84,7 +37,8 @@ def prepare(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], 
     t_in = resolve_transform(spec.transform_input, namespace, "transform_input")
     t_out = resolve_transform(spec.transform_output, namespace, "transform_output")
     history = client.conversations.get(spec.target_key) if spec.chat else ()
-    prepared = client.prepare(prompt, history=history, transform_input=t_in, stream=stream, **spec.client_options())
+    options = {name: getattr(spec, name) for name in CLIENT_OPTIONS}
+    prepared = client.prepare(prompt, history=history, transform_input=t_in, stream=stream, **options)
     if spec.chat and prepared.kind != _wire.CHAT:
         raise ConfigurationError(
             f"--chat keeps a conversation with a chat endpoint, and {prepared.target} takes {prepared.kind} "

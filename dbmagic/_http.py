@@ -8,6 +8,7 @@ sleeps, and it sleeps through an injectable `Clock`, so tests never wait for rea
 from __future__ import annotations
 
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,12 +16,13 @@ from typing import Any, Protocol
 
 import requests
 import requests.auth
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from ._credentials import Credentials
 from .errors import ConnectionFailed, RequestError, RequestTimeout, error_from_response
 
-__all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "retry_reason", "retry_delay"]
+__all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "Body", "retry_reason", "retry_delay"]
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503})
 
@@ -132,77 +134,116 @@ class Transport:
         stream: bool = False,
         timeout: float | None = None,
     ) -> requests.Response:
-        """Send with retries; return a 2xx response or raise the mapped `RequestError`."""
-        url = credentials.host + path
+        """Send with retries; return a 2xx response or raise the mapped `RequestError`.
+
+        A 401 with a token that is re-read per request (the notebook context's) is tried once more
+        within the same attempt: the token may have expired between the read and the request.
+        """
         read_timeout = timeout if timeout is not None else self.timeouts.read
         start = self.clock.monotonic()
-        refreshed = False
         attempt = 0
         while True:
             attempt += 1
-            token = credentials.token  # re-read per try: a notebook token is short-lived
-            secrets = [token]
-            try:
-                response = self.session.request(
-                    method,
-                    url,
-                    json=json,
-                    auth=_Bearer(token),  # an auth object, so a ~/.netrc entry cannot replace it
-                    stream=stream,
-                    timeout=(self.timeouts.connect, read_timeout),
-                    allow_redirects=False,  # never carry the token to another host
-                )
-            except requests.RequestException as exc:
-                error: RequestError = _transport_error(exc, target, credentials.host, read_timeout)
-                reason = retry_reason(None, exc)
-                retry_after = None
-            else:
-                if response.status_code < 300:
-                    return response
-                body = response.content  # small error bodies; also releases the connection
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                if response.status_code == 401 and credentials.refreshes_token and not refreshed:
-                    refreshed = True  # the notebook token expired between reads: read it once more
-                    attempt -= 1
-                    continue
-                if 300 <= response.status_code < 400:
-                    error = RequestError(
-                        f"{credentials.host} redirected the request for {target} to "
-                        f"{response.headers.get('Location', 'another address')}, which dbmagic does not follow",
-                        target=target,
-                        status=response.status_code,
-                        next_step="Set the host to the workspace URL itself (the one in your browser).",
-                        secrets=secrets,
-                    )
-                    reason = None
-                else:
-                    error = error_from_response(
-                        response.status_code,
-                        body,
-                        target=target,
-                        host=credentials.host,
-                        request_id=response.headers.get("x-request-id"),
-                        retry_after=retry_after,
-                        secrets=secrets,
-                    )
-                    reason = retry_reason(response.status_code)
+            response, error, reason = self._try(credentials, method, path, target, json, stream, read_timeout)
+            if response is not None and response.status_code == 401 and credentials.refreshes_token:
+                response, error, reason = self._try(credentials, method, path, target, json, stream, read_timeout)
+            if error is None:
+                return response
             if reason is None or attempt >= self.retry.attempts:
                 raise error.gave_up_after(attempt) from None
-            wait = retry_delay(self.retry, attempt, retry_after, self.rand)
+            wait = retry_delay(self.retry, attempt, error.retry_after, self.rand)
             if self.clock.monotonic() - start + wait > self.retry.deadline:
                 raise error.gave_up_after(attempt) from None
             self.clock.sleep(wait)
+
+    def _try(self, credentials: Credentials, method: str, path: str, target: str, json: Any, stream: bool,
+             read_timeout: float) -> tuple[requests.Response | None, RequestError | None, str | None]:
+        """One request: ``(response, error, retry reason)``; ``error`` is None for a 2xx answer."""
+        host = credentials.host
+        try:
+            response = self.session.request(
+                method,
+                host + path,
+                json=json,
+                auth=_Bearer(credentials),  # an auth object, so a ~/.netrc entry cannot replace it
+                stream=stream,
+                timeout=(self.timeouts.connect, read_timeout),
+                allow_redirects=False,  # never carry the token to another host
+            )
+        except requests.RequestException as exc:
+            return None, _transport_error(exc, target, host, read_timeout), retry_reason(None, exc)
+        if response.status_code < 300:
+            return response, None, None
+        body = response.content  # small error bodies; also releases the connection
+        secrets = [credentials.token]
+        if response.status_code < 400:
+            return response, RequestError(
+                f"{host} redirected the request for {target} to "
+                f"{response.headers.get('Location', 'another address')}, which dbmagic does not follow",
+                target=target,
+                status=response.status_code,
+                next_step="Set the host to the workspace URL itself (the one in your browser).",
+                secrets=secrets,
+            ), None
+        error = error_from_response(
+            response.status_code,
+            body,
+            target=target,
+            host=host,
+            request_id=response.headers.get("x-request-id"),
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            secrets=secrets,
+        )
+        return response, error, retry_reason(response.status_code)
 
     def close(self) -> None:
         self.session.close()
 
 
+class Body:
+    """A response body read as it arrives: the one place that knows urllib3's streaming internals.
+
+    `read` gives the bytes available now (so an event is seen as soon as it is written), ``b""`` at
+    the end, and raises ``ConnectionError`` when the connection breaks; `abort` wakes a blocked
+    `read` from another thread. Tests may stand in any object with these methods.
+    """
+
+    def __init__(self, response: requests.Response):
+        self._response = response
+
+    def read(self, size: int = 65536) -> bytes:
+        try:
+            # read1, not iter_content: the latter waits for a full buffer on close-delimited bodies
+            return self._response.raw.read1(size)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ConnectionError(exc.__class__.__name__) from None
+
+    def read_all(self) -> bytes:
+        try:
+            return self._response.content
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ConnectionError(exc.__class__.__name__) from None
+
+    def abort(self) -> None:
+        sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+    def close(self) -> None:
+        self._response.close()
+
+
 class _Bearer(requests.auth.AuthBase):
-    def __init__(self, token: str):
-        self._token = token
+    """Reads the token when the header is built, so no frame holds it as a local."""
+
+    def __init__(self, credentials: Credentials):
+        self._credentials = credentials
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self._token}"
+        request.headers["Authorization"] = f"Bearer {self._credentials.token}"
         return request
 
     def __repr__(self) -> str:

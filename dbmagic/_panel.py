@@ -11,15 +11,16 @@ ipywidgets and anywidget load only when a panel is opened.
 from __future__ import annotations
 
 import html
+import json
 import shlex
 import threading
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from . import _cell, _wire
+from . import _cell, _wire, settings
 from .errors import ConfigurationError, DbMagicError, TransformError
-from .magic import DbLLM, unescape
-from .render import FORMATS, LiveOutput
+from .render import LiveOutput
+from .settings import SETTINGS, Setting
 from .transforms import callables_in
 
 if TYPE_CHECKING:
@@ -29,6 +30,11 @@ __all__ = ["Panel", "panel", "panel_result"]
 
 PROXY = "__proxy__"
 _last_result: Completion | None = None
+# where the main controls stand; every other setting with a control goes under "More options"
+_ROWS = (("cluster_id", "port"), ("system",), ("temperature", "max_tokens", "stop", "format"),
+         ("transform_input", "transform_output", "chat"))
+_WIDTHS = {"text": "30%", "number": "22%", "tags": "30%", "choice": "22%", "function": "34%", "checkbox": "24%",
+           "json": "60%"}
 
 
 def panel(shell: Any = None, client: Client | None = None) -> Panel:
@@ -86,11 +92,23 @@ def _prompt_box_class() -> type:
     return PromptBox
 
 
+def config_defaults(shell: Any) -> dict[str, Any]:
+    """The ``%config DbLLM`` defaults in force in ``shell`` (built-in ones without ``%load_ext``)."""
+    for configurable in reversed(getattr(shell, "configurables", [])):
+        values = getattr(configurable, "setting_values", None)
+        if callable(values):
+            return values()
+    return settings.merge({}, {})
+
+
 class Panel:
     """An ipywidgets panel for interactive prompting. ``panel.widget`` is what is displayed.
 
-    Methods mirror the buttons (`send`, `stop`, `clear`, `refresh_endpoints`, `refresh_transforms`,
-    `copy_as_cell`), so it can be driven from code and tests; `wait` joins a running call.
+    ``panel.controls`` holds one control per setting of `dbmagic.settings` that has one, also
+    reachable as an attribute of the same name (``panel.temperature``; the stop sequences are
+    ``panel.stop_sequences``, as ``stop()`` is the Stop button). Methods mirror the buttons (`send`,
+    `stop`, `clear`, `refresh_endpoints`, `refresh_transforms`, `copy_as_cell`), so it can be driven
+    from code and tests; `wait` joins a running call.
     """
 
     def __init__(self, shell: Any = None, client: Client | None = None):
@@ -104,43 +122,24 @@ class Panel:
             raise ConfigurationError("The panel needs a notebook (IPython); from plain Python use dbmagic.Client.")
         self.namespace = self.shell.user_ns
         self.client = client or get_client()
-        found = [c for c in self.shell.configurables if isinstance(c, DbLLM)]
-        self.defaults = found[-1] if found else DbLLM(shell=self.shell, parent=self.shell)
+        self.defaults = config_defaults(self.shell)
         self.result: Completion | None = None
         self.running = False
         self._thread: threading.Thread | None = None
         self._stream: Stream | None = None
         self._stop_requested = False
         self._kinds: dict[str, str] = {}
-        d = self.defaults
 
+        self.controls: dict[str, Any] = {s.name: _control(w, s, self.defaults[s.name]) for s in SETTINGS if s.widget}
+        for name, control in self.controls.items():
+            setattr(self, "stop_sequences" if name == "stop" else name, control)
         full = w.Layout(width="100%")
-        label = {"description_width": "initial"}
-        self.endpoint = w.Dropdown(description="Endpoint", layout=w.Layout(width="60%"))
         self.refresh_button = w.Button(icon="refresh", tooltip="Refresh the endpoint list", layout=w.Layout(width="36px"))
-        self.cluster_id = w.Text(value=d.cluster_id or "", placeholder="cluster id", description="Cluster",
-                                 layout=w.Layout(width="40%"))
-        self.port = w.Text(value=str(d.port or ""), placeholder="port", description="Port", layout=w.Layout(width="20%"))
-        self.proxy_row = w.HBox([self.cluster_id, self.port])
-        self.system = w.Textarea(value=d.system or "", placeholder="System prompt (optional)", rows=2, layout=full)
         self.prompt = _prompt_box_class()(placeholder="Prompt: {{ name }} fills in a notebook variable; "
                                                       "Ctrl/Cmd+Enter sends")
         self.prompt.add_class("dbmagic-prompt")
-        self.temperature = w.Text(value="" if d.temperature is None else str(d.temperature),
-                                  placeholder="default", description="Temperature", style=label,
-                                  layout=w.Layout(width="20%"))
-        self.max_tokens = w.Text(value="" if d.max_tokens is None else str(d.max_tokens),
-                                 placeholder="default", description="Max tokens", style=label,
-                                 layout=w.Layout(width="20%"))
-        self.stop_sequences = w.TagsInput(value=list(d.stop), allow_duplicates=False, layout=w.Layout(width="28%"))
-        self.stop_sequences.add_class("dbmagic-stop")
-        self.format = w.Dropdown(options=[f for f in FORMATS], value=d.format, description="Format",
-                                 style=label, layout=w.Layout(width="20%"))
-        self.transform_input = w.Dropdown(description="Input fn", layout=w.Layout(width="34%"))
-        self.transform_output = w.Dropdown(description="Output fn", layout=w.Layout(width="34%"))
         self.refresh_transforms_button = w.Button(icon="refresh", tooltip="Refresh the transform lists",
                                                   layout=w.Layout(width="36px"))
-        self.chat = w.Checkbox(value=True, description="Keep conversation", indent=False, layout=w.Layout(width="24%"))
         self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = w.Button(description="Stop", icon="stop", disabled=True)
         self.clear_button = w.Button(description="Clear", icon="eraser")
@@ -156,6 +155,9 @@ class Panel:
         self.reset_button = w.Button(description="Reset conversation", icon="trash")
         history_box = w.Accordion(children=[w.VBox([self.history, self.reset_button])], titles=("History",),
                                   selected_index=None)
+        placed = {"endpoint", *(name for row in _ROWS for name in row)}
+        more = [w.HBox(_labelled(w, s, self.controls[s.name])) for s in SETTINGS if s.widget and s.name not in placed]
+        more_box = w.Accordion(children=[w.VBox(more)], titles=("More options",), selected_index=None)
 
         self.refresh_button.on_click(lambda _: self.refresh_endpoints())
         self.refresh_transforms_button.on_click(lambda _: self.refresh_transforms())
@@ -167,10 +169,13 @@ class Panel:
         self.prompt.on_msg(self._on_prompt_message)
         self.endpoint.observe(lambda _: self._endpoint_changed(), names="value")
 
+        rows = [w.HBox([c for name in row for c in _labelled(w, settings.BY_NAME[name], self.controls[name])])
+                for row in _ROWS]
+        self.proxy_row = rows[0]
+        rows[-1].children = (*rows[-1].children[:2], self.refresh_transforms_button, *rows[-1].children[2:])
         self.widget = w.VBox([
-            w.HBox([self.endpoint, self.refresh_button]), self.proxy_row, self.system, self.prompt,
-            w.HBox([self.temperature, self.max_tokens, w.Label("Stop"), self.stop_sequences, self.format]),
-            w.HBox([self.transform_input, self.transform_output, self.refresh_transforms_button, self.chat]),
+            w.HBox([self.endpoint, self.refresh_button]), self.proxy_row, rows[1].children[0], self.prompt,
+            *rows[2:], more_box,
             w.HBox([self.send_button, self.stop_button, self.clear_button, self.copy_button]),
             self.status, self.output, self.cell_text, history_box,
         ], layout=w.Layout(width="100%", max_width="980px"))
@@ -197,7 +202,7 @@ class Panel:
         for e in endpoints:
             self._kinds[e.name] = e.kind
             options.append((f"{e.name} · {e.task or 'custom model'} · {e.state}", e.name))
-        default = self.defaults.endpoint
+        default = self.defaults["endpoint"]
         if default and default not in self._kinds:
             options.insert(0, (default, default))
         options.append(("driver-proxy app (cluster id + port)", PROXY))
@@ -207,7 +212,7 @@ class Panel:
             self.endpoint.value = current
         elif default:
             self.endpoint.value = default
-        elif self.defaults.port is not None or len(names) == 1:
+        elif self.defaults["port"] is not None or len(names) == 1:
             self.endpoint.value = PROXY
         else:
             self.endpoint.value = names[0]
@@ -216,8 +221,8 @@ class Panel:
     def refresh_transforms(self) -> None:
         """List the notebook's functions in the transform pickers (keeping the current choices)."""
         names = callables_in(self.namespace)
-        for picker, default in ((self.transform_input, self.defaults.transform_input),
-                                (self.transform_output, self.defaults.transform_output)):
+        for picker, default in ((self.transform_input, self.defaults["transform_input"]),
+                                (self.transform_output, self.defaults["transform_output"])):
             current = picker.value if picker.options else default
             picker.options = [("(none)", "")] + [(n, n) for n in names]
             picker.value = current if current in names else ""
@@ -228,31 +233,23 @@ class Panel:
 
     # -- the call ---------------------------------------------------------------------------
 
+    def values(self) -> dict[str, Any]:
+        """What the controls say, checked as ``%%dbllm`` checks its options (`SettingError` if not)."""
+        values = {name: _read(settings.BY_NAME[name], control) for name, control in self.controls.items()}
+        if values["endpoint"] == PROXY:
+            values["endpoint"] = None
+            if values["port"] is None:
+                raise settings.SettingError("port is missing: type the driver-proxy app's port, e.g. 7777.")
+        else:
+            values["cluster_id"] = values["port"] = None
+        # a conversation is kept with chat endpoints only; the checkbox stays as the user left it
+        kind = self._kinds.get(values["endpoint"] or "", _wire.CHAT)
+        values["chat"] = values["chat"] and values["endpoint"] is not None and kind == _wire.CHAT
+        return settings.merge(self.defaults, values)
+
     def spec(self) -> _cell.CallSpec:
-        """The panel's settings as a call description (raises ConfigurationError on bad values)."""
-        d = self.defaults
-        proxy = self.endpoint.value == PROXY
-        port = None
-        if proxy:
-            try:
-                port = int(self.port.value)
-            except ValueError:
-                raise ConfigurationError(f"Port {self.port.value!r} is not a number: type the app's port, "
-                                         "e.g. 7777.") from None
-        kind = self._kinds.get(self.endpoint.value, _wire.CHAT)
-        return _cell.CallSpec(
-            endpoint=None if proxy else self.endpoint.value,
-            cluster_id=(self.cluster_id.value.strip() or None) if proxy else None,
-            port=port, org_id=d.org_id, task=d.task,
-            system=self.system.value.strip() or None,
-            temperature=_number(self.temperature.value, float, "Temperature"),
-            max_tokens=_number(self.max_tokens.value, int, "Max tokens"),
-            stop=[unescape(s) for s in self.stop_sequences.value],
-            params=dict(d.params), timeout=d.timeout, format=self.format.value, stream=d.stream,
-            chat=self.chat.value and not proxy and kind == _wire.CHAT,
-            transform_input=self.transform_input.value or None,
-            transform_output=self.transform_output.value or None,
-        )
+        """The panel's settings as a call description (raises `SettingError` on bad values)."""
+        return settings.spec_from(self.values())
 
     def send(self) -> None:
         """Send the prompt (the Send button, or Ctrl/Cmd+Enter in the prompt)."""
@@ -346,6 +343,7 @@ class Panel:
     # -- history and copy ---------------------------------------------------------------------
 
     def _target_key(self) -> str:
+        # the panel needs the key while its fields may not yet form a valid call
         if self.endpoint.value == PROXY:
             return f"{self.cluster_id.value.strip() or None}:{self.port.value.strip() or None}"
         return str(self.endpoint.value)
@@ -360,32 +358,10 @@ class Panel:
             for t in turns)
 
     def as_cell(self) -> str:
-        """The panel's current settings and prompt as a ``%%dbllm`` cell."""
-        spec = self.spec()
-        d = self.defaults
-        opts: list[str] = []
-        if spec.endpoint:
-            opts += ["-e", spec.endpoint]
-        else:
-            opts += ["--cluster-id", str(spec.cluster_id), "--port", str(spec.port)]
-        if spec.temperature is not None:
-            opts += ["-t", f"{spec.temperature:g}"]
-        if spec.max_tokens is not None:
-            opts += ["--max-tokens", str(spec.max_tokens)]
-        if spec.stop != list(d.stop):
-            for s in spec.stop:
-                opts += ["--stop", _escape(s)]
-        if spec.system:
-            opts += ["--system", _escape(spec.system)]
-        if spec.format != d.format:
-            opts += ["-f", spec.format]
-        if spec.transform_input and spec.transform_input != d.transform_input:
-            opts += ["--transform-input", spec.transform_input]
-        if spec.transform_output and spec.transform_output != d.transform_output:
-            opts += ["--transform-output", spec.transform_output]
-        if spec.chat:
-            opts.append("--chat")
-        return "%%dbllm " + " ".join(shlex.quote(o) for o in opts) + "\n" + self.prompt.value.strip()
+        """The ``%%dbllm`` cell that sends what the panel sends (``--no-config`` when ``%config``
+        defaults would otherwise change it)."""
+        argv = settings.cell_argv(self.values(), self.defaults)
+        return "%%dbllm " + shlex.join(argv) + "\n" + self.prompt.value.strip()
 
     def copy_as_cell(self) -> str:
         """Show the ``%%dbllm`` cell for the current settings and copy it to the clipboard."""
@@ -401,19 +377,48 @@ class Panel:
         return text
 
 
-def _number(text: str, kind: type, label: str) -> Any:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return kind(text)
-    except ValueError:
-        raise ConfigurationError(f"{label} {text!r} is not a {'whole ' if kind is int else ''}number: "
-                                 "type one, or leave it empty for the endpoint's default.") from None
+def _control(w: Any, s: Setting, value: Any) -> Any:
+    """The widget for setting ``s``, showing ``value``."""
+    layout = w.Layout(width=_WIDTHS.get(s.widget or "", "100%"))
+    label = {"description": s.title, "style": {"description_width": "initial"}, "layout": layout}
+    if s.widget == "endpoint":
+        return w.Dropdown(description=s.title, layout=w.Layout(width="60%"))
+    if s.widget in ("text", "number"):
+        return w.Text(value="" if value is None else str(value), placeholder="default", **label)
+    if s.widget == "textarea":
+        return w.Textarea(value=value or "", placeholder=f"{s.title} (optional)", rows=2, layout=layout)
+    if s.widget == "tags":
+        tags = w.TagsInput(value=[settings.escape(v) for v in value], allow_duplicates=False, layout=layout)
+        tags.add_class(f"dbmagic-{s.name}")
+        return tags
+    if s.widget == "choice":
+        return w.Dropdown(options=list(s.choices), value=value, **label)
+    if s.widget == "json":
+        return w.Text(value=json.dumps(value) if value else "", placeholder='{"top_p": 0.9}', **label)
+    if s.widget == "checkbox":
+        return w.Checkbox(value=value, description=s.title, indent=False, layout=layout)
+    if s.widget == "function":
+        return w.Dropdown(description=s.title, layout=layout)
+    raise ValueError(f"setting {s.name} has an unknown widget kind {s.widget!r}")
 
 
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+def _labelled(w: Any, s: Setting, control: Any) -> list[Any]:
+    # a TagsInput has no description of its own
+    return [w.Label(s.title), control] if s.widget == "tags" else [control]
+
+
+def _read(s: Setting, control: Any) -> Any:
+    """The checked value a control shows (None for an empty field: the default)."""
+    value = control.value
+    if s.widget in ("text", "number", "json"):
+        return settings.from_text(s.name, value) if value.strip() else None
+    if s.widget == "textarea":
+        return settings.coerce(s.name, value) if value.strip() else None
+    if s.widget == "tags":  # a tag cannot hold a newline: \n typed in it is one
+        return settings.coerce(s.name, [settings.unescape(v) for v in value])
+    if s.widget == "function":
+        return settings.coerce(s.name, value or None)
+    return value
 
 
 def _summary(completion: Completion) -> str:

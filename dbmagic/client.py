@@ -13,32 +13,97 @@ bounded retries) -> the parsed answer -> ``transform_output(value)`` -> a `Compl
 
 from __future__ import annotations
 
+import inspect
 import json
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import quote
 
 import requests
-import urllib3
 
-from . import _wire
+from . import _wire, settings
 from ._credentials import Credentials, org_id_from_host, resolve_credentials
-from ._http import Clock, RetryPolicy, Timeouts, Transport
+from ._http import Body, Clock, RetryPolicy, Timeouts, Transport
 from .errors import (
     BadResponse,
     ConfigurationError,
+    SettingError,
     StreamInterrupted,
     TransformError,
     parse_error_body,
 )
 
-__all__ = ["Client", "Conversations", "Completion", "Stream", "PreparedRequest", "EndpointInfo", "get_client", "configure"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Client", "CallOptions", "Conversations", "Completion", "Stream", "PreparedRequest", "EndpointInfo",
+           "get_client", "configure"]
 
 Transform = Callable[..., Any]
+
+
+class CallOptions(TypedDict, total=False):
+    """The keyword options of `Client.prepare`, `Client.complete` and `Client.stream`.
+
+    - ``cluster_id``, ``port``, ``org_id``: a cluster driver-proxy app instead of an endpoint
+      (``cluster_id`` is found by itself inside a Databricks notebook, ``org_id`` from the workspace);
+    - ``task``: the request shape, when the endpoint's own is not the one to use
+      (``chat``, ``completions``, ``embeddings``, ``custom``, or a task such as ``llm/v1/chat``);
+    - ``system``: the system prompt; ``history``: earlier turns, ``[{"role": ..., "content": ...}]``
+      (chat endpoints);
+    - ``temperature``, ``max_tokens``, ``stop`` (a string or a list), ``n``: the usual parameters;
+    - ``extra_params``: more request fields, merged into the request as they are
+      (``{"top_p": 0.9}``), as LangChain's ``extra_params``; JSON values only;
+    - ``transform_input``: ``f(**request) -> request``, applied before the endpoint's body is built.
+
+    Values are checked as ``%%dbllm`` checks its options (`dbmagic.settings`), before anything is sent.
+    """
+
+    cluster_id: str | None
+    port: int | None
+    org_id: str | None
+    task: str | None
+    system: str | None
+    history: Sequence[Mapping[str, Any]]
+    temperature: float | None
+    max_tokens: int | None
+    stop: str | Sequence[str] | None
+    n: int | None
+    extra_params: Mapping[str, Any] | None
+    transform_input: Transform | None
+
+
+def _checked_options(options: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """Every `CallOptions` key, with the given values checked (unknown names are a TypeError, as
+    for any Python call)."""
+    unknown = sorted(set(options) - set(CallOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"Client.{method}() got an unexpected keyword argument {unknown[0]!r}; its options are "
+                        + ", ".join(CallOptions.__annotations__) + " (request fields go in extra_params=).")
+    checked: dict[str, Any] = {name: None for name in CallOptions.__annotations__}
+    for name, value in options.items():
+        if name in settings.CLIENT_OPTIONS and value is not None:
+            typed = settings.BY_NAME[name].type
+            numeric_text = isinstance(value, str) and typed in (int, float)  # port="7777" from Python
+            value = settings.from_text(name, value) if numeric_text else settings.coerce(name, value)
+        checked[name] = value
+    n = checked["n"]
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise SettingError(f"n must be a whole number of at least 1; got {n!r}.")
+    return checked
+
+
+def _with_call_options(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Show the `CallOptions` keywords in ``help()`` and signatures, in place of ``**options``."""
+    signature = inspect.signature(method)
+    kept = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+             for name, annotation in CallOptions.__annotations__.items()]
+    method.__signature__ = signature.replace(parameters=kept + added)  # type: ignore[attr-defined]
+    return method
 
 
 @dataclass(frozen=True)
@@ -221,60 +286,37 @@ class Client:
 
     def _get(self, path: str, target: str) -> Any:
         response = self.transport.request(self.credentials, "GET", path, target=target)
-        return _json(response, target)
+        return _json(response.content, target, response.status_code)
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def prepare(
-        self,
-        prompt: Any,
-        endpoint: str | None = None,
-        *,
-        cluster_id: str | None = None,
-        port: int | str | None = None,
-        org_id: str | None = None,
-        task: str | None = None,
-        system: str | None = None,
-        history: Sequence[dict[str, Any]] = (),
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        n: int | None = None,
-        extra_params: dict[str, Any] | None = None,
-        transform_input: Transform | None = None,
-        stream: bool = False,
-        **params: Any,
-    ) -> PreparedRequest:
-        """Build the request a call would send, without sending it (the dry run)."""
-        kind, path, target = self._target(endpoint, cluster_id, port, org_id, task)
-        if isinstance(stop, str):
-            stop = [stop]
+    @_with_call_options
+    def prepare(self, prompt: Any, endpoint: str | None = None, *, stream: bool = False,
+                **options: Unpack[CallOptions]) -> PreparedRequest:
+        """Build the request a call would send, without sending it (the dry run). See `CallOptions`."""
+        o = _checked_options(options, "prepare")
+        if endpoint is not None:
+            endpoint = settings.coerce("endpoint", endpoint)
+        kind, path, target = self._target(endpoint, o["cluster_id"], o["port"], o["org_id"], o["task"])
         request = _wire.seed_request(
             prompt,
-            {"temperature": temperature, "max_tokens": max_tokens, "stop": list(stop) if stop else None,
-             "n": n, "extra_params": extra_params or None, **params},
+            {"temperature": o["temperature"], "max_tokens": o["max_tokens"], "stop": o["stop"] or None, "n": o["n"],
+             **(o["extra_params"] or {})},
         )
-        if transform_input is not None:
-            request = _apply_input_transform(transform_input, request)
-        body = _wire.build_body(kind, request, system=system, history=history, stream=stream)
+        if o["transform_input"] is not None:
+            request = _apply_input_transform(o["transform_input"], request)
+        body = _wire.build_body(kind, request, system=o["system"], history=o["history"] or (), stream=stream)
         return PreparedRequest(kind, target, path, body, self.credentials.host,
                                stream=stream and kind in _wire.STREAMING_KINDS)
 
-    def complete(
-        self,
-        prompt: Any,
-        endpoint: str | None = None,
-        *,
-        transform_output: Transform | None = None,
-        timeout: float | None = None,
-        **options: Any,
-    ) -> Completion:
+    @_with_call_options
+    def complete(self, prompt: Any, endpoint: str | None = None, *, transform_output: Transform | None = None,
+                 timeout: float | None = None, **options: Unpack[CallOptions]) -> Completion:
         """Send one prompt and wait for the whole answer.
 
-        ``endpoint`` names a serving endpoint; or give ``cluster_id`` and ``port`` (and ``org_id``)
-        for a driver-proxy app. Options: ``task``, ``system``, ``history``, ``temperature``,
-        ``max_tokens``, ``stop``, ``n``, ``extra_params``, ``transform_input``, and any other
-        keyword, sent as a request field.
+        ``endpoint`` names a serving endpoint; or give ``cluster_id`` and ``port`` for a driver-proxy
+        app. ``transform_output(value) -> value`` reads the answer; ``timeout`` bounds the wait (seconds).
+        The other options are `CallOptions`.
         """
         prepared = self.prepare(prompt, endpoint, **options)
         return self.send(prepared, transform_output=transform_output, timeout=timeout)
@@ -282,24 +324,19 @@ class Client:
     def send(self, prepared: PreparedRequest, *, transform_output: Transform | None = None,
              timeout: float | None = None) -> Completion:
         """Send a `PreparedRequest` and wait for the whole answer."""
+        timeout = _timeout(timeout)
         started = time.perf_counter()
         response = self.transport.request(
             self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body, timeout=timeout
         )
-        data = _json(response, prepared.target)
+        data = _json(response.content, prepared.target, response.status_code)
         latency = time.perf_counter() - started
-        return _completion(prepared, _parse(prepared, data), data, response, latency, transform_output)
+        return _completion(prepared, _parse(prepared, data), data, response.headers, latency, transform_output)
 
-    def stream(
-        self,
-        prompt: Any,
-        endpoint: str | None = None,
-        *,
-        transform_output: Transform | None = None,
-        timeout: float | None = None,
-        **options: Any,
-    ) -> Stream:
-        """Send one prompt and iterate over the answer's text as it arrives.
+    @_with_call_options
+    def stream(self, prompt: Any, endpoint: str | None = None, *, transform_output: Transform | None = None,
+               timeout: float | None = None, **options: Unpack[CallOptions]) -> Stream:
+        """Send one prompt and iterate over the answer's text as it arrives (options as `complete`).
 
         Endpoints that do not stream (embeddings, custom models, proxy apps) give their whole text
         as one piece. After the loop, ``stream.completion`` holds the `Completion`. A cut stream
@@ -311,22 +348,18 @@ class Client:
     def open_stream(self, prepared: PreparedRequest, *, transform_output: Transform | None = None,
                     timeout: float | None = None) -> Stream:
         """Send a `PreparedRequest` (built with ``stream=True``) and return its `Stream`."""
+        timeout = _timeout(timeout)
         started = time.perf_counter()
         response = self.transport.request(
             self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body,
             stream=True, timeout=timeout,
         )
-        return Stream(prepared, response, started, transform_output)
+        return Stream(prepared, Body(response), response.headers, started, transform_output)
 
     def _target(self, endpoint: str | None, cluster_id: Any, port: Any, org_id: Any, task: str | None):
         if endpoint and (cluster_id or port):
             raise ConfigurationError(
-                "Give either an endpoint or a proxy app (cluster_id and port), not both."
-            )
-        if task and not _wire.known_task(task):
-            raise ConfigurationError(
-                f"Unknown task {task!r}: use chat, completions, embeddings or custom "
-                "(or the endpoint's own, e.g. llm/v1/chat)."
+                "Give either an endpoint or a driver-proxy app (cluster id and port), not both."
             )
         if endpoint:
             kind = _wire.kind_for(task) if task else self.endpoint(endpoint).kind
@@ -340,6 +373,7 @@ class Client:
                     "it is found by itself only inside a Databricks notebook."
                 )
             org_id = org_id or creds.workspace_id or org_id_from_host(creds.host) or "0"
+            cluster_id, org_id = settings.coerce("cluster_id", cluster_id), settings.coerce("org_id", org_id)
             path = f"/driver-proxy-api/o/{org_id}/{cluster_id}/{port}"
             return _wire.PROXY, path, f"proxy app on cluster {cluster_id} port {port}"
         raise ConfigurationError(
@@ -355,16 +389,19 @@ class Client:
 class Stream:
     """An answer arriving piece by piece. Iterate for text chunks; then read ``.completion``.
 
-    ``text`` is everything that has arrived so far, also after an error or ``close()``.
+    ``text`` is everything that has arrived so far, also after an error or ``close()``. ``body`` is
+    the response body as the transport gives it (`dbmagic._http.Body`: ``read``, ``read_all``,
+    ``abort``, ``close``), ``headers`` the response's headers.
     """
 
-    def __init__(self, prepared: PreparedRequest, response: requests.Response, started: float,
+    def __init__(self, prepared: PreparedRequest, body: Body, headers: Mapping[str, str], started: float,
                  transform_output: Transform | None):
         self.prepared = prepared
         self.text = ""
         self.completion: Completion | None = None
         self.cancelled = False
-        self._response = response
+        self._body = body
+        self._headers = headers
         self._started = started
         self._transform_output = transform_output
         self._iterator = self._iterate()
@@ -378,39 +415,36 @@ class Stream:
     def close(self) -> None:
         """Stop reading (from the thread that iterates); ``text`` keeps what arrived."""
         self._iterator.close()
-        self._response.close()
+        self._body.close()
 
     def cancel(self) -> None:
         """Stop from another thread (a Stop button): the iteration ends quietly, ``completion``
-        stays None and ``text`` keeps what arrived. The socket is shut down so that a read blocked
-        on a silent endpoint wakes at once."""
+        stays None and ``text`` keeps what arrived. A read blocked on a silent endpoint wakes at once."""
         self.cancelled = True
-        sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # already closed
-                pass
+        self._body.abort()
 
     def _iterate(self) -> Iterator[str]:
-        response, prepared = self._response, self.prepared
         try:
-            content_type = response.headers.get("Content-Type", "")
-            if not prepared.stream or "text/event-stream" not in content_type:
+            content_type = self._headers.get("Content-Type", "")
+            if not self.prepared.stream or "text/event-stream" not in content_type:
                 yield from self._whole_answer()
                 return
             yield from self._events()
         finally:
-            response.close()
+            self._body.close()
 
     def _whole_answer(self) -> Iterator[str]:
-        data = _json(self._response, self.prepared.target)
+        try:
+            content = self._body.read_all()
+        except ConnectionError as exc:
+            raise self._cut(f"the connection broke ({exc})") from None
+        data = _json(content, self.prepared.target)
         latency = time.perf_counter() - self._started
         parsed = _parse(self.prepared, data)
         self.text = parsed.text
         if parsed.text:
             yield parsed.text
-        self.completion = _completion(self.prepared, parsed, data, self._response, latency,
+        self.completion = _completion(self.prepared, parsed, data, self._headers, latency,
                                       self._transform_output, time_to_first_token=latency)
 
     def _events(self) -> Iterator[str]:
@@ -420,18 +454,17 @@ class Stream:
         model: str | None = None
         first: float | None = None
         done = False
-        raw = self._response.raw
         while True:
             if self.cancelled:
                 return
             try:
-                chunk = raw.read1(65536)
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                chunk = self._body.read()
+            except ConnectionError as exc:
                 if self.cancelled:
                     return
                 if done:
                     break
-                raise self._cut(f"the connection broke ({exc.__class__.__name__})") from None
+                raise self._cut(f"the connection broke ({exc})") from None
             if done:  # read the body to its end so the connection goes back to the pool
                 if not chunk:
                     break
@@ -445,6 +478,8 @@ class Stream:
                     data = json.loads(event)
                 except ValueError:
                     raise self._cut("an event that is not JSON") from None
+                if not isinstance(data, dict):
+                    raise self._cut("an event that is not a JSON object")
                 if "error_code" in data or "error" in data:
                     code, message = parse_error_body(event)
                     raise self._cut(f"an error mid-stream: {message or code}")
@@ -465,7 +500,7 @@ class Stream:
                 break
         latency = time.perf_counter() - self._started
         parsed = _wire.Parsed(self.text, self.text, usage, model, finish)
-        self.completion = _completion(self.prepared, parsed, None, self._response, latency,
+        self.completion = _completion(self.prepared, parsed, None, self._headers, latency,
                                       self._transform_output, time_to_first_token=first)
 
     def _cut(self, why: str) -> StreamInterrupted:
@@ -518,23 +553,25 @@ def _parse(prepared: PreparedRequest, data: Any) -> _wire.Parsed:
         raise BadResponse(f"{prepared.target} sent {exc}", target=prepared.target) from None
 
 
-def _json(response: requests.Response, target: str) -> Any:
+def _json(content: bytes, target: str, status: int | None = None) -> Any:
     try:
-        return response.json()
+        return json.loads(content)
     except ValueError:
-        snippet = response.text[:200]
-        raise BadResponse(
-            f"{target} sent an answer that is not JSON: {snippet!r}", target=target, status=response.status_code
-        ) from None
+        snippet = content[:200].decode("utf-8", "replace")
+        raise BadResponse(f"{target} sent an answer that is not JSON: {snippet!r}", target=target,
+                          status=status) from None
 
 
-def _completion(prepared: PreparedRequest, parsed: _wire.Parsed, data: Any, response: requests.Response,
+def _timeout(timeout: float | None) -> float | None:
+    return None if timeout is None else settings.coerce("timeout", timeout)
+
+
+def _completion(prepared: PreparedRequest, parsed: _wire.Parsed, data: Any, headers: Mapping[str, str],
                 latency: float, transform_output: Transform | None, time_to_first_token: float | None = None
                 ) -> Completion:
     value = parsed.value
     if transform_output is not None:
         value = _apply_output_transform(transform_output, value)
-    headers = response.headers
     return Completion(
         text=value if isinstance(value, str) else parsed.text,
         value=value,

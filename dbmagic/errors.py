@@ -4,7 +4,10 @@
 
     DbMagicError                     base of every dbmagic error
     ├── ConfigurationError           no credentials, a refused host, a bad option
+    │   ├── SettingError             an option's value is refused (the same words from every front end)
+    │   └── TemplateError            the prompt template names something undefined, or is not Jinja2
     ├── TransformError               a transform_input/transform_output raised or returned the wrong type
+    ├── FormatError                  the answer cannot be shown in the format asked for (-f json)
     └── RequestError                 the workspace answered with an error, or could not be reached
         ├── BadRequest               400: the request body was refused
         ├── AuthenticationError      401: missing, wrong or expired token
@@ -30,7 +33,10 @@ from typing import Any
 __all__ = [
     "DbMagicError",
     "ConfigurationError",
+    "SettingError",
+    "TemplateError",
     "TransformError",
+    "FormatError",
     "RequestError",
     "BadRequest",
     "AuthenticationError",
@@ -52,6 +58,18 @@ class DbMagicError(Exception):
 
 class ConfigurationError(DbMagicError):
     """Credentials could not be found, a host was refused, or an option is invalid."""
+
+
+class SettingError(ConfigurationError):
+    """A value that an option does not take; the message names the option and what it takes."""
+
+
+class TemplateError(ConfigurationError):
+    """A prompt template names something undefined, or is not valid Jinja2."""
+
+
+class FormatError(DbMagicError):
+    """The answer cannot be shown in the requested format (e.g. ``json`` that does not parse)."""
 
 
 class TransformError(DbMagicError):

@@ -33,34 +33,28 @@ Subcommands of the line magic: ``whoami``, ``endpoints``, ``history``, ``reset [
 
 from __future__ import annotations
 
-import json
+import argparse
 import shlex
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
-from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode
+from traitlets import TraitError, TraitType, Undefined
 
-from . import _cell
-from .errors import DbMagicError, TransformError
-from .render import FORMATS, extract_code
+from . import _cell, settings
+from .errors import DbMagicError, SettingError, TransformError
+from .render import extract_code
 
 __all__ = ["DbLLM", "load_ipython_extension", "unload_ipython_extension"]
 
 SUBCOMMANDS = ("whoami", "endpoints", "history", "reset", "last", "panel")
 _TAKE_ARGS = ("history", "reset")
-
-
-def _positive(kind: type) -> Any:
-    def convert(text: str) -> Any:
-        value = kind(text)  # argparse turns a ValueError into "invalid <kind> value"
-        if value <= 0:
-            raise ValueError(text)
-        return value
-
-    convert.__name__ = f"positive {kind.__name__}"
-    return convert
+NO_CONFIG = "--no-config"
+# which words on the %%dbllm line are options, and which of them take a value
+_FLAGS: dict[str, bool] = {flag: s.type is not bool for s in settings.SETTINGS for flag in s.flags}
+_FLAGS[NO_CONFIG] = False
 
 
 def get_client() -> Any:
@@ -70,56 +64,95 @@ def get_client() -> Any:
     return get_client()
 
 
-@magics_class
-class DbLLM(Magics):
-    """Defaults for ``%%dbllm``; set them with ``%config DbLLM.<name> = value``."""
+class SettingTrait(TraitType):
+    """A ``%config DbLLM.<name>`` trait that takes what the setting takes, with its words."""
 
-    endpoint = Unicode(None, allow_none=True, help="Serving endpoint to query.").tag(config=True)
-    cluster_id = Unicode(None, allow_none=True, help="Cluster of a driver-proxy app.").tag(config=True)
-    port = Int(None, allow_none=True, help="Port of a driver-proxy app.").tag(config=True)
-    org_id = Unicode(None, allow_none=True, help="Org (workspace) id for driver-proxy URLs.").tag(config=True)
-    task = Unicode(None, allow_none=True, help="Override the endpoint's task (e.g. llm/v1/chat).").tag(config=True)
-    system = Unicode(None, allow_none=True, help="System prompt for chat endpoints.").tag(config=True)
-    temperature = Float(None, allow_none=True, help="Sampling temperature.").tag(config=True)
-    max_tokens = Int(None, allow_none=True, help="Largest number of tokens to generate.").tag(config=True)
-    stop = List(Unicode(), help="Stop sequences.").tag(config=True)
-    params = Dict(help="Extra request fields, e.g. {'top_p': 0.9}.").tag(config=True)
-    timeout = Float(None, allow_none=True, help="Seconds to wait for an answer (or each streamed chunk).").tag(
-        config=True)
-    format = CaselessStrEnum(FORMATS, default_value="markdown", help="How answers are shown.").tag(config=True)
-    stream = Bool(True, help="Stream answers token by token where the endpoint streams.").tag(config=True)
-    transform_input = Unicode(None, allow_none=True, help="Name of a transform_input(**request) function.").tag(
-        config=True)
-    transform_output = Unicode(None, allow_none=True, help="Name of a transform_output(value) function.").tag(
-        config=True)
-    chat = Bool(False, help="Keep a conversation per endpoint across cells.").tag(config=True)
-    dry_run = Bool(False, help="Show every request instead of sending it.").tag(config=True)
-    output = Unicode(None, allow_none=True, help="Variable that receives every answer.").tag(config=True)
-    insert = Bool(False, help="Put each answer's code into the next cell.").tag(config=True)
+    def __init__(self, setting: settings.Setting):
+        self.setting = setting
+        self.info_text = {float: "a number", int: "a whole number", bool: "True or False", str: "text",
+                          list: "a list of strings", dict: "a dict of request fields"}[setting.type]
+        if setting.choices:
+            self.info_text = "one of " + ", ".join(setting.choices)
+        mutable = isinstance(setting.default, (list, dict))
+        spelled = f" ({'/'.join(setting.flags)})" if setting.flags else ""
+        super().__init__(default_value=Undefined if mutable else setting.default,
+                         allow_none=setting.default is None, help=setting.help + spelled)
+
+    def make_dynamic_default(self) -> Any:
+        return settings.coerce(self.setting.name, None)  # a fresh [] or {}
+
+    def validate(self, obj: Any, value: Any) -> Any:
+        try:
+            return settings.coerce(self.setting.name, value)
+        except SettingError as exc:
+            raise TraitError(str(exc)) from None
+
+
+def _trait(s: settings.Setting) -> SettingTrait:
+    # named like traitlets' own, so that `%config DbLLM` reads "DbLLM.temperature=<Float>"
+    name = "Enum" if s.choices else {float: "Float", int: "Int", bool: "Bool", str: "Unicode", list: "List",
+                                     dict: "Dict"}[s.type]
+    return type(name, (SettingTrait,), {})(s).tag(config=True)
+
+
+# the %config traits, one per setting; DbLLM (below) adds the magic to them
+_Options = type(Magics)("DbLLMOptions", (Magics,), {
+    "__doc__": "Defaults for ``%%dbllm``; set them with ``%config DbLLM.<name> = value``.",
+    **{s.name: _trait(s) for s in settings.SETTINGS},
+})
+
+
+def _flag_arguments(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``@argument`` for every setting that has a flag, in the table's order, then the prompt."""
+    decorators = [argument(*s.flags, **_argparse_options(s)) for s in settings.SETTINGS if s.flags]
+    decorators.append(argument(NO_CONFIG, action="store_true", help="ignore the %%config DbLLM defaults for this cell"))
+    decorators.append(argument("prompt", nargs="*", help="the prompt, for the one-line %%dbllm (the cell body "
+                                                         "otherwise); -- before it when it starts with a dash"))
+    for decorate in reversed(decorators):  # magic_arguments reads them bottom-up, as written in source
+        func = decorate(func)
+    return func
+
+
+def _argparse_options(s: settings.Setting) -> dict[str, Any]:
+    options: dict[str, Any] = {"dest": s.name, "default": None,
+                               "help": (s.flag_help or s.help).replace("%", "%%")}
+    if s.type is bool:
+        return {**options, "action": "store_const", "const": not s.default}
+    if s.metavar:
+        options["metavar"] = s.metavar
+    elif s.choices:
+        options["metavar"] = "{" + ",".join(s.choices) + "}"
+    if s.repeatable:
+        options["action"] = "append"
+    options["type"] = _converter(s)
+    return options
+
+
+def _converter(s: settings.Setting) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            if s.type is dict:
+                return settings.parse_param(text)
+            value = settings.from_text(s.name, text)
+        except SettingError as exc:  # argparse shows it after the flag's name
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value[0] if s.type is list else value
+
+    convert.__name__ = s.name
+    return convert
+
+
+@magics_class
+class DbLLM(_Options):
+    """Defaults for ``%%dbllm``; set them with ``%config DbLLM.<name> = value`` (see `dbmagic.settings`)."""
+
+    def setting_values(self) -> dict[str, Any]:
+        """The ``%config`` defaults in force, by setting name (the panel starts from them)."""
+        return {s.name: getattr(self, s.name) for s in settings.SETTINGS}
 
     @no_var_expand
     @magic_arguments()
-    @argument("-e", "--endpoint", help="serving endpoint to query (default: %%config DbLLM.endpoint)")
-    @argument("--cluster-id", help="cluster of a driver-proxy app (found by itself inside Databricks)")
-    @argument("--port", type=_positive(int), help="port of a driver-proxy app")
-    @argument("--org-id", help="org id for the driver-proxy URL (default: from the workspace)")
-    @argument("-t", "--temperature", type=float, help="sampling temperature")
-    @argument("--max-tokens", type=_positive(int), help="largest number of tokens to generate")
-    @argument("--stop", action="append", help=r'stop sequence, repeatable; escapes like "\n" work')
-    @argument("-p", "--param", action="append", metavar="KEY=VALUE",
-              help="extra request field, repeatable; VALUE is parsed as JSON when it parses")
-    @argument("--system", help=r'system prompt (chat endpoints); escapes like "\n" work')
-    @argument("--task", help="override the endpoint's task: chat, completions, embeddings, custom")
-    @argument("--timeout", type=_positive(float), help="seconds to wait for the answer, or for each streamed chunk")
-    @argument("--transform-input", metavar="NAME", help="function(**request) -> request from the notebook")
-    @argument("--transform-output", metavar="NAME", help="function(value) -> value from the notebook")
-    @argument("--dry-run", action="store_true", help="show the exact request (token hidden); send nothing")
-    @argument("-o", "--output", metavar="VAR", help="store the answer in this variable")
-    @argument("-f", "--format", choices=FORMATS, help="markdown (default), text, code, json or html")
-    @argument("--insert", action="store_true", help="put the answer's code into the next cell")
-    @argument("--no-stream", action="store_true", help="wait for the whole answer instead of streaming")
-    @argument("--chat", action="store_true", help="keep a conversation with this endpoint across cells")
-    @argument("prompt", nargs="*", help="the prompt, for the one-line %%dbllm (the cell body otherwise)")
+    @_flag_arguments
     @line_cell_magic
     def dbllm(self, line: str, cell: str | None = None) -> None:
         """Send the cell (a Jinja2 template) to a Databricks serving endpoint or driver-proxy app."""
@@ -138,63 +171,39 @@ class DbLLM(Magics):
         # `%dbllm last week's numbers?` is a prompt: only history and reset take words after them
         if cell is None and words and words[0] in SUBCOMMANDS and (len(words) == 1 or words[0] in _TAKE_ARGS):
             return getattr(self, f"_cmd_{words[0]}")(words[1:])
-        argv, rest = split_options(self.dbllm.parser, line)
-        args = self.dbllm.parser.parse_args(argv)  # raises UsageError on bad values
+        argv, prompt = split_options(line)
+        args = self.dbllm.parser.parse_args([*argv, "--", prompt] if prompt else argv)  # UsageError if bad
+        template = " ".join(args.prompt)
         if cell is None:
-            template = rest
             if not template.strip():
                 raise UsageError(
                     "No prompt: write it after the options (%dbllm -e NAME What is 2+2?) or use %%dbllm with "
                     "the prompt in the cell. Subcommands: " + ", ".join(SUBCOMMANDS) + "."
                 )
         else:
-            if rest.strip():
-                raise UsageError(f"Unexpected words after the options: {rest.strip()!r}. "
+            if template.strip():
+                raise UsageError(f"Unexpected words after the options: {template.strip()!r}. "
                                  "With %%dbllm the prompt goes in the cell body.")
             template = cell
             if not template.strip():
                 raise UsageError("The cell is empty: write the prompt below the %%dbllm line.")
-        output = args.output or self.output
-        if output is not None and not output.isidentifier():
-            raise UsageError(f"-o {output!r} is not a valid variable name.")
-        spec = self._spec(args)
+        overrides = {s.name: getattr(args, s.name) for s in settings.SETTINGS if s.flags}
+        if overrides["extra_params"] is not None:  # one dict per -p
+            overrides["extra_params"] = {k: v for item in overrides["extra_params"] for k, v in item.items()}
+        values = settings.merge({} if args.no_config else self.setting_values(), overrides)
+        spec = settings.spec_from(values)
         namespace = self.shell.user_ns
         client = get_client()
         rich = type(self.shell).__name__ != "TerminalInteractiveShell"
-        if args.dry_run or self.dry_run:
+        if values["dry_run"]:
             _cell.dry_run(spec, template, namespace, client, rich=rich)
             return None
         completion = _cell.run_prompt(spec, template, namespace, client, rich=rich)
-        if output:
-            namespace[output] = completion.value
-        if args.insert or self.insert:
+        if values["output"]:
+            namespace[values["output"]] = completion.value
+        if values["insert"]:
             self.shell.set_next_input(extract_code(completion.text)[0], replace=False)
         return None
-
-    def _spec(self, args: Any) -> _cell.CallSpec:
-        def pick(name: str) -> Any:
-            value = getattr(args, name)
-            return value if value is not None else getattr(self, name)
-
-        # an endpoint or proxy app named on the line beats one from %config
-        if args.endpoint:
-            endpoint, cluster_id, port = args.endpoint, None, None
-        elif args.cluster_id or args.port:
-            endpoint, cluster_id, port = None, pick("cluster_id"), pick("port")
-        else:
-            endpoint, cluster_id, port = self.endpoint, self.cluster_id, self.port
-        params = dict(self.params)
-        params.update(parse_params(args.param or []))
-        return _cell.CallSpec(
-            endpoint=endpoint, cluster_id=cluster_id, port=port, org_id=pick("org_id"),
-            task=pick("task"), system=unescape(args.system) if args.system is not None else self.system,
-            temperature=pick("temperature"),
-            max_tokens=pick("max_tokens"),
-            stop=[unescape(s) for s in args.stop] if args.stop else list(self.stop),
-            params=params, timeout=pick("timeout"), format=(args.format or self.format).lower(),
-            stream=self.stream and not args.no_stream, chat=args.chat or self.chat,
-            transform_input=pick("transform_input"), transform_output=pick("transform_output"),
-        )
 
     def _show_user_traceback(self, exc: TransformError) -> None:
         """Show the user's own traceback from inside the transform (our frames left out)."""
@@ -274,59 +283,61 @@ def _show_table(headers: list[str], rows: list[list[str]], *, header: bool = Tru
     display({"text/markdown": "\n".join(md), "text/plain": text}, raw=True)
 
 
-def split_options(parser: Any, line: str) -> tuple[list[str], str]:
+def split_options(line: str) -> tuple[list[str], str]:
     """Split ``line`` into the leading options (as argv) and the raw rest (the one-line prompt),
-    so a prompt keeps its quotes and apostrophes exactly as typed."""
-    lexer = shlex.shlex(line, posix=True)
-    lexer.whitespace_split = True
-    lexer.commenters = ""
+    so a prompt keeps its quotes and apostrophes exactly as typed.
+
+    Options are the words of `dbmagic.settings` (and ``--no-config``); the prompt starts at the
+    first other word, or after ``--``. A word like ``-5`` starts a prompt; an unknown ``--word``
+    is an error rather than a prompt, so a typo in an option is never sent to the endpoint.
+    """
     argv: list[str] = []
     expecting_value = False
-    end = 0
-    while True:
+    for start, end in _word_spans(line):
         try:
-            token = lexer.get_token()
+            (word,) = shlex.split(line[start:end])
         except ValueError:  # an unbalanced quote: it belongs to the prompt
-            break
-        if token is None:
-            return argv, ""
+            return argv, line[start:].strip()
         if expecting_value:
+            argv.append(word)
             expecting_value = False
-        elif token.startswith("-") and token != "-":
-            action = parser._option_string_actions.get(token.split("=", 1)[0])
-            expecting_value = action is not None and action.nargs != 0 and "=" not in token
+        elif word == "--":
+            return argv, line[end:].strip()
+        elif word.split("=", 1)[0] in _FLAGS:
+            argv.append(word)
+            expecting_value = _FLAGS[word.split("=", 1)[0]] and "=" not in word
+        elif word.startswith("--") and word[2:3].isalpha():
+            raise UsageError(f"Unknown option {word.split('=', 1)[0]!r} (see %%dbllm?). "
+                             "If the prompt starts with it, put -- before the prompt.")
         else:
-            break
-        argv.append(token)
-        end = lexer.instream.tell()
-    return argv, line[end:].strip()
+            return argv, line[start:].strip()
+    return argv, ""
 
 
-def parse_params(items: list[str]) -> dict[str, Any]:
-    """``-p key=value`` pairs; a value that parses as JSON is taken as JSON (numbers, lists, ...)."""
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"-p takes KEY=VALUE, e.g. -p top_p=0.9; got {item!r}.")
-        try:
-            params[key] = json.loads(value)
-        except ValueError:
-            params[key] = value
-    return params
-
-
-def unescape(text: str) -> str:
-    r"""Turn the ``\n``, ``\t`` and ``\\`` a user types into the characters."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
-            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
-            i += 2
-        else:
-            out.append(text[i])
+def _word_spans(line: str) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each shell word of ``line``, quotes and backslashes respected."""
+    i, n = 0, len(line)
+    while i < n:
+        while i < n and line[i].isspace():
             i += 1
-    return "".join(out)
+        if i >= n:
+            return
+        start, quote = i, None
+        while i < n:
+            c = line[i]
+            if quote:
+                if c == quote:
+                    quote = None
+                elif c == "\\" and quote == '"':
+                    i += 1
+            elif c in "'\"":
+                quote = c
+            elif c == "\\":
+                i += 1
+            elif c.isspace():
+                break
+            i += 1
+        yield start, min(i, n)
 
 
 def load_ipython_extension(ipython: Any) -> None:

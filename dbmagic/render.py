@@ -14,16 +14,12 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from .errors import DbMagicError
+from .errors import FormatError
 
-__all__ = ["FORMATS", "bundle", "output_metadata", "extract_code", "parse_json", "LiveOutput", "FormatError"]
+__all__ = ["FORMATS", "bundle", "output_metadata", "extract_code", "parse_json", "LiveOutput"]
 
 FORMATS = ("markdown", "text", "code", "json", "html")
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
-
-
-class FormatError(DbMagicError):
-    """The answer cannot be shown in the requested format (e.g. ``json`` that does not parse)."""
 
 
 def extract_code(text: str) -> tuple[str, str]:

@@ -9,15 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ConfigurationError
+from .errors import TemplateError
 
-__all__ = ["render_prompt", "TemplateError"]
+__all__ = ["render_prompt"]
 
 _MARKERS = ("{{", "{%", "{#")
-
-
-class TemplateError(ConfigurationError):
-    """A prompt template names something undefined, or is not valid Jinja2."""
 
 
 def render_prompt(template: str, namespace: Mapping[str, Any]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import dbmagic
@@ -35,6 +37,7 @@ transform_input, transform_output = _seed["transform_input"], _seed["transform_o
 # -- each endpoint kind --------------------------------------------------------------------------
 
 def test_chat(client, workspace):
+    workspace.fail(CHAT, delay=0.2)  # the server takes 0.2 s: the latency measures it
     completion = client.complete("How are you?", endpoint=CHAT, system="Be brief.", temperature=0.1,
                                  max_tokens=256, stop=["\n\n"], n=1, extra_params={"top_k": 5})
     assert completion.text == "[Be brief.] Echo: How are you?"
@@ -42,7 +45,7 @@ def test_chat(client, workspace):
     assert completion.usage == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
     assert completion.served_model == "meta-llama-3.3-70b-instruct"
     assert completion.request_id.startswith("local-")
-    assert completion.latency > 0
+    assert 0.2 <= completion.latency < 1.5
     sent = last(workspace)
     assert sent.path == f"/serving-endpoints/{CHAT}/invocations"
     assert sent.headers["Authorization"] == "Bearer ***" and sent.authorized
@@ -50,7 +53,7 @@ def test_chat(client, workspace):
     assert sent.json == {"messages": [{"role": "system", "content": "Be brief."},
                                       {"role": "user", "content": "How are you?"}],
                          "temperature": 0.1, "max_tokens": 256, "stop": ["\n\n"], "n": 1,
-                         "extra_params": {"top_k": 5}}
+                         "top_k": 5}  # extra_params merge into the request, as LangChain's do
 
 
 def test_chat_history_is_sent_before_the_prompt(client, workspace):
@@ -124,15 +127,43 @@ def test_proxy_without_cluster_outside_a_notebook(client):
         client.complete("x", port=PORT)
 
 
-def test_unknown_task_override(client):
-    with pytest.raises(ConfigurationError, match="Unknown task 'chta': use chat, completions"):
+def test_unknown_task_override(client, workspace):
+    with pytest.raises(ConfigurationError, match=r"task must be chat, completions, embeddings or custom .*got 'chta'"):
         client.complete("x", endpoint=CHAT, task="chta")
+    assert workspace.requests == []
 
 
-def test_endpoint_name_cannot_reach_another_path(client, workspace):
-    with pytest.raises(EndpointNotFound):
-        client.complete("x", endpoint="../../api/2.0/serving-endpoints", task="chat")
-    assert workspace.requests[-1].path == "/serving-endpoints/..%2F..%2Fapi%2F2.0%2Fserving-endpoints/invocations"
+@pytest.mark.parametrize("options", [{"endpoint": "../../api/2.0/serving-endpoints"}, {"endpoint": ".."},
+                                     {"cluster_id": "../../api", "port": PORT}, {"cluster_id": CLUSTER, "port": PORT,
+                                                                                "org_id": "1/../.."}])
+def test_a_name_cannot_reach_another_path(client, workspace, options):
+    with pytest.raises(ConfigurationError, match=r"must be a plain name \(no '/'"):
+        client.complete("x", task="chat", **options)
+    assert workspace.requests == []
+
+
+def test_options_are_checked_before_sending(client, workspace):
+    for options, message in [({"temperature": float("nan")}, "temperature must be a finite number; got nan"),
+                             ({"max_tokens": 0}, "max_tokens must be at least 1; got 0"),
+                             ({"extra_params": {"top_p": float("inf")}}, "extra_params must hold JSON values only"),
+                             ({"stop": [1]}, "stop must be a list of strings"),
+                             ({"n": 0}, "n must be a whole number of at least 1")]:
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            client.complete("x", endpoint=CHAT, **options)
+    with pytest.raises(ConfigurationError, match="timeout must be above 0"):
+        client.complete("x", endpoint=CHAT, timeout=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'top_p'.*request fields go in extra_params="):
+        client.complete("x", endpoint=CHAT, top_p=0.9)
+    assert [r for r in workspace.requests if r.method == "POST"] == []
+
+
+def test_help_shows_the_call_options():
+    import inspect
+
+    for method in (Client.prepare, Client.complete, Client.stream):
+        parameters = inspect.signature(method).parameters
+        assert {"temperature", "max_tokens", "stop", "extra_params", "system", "history"} <= set(parameters)
+        assert not any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def test_no_target(client):

@@ -63,7 +63,7 @@ def test_config_defaults_and_line_options_beat_them(shell, workspace):
     shell.run_line_magic("config", f'DbLLM.endpoint = "{CHAT}"')
     shell.run_line_magic("config", "DbLLM.temperature = 0.7")
     shell.run_line_magic("config", 'DbLLM.system = "Default system."')
-    shell.run_line_magic("config", 'DbLLM.params = {"top_k": 3}')
+    shell.run_line_magic("config", 'DbLLM.extra_params = {"top_k": 3}')
     cell(shell, "", "first")
     assert sent(workspace).json["temperature"] == 0.7 and sent(workspace).json["top_k"] == 3
     assert sent(workspace).json["messages"][0] == {"role": "system", "content": "Default system."}
@@ -281,18 +281,26 @@ def test_whoami_endpoints_last(shell, workspace):
 
 
 @pytest.mark.parametrize("line, message", [
-    (f"-e {CHAT} -t hot", "argument -t/--temperature: invalid float value: 'hot'"),
-    (f"-e {CHAT} --max-tokens many", "invalid positive int value: 'many'"),
-    (f"-e {CHAT} --max-tokens 0", "invalid positive int value: '0'"),
-    (f"-e {CHAT} --timeout -1", "invalid positive float value: '-1'"),
-    (f"-e {CHAT} -f yaml", "invalid choice: 'yaml'"),
+    (f"-e {CHAT} -t hot", "argument -t/--temperature: temperature must be a number; got 'hot'."),
+    (f"-e {CHAT} -t nan", "argument -t/--temperature: temperature must be a finite number; got 'nan'."),
+    (f"-e {CHAT} --max-tokens many", "max_tokens must be a whole number; got 'many'."),
+    (f"-e {CHAT} --max-tokens 0", "max_tokens must be at least 1; got '0'."),
+    (f"-e {CHAT} --timeout -1", "timeout must be above 0; got '-1'."),
+    (f"-e {CHAT} --timeout inf", "timeout must be a finite number; got 'inf'."),
+    (f"-e {CHAT} -f yaml", "format must be one of markdown, text, code, json, html; got 'yaml'."),
+    (f"-e {CHAT} -p top_p=Infinity", "Infinity is not a finite number, and JSON cannot carry it."),
+    (f"-e {CHAT} --cluster-id {CLUSTER} --port {PORT}", "Give either an endpoint or a driver-proxy app"),
+    (f"-e {CHAT} --temprature 0.2", "Unknown option '--temprature' (see %%dbllm?)"),
+    (f"-e ../../api/2.0", "endpoint must be a plain name"),
     (f"-e {CHAT} -p novalue", "-p takes KEY=VALUE"),
     (f"-e {CHAT} -p stream=false", "-p stream=... is a setting, not a request field: answers stream by default; --no-stream"),
     (f"-e {CHAT} -p cluster_id=x", "-p cluster_id=... is a setting, not a request field: use --cluster-id."),
-    (f"-e {CHAT} -o 1bad", "not a valid variable name"),
+    (f"-e {CHAT} -o 1bad", "output must be a valid variable name (not a keyword or a __dunder__); got '1bad'."),
+    (f"-e {CHAT} -o class", "output must be a valid variable name"),
     (f"-e {CHAT} stray words", "Unexpected words after the options: 'stray words'"),
     ("", "No endpoint given: pass endpoint= (--endpoint NAME"),
-    (f"-e {CHAT} --task chat -p max_tokens=\"x\"", "Invalid value for 'max_tokens'"),
+    (f"-e {CHAT} -p max_tokens=5", "-p max_tokens=... is a setting, not a request field: use --max-tokens."),
+    (f"-e {CHAT} --task chat -p n=\"x\"", "Invalid value for 'n'"),  # the endpoint's own 400
 ])
 def test_bad_option_values(shell, line, message):
     with pytest.raises(UsageError) as info:

@@ -103,7 +103,7 @@ def test_proxy_app(panel, workspace):
     assert answer(panel)["text/markdown"] == "Echo: How are you?"
     panel.port.value = "seventy"
     panel.send()
-    assert "Port 'seventy' is not a number" in status(panel)
+    assert "port must be a whole number; got 'seventy'." in status(panel)
 
 
 def test_transform_pickers_list_notebook_functions(panel, shell, workspace):
@@ -184,10 +184,15 @@ def test_clear(panel):
 
 def test_bad_parameter_values_send_nothing(panel, workspace):
     ask(panel, "hi", temperature="warm")
-    assert "Temperature 'warm' is not a number" in status(panel)
+    assert "temperature must be a number; got 'warm'." in status(panel)
     panel.temperature.value = ""
     ask(panel, "hi", max_tokens="1.5")
-    assert "Max tokens '1.5' is not a whole number" in status(panel)
+    assert "max_tokens must be a whole number; got '1.5'." in status(panel)
+    ask(panel, "hi", max_tokens="0")
+    assert "max_tokens must be at least 1; got '0'." in status(panel)  # the words of --max-tokens 0
+    panel.max_tokens.value = ""
+    ask(panel, "hi", extra_params='{"top_p": NaN}')
+    assert "extra_params must hold JSON values only" in status(panel)
     ask(panel, "   ", max_tokens="")
     assert "Write a prompt first." in status(panel)
     assert posts(workspace) == []
@@ -208,6 +213,7 @@ def test_two_panels_do_not_interfere(shell, workspace):
 
 
 def test_history_is_the_same_store_as_chat_cells(panel, shell, workspace, capsys):
+    panel.chat.value = True
     ask(panel, "from the panel")
     assert "from the panel" in panel.history.value and "Echo: from the panel" in panel.history.value
     shell.run_cell_magic("dbllm", f"-e {CHAT} --chat", "from a cell")
@@ -231,7 +237,7 @@ def test_copy_as_cell_reproduces_the_request(panel, shell, workspace):
     from_panel = posts(workspace)[-1].json
     cell = panel.copy_as_cell()
     assert cell == ("%%dbllm -e databricks-meta-llama-3-3-70b-instruct -t 0.25 --max-tokens 20 --stop '\\n\\n' "
-                    "--system 'Line one\\nline two' -f text --transform-output shout\nHi {{ 1 + 1 }}")
+                    "--system 'Line one\\nline two' --transform-output shout -f text\nHi {{ 1 + 1 }}")
     assert panel.cell_text.value == cell and panel.cell_text.layout.display == ""
     assert "Copied the %%dbllm cell" in status(panel)
     assert shell.run_cell(cell).success

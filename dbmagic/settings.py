@@ -1,0 +1,409 @@
+"""Every ``%%dbllm`` option, defined once.
+
+Each `Setting` says what an option is: its name, type, default, rule, help text, command-line
+spelling and panel control. Everything else derives from this table:
+
+- the ``%config DbLLM.<name>`` traits and their validation (`dbmagic.magic`),
+- the ``%%dbllm`` flags and ``%%dbllm?`` (`dbmagic.magic`),
+- the panel's controls and its "Copy as cell" (`dbmagic._panel`),
+- `CallSpec`, what every front end hands to the cell runner (`dbmagic._cell`),
+- the checks `dbmagic.Client` makes of the same values from Python.
+
+So a value refused on the command line is refused by ``%config``, the panel and the Python API,
+with the same message, and a new option is one entry here (plus its tests).
+
+This module imports nothing heavy (no IPython, no requests): any layer may use its rules.
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any
+
+from . import _wire
+from .errors import SettingError
+from .render import FORMATS
+
+__all__ = ["Setting", "SETTINGS", "BY_NAME", "CALL", "CLIENT_OPTIONS", "TARGET", "CallSpec", "coerce", "from_text",
+           "unescape", "escape", "parse_param", "merge", "to_argv", "cell_argv", "spec_from"]
+
+TARGET = ("endpoint", "cluster_id", "port")  # where a call goes: named together, overridden together
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option of ``%%dbllm``.
+
+    ``flags`` are its command-line spellings (none: not a flag); a bool's flag sets the opposite of
+    its default (``--chat``, ``--no-stream``). ``widget`` is the panel's control for it: ``endpoint``,
+    ``text``, ``number``, ``textarea``, ``tags``, ``choice``, ``json``, ``checkbox``, ``function``,
+    or None for an option of the magic only. ``rule`` returns a message when a (typed) value is
+    refused. ``escapes``: ``\\n`` and ``\\t`` typed on the command line become the characters.
+    ``scope`` is ``call`` (part of `CallSpec`) or ``cell`` (what the magic does with the answer).
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    flags: tuple[str, ...] = ()
+    widget: str | None = None
+    rule: Callable[[Any], str | None] | None = None
+    choices: tuple[str, ...] = ()
+    escapes: bool = False
+    metavar: str | None = None
+    scope: str = "call"
+    label: str = ""
+    flag_help: str | None = None  # when the flag does the opposite of the setting (--no-stream)
+
+    @property
+    def flag(self) -> str:
+        """The long spelling, used in messages and by Copy as cell."""
+        return self.flags[-1]
+
+    @property
+    def title(self) -> str:
+        """What the panel calls it."""
+        return self.label or self.name.replace("_", " ").capitalize()
+
+    @property
+    def repeatable(self) -> bool:
+        return self.type in (list, dict)
+
+    @property
+    def optional(self) -> bool:
+        return self.default is None
+
+
+# -- rules: each returns why a value is refused, or None ------------------------------------------
+
+def _segment(value: str) -> str | None:
+    # the value becomes one segment of a URL path that carries the token
+    if value.strip() != value or not value:
+        return "must not be empty or start or end with white space"
+    if "/" in value or "\\" in value or value in (".", "..") or any(ord(c) < 32 for c in value):
+        return "must be a plain name (no '/', '\\', control characters, '.' or '..')"
+    return None
+
+
+def _between(low: float, high: float | None = None, *, low_open: bool = False) -> Callable[[Any], str | None]:
+    def rule(value: float) -> str | None:
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            above = f"above {low:g}" if low_open else f"at least {low:g}"
+            return f"must be {above}" + (f" and at most {high:g}" if high is not None else "")
+        return None
+    return rule
+
+
+def _task(value: str) -> str | None:
+    if _wire.known_task(value):
+        return None
+    return "must be chat, completions, embeddings or custom (or the endpoint's own task, e.g. llm/v1/chat)"
+
+
+def _identifier(value: str) -> str | None:
+    if not value.isidentifier() or keyword.iskeyword(value) or (value.startswith("__") and value.endswith("__")):
+        return "must be a valid variable name (not a keyword or a __dunder__)"
+    return None
+
+
+def _dotted_name(value: str) -> str | None:
+    if not all(part.isidentifier() for part in value.split(".")):
+        return "must name a function in the notebook (e.g. clean or helpers.clean)"
+    return None
+
+
+def _json_fields(value: dict[str, Any]) -> str | None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"must hold JSON values only (finite numbers, strings, lists, objects): {exc}"
+    return None
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("endpoint", str, None, "serving endpoint to query (default: %config DbLLM.endpoint)",
+            ("-e", "--endpoint"), "endpoint", _segment),
+    Setting("cluster_id", str, None, "cluster of a driver-proxy app (found by itself inside Databricks)",
+            ("--cluster-id",), "text", _segment, label="Cluster"),
+    Setting("port", int, None, "port of a driver-proxy app", ("--port",), "number", _between(1, 65535)),
+    Setting("org_id", str, None, "org id for the driver-proxy URL (default: from the workspace)",
+            ("--org-id",), "text", _segment),
+    Setting("temperature", float, None, "sampling temperature", ("-t", "--temperature"), "number", _between(0)),
+    Setting("max_tokens", int, None, "largest number of tokens to generate", ("--max-tokens",), "number",
+            _between(1)),
+    Setting("stop", list, [], r'stop sequence, repeatable; escapes like "\n" work', ("--stop",), "tags",
+            escapes=True),
+    Setting("extra_params", dict, {}, "extra request field, repeatable; VALUE is parsed as JSON when it parses",
+            ("-p", "--param"), "json", _json_fields, metavar="KEY=VALUE", label="Extra fields"),
+    Setting("system", str, None, r'system prompt (chat endpoints); escapes like "\n" work', ("--system",),
+            "textarea", escapes=True, label="System prompt"),
+    Setting("task", str, None, "override the endpoint's task: chat, completions, embeddings, custom",
+            ("--task",), "text", _task),
+    Setting("timeout", float, None, "seconds to wait for the answer, or for each streamed chunk",
+            ("--timeout",), "number", _between(0, low_open=True), label="Timeout (s)"),
+    Setting("transform_input", str, None, "function(**request) -> request from the notebook",
+            ("--transform-input",), "function", _dotted_name, metavar="NAME", label="Input fn"),
+    Setting("transform_output", str, None, "function(value) -> value from the notebook",
+            ("--transform-output",), "function", _dotted_name, metavar="NAME", label="Output fn"),
+    Setting("dry_run", bool, False, "show the exact request (token hidden); send nothing", ("--dry-run",),
+            scope="cell"),
+    Setting("output", str, None, "store the answer in this variable", ("-o", "--output"), rule=_identifier,
+            metavar="VAR", scope="cell"),
+    Setting("format", str, "markdown", "markdown (default), text, code, json or html", ("-f", "--format"),
+            "choice", choices=FORMATS),
+    Setting("insert", bool, False, "put the answer's code into the next cell", ("--insert",), scope="cell"),
+    Setting("stream", bool, True, "stream answers token by token where the endpoint streams", ("--no-stream",),
+            "checkbox", label="Stream", flag_help="wait for the whole answer instead of streaming"),
+    Setting("chat", bool, False, "keep a conversation with this endpoint across cells", ("--chat",), "checkbox",
+            label="Keep conversation"),
+)
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+CALL: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.scope == "call")
+# the call settings that are `Client.prepare` keywords as they are (the others: transforms, which
+# the cell runner finds by name, and timeout, format, stream and chat, which it applies itself)
+CLIENT_OPTIONS = ("endpoint", "cluster_id", "port", "org_id", "task", "system", "temperature", "max_tokens", "stop",
+                  "extra_params")
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+def coerce(name: str, value: Any, *, typed_as: str | None = None) -> Any:
+    """``value`` as setting ``name`` takes it (a copy for lists and dicts), or `SettingError`.
+
+    ``typed_as`` is the text the user typed, when ``value`` was read from it (the message shows it).
+    """
+    s = BY_NAME[name]
+    try:
+        return _coerce(s, value)
+    except SettingError as exc:
+        if typed_as is None:
+            raise
+        raise SettingError(str(exc).rsplit("; got ", 1)[0] + f"; got {_shown(typed_as)}.") from None
+
+
+def _coerce(s: Setting, value: Any) -> Any:
+    name = s.name
+    if value is None and (s.optional or s.repeatable):
+        return _default(s)
+    typed = _typed(s, value)
+    if typed is _REFUSED:
+        raise SettingError(f"{name} {_what(s)}; got {_shown(value)}.")
+    if s.choices and typed.lower() not in s.choices:
+        raise SettingError(f"{name} must be one of {', '.join(s.choices)}; got {_shown(value)}.")
+    if s.choices:
+        typed = typed.lower()
+    if s.rule is not None:
+        items = typed if s.type is list else [typed]
+        for item in items:
+            why = s.rule(item)
+            if why:
+                raise SettingError(f"{name} {why}; got {_shown(value)}.")
+    return typed
+
+
+_REFUSED = object()
+
+
+def _typed(s: Setting, value: Any) -> Any:
+    if s.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else _REFUSED
+    if s.type is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _REFUSED
+    if s.type is bool:
+        return value if isinstance(value, bool) else _REFUSED
+    if s.type is str:
+        return value if isinstance(value, str) else _REFUSED
+    if s.type is list:
+        if isinstance(value, str):
+            value = [value]
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return list(value) if ok else _REFUSED
+    if s.type is dict:
+        ok = isinstance(value, Mapping) and all(isinstance(k, str) and k for k in value)
+        return dict(value) if ok else _REFUSED
+    raise TypeError(s.type)
+
+
+def _what(s: Setting) -> str:
+    return {float: "must be a number", int: "must be a whole number", bool: "must be True or False",
+            str: "must be text", list: "must be a list of strings",
+            dict: "must be a mapping of field names to values"}[s.type]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _default(s: Setting) -> Any:
+    return s.default.copy() if isinstance(s.default, (list, dict)) else s.default
+
+
+def from_text(name: str, text: str) -> Any:
+    """A value of setting ``name`` as typed on the command line or in a panel field."""
+    s = BY_NAME[name]
+    if s.type in (int, float):
+        try:
+            value: Any = s.type(text.strip())
+        except ValueError:
+            raise SettingError(f"{name} {_what(s)}; got {_shown(text)}.") from None
+    elif s.type is dict:
+        value = _json_object(name, text)
+    else:
+        value = unescape(text) if s.escapes else text
+    return coerce(name, value, typed_as=text)
+
+
+def _json_object(name: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise SettingError(f"{name} must be a JSON object, e.g. {{\"top_p\": 0.9}}; {exc}.") from None
+    if not isinstance(value, dict):
+        raise SettingError(f"{name} must be a JSON object, e.g. {{\"top_p\": 0.9}}; got {_shown(text)}.")
+    return value
+
+
+def parse_param(item: str) -> dict[str, Any]:
+    """One ``-p KEY=VALUE``; a VALUE that parses as JSON is taken as JSON (numbers, lists, ...)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise SettingError(f"-p takes KEY=VALUE, e.g. -p top_p=0.9; got {_shown(item)}.")
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError:
+        value = text
+    except RecursionError:
+        raise SettingError(f"-p {key}: the JSON value is nested too deeply.") from None
+    if key in BY_NAME:
+        s = BY_NAME[key]
+        hint = f"use {s.flag}" if s.flags else "set it in %config DbLLM"
+        if key == "stream":
+            hint = "answers stream by default; --no-stream turns it off"
+        raise SettingError(f"-p {key}=... is a setting, not a request field: {hint}.")
+    if key in ("prompt", "messages", "history"):
+        raise SettingError(f"-p {key}=... is not a request field you set: the prompt is the cell body, "
+                           "and --chat keeps the conversation.")
+    return coerce("extra_params", {key: value})
+
+
+def _no_constant(name: str) -> Any:
+    raise SettingError(f"{name} is not a finite number, and JSON cannot carry it.")
+
+
+def unescape(text: str) -> str:
+    r"""Turn the ``\n``, ``\t`` and ``\\`` a user types into the characters."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def escape(text: str) -> str:
+    """The inverse of `unescape`: what to type for ``text``."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The values a call uses: ``overrides`` (from the command line, say) over ``defaults`` (from
+    ``%config``). A target named in ``overrides`` replaces the default target whole, so
+    ``--cluster-id``/``--port`` beat ``%config DbLLM.endpoint``; request fields merge."""
+    values = {s.name: _default(s) for s in SETTINGS}
+    values.update((k, v) for k, v in defaults.items() if k in values)
+    if overrides.get("endpoint") is not None:
+        if overrides.get("cluster_id") is not None or overrides.get("port") is not None:
+            raise SettingError("Give either an endpoint or a driver-proxy app (cluster id and port), not both.")
+        values["cluster_id"] = values["port"] = None
+    elif overrides.get("cluster_id") is not None or overrides.get("port") is not None:
+        values["endpoint"] = None  # the proxy app's other half may still come from %config
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        values[name] = {**values[name], **value} if BY_NAME[name].type is dict else value
+    return values
+
+
+# -- the description of one call --------------------------------------------------------------
+
+class _CallSpecMethods:
+    @property
+    def target_key(self) -> str:
+        """The conversation key: the endpoint name or ``cluster:port``."""
+        return self.endpoint or f"{self.cluster_id}:{self.port}"  # type: ignore[attr-defined]
+
+    def values(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+
+CallSpec = make_dataclass(
+    "CallSpec",
+    [(s.name, Any, field(default_factory=lambda s=s: _default(s))) for s in CALL],
+    bases=(_CallSpecMethods,),
+    namespace={"__doc__": "Everything that decides one call, as the options and %config defaults resolve: "
+                          + ", ".join(s.name for s in CALL) + "."},
+)
+CallSpec.__module__ = __name__
+
+
+def spec_from(values: Mapping[str, Any]) -> Any:
+    """The `CallSpec` of resolved ``values`` (names of other scopes are ignored)."""
+    return CallSpec(**{s.name: values[s.name] for s in CALL if s.name in values})
+
+
+# -- back to the command line ---------------------------------------------------------------------
+
+def to_argv(name: str, value: Any) -> list[str]:
+    """The ``%%dbllm`` words that set ``name`` to ``value`` (none when it is the built-in default)."""
+    s = BY_NAME[name]
+    if value == s.default or (value in (None, "", [], {}) and s.default in (None, [], {})):
+        return []
+    flag = s.flags[0]
+    if s.type is bool:
+        return [flag]
+    if s.type is list:
+        return [w for item in value for w in (flag, escape(item))]
+    if s.type is dict:
+        return [w for k, v in value.items() for w in (flag, f"{k}={_param_text(v)}")]
+    if s.type is float:
+        return [flag, repr(value)]
+    return [flag, escape(value) if s.escapes else str(value)]
+
+
+def _param_text(value: Any) -> str:
+    # a string that would not parse as JSON is written bare (-p style=terse), as parse_param reads it
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def cell_argv(values: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """The ``%%dbllm`` words for a call with ``values``, given the ``%config`` defaults in force.
+
+    Every value that is not the built-in default is written. When the ``%config`` defaults would
+    still change the call (a panel field left empty while ``%config`` sets it), ``--no-config``
+    makes the cell ignore ``%config``, so that it sends exactly what ``values`` describe.
+    """
+    written = {s.name: values.get(s.name) for s in CALL if to_argv(s.name, values.get(s.name))}
+    argv = [w for name, value in written.items() for w in to_argv(name, value)]
+    wanted = spec_from(merge({}, values))
+    if spec_from(merge(config, written)) != wanted:
+        argv.insert(0, "--no-config")
+    return argv
