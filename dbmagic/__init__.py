@@ -28,12 +28,15 @@ from .errors import (
     ConnectionFailed,
     DbMagicError,
     EndpointNotFound,
+    FormatError,
     PermissionDenied,
     RateLimited,
     RequestError,
     RequestTimeout,
     ServerError,
+    SettingError,
     StreamInterrupted,
+    TemplateError,
     TransformError,
 )
 
@@ -41,6 +44,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Client": "client",
+    "CallOptions": "client",
     "Completion": "client",
     "Stream": "client",
     "PreparedRequest": "client",
@@ -60,7 +64,10 @@ __all__ = [
     "load_ipython_extension",
     "DbMagicError",
     "ConfigurationError",
+    "SettingError",
+    "TemplateError",
     "TransformError",
+    "FormatError",
     "RequestError",
     "BadRequest",
     "AuthenticationError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -255,7 +256,7 @@ def test_transform_returning_the_wrong_type(client):
 
 @pytest.mark.parametrize("mode", ["chunked", "close"])
 def test_stream_chat_token_by_token(mode):
-    with LocalWorkspace(stream_mode=mode) as ws:
+    with LocalWorkspace(stream_mode=mode, chunk_delay=0.1) as ws:
         client = Client(host=ws.host, token=ws.token)
         stream = client.stream("one two three", endpoint=CHAT, max_tokens=10, transform_output=transform_output)
         pieces = list(stream)
@@ -265,7 +266,10 @@ def test_stream_chat_token_by_token(mode):
         assert completion.text == "ECHO: ONE TWO THREE"
         assert completion.usage["completion_tokens"] == 4
         assert completion.finish_reason == "stop"
-        assert completion.time_to_first_token is not None
+        # the first piece is written at once, the other three 0.1 s apart: the first token came
+        # well before the end, and the whole answer took the three pauses
+        assert completion.time_to_first_token < 0.1 and completion.latency >= 0.3
+        assert completion.latency - completion.time_to_first_token >= 0.25
 
 
 def test_stream_completions(client, workspace):
@@ -324,18 +328,18 @@ def test_stream_close_stops_reading_and_keeps_text(workspace):
 
 # -- errors: every row of WIRE.md, every body shape, never the token ------------------------------
 
-@pytest.mark.parametrize("status, code, cls_name, words", [
-    (400, "INVALID_PARAMETER_VALUE", "BadRequest", "refused the request"),
-    (401, None, "AuthenticationError", "did not accept the token"),
-    (403, "PERMISSION_DENIED", "PermissionDenied", "No permission to query"),
-    (404, "RESOURCE_DOES_NOT_EXIST", "EndpointNotFound", "was not found on"),
-    (429, "REQUEST_LIMIT_EXCEEDED", "RateLimited", "is rate limited"),
-    (500, None, "ServerError", "failed"),
-    (502, None, "ServerError", "failed"),
-    (503, "TEMPORARILY_UNAVAILABLE", "ServerError", "failed"),
-    (504, None, "RequestTimeout", "timed out"),
+@pytest.mark.parametrize("status, code, cls_name, words, step", [
+    (400, "INVALID_PARAMETER_VALUE", "BadRequest", "refused the request", "Fix the parameters named"),
+    (401, None, "AuthenticationError", "did not accept the token", "set DATABRICKS_TOKEN"),
+    (403, "PERMISSION_DENIED", "PermissionDenied", "No permission to query", "CAN_QUERY permission"),
+    (404, "RESOURCE_DOES_NOT_EXIST", "EndpointNotFound", "was not found on", "`%dbllm endpoints`"),
+    (429, "REQUEST_LIMIT_EXCEEDED", "RateLimited", "is rate limited", "lower the concurrency"),
+    (500, None, "ServerError", "failed", "scaling up from zero"),
+    (502, None, "ServerError", "failed", "scaling up from zero"),
+    (503, "TEMPORARILY_UNAVAILABLE", "ServerError", "failed", "scaling up from zero"),
+    (504, None, "RequestTimeout", "timed out", "raise the timeout"),
 ])
-def test_error_rows(workspace, clock, status, code, cls_name, words):
+def test_error_rows(workspace, clock, status, code, cls_name, words, step):
     client = Client(host=workspace.host, token=workspace.token, clock=clock,
                     retry=dbmagic.RetryPolicy(attempts=1))
     body = {"message": "The server's own words."}
@@ -350,7 +354,7 @@ def test_error_rows(workspace, clock, status, code, cls_name, words):
     message = str(error)
     assert f"endpoint '{CHAT}'" in message and words in message
     assert "The server's own words." in message
-    assert message.endswith(error.next_step) and len(error.next_step) > 20
+    assert message.endswith(error.next_step) and step in error.next_step
 
 
 @pytest.mark.parametrize("body, shown", [
@@ -421,3 +425,75 @@ def test_client_without_credentials_fails_on_first_use_not_on_creation():
     assert "not resolved" in repr(client)
     with pytest.raises(ConfigurationError, match="No Databricks credentials found"):
         client.complete("x", endpoint=CHAT)
+
+
+# -- the stream seam: a Stream over any body, no socket ----------------------------------------------
+
+class ScriptedBody:
+    """A response body that gives the bytes it was handed, one read at a time."""
+
+    def __init__(self, *reads):
+        self.reads = list(reads)
+        self.closed = False
+
+    def read(self, size=65536):
+        if not self.reads:
+            return b""
+        item = self.reads.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def read_all(self):
+        return b"".join(self.reads)
+
+    def abort(self):
+        self.reads = []
+
+    def close(self):
+        self.closed = True
+
+
+def _chat_events(*pieces, finish="stop"):
+    events = [{"choices": [{"delta": {"content": p}, "finish_reason": None}]} for p in pieces]
+    events[-1]["choices"][0]["finish_reason"] = finish
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def test_a_stream_reads_through_the_body_seam():
+    from dbmagic.client import PreparedRequest, Stream
+
+    prepared = PreparedRequest("chat", "endpoint 'x'", "/serving-endpoints/x/invocations", {}, "https://h", stream=True)
+    raw = _chat_events("Hel", "lo", " there")
+    body = ScriptedBody(*(raw[i:i + 7] for i in range(0, len(raw), 7)))  # events split anywhere
+    stream = Stream(prepared, body, {"Content-Type": "text/event-stream", "x-request-id": "r1"}, 0.0, str.upper)
+    assert list(stream) == ["Hel", "lo", " there"]
+    assert (stream.completion.text, stream.completion.request_id) == ("HELLO THERE", "r1")
+    assert body.closed
+
+    events = _chat_events("one", " two")
+    cut = ScriptedBody(events[:events.index(b"\n\n") + 10], ConnectionError("ProtocolError"))
+    stream = Stream(prepared, cut, {"Content-Type": "text/event-stream"}, 0.0, None)
+    with pytest.raises(StreamInterrupted, match=r"cut: the connection broke \(ProtocolError\)") as info:
+        list(stream)
+    assert info.value.partial == stream.text == "one"
+
+
+def test_every_error_lives_in_errors_is_exported_and_drawn():
+    import importlib
+    import pkgutil
+
+    import dbmagic.errors as errors
+
+    for module in pkgutil.walk_packages(dbmagic.__path__, "dbmagic."):
+        if module.name not in ("dbmagic.demo", "dbmagic.testing.__main__"):
+            importlib.import_module(module.name)
+    found, todo = set(), [errors.DbMagicError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls)
+        todo += cls.__subclasses__()
+    for cls in found:
+        assert cls.__module__ == "dbmagic.errors", cls
+        assert getattr(dbmagic, cls.__name__) is cls and cls.__name__ in dbmagic.__all__
+        assert re.search(rf"── {cls.__name__} ", errors.__doc__) or cls is errors.DbMagicError, cls

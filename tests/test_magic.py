@@ -42,7 +42,8 @@ def test_chat_prompt_with_every_call_option(shell, workspace):
     meta = shell.display_pub.outputs[-1]["metadata"]["dbmagic"]
     assert meta["endpoint"] == f"endpoint '{CHAT}'"
     assert meta["served_model"] == "meta-llama-3.3-70b-instruct"
-    assert meta["usage"]["completion_tokens"] == 5 and meta["latency_ms"] >= 0
+    assert meta["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    assert meta["latency_ms"] == round(shell.user_ns[LAST].latency * 1000, 1)
 
 
 def test_template_over_the_namespace_without_ipython_expansion(shell, workspace):

@@ -198,18 +198,27 @@ def test_bad_parameter_values_send_nothing(panel, workspace):
     assert posts(workspace) == []
 
 
-def test_two_panels_do_not_interfere(shell, workspace):
-    workspace.chunk_delay = 0.01
+def test_two_panels_send_at_the_same_time_and_do_not_interfere(shell, workspace):
+    # the server holds each request until both have arrived: sends one after the other get a 409
+    workspace.fail(CHAT, gather=2, times=2, gather_timeout=5)
     a, b = Panel(shell), Panel(shell)
-    a.endpoint.value, b.endpoint.value = CHAT, COMPLETIONS
+    a.endpoint.value = b.endpoint.value = CHAT
     a.prompt.value, b.prompt.value = "alpha one two three", "beta one two three"
     a.send_button.click()
     b.send_button.click()
     a.wait()
     b.wait()
-    assert answer(a)["text/markdown"] == "Echo: alpha one two three"
-    assert answer(b)["text/markdown"] == "Echo: beta one two three"
-    assert a.result.endpoint != b.result.endpoint
+    assert answer(a)["text/markdown"] == "Echo: alpha one two three", status(a)
+    assert answer(b)["text/markdown"] == "Echo: beta one two three", status(b)
+    assert a.result is not b.result
+
+
+def test_sends_that_do_not_overlap_are_caught_by_the_server(shell, workspace):
+    # the check above can fail: one send at a time runs into the 409
+    workspace.fail(CHAT, gather=2, times=2, gather_timeout=0.3)
+    a = Panel(shell)
+    ask(a, "alone")
+    assert "REQUESTS_DID_NOT_OVERLAP" in status(a)
 
 
 def test_history_is_the_same_store_as_chat_cells(panel, shell, workspace, capsys):

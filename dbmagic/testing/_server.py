@@ -78,7 +78,9 @@ class Fault:
     ``status`` answers with that status (and ``body``, else a Databricks-shaped error) and
     ``retry_after`` as a header (and any other ``headers``); ``delay`` waits first; ``cut_after``
     streams that many chunks (then ``body`` as an event, when it is a dict) and drops the connection; ``stall_after`` pauses ``stall`` seconds
-    after that many chunks; ``malformed`` sends a body that is not JSON.
+    after that many chunks; ``malformed`` sends a body that is not JSON. ``gather`` holds each request
+    until that many have arrived (proof that a client sends them at the same time; give ``times``
+    as many): if they do not all arrive within ``gather_timeout`` seconds, each answers 409.
     """
 
     status: int | None = None
@@ -91,6 +93,11 @@ class Fault:
     malformed: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     times: int = 1
+    gather: int = 0
+    gather_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        self._barrier = threading.Barrier(self.gather) if self.gather else None
 
 
 @dataclass
@@ -356,6 +363,13 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.workspace._take_fault(*keys)
         if fault is None:
             return None
+        if fault._barrier is not None:
+            try:
+                fault._barrier.wait(fault.gather_timeout)
+            except threading.BrokenBarrierError:
+                self._error(409, f"Only some of {fault.gather} requests arrived within {fault.gather_timeout:g} s "
+                                 "of each other.", "REQUESTS_DID_NOT_OVERLAP")
+                return True
         if fault.delay:
             time.sleep(fault.delay)
         if fault.status is not None:

@@ -1,0 +1,187 @@
+"""One definition per option: every front end derives from dbmagic.settings, and they agree."""
+
+from __future__ import annotations
+
+import html
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from traitlets import TraitError
+
+from dbmagic import ConfigurationError, settings
+from dbmagic._panel import PROXY, Panel
+from dbmagic.magic import DbLLM, split_options
+
+from .conftest import CHAT, CLUSTER, CUSTOM, PORT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A value other than the default for every setting: a new setting needs one here, and then every
+# test below checks it.
+SAMPLES = {
+    "endpoint": CHAT, "cluster_id": CLUSTER, "port": PORT, "org_id": "42", "temperature": 0.25,
+    "max_tokens": 20, "stop": ["\n\n", "END"], "extra_params": {"top_p": 0.9, "tags": ["a"], "style": "terse"},
+    "system": "Line one\nline two", "task": "completions", "timeout": 30.0, "transform_input": "concise",
+    "transform_output": "shout", "dry_run": True, "output": "answer", "format": "text", "insert": True,
+    "stream": False, "chat": True,
+}
+TRANSFORMS = ("def shout(value):\n    return value.upper()\n"
+              "def concise(**request):\n    request['prompt'] += ' Be concise.'\n    return request\n")
+
+
+def posts(workspace):
+    return [r for r in workspace.requests if r.method == "POST"]
+
+
+def test_every_setting_has_a_sample():
+    assert set(SAMPLES) == set(settings.BY_NAME)
+
+
+@pytest.mark.parametrize("s", settings.SETTINGS, ids=lambda s: s.name)
+def test_every_setting_has_a_trait_a_flag_a_control_and_a_cell_spelling(s, shell):
+    magics = next(c for c in shell.configurables if isinstance(c, DbLLM))
+    trait = magics.traits(config=True)[s.name]
+    assert magics.setting_values()[s.name] == s.default
+    assert s.help in trait.help
+    # the flag parses back to the sample, through the same splitter and parser as a real line
+    words = settings.to_argv(s.name, SAMPLES[s.name])
+    assert words and words[0] in s.flags
+    line = " ".join(shlex.quote(w) for w in words)
+    argv, prompt = split_options(line)
+    assert prompt == ""
+    parsed = getattr(DbLLM.dbllm.parser.parse_args(argv), s.name)
+    if s.type is dict:  # one dict per -p
+        parsed = {k: v for item in parsed for k, v in item.items()}
+    assert parsed == SAMPLES[s.name]
+    if s.scope == "call":
+        assert s.widget is not None, f"{s.name} is a call setting without a panel control"
+        assert s.name in Panel(shell).controls
+    else:
+        assert s.widget is None  # magic-only: what the cell does with the answer
+
+
+def test_panel_to_cell_to_request_round_trip(shell, workspace):
+    shell.run_cell(TRANSFORMS)
+    p = Panel(shell)
+    values = {"system": SAMPLES["system"], "temperature": "0.25", "max_tokens": "20", "stop": ["\\n\\n", "END"],
+              "extra_params": '{"top_p": 0.9, "tags": ["a"], "style": "terse"}', "timeout": "30",
+              "transform_input": "concise", "transform_output": "shout", "format": "text", "stream": False,
+              "chat": True}
+    for name, value in values.items():
+        p.controls[name].value = value
+    p.prompt.value = "Hi {{ 1 + 1 }}"
+    p.send()
+    p.wait()
+    from_panel = posts(workspace)[-1].json
+    assert from_panel == {"messages": [{"role": "system", "content": "Line one\nline two"},
+                                       {"role": "user", "content": "Hi 2 Be concise."}],
+                          "temperature": 0.25, "max_tokens": 20, "stop": ["\n\n", "END"], "top_p": 0.9,
+                          "tags": ["a"], "style": "terse"}
+    cell = p.as_cell()
+    assert "--no-config" not in cell  # nothing set by %config
+    p.client.conversations.reset()  # the cell's turn must start the conversation as the panel's did
+    assert shell.run_cell(cell).success
+    assert posts(workspace)[-1].json == from_panel
+    assert shell.user_ns["_dbllm"].text == "[LINE ONE\nLINE TWO] ECHO: HI 2 BE CONCISE."
+
+
+def test_round_trip_for_a_proxy_app_and_a_task(shell, workspace):
+    p = Panel(shell)
+    p.endpoint.value = PROXY
+    p.cluster_id.value, p.port.value, p.org_id.value = CLUSTER, str(PORT), "42"
+    p.prompt.value = "How are you?"
+    p.send()
+    p.wait()
+    sent = posts(workspace)[-1]
+    assert sent.path == f"/driver-proxy-api/o/42/{CLUSTER}/{PORT}"
+    assert shell.run_cell(p.as_cell()).success
+    assert (posts(workspace)[-1].path, posts(workspace)[-1].json) == (sent.path, sent.json)
+    p.endpoint.value, p.controls["task"].value = CUSTOM, "completions"
+    assert "--task completions" in p.as_cell()
+
+
+def test_a_cleared_panel_field_beats_config_in_the_copied_cell(shell, workspace):
+    # drift: the panel compared with %config and left a cleared stop list out of the cell
+    shell.run_line_magic("config", 'DbLLM.stop = ["END"]')
+    shell.run_line_magic("config", "DbLLM.temperature = 0.7")
+    p = Panel(shell)
+    assert p.stop_sequences.value == ["END"] and p.temperature.value == "0.7"
+    p.stop_sequences.value = []
+    p.prompt.value = "one END two"
+    p.send()
+    p.wait()
+    from_panel = posts(workspace)[-1].json
+    assert "stop" not in from_panel and from_panel["temperature"] == 0.7
+    cell = p.as_cell()
+    assert cell.startswith("%%dbllm --no-config -e ") and "--stop" not in cell and "-t 0.7" in cell
+    assert shell.run_cell(cell).success
+    assert posts(workspace)[-1].json == from_panel
+
+
+def test_config_refuses_what_the_flag_refuses_with_the_same_words(shell, workspace):
+    # drift: %config DbLLM.max_tokens = 0 was accepted while --max-tokens 0 was refused
+    magics = next(c for c in shell.configurables if isinstance(c, DbLLM))
+    cases = [("max_tokens", "0", 0), ("temperature", "nan", float("nan")), ("timeout", "-1", -1.0),
+             ("port", "70000", 70000), ("format", "yaml", "yaml"), ("output", "class", "class"),
+             ("task", "chta", "chta"), ("endpoint", "../x", "../x")]
+    for name, typed, value in cases:
+        with pytest.raises(ConfigurationError) as flag:
+            settings.from_text(name, typed)
+        with pytest.raises(TraitError) as config:
+            setattr(magics, name, value)
+        words = str(flag.value).rsplit("; got ", 1)[0]
+        assert str(config.value).startswith(words + "; got "), (name, str(config.value))
+        p = Panel(shell)
+        if name in p.controls and settings.BY_NAME[name].widget in ("text", "number"):
+            p.controls[name].value = typed
+            p.prompt.value = "hi"
+            p.send()
+            assert words in html.unescape(p.status.value)
+    assert magics.max_tokens is None and posts(workspace) == []
+    shell.run_line_magic("config", "DbLLM.max_tokens = 0")  # IPython logs the refusal; the value stays
+    assert magics.max_tokens is None
+
+
+def test_panel_starts_from_config_chat(shell):
+    # drift: the panel kept the conversation whatever DbLLM.chat said
+    assert Panel(shell).chat.value is False
+    shell.run_line_magic("config", "DbLLM.chat = True")
+    assert Panel(shell).chat.value is True
+
+
+def test_panel_without_the_extension_uses_the_built_in_defaults(shell):
+    shell.run_line_magic("unload_ext", "dbmagic")
+    try:
+        p = Panel(shell)
+        assert p.format.value == "markdown" and p.stream.value is True and p.stop_sequences.value == []
+    finally:
+        shell.run_line_magic("load_ext", "dbmagic")
+
+
+def test_no_config_ignores_the_defaults_for_one_cell(shell, workspace):
+    shell.run_line_magic("config", f'DbLLM.endpoint = "{CHAT}"')
+    shell.run_line_magic("config", "DbLLM.temperature = 0.7")
+    shell.run_cell_magic("dbllm", "", "with")
+    assert posts(workspace)[-1].json["temperature"] == 0.7
+    shell.run_cell_magic("dbllm", f"--no-config -e {CHAT}", "without")
+    assert "temperature" not in posts(workspace)[-1].json
+
+
+def test_each_module_imports_alone():
+    modules = [f"dbmagic.{p.stem}" for p in (ROOT / "dbmagic").glob("*.py") if p.stem != "__init__"]
+    modules += ["dbmagic.testing", "dbmagic.testing._server"]
+    runs = {m: subprocess.Popen([sys.executable, "-c", f"import {m}"], stderr=subprocess.PIPE, text=True)
+            for m in modules}
+    failed = {m: run.communicate(timeout=60)[1].strip().splitlines()[-1:] for m, run in runs.items()}
+    assert {m: err for m, err in failed.items() if runs[m].returncode} == {}
+    assert "dbmagic.magic" not in (ROOT / "dbmagic" / "_panel.py").read_text()
+
+
+def test_the_core_tests_need_no_nbval():
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:nbval", "-p", "no:cacheprovider",
+                             "tests/test_wire.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
