@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import requests
+from _processes import median_process_times  # noqa: E402
 
 from dbmagic import Client
 from dbmagic.testing import LocalWorkspace
@@ -81,15 +83,9 @@ def imports(runs: int) -> None:
         "import dbmagic": "import dbmagic",
         "from dbmagic import Client": "from dbmagic import Client",
     }
-    times: dict[str, list[float]] = {k: [] for k in statements}
-    for _ in range(runs):
-        for name, code in statements.items():
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True)
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["import requests"])
-    for name, samples in times.items():
-        med = statistics.median(samples)
+    medians = median_process_times(statements, runs)
+    base = medians["import requests"]
+    for name, med in medians.items():
         print(f"python -c {name!r}: {med * 1000:.1f} ms (whole process, median of {runs}) -> "
               f"{med / base:.2f}x import requests")
 

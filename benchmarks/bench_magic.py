@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _processes import median_process_times  # noqa: E402
 
 BARE = "from IPython.core.interactiveshell import InteractiveShell; ip = InteractiveShell.instance()"
 LOADED = BARE + "; ip.run_line_magic('load_ext', 'dbmagic')"
@@ -26,13 +29,8 @@ CHAT = "databricks-meta-llama-3-3-70b-instruct"
 
 
 def starts(runs: int) -> None:
-    times: dict[str, list[float]] = {"bare": [], "load_ext": []}
-    for _ in range(runs):
-        for name, code in (("bare", BARE), ("load_ext", LOADED)):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True)
-            times[name].append(time.perf_counter() - start)
-    bare, loaded = statistics.median(times["bare"]), statistics.median(times["load_ext"])
+    medians = median_process_times({"bare": BARE, "load_ext": LOADED}, runs)
+    bare, loaded = medians["bare"], medians["load_ext"]
     print(f"InteractiveShell start: {bare * 1000:.0f} ms; with %load_ext dbmagic: {loaded * 1000:.0f} ms "
           f"-> {loaded / bare:.2f}x (whole process, median of {runs})")
 

@@ -21,7 +21,15 @@ from dbmagic._credentials import Credentials
 from dbmagic.errors import error_class
 from dbmagic.testing import Endpoint, LocalWorkspace
 
-from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, EMBEDDINGS, LANGCHAIN_TRANSFORMS, PORT
+from .conftest import (
+    CHAT,
+    CLUSTER,
+    COMPLETIONS,
+    CUSTOM,
+    EMBEDDINGS,
+    LANGCHAIN_TRANSFORMS,
+    PORT,
+)
 
 
 def last(workspace):

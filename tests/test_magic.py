@@ -13,7 +13,15 @@ import dbmagic
 from dbmagic._cell import LAST
 from dbmagic.render import LiveOutput
 
-from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, EMBEDDINGS, LANGCHAIN_TRANSFORMS, PORT
+from .conftest import (
+    CHAT,
+    CLUSTER,
+    COMPLETIONS,
+    CUSTOM,
+    EMBEDDINGS,
+    LANGCHAIN_TRANSFORMS,
+    PORT,
+)
 
 
 def shown(ip):
@@ -292,7 +300,7 @@ def test_whoami_endpoints_last(shell, workspace):
     (f"-e {CHAT} -p top_p=Infinity", "Infinity is not a finite number, and JSON cannot carry it."),
     (f"-e {CHAT} --cluster-id {CLUSTER} --port {PORT}", "Give either an endpoint or a driver-proxy app"),
     (f"-e {CHAT} --temprature 0.2", "Unknown option '--temprature' (see %%dbllm?)"),
-    (f"-e ../../api/2.0", "endpoint must be a plain name"),
+    ("-e ../../api/2.0", "endpoint must be a plain name"),
     (f"-e {CHAT} -p novalue", "-p takes KEY=VALUE"),
     (f"-e {CHAT} -p stream=false", "-p stream=... is a setting, not a request field: answers stream by default; --no-stream"),
     (f"-e {CHAT} -p cluster_id=x", "-p cluster_id=... is a setting, not a request field: use --cluster-id."),
