@@ -1,4 +1,5 @@
-"""The notebooks run under nbval when nbval is installed (the ``test`` extra).
+"""The notebooks (``dbmagic/notebooks``, shipped in the package) run under nbval when nbval is
+installed (the ``test`` extra).
 
 The nbval flags live here, not in ``addopts``, so ``pytest tests/test_wire.py`` works in an
 environment with only dbmagic's core and pytest: there nbval is absent and no notebook is collected.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
+SANITIZE = Path(__file__).resolve().parent / "tests" / "nbval_sanitize.cfg"
 
 
 def pytest_configure(config):
@@ -18,6 +19,6 @@ def pytest_configure(config):
     if not option.nbval_lax:
         option.nbval = True
     option.nbval_current_env = True
-    option.nbval_sanitize_with = option.nbval_sanitize_with or str(NOTEBOOKS / "sanitize.cfg")
+    option.nbval_sanitize_with = option.nbval_sanitize_with or str(SANITIZE)
     if option.nbval_cell_timeout == 2000:  # nbval's default: far too long for a cell of ours
         option.nbval_cell_timeout = 120

@@ -40,8 +40,6 @@ from .errors import (
     TransformError,
 )
 
-__version__ = "0.1.0"
-
 _LAZY = {
     "Client": "client",
     "CallOptions": "client",
@@ -61,6 +59,7 @@ _LAZY = {
 
 __all__ = [
     *_LAZY,
+    "__version__",
     "load_ipython_extension",
     "DbMagicError",
     "ConfigurationError",
@@ -83,12 +82,24 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read once, from the installed metadata (pyproject.toml's version)
+        globals()[name] = value = _version()
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dbmagic' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dbmagic")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def __dir__() -> list[str]:

@@ -1,8 +1,10 @@
 """``python -m dbmagic.demo [NOTEBOOK] [--save PATH]``: run a notebook headless, show what a user sees.
 
-The main job of the README: it executes ``notebooks/quickstart.ipynb`` in a fresh kernel (the
-notebook starts its own local workspace), prints each cell with the text of its outputs, and
-saves the executed notebook (default ``artifacts/quickstart.ipynb``). A failing cell fails the run.
+The main job of the README: from any folder, it executes the quickstart notebook shipped in the
+package (``dbmagic/notebooks/quickstart.ipynb``; the notebook starts its own local workspace) in a
+fresh kernel, prints each cell with the text of its outputs, and saves the executed notebook
+(default ``artifacts/quickstart.ipynb`` under the current folder). A failing cell fails the run.
+``python -m dbmagic.demo panel`` runs the shipped panel notebook; a path runs any other notebook.
 Needs the ``demo`` extra: ``pip install 'dbmagic[demo]'``.
 """
 
@@ -12,10 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
+SHIPPED = Path(__file__).resolve().parent / "notebooks"
+NOTEBOOKS = ("quickstart", "panel")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dbmagic.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("notebook", nargs="?", default="notebooks/quickstart.ipynb")
+    parser.add_argument("notebook", nargs="?", default="quickstart",
+                        help="quickstart or panel (shipped with dbmagic), or the path of a notebook")
     parser.add_argument("--save", default=None, help="where to write the executed notebook "
                                                       "(default: artifacts/<name>.ipynb)")
     args = parser.parse_args(argv)
@@ -26,12 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("The demo needs nbclient and ipykernel: pip install 'dbmagic[demo]'", file=sys.stderr)
         return 2
-    source = Path(args.notebook)
+    shipped = SHIPPED / f"{args.notebook}.ipynb"
+    source = shipped if args.notebook in NOTEBOOKS else Path(args.notebook)
     if not source.is_file():
-        print(f"No notebook at {source}: run from the repository root, or pass its path.", file=sys.stderr)
+        print(f"No notebook at {source}: pass the path of a notebook, or one of {', '.join(NOTEBOOKS)}.",
+              file=sys.stderr)
         return 2
     nb = nbformat.read(source, as_version=4)
-    client = NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(source.parent)}})
+    # a shipped notebook runs in the current folder (site-packages may be read-only), another in its own
+    workdir = Path.cwd() if source == shipped else source.parent
+    client = NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
     failed = None
     try:
         client.execute()

@@ -32,7 +32,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_committed_notebooks_and_docs_hold_no_token():
     # the local workspace's tokens are "dbmagic-local-<hex>"; a real one would follow "Bearer "
-    for path in [*(ROOT / "notebooks").glob("*.ipynb"), ROOT / "README.md"]:
+    for path in [*(ROOT / "dbmagic" / "notebooks").glob("*.ipynb"), ROOT / "README.md"]:
         text = path.read_text()
         assert "dbmagic-local-" not in text, path
         assert not re.search(r"Bearer (?!\*\*\*)\w", text), path
