@@ -39,10 +39,10 @@ def prepare(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], 
     history = client.conversations.get(spec.target_key) if spec.chat else ()
     options = {name: getattr(spec, name) for name in CLIENT_OPTIONS}
     prepared = client.prepare(prompt, history=history, transform_input=t_in, stream=stream, **options)
-    if spec.chat and prepared.kind != _wire.CHAT:
+    if spec.chat and prepared.kind not in _wire.CONVERSATIONAL:
         raise ConfigurationError(
-            f"--chat keeps a conversation with a chat endpoint, and {prepared.target} takes {prepared.kind} "
-            "requests. Drop --chat, or use a chat endpoint."
+            f"--chat keeps a conversation with a chat or agent endpoint, and {prepared.target} takes "
+            f"{prepared.kind} requests. Drop --chat, or use a chat or agent endpoint."
         )
     return prepared, t_out
 
@@ -93,7 +93,7 @@ def run_prompt(spec: CallSpec, template: str, namespace: MutableMapping[str, Any
         completion = stream.completion
     namespace[LAST] = completion
     if spec.chat:
-        client.conversations.add(spec.target_key, _user_turn(prepared), completion.text)
+        client.conversations.add(spec.target_key, _wire.user_turn(prepared.kind, prepared.body), completion.text)
     live.finish(completion.value, output_metadata(completion))
     return completion
 
@@ -143,10 +143,3 @@ def _keep_partial(namespace: MutableMapping[str, Any], live: LiveOutput, prepare
     namespace[LAST] = partial
     live.finish(text, note=f"The stream was {why}: {len(text)} characters kept in {LAST}.text.")
     return partial
-
-
-def _user_turn(prepared: PreparedRequest) -> str:
-    messages = prepared.body.get("messages")
-    if prepared.kind == _wire.CHAT and messages:
-        return str(messages[-1].get("content", ""))
-    return str(prepared.body.get("prompt", ""))

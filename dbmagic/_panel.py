@@ -244,7 +244,7 @@ class Panel:
             values["cluster_id"] = values["port"] = None
         # a conversation is kept with chat endpoints only; the checkbox stays as the user left it
         kind = self._kinds.get(values["endpoint"] or "", _wire.CHAT)
-        values["chat"] = values["chat"] and values["endpoint"] is not None and kind == _wire.CHAT
+        values["chat"] = values["chat"] and values["endpoint"] is not None and kind in _wire.CONVERSATIONAL
         return settings.merge(self.defaults, values)
 
     def spec(self) -> _cell.CallSpec:

@@ -1,8 +1,9 @@
 """Request bodies and response parsing for each endpoint kind, and the SSE decoder.
 
-Kinds: ``chat`` (``llm/v1/chat``), ``completions`` (``llm/v1/completions``), ``embeddings``
-(``llm/v1/embeddings``), ``custom`` (a custom MLflow model) and ``proxy`` (a cluster driver-proxy
-app). Pure functions over dicts and bytes: no HTTP here.
+Kinds: ``chat`` (``llm/v1/chat``, and the older ``agent/v1/chat`` agents), ``completions``
+(``llm/v1/completions``), ``embeddings`` (``llm/v1/embeddings``), ``responses`` (ResponsesAgent,
+``agent/v1/responses``), ``chat_agent`` (ChatAgent, ``agent/v2/chat``), ``custom`` (a custom MLflow
+model) and ``proxy`` (a cluster driver-proxy app). Pure functions over dicts and bytes: no HTTP here.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CHAT, COMPLETIONS, EMBEDDINGS, CUSTOM, PROXY = "chat", "completions", "embeddings", "custom", "proxy"
-KINDS = (CHAT, COMPLETIONS, EMBEDDINGS, CUSTOM, PROXY)
-STREAMING_KINDS = frozenset({CHAT, COMPLETIONS})
+RESPONSES, CHAT_AGENT = "responses", "chat_agent"
+KINDS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, CHAT_AGENT, CUSTOM, PROXY)
+STREAMING_KINDS = frozenset({CHAT, COMPLETIONS, RESPONSES, CHAT_AGENT})
+# kinds that take a system prompt and earlier turns, so --system and --chat apply
+CONVERSATIONAL = frozenset({CHAT, RESPONSES, CHAT_AGENT})
 _CUSTOM_INPUT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
-_TASKS = {"llm/v1/chat": CHAT, "llm/v1/completions": COMPLETIONS, "llm/v1/embeddings": EMBEDDINGS}
+_TASKS = {"llm/v1/chat": CHAT, "llm/v1/completions": COMPLETIONS, "llm/v1/embeddings": EMBEDDINGS,
+          "agent/v1/responses": RESPONSES, "agent/v2/chat": CHAT_AGENT, "agent/v1/chat": CHAT}
 
 
 class WireError(ValueError):
@@ -24,7 +29,7 @@ class WireError(ValueError):
 
 
 def kind_for(task: str | None) -> str:
-    """The request shape for an endpoint ``task`` (``llm/v1/chat``, ``chat``, ``agent/v2/chat`` ...)."""
+    """The request shape for an endpoint ``task`` (``llm/v1/chat``, ``chat``, ``agent/v1/responses`` ...)."""
     if not task:
         return CUSTOM
     if task in KINDS:
@@ -57,18 +62,21 @@ def build_body(
     history: Sequence[dict[str, Any]] = (),
     stream: bool = False,
 ) -> dict[str, Any]:
-    """The JSON body for ``kind`` from a (possibly transformed) seed-shaped request."""
+    """The JSON body for ``kind`` from a (possibly transformed) seed-shaped request.
+
+    A transform may return the endpoint's own shape (``messages`` for chat, ``input`` for a
+    ResponsesAgent or embeddings, a ``dataframe_*`` key for a custom model): it is sent as it is.
+    """
     body = dict(request)
-    if kind == CHAT:
-        if "messages" not in body:
-            messages: list[dict[str, Any]] = []
-            if system:
-                messages.append({"role": "system", "content": system})
-            messages.extend(history)
-            messages.append({"role": "user", "content": _as_text(body.pop("prompt", ""))})
-            body = {"messages": messages, **body}
-        else:
-            body.pop("prompt", None)
+    if kind in (CHAT, CHAT_AGENT, RESPONSES):
+        field = "input" if kind == RESPONSES else "messages"
+        turns = body.pop("messages", None) if kind == RESPONSES and "input" not in body else body.pop(field, None)
+        prompt = body.pop("prompt", "")
+        if turns is None:
+            turns = [{"role": "system", "content": system}] if system else []
+            turns += [dict(turn) for turn in history]
+            turns.append({"role": "user", "content": _as_text(prompt)})
+        body = {field: turns, **body}
     elif kind == EMBEDDINGS:
         if "input" not in body:
             body = {"input": body.pop("prompt", ""), **body}
@@ -80,6 +88,14 @@ def build_body(
     if stream and kind in STREAMING_KINDS:
         body["stream"] = True
     return body
+
+
+def user_turn(kind: str, body: dict[str, Any]) -> str:
+    """The text of the last user turn of a body (what ``--chat`` keeps), or ``""``."""
+    turns = body.get("input" if kind == RESPONSES else "messages")
+    if kind in CONVERSATIONAL and isinstance(turns, list) and turns and isinstance(turns[-1], dict):
+        return _content_text(turns[-1].get("content"))
+    return _as_text(body.get("prompt", ""))
 
 
 @dataclass
@@ -103,13 +119,25 @@ def parse_response(kind: str, data: Any) -> Parsed:
             else:
                 text = choice.get("text") or ""
             return Parsed(text, text, data.get("usage") or {}, data.get("model"), choice.get("finish_reason"))
+        if kind == RESPONSES:
+            text = "".join(_output_text(item) for item in data["output"])
+            return Parsed(text, text, data.get("usage") or {}, data.get("model"), data.get("status") or "stop")
+        if kind == CHAT_AGENT:
+            answers = [m for m in data["messages"] if m.get("role") == "assistant"]
+            if not answers:
+                raise KeyError("no assistant message")
+            text = _content_text(answers[-1].get("content"))
+            return Parsed(text, text, data.get("usage") or {}, data.get("model"), "stop")
         if kind == EMBEDDINGS:
             vectors = [item["embedding"] for item in sorted(data["data"], key=lambda d: d.get("index", 0))]
             dim = len(vectors[0]) if vectors else 0
             text = f"{len(vectors)} embedding{'s' if len(vectors) != 1 else ''} of dimension {dim}"
             return Parsed(vectors, text, data.get("usage") or {}, data.get("model"))
         if kind == CUSTOM:
-            predictions = data["predictions"] if isinstance(data, dict) else data
+            if isinstance(data, dict):
+                predictions = data["predictions"] if "predictions" in data else data["outputs"]
+            else:
+                predictions = data
             value = predictions[0] if isinstance(predictions, list) and predictions else predictions
             return Parsed(value, _as_text(value))
         if kind == PROXY:
@@ -119,23 +147,47 @@ def parse_response(kind: str, data: Any) -> Parsed:
     raise WireError(f"unknown endpoint kind {kind!r}")
 
 
-def chunk_delta(data: dict[str, Any]) -> tuple[str, dict[str, Any] | None, str | None]:
-    """``(text, usage, finish_reason)`` of one streamed chunk: chat deltas, completion text, or an
-    agent's ``{"delta": {...}}`` without ``choices``."""
-    usage = data.get("usage") or None
-    choices = data.get("choices")
-    if choices:
-        choice = choices[0]
-        delta = choice.get("delta")
+class ChunkReader:
+    """Reads streamed events one by one: ``read(event) -> (text, usage, finish_reason)``.
+
+    Chat and completion chunks (``choices[0].delta`` / ``.text``), ChatAgent chunks
+    (``{"delta": {...}}``), and ResponsesAgent events: ``response.output_text.delta`` carries a
+    string ``delta``; ``response.output_item.done`` repeats the whole item, whose text is shown only
+    when no delta of that item came (so it is never shown twice).
+    """
+
+    def __init__(self) -> None:
+        self._items_with_deltas: set[Any] = set()
+
+    def read(self, data: dict[str, Any]) -> tuple[str, dict[str, Any] | None, str | None]:
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+        kind = data.get("type")
+        if isinstance(kind, str) and kind.startswith("response."):
+            return self._responses_event(kind, data), usage, "stop" if kind == "response.completed" else None
+        choices = data.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            choice = choices[0]
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                text = _content_text(delta.get("content"))
+            else:
+                text = choice.get("text") or ""
+            return (text if isinstance(text, str) else ""), usage, choice.get("finish_reason")
+        delta = data.get("delta")
         if isinstance(delta, dict):
-            text = _content_text(delta.get("content"))
-        else:
-            text = choice.get("text") or ""
-        return text, usage, choice.get("finish_reason")
-    delta = data.get("delta")
-    if isinstance(delta, dict):
-        return _content_text(delta.get("content")), usage, None
-    return "", usage, None
+            return _content_text(delta.get("content")), usage, None
+        return "", usage, None
+
+    def _responses_event(self, kind: str, data: dict[str, Any]) -> str:
+        if kind == "response.output_text.delta":
+            self._items_with_deltas.add(data.get("item_id"))
+            delta = data.get("delta")
+            return delta if isinstance(delta, str) else ""
+        if kind == "response.output_item.done" and isinstance(data.get("item"), dict):
+            item = data["item"]
+            if item.get("id") not in self._items_with_deltas and None not in self._items_with_deltas:
+                return _output_text(item)
+        return ""
 
 
 class SSEDecoder:
@@ -187,8 +239,20 @@ def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+        return "".join(str(p.get("text") or "") if isinstance(p, dict) else str(p) for p in content)
     return str(content)
+
+
+def _output_text(item: Any) -> str:
+    """The text of one ResponsesAgent output item: the ``output_text`` parts of an assistant
+    message (tool calls and their outputs carry none)."""
+    if not isinstance(item, dict) or item.get("type", "message") != "message" or item.get("role", "assistant") != "assistant":
+        return ""
+    content = item.get("content")
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else []
+    return "".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and p.get("type") == "output_text")
 
 
 def _as_text(value: Any) -> str:

@@ -119,7 +119,8 @@ class EndpointInfo:
 
     @property
     def kind(self) -> str:
-        """The request shape dbmagic uses for it: chat, completions, embeddings or custom."""
+        """The request shape dbmagic uses for it (see `dbmagic._wire`): chat, completions, embeddings,
+        responses, chat_agent or custom."""
         return _wire.kind_for(self.task)
 
     @classmethod
@@ -449,6 +450,7 @@ class Stream:
 
     def _events(self) -> Iterator[str]:
         decoder = _wire.SSEDecoder()
+        reader = _wire.ChunkReader()
         usage: dict[str, Any] = {}
         finish: str | None = None
         model: str | None = None
@@ -480,10 +482,10 @@ class Stream:
                     raise self._cut("an event that is not JSON") from None
                 if not isinstance(data, dict):
                     raise self._cut("an event that is not a JSON object")
-                if "error_code" in data or "error" in data:
+                if "error_code" in data or "error" in data or data.get("type") == "error":
                     code, message = parse_error_body(event)
                     raise self._cut(f"an error mid-stream: {message or code}")
-                piece, chunk_usage, chunk_finish = _wire.chunk_delta(data)
+                piece, chunk_usage, chunk_finish = reader.read(data)
                 usage = chunk_usage or usage
                 finish = chunk_finish or finish
                 model = data.get("model") or model

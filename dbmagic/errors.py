@@ -286,9 +286,24 @@ def parse_error_body(body: bytes | str) -> tuple[str | None, str | None]:
         if isinstance(message, dict):  # {"error": {"message": ...}} from some external models
             message = message.get("message") or json.dumps(message)
         return (str(code) if code is not None else None), (str(message) if message else None)
-    if text.lstrip().startswith("<"):  # an HTML error page: its text is noise, say what it was
-        return None, "the server sent an HTML error page"
+    if text.lstrip().startswith("<"):  # an HTML error page (a proxy or gateway): keep its title and <pre>
+        return None, _html_summary(text)
     return None, text[:500]
+
+
+def _html_summary(page: str) -> str:
+    import html
+    import re
+
+    parts = []
+    for tag in ("title", "h1", "pre"):
+        match = re.search(rf"<{tag}[^>]*>(.*?)</{tag}>", page, re.S | re.I)
+        if match:
+            words = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", match.group(1))).split())
+            if words and words not in parts:
+                parts.append(words)
+    summary = " — ".join(parts)[:300]
+    return f"an HTML error page: {summary}" if summary else "the server sent an HTML error page"
 
 
 def _scrub(text: str, secrets: Iterable[str]) -> str:

@@ -104,7 +104,8 @@ def _between(low: float, high: float | None = None, *, low_open: bool = False) -
 def _task(value: str) -> str | None:
     if _wire.known_task(value):
         return None
-    return "must be chat, completions, embeddings or custom (or the endpoint's own task, e.g. llm/v1/chat)"
+    return ("must be one of " + ", ".join(k for k in _wire.KINDS if k != _wire.PROXY)
+            + " (or the endpoint's own task, e.g. llm/v1/chat or agent/v1/responses)")
 
 
 def _identifier(value: str) -> str | None:
@@ -146,7 +147,8 @@ SETTINGS: tuple[Setting, ...] = (
             ("-p", "--param"), "json", _json_fields, metavar="KEY=VALUE", label="Extra fields"),
     Setting("system", str, None, r'system prompt (chat endpoints); escapes like "\n" work', ("--system",),
             "textarea", escapes=True, label="System prompt"),
-    Setting("task", str, None, "override the endpoint's task: chat, completions, embeddings, custom",
+    Setting("task", str, None, "override the endpoint's task: chat, completions, embeddings, responses, "
+                               "chat_agent, custom",
             ("--task",), "text", _task),
     Setting("timeout", float, None, "seconds to wait for the answer, or for each streamed chunk",
             ("--timeout",), "number", _between(0, low_open=True), label="Timeout (s)"),

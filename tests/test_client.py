@@ -137,7 +137,7 @@ def test_proxy_without_cluster_outside_a_notebook(client):
 
 
 def test_unknown_task_override(client, workspace):
-    with pytest.raises(ConfigurationError, match=r"task must be chat, completions, embeddings or custom .*got 'chta'"):
+    with pytest.raises(ConfigurationError, match=r"task must be one of chat, completions, embeddings, responses, chat_agent, custom .*got 'chta'"):
         client.complete("x", endpoint=CHAT, task="chta")
     assert workspace.requests == []
 
@@ -369,6 +369,9 @@ def test_error_rows(workspace, clock, status, code, cls_name, words, step):
     ({"error": "model overloaded"}, "model overloaded"),
     ("plain text failure", "plain text failure"),
     ("<html><body>Bad Gateway</body></html>", "the server sent an HTML error page"),
+    ("<html><head><title>Error 500 Server Error</title></head><body><h2>HTTP ERROR 500</h2>"
+     "<pre>java.lang.IllegalStateException: model &lt;m1&gt; failed</pre></body></html>",
+     "an HTML error page: Error 500 Server Error — java.lang.IllegalStateException: model <m1> failed"),
     ("", "(400)"),
 ])
 def test_error_body_shapes(client, workspace, body, shown):

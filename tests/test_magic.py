@@ -265,7 +265,7 @@ def test_chat_history_reset(shell, workspace, capsys):
     shell.run_line_magic("dbllm", f"reset {CHAT}")
     cell(shell, f"-e {CHAT} --chat", "third")
     assert sent(workspace).json["messages"] == [{"role": "user", "content": "third"}]
-    with pytest.raises(UsageError, match="--chat keeps a conversation with a chat endpoint"):
+    with pytest.raises(UsageError, match="--chat keeps a conversation with a chat or agent endpoint"):
         cell(shell, f"-e {COMPLETIONS} --chat", "x")
 
 

@@ -9,7 +9,8 @@ from dbmagic import _wire
 
 @pytest.mark.parametrize("task, kind", [
     ("llm/v1/chat", "chat"), ("llm/v1/completions", "completions"), ("llm/v1/embeddings", "embeddings"),
-    (None, "custom"), ("agent/v2/chat", "chat"), ("chat", "chat"), ("something/else", "custom"),
+    (None, "custom"), ("agent/v2/chat", "chat_agent"), ("agent/v1/responses", "responses"),
+    ("agent/v1/chat", "chat"), ("chat", "chat"), ("responses", "responses"), ("something/else", "custom"),
 ])
 def test_kind_for_task(task, kind):
     assert _wire.kind_for(task) == kind
@@ -55,11 +56,60 @@ def test_parse_wrong_shape_is_a_wire_error():
         _wire.parse_response("chat", {"predictions": ["x"]})
 
 
-def test_chunk_delta_shapes():
-    assert _wire.chunk_delta({"choices": [{"delta": {"content": "x"}, "finish_reason": None}]}) == ("x", None, None)
-    assert _wire.chunk_delta({"choices": [{"text": "y", "finish_reason": "stop"}], "usage": {"t": 1}}) == (
+def test_chunk_shapes():
+    reader = _wire.ChunkReader()
+    assert reader.read({"choices": [{"delta": {"content": "x"}, "finish_reason": None}]}) == ("x", None, None)
+    assert reader.read({"choices": [{"text": "y", "finish_reason": "stop"}], "usage": {"t": 1}}) == (
         "y", {"t": 1}, "stop")
-    assert _wire.chunk_delta({"delta": {"content": "agent"}}) == ("agent", None, None)
+    assert reader.read({"delta": {"role": "assistant", "content": "agent", "id": "m1"}}) == ("agent", None, None)
+    assert reader.read({"trace_id": "tr-1"}) == ("", None, None)
+
+
+def test_responses_events_show_deltas_once():
+    item = {"type": "message", "id": "msg_1", "role": "assistant",
+            "content": [{"type": "output_text", "text": "Hello"}]}
+    reader = _wire.ChunkReader()
+    texts = [reader.read(e)[0] for e in (
+        {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hel"},
+        {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "lo"},
+        {"type": "response.output_item.done", "item": item})]
+    assert texts == ["Hel", "lo", ""]  # the closing item repeats the text: not shown twice
+    # an agent that sends only whole items (no deltas) still shows its text, tool calls show none
+    reader = _wire.ChunkReader()
+    assert reader.read({"type": "response.output_item.done", "item": {"type": "function_call", "id": "fc_1"}})[0] == ""
+    assert reader.read({"type": "response.output_item.done", "item": item})[0] == "Hello"
+    assert reader.read({"type": "response.completed"})[2] == "stop"
+
+
+def test_agent_bodies_carry_system_and_history():
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    body = _wire.build_body("responses", {"prompt": "c", "temperature": 0.1}, system="S", history=history, stream=True)
+    assert body == {"input": [{"role": "system", "content": "S"}, *history, {"role": "user", "content": "c"}],
+                    "temperature": 0.1, "stream": True}
+    assert _wire.build_body("chat_agent", {"prompt": "c"}, history=history) == {
+        "messages": [*history, {"role": "user", "content": "c"}]}
+    # a transform's own shape is sent as it is: never wrapped in dataframe_records
+    assert _wire.build_body("responses", {"prompt": "x", "input": [{"role": "user", "content": "mine"}]}) == {
+        "input": [{"role": "user", "content": "mine"}]}
+    assert _wire.build_body("responses", {"prompt": "x", "messages": [{"role": "user", "content": "m"}]}) == {
+        "input": [{"role": "user", "content": "m"}]}
+    assert _wire.user_turn("responses", body) == "c"
+
+
+def test_parse_agent_answers():
+    data = {"object": "response", "output": [
+        {"type": "function_call", "id": "fc_1", "name": "lookup", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "fc_1", "output": "42"},
+        {"type": "message", "role": "assistant", "id": "msg_1",
+         "content": [{"type": "output_text", "text": "The answer "}, {"type": "output_text", "text": "is 42."}]}]}
+    assert _wire.parse_response("responses", data).text == "The answer is 42."
+    data = {"messages": [{"role": "assistant", "content": "thinking", "id": "m0"},
+                         {"role": "tool", "content": "42", "id": "t1"},
+                         {"role": "assistant", "content": "It is 42.", "id": "m1"}]}
+    assert _wire.parse_response("chat_agent", data).text == "It is 42."
+    assert _wire.parse_response("custom", {"outputs": ["o1", "o2"]}).value == "o1"
+    with pytest.raises(_wire.WireError, match="a chat_agent answer without the expected fields"):
+        _wire.parse_response("chat_agent", {"messages": [{"role": "user", "content": "x"}]})
 
 
 STREAM = (

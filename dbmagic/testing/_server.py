@@ -28,8 +28,10 @@ class Endpoint:
     """A serving endpoint of the local workspace.
 
     ``task`` picks the behaviour (``llm/v1/chat``, ``llm/v1/completions``, ``llm/v1/embeddings``,
-    or None for a custom model). ``predict`` replaces a custom model's behaviour: it gets the
-    input records (a list of dicts or values) and returns the predictions list.
+    the agents' ``agent/v1/responses``, ``agent/v2/chat`` and ``agent/v1/chat``, or None for a
+    custom model). ``predict`` replaces a custom model's behaviour: it gets the input records (a
+    list of dicts or values) and returns the predictions list, answered under ``output_key``
+    (``predictions``, or ``outputs`` as some models answer).
     """
 
     name: str
@@ -38,6 +40,7 @@ class Endpoint:
     model: str = "local-echo"
     ready: str = "READY"
     predict: Callable[[list[Any]], list[Any]] | None = None
+    output_key: str = "predictions"
 
     def describe(self) -> dict[str, Any]:
         entity: dict[str, Any] = {"name": f"{self.name}-entity"}
@@ -68,6 +71,8 @@ DEFAULT_ENDPOINTS = (
     Endpoint("databricks-gte-large-en", "llm/v1/embeddings", model="gte-large-en"),
     Endpoint("local-completions", "llm/v1/completions", "EXTERNAL_MODEL", model="local-instruct"),
     Endpoint("local-custom-model", None, "CUSTOM_MODEL", model="local-custom-model-1"),
+    Endpoint("local-responses-agent", "agent/v1/responses", "CUSTOM_MODEL", model="local-responses-agent-1"),
+    Endpoint("local-chat-agent", "agent/v2/chat", "CUSTOM_MODEL", model="local-chat-agent-1"),
 )
 
 
@@ -410,14 +415,18 @@ class _Handler(BaseHTTPRequestHandler):
             if records is None:
                 return self._error(400, "Provide one of dataframe_split, dataframe_records, instances, inputs.")
             predict = endpoint.predict or _echo_predictions
-            return self._json(200, {"predictions": predict(records)})
-        if task == "llm/v1/chat":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                return self._error(400, "Missing required field 'messages'.", "INVALID_PARAMETER_VALUE")
-            system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
-            prompt = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
-            prompt_tokens = sum(len(_pieces(str(m.get("content", "")))) for m in messages)
+            return self._json(200, {endpoint.output_key: predict(records)})
+        shape = _SHAPES.get(task, "completions")
+        if shape in ("chat", "chat_agent", "responses"):
+            field = "input" if shape == "responses" else "messages"
+            turns = body.get(field)
+            if isinstance(turns, str):
+                turns = [{"role": "user", "content": turns}]
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+                return self._error(400, f"Missing required field '{field}'.", "INVALID_PARAMETER_VALUE")
+            system = next((_text(m.get("content")) for m in turns if m.get("role") == "system"), None)
+            prompt = next((_text(m.get("content")) for m in reversed(turns) if m.get("role") == "user"), "")
+            prompt_tokens = sum(len(_pieces(_text(m.get("content")))) for m in turns)
         else:
             if "prompt" not in body:
                 return self._error(400, "Missing required field 'prompt'.", "INVALID_PARAMETER_VALUE")
@@ -429,21 +438,27 @@ class _Handler(BaseHTTPRequestHandler):
         text, finish = echo_reply(str(prompt), system=system, stop=body.get("stop"), max_tokens=body.get("max_tokens"))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(_pieces(text)),
                  "total_tokens": prompt_tokens + len(_pieces(text))}
-        chat = task == "llm/v1/chat"
         if body.get("stream"):
-            return self._stream(endpoint, text, finish, usage, chat, fault)
+            return self._stream(endpoint, text, finish, usage, shape, fault)
         n = body.get("n") or 1
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                       for i in range(n)]
-            obj = "chat.completion"
+        answer: dict[str, Any]
+        if shape == "responses":
+            answer = {"object": "response", "id": f"resp_{_count(self)}", "status": "completed",
+                      "output": [_output_item(text)], "usage": _responses_usage(usage)}
+        elif shape == "chat_agent":
+            answer = {"messages": [{"role": "assistant", "content": text, "id": "msg_1"}]}
+        elif shape == "chat":
+            answer = {"id": f"chatcmpl-{_count(self)}", "object": "chat.completion", "created": 1700000000,
+                      "model": endpoint.model, "usage": usage,
+                      "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                                   "finish_reason": finish} for i in range(n)]}
         else:
-            choices = [{"index": i, "text": text, "finish_reason": finish} for i in range(n)]
-            obj = "text_completion"
-        self._json(200, {"id": f"cmpl-{self.workspace._counter}", "object": obj, "created": 1700000000,
-                         "model": endpoint.model, "choices": choices, "usage": usage})
+            answer = {"id": f"cmpl-{_count(self)}", "object": "text_completion", "created": 1700000000,
+                      "model": endpoint.model, "usage": usage,
+                      "choices": [{"index": i, "text": text, "finish_reason": finish} for i in range(n)]}
+        self._json(200, answer)
 
-    def _stream(self, endpoint: Endpoint, text: str, finish: str, usage: dict, chat: bool, fault: Fault | None) -> None:
+    def _stream(self, endpoint: Endpoint, text: str, finish: str, usage: dict, shape: str, fault: Fault | None) -> None:
         ws = self.workspace
         chunked = ws.stream_mode == "chunked"
         self.send_response(200)
@@ -463,32 +478,43 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             sent_at.append(time.perf_counter())
 
+        def event(data: dict[str, Any]) -> None:
+            write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
         pieces = _pieces(text)
         for i, piece in enumerate(pieces):
             if fault is not None and fault.cut_after is not None and i >= fault.cut_after:
                 if fault.malformed:
                     write(b"data: {\"choices\": [{\"delta\": \n\n")
                 elif isinstance(fault.body, dict):  # an error event mid-stream, as gateways send
-                    write(b"data: " + json.dumps(fault.body).encode() + b"\n\n")
+                    event(fault.body)
                 self.close_connection = True
                 return  # drop the connection mid-stream: no [DONE], no final chunk
             last = i == len(pieces) - 1
-            if chat:
-                delta: dict[str, Any] = {"content": piece}
-                if i == 0:
-                    delta["role"] = "assistant"
-                choice = {"index": 0, "delta": delta, "finish_reason": finish if last else None}
-                event: dict[str, Any] = {"object": "chat.completion.chunk", "model": endpoint.model, "choices": [choice]}
+            if shape == "responses":
+                event({"type": "response.output_text.delta", "item_id": "msg_1", "delta": piece})
+            elif shape == "chat_agent":
+                event({"delta": {"role": "assistant", "content": piece, "id": "msg_1"}})
             else:
-                choice = {"index": 0, "text": piece, "finish_reason": finish if last else None}
-                event = {"object": "text_completion", "model": endpoint.model, "choices": [choice]}
-            if last:
-                event["usage"] = usage
-            write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                if shape == "chat":
+                    delta: dict[str, Any] = {"content": piece}
+                    if i == 0:
+                        delta["role"] = "assistant"
+                    choice = {"index": 0, "delta": delta, "finish_reason": finish if last else None}
+                    chunk: dict[str, Any] = {"object": "chat.completion.chunk", "model": endpoint.model,
+                                             "choices": [choice]}
+                else:
+                    choice = {"index": 0, "text": piece, "finish_reason": finish if last else None}
+                    chunk = {"object": "text_completion", "model": endpoint.model, "choices": [choice]}
+                if last:
+                    chunk["usage"] = usage
+                event(chunk)
             if ws.chunk_delay:
                 time.sleep(ws.chunk_delay)
             if fault is not None and fault.stall_after == i + 1:
                 time.sleep(fault.stall)
+        if shape == "responses":  # the whole item again, as MLflow's agent server sends it
+            event({"type": "response.output_item.done", "item": _output_item(text)})
         write(b"data: [DONE]\n\n")
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
@@ -517,6 +543,31 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
+
+
+# the request and answer shape of each task
+_SHAPES = {"llm/v1/chat": "chat", "agent/v1/chat": "chat", "llm/v1/completions": "completions",
+           "agent/v2/chat": "chat_agent", "agent/v1/responses": "responses"}
+
+
+def _count(handler: _Handler) -> int:
+    return handler.workspace._counter
+
+
+def _text(content: Any) -> str:
+    """A message's content as text: a string, or a list of parts with ``text``."""
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+    return "" if content is None else str(content)
+
+
+def _output_item(text: str) -> dict[str, Any]:
+    return {"type": "message", "id": "msg_1", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
+
+
+def _responses_usage(usage: dict[str, int]) -> dict[str, int]:
+    return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"]}
 
 
 def _records(body: dict[str, Any]) -> list[Any] | None:
