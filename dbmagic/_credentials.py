@@ -1,14 +1,26 @@
-"""Where the workspace host and token come from: one ordered pipeline, one frozen result.
+"""Where the workspace host and its credentials come from: one ordered pipeline, one frozen result.
 
-Order (the first source that yields both a host and a token wins):
+Order (the first source that gives a host and a way to authenticate wins):
 
 1. explicit arguments: ``host=`` and ``token=``, or ``profile=`` naming a ``~/.databrickscfg`` profile;
-2. the Databricks notebook context, when running inside a workspace
-   (``DATABRICKS_RUNTIME_VERSION`` is set): ``dbruntime``'s ``get_context()``, else ``dbutils``;
-   that token is short-lived, so it is re-read on every request;
-3. the environment: ``DATABRICKS_HOST`` and ``DATABRICKS_TOKEN``;
+2. the Databricks notebook context, inside a workspace (``DATABRICKS_RUNTIME_VERSION`` is set, or
+   ``/databricks/DBR_VERSION`` exists on custom-container clusters): ``dbruntime``'s
+   ``get_context()``, else ``dbutils``, else the runtime's own credential provider (serverless and
+   standard-access clusters, through databricks-sdk). That token is short-lived, so it is re-read
+   for every request. A context that cannot be read (DLT pipelines, ``Py4JSecurityException``)
+   is skipped, and named in the error if nothing else works;
+3. the environment: ``DATABRICKS_HOST`` and ``DATABRICKS_TOKEN``, or ``DATABRICKS_HOST`` with
+   another auth type's variables (``DATABRICKS_CLIENT_ID``/``_SECRET``, ``DATABRICKS_AUTH_TYPE``,
+   ``ARM_*``, ...), or a model-serving container;
 4. a profile in ``~/.databrickscfg`` (or ``DATABRICKS_CONFIG_FILE``): ``DATABRICKS_CONFIG_PROFILE``,
-   else ``[__settings__] default_profile``, else ``DEFAULT``.
+   else ``[__settings__] default_profile``, else ``DEFAULT``. A profile has only its own keys
+   (none inherited from ``[DEFAULT]``), and with ``DATABRICKS_HOST`` set only a profile for that
+   host is used: a token is never sent to another workspace.
+
+Personal access tokens are read here. Every other auth type (OAuth M2M and U2M, Azure, GCP,
+GitHub OIDC, the VS Code extension's metadata service, model serving, the runtime's provider) goes
+through databricks-sdk's ``Config.authenticate()``, imported only then, asked for headers on
+every request (it refreshes OAuth tokens itself), and rebuilt once after a 401.
 
 This is the only module of dbmagic that reads ``os.environ``.
 """
@@ -20,59 +32,106 @@ import ipaddress
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 
-__all__ = ["Credentials", "resolve_credentials", "normalize_host"]
+__all__ = ["Credentials", "resolve_credentials", "normalize_host", "org_id_from_host"]
 
 _FIX = (
     "To fix: set DATABRICKS_HOST and DATABRICKS_TOKEN, or add a profile with `host` and `token` "
-    "to ~/.databrickscfg, or pass host= and token= (e.g. dbmagic.configure(host=..., token=...))."
+    "to ~/.databrickscfg (or run `databricks auth login --host <workspace URL>`), or pass host= and "
+    "token= (e.g. dbmagic.configure(host=..., token=...))."
 )
+# custom-container clusters have this file but no DATABRICKS_RUNTIME_VERSION
+DBR_VERSION_FILE = Path("/databricks/DBR_VERSION")
+# environment variables that name an auth type other than a personal access token (databricks-sdk's)
+_SDK_ENV = ("DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_AUTH_TYPE", "DATABRICKS_METADATA_SERVICE_URL",
+            "DATABRICKS_USERNAME", "DATABRICKS_PASSWORD", "ARM_CLIENT_ID", "ARM_CLIENT_SECRET", "ARM_USE_MSI",
+            "DATABRICKS_AZURE_RESOURCE_ID", "DATABRICKS_GOOGLE_SERVICE_ACCOUNT", "GOOGLE_CREDENTIALS",
+            "DATABRICKS_OIDC_TOKEN_ENV", "DATABRICKS_OIDC_TOKEN_FILEPATH")
+_MODEL_SERVING_ENV = ("IS_IN_DB_MODEL_SERVING_ENV", "IS_IN_DATABRICKS_MODEL_SERVING_ENV")
+# profile keys that are secrets (scrubbed from any message) or settings that are not auth
+_SECRET_KEYS = ("token", "client_secret", "password", "azure_client_secret", "google_credentials")
+_NOT_AUTH_KEYS = ("host", "cluster_id", "warehouse_id", "serverless_compute_id", "jobs_api_version", "account_id",
+                  "workspace_id")
 
 
 @dataclass(frozen=True)
 class Credentials:
-    """A workspace host, a way to get its token, and the source they came from.
+    """A workspace host, how to authenticate to it, and the source they came from.
 
-    The token never shows in ``repr()``; for the notebook context it is not even stored, but read
-    afresh from the context for each request (it is short-lived).
+    ``headers()`` gives the auth headers for one request: a personal access token's, or freshly
+    asked (the notebook context's short-lived token, databricks-sdk's OAuth tokens). Nothing here
+    shows a token or secret in ``repr()``. ``skipped`` lists the sources tried before this one, and why.
     """
 
     host: str
     source: str
+    auth_type: str = "pat"
     _token: str = field(default="", repr=False)
-    _token_reader: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    _header_factory: Callable[[], Mapping[str, str]] | None = field(default=None, repr=False, compare=False)
+    _reauthenticate: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     workspace_id: str | None = None
     cluster_id: str | None = None
+    extra_headers: tuple[tuple[str, str], ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    def headers(self) -> dict[str, str]:
+        """The headers that authenticate one request (asked afresh where tokens expire)."""
+        if self._header_factory is None:
+            auth = {"Authorization": f"Bearer {self._token}"}
+        else:
+            try:
+                auth = dict(self._header_factory())
+            except ConfigurationError:
+                raise
+            except Exception as exc:  # the SDK or the notebook context failed to give a token now
+                raise ConfigurationError(
+                    f"Could not get a token for {self.host} from {self.source} ({self.auth_type}): "
+                    f"{_first_line(exc)}. Sign in again (e.g. `databricks auth login --host {self.host}`), "
+                    "or reconnect with dbmagic.configure()."
+                ) from None
+        return {**dict(self.extra_headers), **auth}
+
+    def secrets(self) -> list[str]:
+        """The secret parts of the auth headers (what messages are scrubbed of)."""
+        public = {name for name, _ in self.extra_headers}
+        return [v.split(" ", 1)[-1] for k, v in self.headers().items() if k not in public and v]
 
     @property
     def token(self) -> str:
-        """The token to send now (re-read from the notebook context when that is the source)."""
-        if self._token_reader is not None:
-            return self._token_reader()
-        return self._token
+        """The bearer token the next request would carry."""
+        value = self.headers().get("Authorization", "")
+        return value.split(" ", 1)[1] if " " in value else value
 
     @property
     def refreshes_token(self) -> bool:
-        """True when the token is re-read per request (worth one retry after a 401)."""
-        return self._token_reader is not None
+        """True when a 401 is worth one more try with credentials asked afresh."""
+        return self._header_factory is not None
+
+    def reauthenticate(self) -> None:
+        """After a 401: get new credentials from the source (a new OAuth token), where it can."""
+        if self._reauthenticate is not None:
+            self._reauthenticate()
 
     def __repr__(self) -> str:
-        return f"Credentials(host={self.host!r}, token='***', source={self.source!r})"
+        return f"Credentials(host={self.host!r}, auth_type={self.auth_type!r}, token='***', source={self.source!r})"
 
     def describe(self) -> dict[str, str]:
-        """What ``%dbllm whoami`` shows: host, source, token as ``***``."""
-        info = {"host": self.host, "source": self.source, "token": "***"}
+        """What ``%dbllm whoami`` shows: host, source, auth type, token as ``***``, what was skipped."""
+        info = {"host": self.host, "source": self.source, "auth type": self.auth_type, "token": "***"}
         if self.workspace_id:
             info["workspace_id"] = self.workspace_id
         if self.cluster_id:
             info["cluster_id"] = self.cluster_id
+        for i, reason in enumerate(self.skipped, 1):
+            info[f"skipped {i}"] = reason
         return info
 
 
@@ -112,9 +171,15 @@ def _is_loopback(hostname: str) -> bool:
 
 
 def org_id_from_host(host: str) -> str | None:
-    """Azure workspace URLs carry the org id: ``adb-<org id>.<n>.azuredatabricks.net``."""
-    match = re.match(r"https://adb-(\d+)\.", host)
-    return match.group(1) if match else None
+    """The org (workspace) id some workspace URLs carry: Azure's ``adb-<id>.<n>.azuredatabricks.net``
+    and GCP's ``<id>.<n>.gcp.databricks.com``."""
+    match = re.match(r"https://(?:adb-(\d+)\.\d+\.azuredatabricks\.net|(\d+)\.\d+\.gcp\.databricks\.com)(?::\d+)?$",
+                     host)
+    return (match.group(1) or match.group(2)) if match else None
+
+
+class _Declined(Exception):
+    """A source that could not give credentials; the message says why (for the error and whoami)."""
 
 
 def resolve_credentials(
@@ -132,107 +197,249 @@ def resolve_credentials(
     if host or token:
         if not (host and token):
             missing = "token=" if host else "host="
-            raise ConfigurationError(
-                f"Pass both host= and token= (or neither); {missing} is missing. {_FIX}"
-            )
-        return Credentials(normalize_host(host), "explicit arguments", _token=token.strip())
-    if profile:
-        found = _from_profile(env, profile, tried)
-        if found:
+            raise ConfigurationError(f"Pass both host= and token= (or neither); {missing} is missing. {_FIX}")
+        found = Credentials(normalize_host(host), "explicit arguments", _token=token.strip())
+    elif profile:
+        try:
+            found = _from_profile(env, profile)
+        except _Declined as exc:
+            raise ConfigurationError(f"Profile {profile!r} did not give credentials: {exc}. {_FIX}") from None
+    else:
+        tried.append("explicit arguments: none given")
+        found = None
+        for source in (_from_notebook, _from_environment, _from_default_profile):
+            try:
+                found = source(env)
+            except _Declined as exc:
+                tried.append(str(exc))
+                continue
+            if found is not None:
+                break
+        if found is None:
+            lines = "\n".join(f"  {i}. {t}" for i, t in enumerate(tried, 1))
+            raise ConfigurationError(f"No Databricks credentials found. Tried, in order:\n{lines}\n{_FIX}")
+    return _with_environment_extras(found, env, tuple(tried[1:]))
+
+
+def _with_environment_extras(found: Credentials, env: Mapping[str, str], skipped: tuple[str, ...]) -> Credentials:
+    """Cluster and workspace ids from the environment (the VS Code extension, Databricks Connect)."""
+    cluster_id = found.cluster_id or env.get("DATABRICKS_CLUSTER_ID", "").strip() or None
+    workspace_id = env.get("DATABRICKS_WORKSPACE_ID", "").strip()
+    extra = found.extra_headers + ((("X-Databricks-Workspace-Id", workspace_id),) if workspace_id else ())
+    return replace(found, cluster_id=cluster_id, workspace_id=found.workspace_id or workspace_id or None,
+                   extra_headers=extra, skipped=skipped)
+
+
+# -- 2. the notebook context ------------------------------------------------------------------------
+
+def _from_notebook(env: Mapping[str, str]) -> Credentials | None:
+    if not env.get("DATABRICKS_RUNTIME_VERSION") and not DBR_VERSION_FILE.exists():
+        raise _Declined("notebook context: not in a Databricks runtime (no DATABRICKS_RUNTIME_VERSION, "
+                        f"no {DBR_VERSION_FILE})")
+    reasons = []
+    for read in (_from_repl_context, _from_dbutils):
+        try:
+            found = read()
+        except Exception as exc:  # DLT, Py4JSecurityException on standard access, an old runtime ...
+            reasons.append(f"{read.__doc__} raised {exc.__class__.__name__}")
+            continue
+        if found is not None:
             return found
-        raise ConfigurationError(f"Profile {profile!r} did not give a host and a token: {tried[-1]}. {_FIX}")
-    tried.append("explicit arguments: none given")
-
-    # 2. the notebook context
-    found = _from_notebook(env, tried)
-    if found:
-        return found
-
-    # 3. the environment
-    # a token pasted with a trailing newline would make an invalid header
-    env_host, env_token = env.get("DATABRICKS_HOST", "").strip(), env.get("DATABRICKS_TOKEN", "").strip()
-    if env_host and env_token:
-        return Credentials(normalize_host(env_host), "environment", _token=env_token)
-    missing = [n for n, v in (("DATABRICKS_HOST", env_host), ("DATABRICKS_TOKEN", env_token)) if not v]
-    tried.append("environment: " + " and ".join(missing) + " not set")
-
-    # 4. the profile file
-    found = _from_profile(env, None, tried)
-    if found:
-        return found
-
-    lines = "\n".join(f"  {i}. {t}" for i, t in enumerate(tried, 1))
-    raise ConfigurationError(f"No Databricks credentials found. Tried, in order:\n{lines}\n{_FIX}")
+        reasons.append(f"{read.__doc__} gave no host and token")
+    try:  # serverless and standard access: the runtime's own provider
+        return _sdk("notebook runtime", None, {"auth_type": "runtime"}, ())
+    except _Declined as exc:
+        reasons.append(str(exc))
+    raise _Declined("notebook context: " + "; ".join(reasons))
 
 
-def _from_notebook(env: Mapping[str, str], tried: list[str]) -> Credentials | None:
-    if not env.get("DATABRICKS_RUNTIME_VERSION"):
-        tried.append("notebook context: not in a Databricks notebook (DATABRICKS_RUNTIME_VERSION not set)")
-        return None
+def _from_repl_context() -> Credentials | None:
+    """dbruntime's get_context()"""
     try:
         from dbruntime.databricks_repl_context import get_context  # type: ignore[import-not-found]
     except ImportError:
-        get_context = None
-    if get_context is not None:
-        ctx = get_context()
-        host = getattr(ctx, "workspaceUrl", None) or getattr(ctx, "browserHostName", None)
-        if host and getattr(ctx, "apiToken", None):
-            return Credentials(
-                normalize_host(host),
-                "notebook context",
-                _token_reader=lambda: get_context().apiToken,
-                workspace_id=_str_or_none(getattr(ctx, "workspaceId", None)),
-                cluster_id=_str_or_none(getattr(ctx, "clusterId", None)),
-            )
+        return None
+    ctx = get_context()
+    host = getattr(ctx, "workspaceUrl", None) or getattr(ctx, "browserHostName", None)
+    if not (host and getattr(ctx, "apiToken", None)):
+        return None
+    return Credentials(
+        normalize_host(host), "notebook context", auth_type="notebook token",
+        _header_factory=lambda: {"Authorization": f"Bearer {get_context().apiToken}"},
+        workspace_id=_str_or_none(getattr(ctx, "workspaceId", None)),
+        cluster_id=_str_or_none(getattr(ctx, "clusterId", None)),
+    )
+
+
+def _from_dbutils() -> Credentials | None:
+    """dbutils' notebook context"""
     dbutils = getattr(sys.modules.get("__main__"), "dbutils", None)
-    if dbutils is not None:
-        def context() -> Any:
-            return dbutils.notebook.entry_point.getDbutils().notebook().getContext()
+    if dbutils is None:
+        return None
 
-        ctx = context()
-        host = ctx.apiUrl().get()
-        return Credentials(
-            normalize_host(host),
-            "notebook context",
-            _token_reader=lambda: context().apiToken().get(),
-            workspace_id=_option(ctx, "workspaceId"),
-            cluster_id=_option(ctx, "clusterId"),
-        )
-    tried.append("notebook context: neither dbruntime's get_context() nor dbutils gave a host and token")
-    return None
+    def context() -> Any:
+        return dbutils.notebook.entry_point.getDbutils().notebook().getContext()
+
+    ctx = context()
+    return Credentials(
+        normalize_host(ctx.apiUrl().get()), "notebook context", auth_type="notebook token",
+        _header_factory=lambda: {"Authorization": f"Bearer {context().apiToken().get()}"},
+        workspace_id=_option(ctx, "workspaceId"),
+        cluster_id=_option(ctx, "clusterId"),
+    )
 
 
-def _from_profile(env: Mapping[str, str], profile: str | None, tried: list[str]) -> Credentials | None:
+# -- 3. the environment -----------------------------------------------------------------------------
+
+def _from_environment(env: Mapping[str, str]) -> Credentials | None:
+    # a token pasted with a trailing newline would make an invalid header
+    host, token = env.get("DATABRICKS_HOST", "").strip(), env.get("DATABRICKS_TOKEN", "").strip()
+    auth_type = env.get("DATABRICKS_AUTH_TYPE", "").strip()
+    model_serving = any(env.get(name, "").lower() == "true" for name in _MODEL_SERVING_ENV)
+    if host and token and auth_type in ("", "pat"):
+        return Credentials(normalize_host(host), "environment", _token=token)
+    others = [name for name in _SDK_ENV if env.get(name)]
+    if (host and others) or model_serving:
+        # the SDK reads the variables itself; no profile file, so no key of another workspace's
+        # profile is mixed in
+        secrets = [env[name] for name in ("DATABRICKS_CLIENT_SECRET", "ARM_CLIENT_SECRET", "DATABRICKS_PASSWORD")
+                   if env.get(name)]
+        return _sdk("environment", normalize_host(host) if host else None, {"config_file": os.devnull}, secrets,
+                    environ=env)
+    if host:  # the profile step looks for a profile of this host
+        raise _Declined("environment: DATABRICKS_HOST without DATABRICKS_TOKEN or another auth type's variables")
+    missing = " and ".join(n for n, v in (("DATABRICKS_HOST", host), ("DATABRICKS_TOKEN", token)) if not v)
+    raise _Declined(f"environment: {missing} not set")
+
+
+# -- 4. the profile file ----------------------------------------------------------------------------
+
+def _profiles(env: Mapping[str, str]) -> tuple[Path, dict[str, dict[str, str]], str | None]:
+    """``(path, {profile: its own keys}, [__settings__] default_profile)``.
+
+    configparser would merge ``[DEFAULT]`` into every section; read with another default section
+    name, ``[DEFAULT]`` is a profile like the others and nothing is inherited (as databricks-sdk reads it).
+    """
     path = Path(env.get("DATABRICKS_CONFIG_FILE") or Path.home() / ".databrickscfg").expanduser()
     if not path.is_file():
-        tried.append(f"profile file {path}: not found")
-        return None
-    parser = configparser.ConfigParser(interpolation=None)
+        raise _Declined(f"profile file {path}: not found")
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00no inheritance")
     try:
         parser.read(path, encoding="utf-8")
-    except configparser.Error as exc:
-        tried.append(f"profile file {path}: unreadable ({exc.__class__.__name__})")
-        return None
-    name = profile or env.get("DATABRICKS_CONFIG_PROFILE")
-    if not name and parser.has_section("__settings__"):
-        name = parser.get("__settings__", "default_profile", fallback=None)
-    name = name or "DEFAULT"
-    section = parser.defaults() if name == "DEFAULT" else (parser[name] if parser.has_section(name) else None)
-    if section is None:
-        tried.append(f"profile {name} in {path}: no such profile")
-        return None
-    host, token = section.get("host", ""), section.get("token", "")
-    if host and token:
-        return Credentials(normalize_host(host), f"profile {name} ({path})", _token=token)
-    if not token and section.get("client_id"):
-        tried.append(
-            f"profile {name} in {path}: uses OAuth (client_id), which dbmagic does not read yet; "
-            "add a `token` to the profile"
-        )
-    else:
-        missing = " and ".join(k for k, v in (("host", host), ("token", token)) if not v)
-        tried.append(f"profile {name} in {path}: no {missing}")
-    return None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise _Declined(f"profile file {path}: unreadable ({exc.__class__.__name__})") from None
+    sections = {name: {k: v.strip() for k, v in parser.items(name)} for name in parser.sections()}
+    default = sections.pop("__settings__", {}).get("default_profile")
+    return path, sections, default
+
+
+def _from_default_profile(env: Mapping[str, str]) -> Credentials | None:
+    return _from_profile(env, None)
+
+
+def _from_profile(env: Mapping[str, str], name: str | None) -> Credentials:
+    path, sections, settings_default = _profiles(env)
+    wanted = name or env.get("DATABRICKS_CONFIG_PROFILE") or None
+    env_host = env.get("DATABRICKS_HOST", "").strip()
+    if env_host and name is None:
+        host = normalize_host(env_host)
+        matching = [p for p, keys in sections.items() if keys.get("host") and _same_host(keys["host"], host)]
+        if wanted is None:
+            preferred = settings_default or "DEFAULT"
+            wanted = preferred if preferred in matching else (matching[0] if matching else None)
+        if wanted is None or wanted not in matching:
+            hosts = ", ".join(f"{p} is for {keys.get('host') or 'no host'}" for p, keys in sections.items()) or "none"
+            raise ConfigurationError(
+                f"DATABRICKS_HOST is {host} but DATABRICKS_TOKEN is not set, and "
+                + (f"profile {wanted} in {path} is not for that host" if wanted else f"no profile in {path} is")
+                + f" (profiles: {hosts}). dbmagic never sends one workspace's credentials to another: set "
+                "DATABRICKS_TOKEN, or DATABRICKS_CONFIG_PROFILE to a profile whose host is DATABRICKS_HOST, "
+                "or unset DATABRICKS_HOST to use a profile's own host."
+            )
+    wanted = wanted or settings_default or "DEFAULT"
+    keys = sections.get(wanted)
+    source = f"profile {wanted} ({path})"
+    if keys is None:
+        raise _Declined(f"profile {wanted} in {path}: no such profile")
+    if not keys.get("host"):
+        raise _Declined(f"profile {wanted} in {path}: no host")
+    host = normalize_host(keys["host"])
+    auth_type = keys.get("auth_type", "")
+    if keys.get("token") and auth_type in ("", "pat"):
+        return Credentials(host, source, _token=keys["token"], cluster_id=keys.get("cluster_id") or None)
+    if not auth_type and not (set(keys) - set(_NOT_AUTH_KEYS)):
+        raise _Declined(f"profile {wanted} in {path}: a host without credentials (add a `token`, or run "
+                        f"`databricks auth login --host {host} --profile {wanted}`)")
+    secrets = [keys[k] for k in _SECRET_KEYS if keys.get(k)]
+    return _sdk(source, host, {"profile": wanted, "config_file": str(path)}, secrets)
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return normalize_host(a).lower() == normalize_host(b).lower()
+    except ConfigurationError:
+        return False
+
+
+# -- every other auth type: databricks-sdk --------------------------------------------------------------
+
+def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[str] | tuple[str, ...],
+         environ: Mapping[str, str] | None = None) -> Credentials:
+    """Credentials from databricks-sdk's ``Config`` (imported only here).
+
+    With ``environ``, the SDK's variables are handed over from it explicitly (the SDK itself reads
+    only ``os.environ``), so that what this module was given is what the SDK uses.
+    """
+    try:
+        from databricks.sdk.config import Config
+    except ImportError:
+        raise _Declined(f"{source}: needs databricks-sdk for its auth type (pip install databricks-sdk)") from None
+    if environ is not None:
+        given = {a.name: environ[a.env] for a in Config.attributes()
+                 if a.env and environ.get(a.env) and a.name not in ("host", "profile", "config_file")}
+        options = {**given, **options}
+
+    def build() -> Any:
+        try:
+            # bounded: the SDK's own default waits minutes for a host that does not answer
+            config = Config(host=host, retry_timeout_seconds=30, http_timeout_seconds=10, **options)
+            config.authenticate()  # fail here, with the source named, rather than at the first request
+        except Exception as exc:
+            raise _Declined(f"{source}: {_scrub(_first_line(exc), secrets)}") from None
+        return config
+
+    config = build()
+    if not config.host:
+        raise _Declined(f"{source}: databricks-sdk found no workspace host")
+    box = [config]
+    lock = threading.Lock()
+
+    def reauthenticate() -> None:
+        try:
+            fresh = build()
+        except _Declined as exc:
+            raise ConfigurationError(f"Could not sign in again: {exc}. {_FIX}") from None
+        with lock:
+            box[0] = fresh
+
+    return Credentials(
+        normalize_host(config.host), source, auth_type=config.auth_type or "unknown",
+        _header_factory=lambda: box[0].authenticate(), _reauthenticate=reauthenticate,
+        workspace_id=_str_or_none(getattr(config, "workspace_id", None)),
+        cluster_id=_str_or_none(getattr(config, "cluster_id", None)),
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return text.splitlines()[0][:300]
+
+
+def _scrub(text: str, secrets: Any) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _option(ctx: Any, name: str) -> str | None:

@@ -122,6 +122,7 @@ class Transport:
             session.mount("http://", adapter)
         session.headers["User-Agent"] = f"dbmagic/{_version()} {session.headers.get('User-Agent', '')}".strip()
         self.session = session
+        self.org_id: str | None = None  # the workspace's, from the x-databricks-org-id header of any answer
 
     def request(
         self,
@@ -136,8 +137,9 @@ class Transport:
     ) -> requests.Response:
         """Send with retries; return a 2xx response or raise the mapped `RequestError`.
 
-        A 401 with a token that is re-read per request (the notebook context's) is tried once more
-        within the same attempt: the token may have expired between the read and the request.
+        A 401 with credentials that can be asked afresh (the notebook context's short-lived token,
+        an OAuth token) is tried once more within the same attempt, after re-authenticating: the
+        token may have expired between the read and the request.
         """
         read_timeout = timeout if timeout is not None else self.timeouts.read
         start = self.clock.monotonic()
@@ -146,6 +148,7 @@ class Transport:
             attempt += 1
             response, error, reason = self._try(credentials, method, path, target, json, stream, read_timeout)
             if response is not None and response.status_code == 401 and credentials.refreshes_token:
+                credentials.reauthenticate()
                 response, error, reason = self._try(credentials, method, path, target, json, stream, read_timeout)
             if error is None:
                 return response
@@ -172,10 +175,13 @@ class Transport:
             )
         except requests.RequestException as exc:
             return None, _transport_error(exc, target, host, read_timeout), retry_reason(None, exc)
+        org_id = response.headers.get("x-databricks-org-id")
+        if org_id and org_id.isdigit():
+            self.org_id = org_id
         if response.status_code < 300:
             return response, None, None
         body = response.content  # small error bodies; also releases the connection
-        secrets = [credentials.token]
+        secrets = credentials.secrets()
         if response.status_code < 400:
             return response, RequestError(
                 f"{host} redirected the request for {target} to "
@@ -237,13 +243,14 @@ class Body:
 
 
 class _Bearer(requests.auth.AuthBase):
-    """Reads the token when the header is built, so no frame holds it as a local."""
+    """Asks the credentials for their headers as the request is built (tokens expire), so no
+    frame of the retry loop holds the token as a local."""
 
     def __init__(self, credentials: Credentials):
         self._credentials = credentials
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self._credentials.token}"
+        request.headers.update(self._credentials.headers())
         return request
 
     def __repr__(self) -> str:

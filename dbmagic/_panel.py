@@ -5,7 +5,9 @@ Open it with ``%dbllm panel`` or ``dbmagic.panel()``. It is a thin adapter: ever
 exactly as ``%%dbllm`` does, in a worker thread so the kernel stays responsive. The answer streams
 into the panel; ``_dbllm`` and ``dbmagic.panel_result()`` hold the last one.
 
-ipywidgets and anywidget load only when a panel is opened.
+ipywidgets (and anywidget, for Ctrl/Cmd+Enter and the clipboard) load only when a panel is
+opened. Every control that matters is a core ipywidget, so the panel works where a front end
+renders standard widgets only.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ _last_result: Completion | None = None
 # where the main controls stand; every other setting with a control goes under "More options"
 _ROWS = (("cluster_id", "port"), ("system",), ("temperature", "max_tokens", "stop", "format"),
          ("transform_input", "transform_output", "chat"))
-_WIDTHS = {"text": "30%", "number": "22%", "tags": "30%", "choice": "22%", "function": "34%", "checkbox": "24%",
+_WIDTHS = {"text": "30%", "number": "19%", "tags": "30%", "choice": "19%", "function": "34%", "checkbox": "24%",
            "json": "60%"}
 
 
@@ -51,45 +53,46 @@ def panel_result() -> Completion | None:
     return _last_result
 
 
-def _prompt_box_class() -> type:
-    """A textarea that sends on Ctrl/Cmd+Enter and can copy text to the clipboard (anywidget)."""
-    import anywidget
-    import traitlets
+def _keys_class() -> type | None:
+    """An invisible anywidget that adds Ctrl/Cmd+Enter to the panel's prompt and copies text to the
+    clipboard. Only an extra: where the front end does not load it (or anywidget is missing) the
+    panel's core ipywidgets still send, stop and show answers."""
+    try:
+        import anywidget
+    except ImportError:
+        return None
 
-    class PromptBox(anywidget.AnyWidget):
+    class PanelKeys(anywidget.AnyWidget):
         _esm = r"""
         function render({ model, el }) {
-          const ta = document.createElement("textarea");
-          ta.className = "dbmagic-prompt-input";
-          ta.rows = 4;
-          ta.placeholder = model.get("placeholder");
-          ta.value = model.get("value");
-          // keep notebook shortcuts (a, b, dd ...) out of the prompt while typing
-          ta.setAttribute("data-lm-suppress-shortcuts", "true");
-          ta.style.cssText = "width:100%;box-sizing:border-box;font-family:var(--jp-code-font-family,monospace);" +
-            "font-size:var(--jp-code-font-size,13px);padding:6px;resize:vertical;";
-          const sync = () => { model.set("value", ta.value); model.save_changes(); };
-          ta.addEventListener("input", sync);
-          ta.addEventListener("keydown", (e) => {
-            if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
-              e.preventDefault();
-              sync();
-              model.send({ type: "submit" });
-            }
-            e.stopPropagation();
-          });
-          model.on("change:value", () => { if (ta.value !== model.get("value")) ta.value = model.get("value"); });
+          el.style.display = "none";
+          let tries = 0;
+          const attach = () => {
+            const panel = el.isConnected ? el.closest(".dbmagic-panel") : null;
+            const ta = panel && panel.querySelector(".dbmagic-prompt textarea");
+            if (!ta) { if (tries++ < 200) setTimeout(attach, 50); return; }
+            if (ta.dataset.dbmagicKeys) return;
+            ta.dataset.dbmagicKeys = "1";
+            // keep notebook shortcuts (a, b, dd ...) out of the prompt while typing
+            ta.setAttribute("data-lm-suppress-shortcuts", "true");
+            ta.addEventListener("keydown", (e) => {
+              if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+                e.preventDefault();
+                ta.dispatchEvent(new Event("input", { bubbles: true }));  // the last keystrokes first
+                model.send({ type: "submit" });
+              }
+              e.stopPropagation();
+            });
+          };
+          attach();
           model.on("msg:custom", (msg) => {
             if (msg.type === "copy" && navigator.clipboard) navigator.clipboard.writeText(msg.text).catch(() => {});
           });
-          el.appendChild(ta);
         }
         export default { render };
         """
-        value = traitlets.Unicode("").tag(sync=True)
-        placeholder = traitlets.Unicode("").tag(sync=True)
 
-    return PromptBox
+    return PanelKeys
 
 
 def config_defaults(shell: Any) -> dict[str, Any]:
@@ -135,9 +138,11 @@ class Panel:
             setattr(self, "stop_sequences" if name == "stop" else name, control)
         full = w.Layout(width="100%")
         self.refresh_button = w.Button(icon="refresh", tooltip="Refresh the endpoint list", layout=w.Layout(width="36px"))
-        self.prompt = _prompt_box_class()(placeholder="Prompt: {{ name }} fills in a notebook variable; "
-                                                      "Ctrl/Cmd+Enter sends")
+        self.prompt = w.Textarea(placeholder="Prompt: {{ name }} fills in a notebook variable; Ctrl/Cmd+Enter sends",
+                                 rows=4, layout=full)
         self.prompt.add_class("dbmagic-prompt")
+        keys = _keys_class()
+        self.keys = keys() if keys is not None else None
         self.refresh_transforms_button = w.Button(icon="refresh", tooltip="Refresh the transform lists",
                                                   layout=w.Layout(width="36px"))
         self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
@@ -166,7 +171,8 @@ class Panel:
         self.clear_button.on_click(lambda _: self.clear())
         self.copy_button.on_click(lambda _: self.copy_as_cell())
         self.reset_button.on_click(lambda _: self.reset_conversation())
-        self.prompt.on_msg(self._on_prompt_message)
+        if self.keys is not None:
+            self.keys.on_msg(self._on_keys_message)
         self.endpoint.observe(lambda _: self._endpoint_changed(), names="value")
 
         rows = [w.HBox([c for name in row for c in _labelled(w, settings.BY_NAME[name], self.controls[name])])
@@ -176,7 +182,8 @@ class Panel:
         self.widget = w.VBox([
             w.HBox([self.endpoint, self.refresh_button]), self.proxy_row, rows[1].children[0], self.prompt,
             *rows[2:], more_box,
-            w.HBox([self.send_button, self.stop_button, self.clear_button, self.copy_button]),
+            w.HBox([self.send_button, self.stop_button, self.clear_button, self.copy_button,
+                    *([self.keys] if self.keys is not None else [])]),
             self.status, self.output, self.cell_text, history_box,
         ], layout=w.Layout(width="100%", max_width="980px"))
         self.widget.add_class("dbmagic-panel")
@@ -319,7 +326,7 @@ class Panel:
             self.running = False
             self._buttons()
 
-    def _on_prompt_message(self, widget: Any, content: dict[str, Any], buffers: Any) -> None:
+    def _on_keys_message(self, widget: Any, content: dict[str, Any], buffers: Any) -> None:
         if content.get("type") == "submit":  # Ctrl/Cmd+Enter in the prompt
             self.send()
 
@@ -372,8 +379,11 @@ class Panel:
             return ""
         self.cell_text.value = text
         self.cell_text.layout.display = ""
-        self.prompt.send({"type": "copy", "text": text})
-        self._set_status("Copied the %%dbllm cell to the clipboard; paste it into a new cell.")
+        if self.keys is not None:
+            self.keys.send({"type": "copy", "text": text})
+            self._set_status("Copied the %%dbllm cell to the clipboard; paste it into a new cell.")
+        else:
+            self._set_status("The %%dbllm cell is below: copy it into a new cell.")
         return text
 
 

@@ -30,6 +30,7 @@ from ._http import Body, Clock, RetryPolicy, Timeouts, Transport
 from .errors import (
     BadResponse,
     ConfigurationError,
+    RequestError,
     SettingError,
     StreamInterrupted,
     TransformError,
@@ -285,6 +286,20 @@ class Client:
             self._endpoints[name] = EndpointInfo.from_json(data)
         return self._endpoints[name]
 
+    def _org_id(self) -> str:
+        """The workspace's org id, for driver-proxy URLs: from the ``x-databricks-org-id`` header of
+        an answer already received, else asked of ``/.well-known/databricks-config`` once; ``0``
+        (what LangChain sends) if the workspace does not say."""
+        if self.transport.org_id is None:
+            try:
+                data = self._get("/.well-known/databricks-config", "the workspace's configuration")
+            except RequestError:
+                data = None
+            if self.transport.org_id is None:
+                found = data.get("workspace_id") if isinstance(data, dict) else None
+                self.transport.org_id = str(found) if found else "0"
+        return self.transport.org_id
+
     def _get(self, path: str, target: str) -> Any:
         response = self.transport.request(self.credentials, "GET", path, target=target)
         return _json(response.content, target, response.status_code)
@@ -370,10 +385,10 @@ class Client:
             cluster_id = cluster_id or creds.cluster_id
             if not cluster_id:
                 raise ConfigurationError(
-                    "A driver-proxy app needs the cluster id: pass cluster_id= (--cluster-id); "
-                    "it is found by itself only inside a Databricks notebook."
+                    "A driver-proxy app needs the cluster id: pass cluster_id= (--cluster-id), or set "
+                    "DATABRICKS_CLUSTER_ID; it is found by itself inside a Databricks notebook."
                 )
-            org_id = org_id or creds.workspace_id or org_id_from_host(creds.host) or "0"
+            org_id = org_id or creds.workspace_id or org_id_from_host(creds.host) or self._org_id()
             cluster_id, org_id = settings.coerce("cluster_id", cluster_id), settings.coerce("org_id", org_id)
             path = f"/driver-proxy-api/o/{org_id}/{cluster_id}/{port}"
             return _wire.PROXY, path, f"proxy app on cluster {cluster_id} port {port}"

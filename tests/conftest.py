@@ -53,9 +53,12 @@ def clean_env(monkeypatch, tmp_path):
     """No real DATABRICKS_* settings, a temporary HOME, and no shared client left from another test."""
     import os
 
+    from dbmagic import _credentials
+
     for name in list(os.environ):
-        if name.startswith("DATABRICKS_"):
+        if name.startswith("DATABRICKS_") or name in _credentials._SDK_ENV + _credentials._MODEL_SERVING_ENV:
             monkeypatch.delenv(name)
+    monkeypatch.setattr(_credentials, "DBR_VERSION_FILE", tmp_path / "no-dbr" / "DBR_VERSION")
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))

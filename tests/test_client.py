@@ -109,8 +109,31 @@ def test_custom_model_with_structured_predictions(workspace, client):
 def test_driver_proxy_app(client, workspace):
     completion = client.complete("How are you?", cluster_id=CLUSTER, port=PORT, stop=["?"])
     assert completion.value == "Echo: How are you"
-    assert last(workspace).path == f"/driver-proxy-api/o/0/{CLUSTER}/{PORT}"
+    # the org id was asked of the workspace once, then taken from its answers' headers
+    assert [r.path for r in workspace.requests] == ["/.well-known/databricks-config",
+                                                   f"/driver-proxy-api/o/{workspace.workspace_id}/{CLUSTER}/{PORT}"]
     assert last(workspace).json == {"prompt": "How are you?", "stop": ["?"]}
+    client.complete("again", cluster_id=CLUSTER, port=PORT)
+    assert len(workspace.requests) == 3
+
+
+def test_org_id_from_an_answers_header_from_the_host_or_zero(workspace, clock):
+    client = Client(host=workspace.host, token=workspace.token, clock=clock)
+    workspace.workspace_id = "777"
+    client.endpoints()  # any answer carries x-databricks-org-id
+    client.complete("x", cluster_id=CLUSTER, port=PORT)
+    assert last(workspace).path == f"/driver-proxy-api/o/777/{CLUSTER}/{PORT}"
+    assert "/.well-known/databricks-config" not in [r.path for r in workspace.requests]
+    from dbmagic._credentials import org_id_from_host
+
+    assert org_id_from_host("https://1234567890123456.7.gcp.databricks.com") == "1234567890123456"
+    assert org_id_from_host("https://adb-42.3.azuredatabricks.net") == "42"
+    assert org_id_from_host("https://dbc-a1b2.cloud.databricks.com") is None
+    quiet = Client(host=workspace.host, token=workspace.token, clock=clock, retry=dbmagic.RetryPolicy(attempts=1))
+    workspace.fail("/.well-known/databricks-config", 404)
+    workspace.workspace_id = ""  # a workspace that names no org id anywhere
+    quiet.complete("x", cluster_id=CLUSTER, port=PORT)
+    assert last(workspace).path == f"/driver-proxy-api/o/0/{CLUSTER}/{PORT}"
 
 
 def test_proxy_app_with_its_own_contract_needs_a_transform_output(client, workspace):

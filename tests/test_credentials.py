@@ -70,19 +70,17 @@ def test_nothing_found_lists_every_source_and_the_fix(clean_env, monkeypatch):
         resolve_credentials()
     message = str(info.value)
     assert "1. explicit arguments: none given" in message
-    assert "2. notebook context: not in a Databricks notebook" in message
+    assert "2. notebook context: not in a Databricks runtime" in message
     assert "3. environment: DATABRICKS_HOST not set" in message
     assert f"4. profile file {clean_env / '.databrickscfg'}: not found" in message
     assert "set DATABRICKS_HOST and DATABRICKS_TOKEN" in message
     assert "half-configured-secret" not in message
 
 
-def test_profile_without_token_says_what_is_missing(clean_env):
+def test_profile_without_credentials_says_what_is_missing(clean_env):
     write_profile(clean_env, "[DEFAULT]\nhost = https://h.example.com\n")
-    with pytest.raises(ConfigurationError, match=r"profile DEFAULT in .*: no token"):
-        resolve_credentials()
-    write_profile(clean_env, "[DEFAULT]\nhost = https://h.example.com\nclient_id = abc\nclient_secret = s\n")
-    with pytest.raises(ConfigurationError, match="uses OAuth"):
+    with pytest.raises(ConfigurationError, match=r"profile DEFAULT in .*: a host without credentials \(add a `token`, "
+                                                 r"or run `databricks auth login --host https://h.example.com"):
         resolve_credentials()
 
 
@@ -121,7 +119,8 @@ def test_repr_hides_the_token(workspace):
     for text in (repr(creds), str(creds), repr(client), str(client.whoami())):
         assert workspace.token not in text
     assert "token='***'" in repr(creds)
-    assert client.whoami() == {"host": workspace.host, "source": "explicit arguments", "token": "***"}
+    assert client.whoami() == {"host": workspace.host, "source": "explicit arguments", "auth type": "pat",
+                               "token": "***"}
 
 
 # -- the notebook context, with stand-ins shaped as WIRE.md says ----------------------------------

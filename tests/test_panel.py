@@ -80,9 +80,28 @@ def test_send_streams_into_the_panel_with_template_system_and_parameters(panel, 
 
 def test_ctrl_enter_sends(panel, workspace):
     panel.prompt.value = "via keyboard"
-    panel.prompt._handle_custom_msg({"type": "submit"}, [])
+    panel.keys._handle_custom_msg({"type": "submit"}, [])  # what the front end sends on Ctrl/Cmd+Enter
     panel.wait()
     assert posts(workspace)[-1].json["messages"][-1]["content"] == "via keyboard"
+
+
+def test_the_panel_works_without_anywidget(shell, workspace, monkeypatch):
+    import ipywidgets
+
+    monkeypatch.setitem(__import__("sys").modules, "anywidget", None)  # `import anywidget` fails
+    p = Panel(shell)
+    assert p.keys is None and isinstance(p.prompt, ipywidgets.Textarea)
+    ask(p, "no extras")
+    assert answer(p)["text/markdown"] == "Echo: no extras"
+    p.copy_button.click()
+    assert "copy it into a new cell" in status(p) and p.cell_text.value.endswith("\nno extras")
+    workspace.chunk_delay = 0.2
+    p.prompt.value = "one two three four five"
+    p.send_button.click()
+    time.sleep(0.3)
+    p.stop_button.click()
+    p.wait()
+    assert "Stopped" in status(p)
 
 
 def test_markdown_code_and_json_formats(panel):
@@ -99,7 +118,7 @@ def test_markdown_code_and_json_formats(panel):
 
 def test_proxy_app(panel, workspace):
     ask(panel, "How are you?", endpoint=PROXY, cluster_id=CLUSTER, port=str(PORT))
-    assert posts(workspace)[-1].path == f"/driver-proxy-api/o/0/{CLUSTER}/{PORT}"
+    assert posts(workspace)[-1].path == f"/driver-proxy-api/o/{workspace.workspace_id}/{CLUSTER}/{PORT}"
     assert answer(panel)["text/markdown"] == "Echo: How are you?"
     panel.port.value = "seventy"
     panel.send()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -10,6 +11,7 @@ import secrets
 import socket
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,6 +166,14 @@ class LocalWorkspace:
     connections (``ws.connections``), streams SSE when asked (``stream_mode`` ``"chunked"`` or
     ``"close"`` for close-delimited bodies, ``chunk_delay`` seconds between chunks), and injects
     faults with `fail`. The client never falls back to it by itself.
+
+    Besides its personal access token it signs in as a workspace does, for databricks-sdk's auth
+    types: ``/.well-known/databricks-config`` and the OIDC discovery document, a client-credentials
+    token endpoint for service principals (`add_service_principal`, OAuth M2M), a metadata service
+    (`metadata_service_url`, as the VS Code extension serves), and tokens issued for other flows
+    (`issue_token`, e.g. what a stub ``databricks auth token`` prints). Issued tokens expire after
+    ``token_lifetime`` seconds, or at once with `revoke_tokens`. Every answer carries the
+    ``x-databricks-org-id`` header (``ws.workspace_id``).
     """
 
     def __init__(self, *, token: str | None = None, endpoints: tuple[Endpoint, ...] | list[Endpoint] = DEFAULT_ENDPOINTS,
@@ -178,6 +188,11 @@ class LocalWorkspace:
         self.chunk_delay = chunk_delay
         self.requests: list[RecordedRequest] = []
         self.connections = 0
+        self.workspace_id = "1234567890123456"
+        self.token_lifetime = 3600.0
+        self.service_principals: dict[str, str] = {}
+        self._issued: dict[str, float] = {}  # token -> expiry (time.time())
+        self._metadata_path = "/metadata-service/" + secrets.token_hex(8)
         self._faults: dict[str, deque[Fault]] = {}
         self._lock = threading.Lock()
         self._counter = 0
@@ -236,6 +251,36 @@ class LocalWorkspace:
     def add_proxy_app(self, cluster_id: str, port: int, app: Callable[[Any], Any] | None = None) -> None:
         """Serve a driver-proxy app: ``app(body) -> JSON value`` (default: echo the prompt)."""
         self.proxy_apps[(cluster_id, int(port))] = app or _echo_app
+
+    def add_service_principal(self, client_id: str, client_secret: str | None = None) -> str:
+        """Accept ``client_id`` with ``client_secret`` at the token endpoint; returns the secret."""
+        secret = client_secret or "dbmagic-local-secret-" + secrets.token_hex(8)
+        self.service_principals[client_id] = secret
+        return secret
+
+    def issue_token(self, lifetime: float | None = None) -> str:
+        """A new OAuth access token this workspace accepts for ``lifetime`` seconds."""
+        token = "dbmagic-local-oauth-" + secrets.token_hex(12)
+        with self._lock:
+            self._issued[token] = time.time() + (self.token_lifetime if lifetime is None else lifetime)
+        return token
+
+    def revoke_tokens(self) -> None:
+        """Every issued OAuth token stops working (the personal access token still does)."""
+        with self._lock:
+            self._issued.clear()
+
+    @property
+    def metadata_service_url(self) -> str:
+        """The URL of this workspace's metadata service (``DATABRICKS_METADATA_SERVICE_URL``)."""
+        return self.host + self._metadata_path
+
+    def _accepts(self, authorization: str) -> bool:
+        if secrets.compare_digest(authorization, f"Bearer {self.token}"):
+            return True
+        token = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else ""
+        with self._lock:
+            return self._issued.get(token, 0) > time.time()
 
     def fail(self, name: str, status: int | None = None, **fault: Any) -> Fault:
         """Queue a fault for the next request(s) to endpoint ``name`` (its invocations), a proxy
@@ -315,14 +360,23 @@ class _Handler(BaseHTTPRequestHandler):
             body = None
         headers = dict(self.headers.items())
         sent_auth = headers.get("Authorization", "")
-        authorized = secrets.compare_digest(sent_auth, f"Bearer {ws.token}")
+        authorized = ws._accepts(sent_auth)
         if "Authorization" in headers:
-            headers["Authorization"] = "Bearer ***"
+            headers["Authorization"] = sent_auth.split(" ", 1)[0] + " ***"
         path = self.path.split("?", 1)[0]
         self._record = RecordedRequest(method, path, headers, body, authorized)
         ws.requests.append(self._record)
         if method == "GET" and path == "/.well-known/databricks-config":  # public, as on a workspace
-            return self._json(200, {"workspace_id": "1234567890123456"})
+            if self._fault(path) is True:
+                return
+            return self._json(200, {"workspace_id": ws.workspace_id, "oidc_endpoint": f"{ws.host}/oidc"})
+        if method == "GET" and path == "/oidc/.well-known/oauth-authorization-server":
+            return self._json(200, {"issuer": f"{ws.host}/oidc", "token_endpoint": f"{ws.host}/oidc/v1/token",
+                                    "authorization_endpoint": f"{ws.host}/oidc/v1/authorize"})
+        if method == "POST" and path == "/oidc/v1/token":
+            return self._token_endpoint(raw, sent_auth)
+        if method == "GET" and path == ws._metadata_path:
+            return self._metadata_service()
         if not authorized:
             return self._error(401, "Credential was not sent or was of an unsupported type for this API.")
         if raw and body is None:
@@ -392,6 +446,34 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b'{"choices": [{"message": ', "application/json")
             return True
         return fault
+
+    # -- signing in ------------------------------------------------------------------------------
+
+    def _token_endpoint(self, raw: bytes, authorization: str) -> None:
+        """OAuth client credentials (RFC 6749 4.4): the client authenticates with HTTP Basic or form fields."""
+        ws = self.workspace
+        form = {k: v[0] for k, v in urllib.parse.parse_qs(raw.decode("utf-8", "replace")).items()}
+        client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        if authorization.startswith("Basic "):
+            try:
+                client_id, _, secret = base64.b64decode(authorization[6:]).decode().partition(":")
+            except ValueError:
+                pass
+        if form.get("grant_type") != "client_credentials":
+            return self._json(400, {"error": "unsupported_grant_type", "error_description": "client_credentials only"})
+        expected = ws.service_principals.get(urllib.parse.unquote(client_id))
+        if expected is None or not secrets.compare_digest(urllib.parse.unquote(secret), expected):
+            return self._json(401, {"error": "invalid_client", "error_description": "Client authentication failed"})
+        self._json(200, {"access_token": ws.issue_token(), "token_type": "Bearer",
+                         "expires_in": int(ws.token_lifetime), "scope": form.get("scope", "all-apis")})
+
+    def _metadata_service(self) -> None:
+        """What the VS Code extension's metadata service answers (databricks-sdk's metadata-service)."""
+        ws = self.workspace
+        if self.headers.get("X-Databricks-Metadata-Version") != "1" or self.headers.get("X-Databricks-Host") != ws.host:
+            return self._json(400, {"error": "wrong metadata version or host"})
+        self._json(200, {"access_token": ws.issue_token(), "token_type": "Bearer",
+                         "expires_on": int(time.time() + ws.token_lifetime)})
 
     # -- endpoint behaviours --------------------------------------------------------------------
 
@@ -464,6 +546,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("x-request-id", ws._next_id())
+        self.send_header("x-databricks-org-id", ws.workspace_id)
         if chunked:
             self.send_header("Transfer-Encoding", "chunked")
         else:
@@ -539,6 +622,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("x-request-id", self.workspace._next_id())
+        self.send_header("x-databricks-org-id", self.workspace.workspace_id)
         for name, value in (extra or {}).items():
             self.send_header(name, value)
         self.end_headers()

@@ -113,7 +113,7 @@ def test_panel_streams_an_answer_in_jupyterlab(lab):
             expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
             page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return 1; }")
 
-            prompt = page.locator(".dbmagic-prompt-input")
+            prompt = page.locator(".dbmagic-prompt textarea")
             expect(prompt).to_be_visible(timeout=30_000)
             cells_before = page.locator(".jp-NotebookPanel .jp-Cell").count()
             prompt.click()
@@ -145,5 +145,41 @@ def test_panel_streams_an_answer_in_jupyterlab(lab):
             prompt.fill("Sent with the keyboard")
             prompt.press("Control+Enter")
             expect(answer).to_contain_text("Echo: Sent with the keyboard", timeout=30_000)
+        finally:
+            browser.close()
+
+
+def test_panel_works_when_the_anywidget_front_end_does_not_load(lab):
+    # Databricks notebooks render core ipywidgets; third-party front-end code may not load there
+    url, ws = lab
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            blocked: list[str] = []
+
+            def block(route):
+                blocked.append(route.request.url)
+                route.abort()
+
+            page.route("**/lab/extensions/anywidget/**", block)
+            page.goto(url)
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+            expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
+            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return 1; }")
+            prompt = page.locator(".dbmagic-prompt textarea")
+            expect(prompt).to_be_visible(timeout=30_000)
+            cells_before = page.locator(".jp-NotebookPanel .jp-Cell").count()
+            prompt.click()
+            prompt.type("Without anywidget, a b c")
+            page.get_by_role("button", name="Send").click()
+            expect(page.locator(".dbmagic-answer")).to_have_text("Echo: Without anywidget, a b c", timeout=30_000)
+            expect(page.locator(".dbmagic-status")).to_contain_text("tokens", timeout=10_000)
+            assert blocked, "the anywidget front end was not requested, so nothing was blocked"
+            assert page.locator(".jp-NotebookPanel .jp-Cell").count() == cells_before
         finally:
             browser.close()
