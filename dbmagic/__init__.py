@@ -49,6 +49,8 @@ _LAZY = {
     "EndpointInfo": "client",
     "get_client": "client",
     "configure": "client",
+    "batch": "_batch",
+    "BatchResult": "_batch",
     "Panel": "_panel",
     "panel": "_panel",
     "panel_result": "_panel",

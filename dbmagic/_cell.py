@@ -47,6 +47,20 @@ def prepare(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], 
     return prepared, t_out
 
 
+def run_batch(spec: CallSpec, template: str, rows: Any, namespace: MutableMapping[str, Any], client: Client, *,
+              concurrency: int, column: str) -> tuple[Any, Any]:
+    """The template over ``rows`` (see `dbmagic.batch`): ``(BatchResult, DataFrame with the answer
+    and error columns, or None for a list)``."""
+    from ._batch import _is_frame, run, with_answers
+
+    options = {name: getattr(spec, name) for name in CLIENT_OPTIONS if name != "endpoint"}
+    options["transform_input"] = resolve_transform(spec.transform_input, namespace, "transform_input")
+    t_out = resolve_transform(spec.transform_output, namespace, "transform_output")
+    result = run(template, rows, spec.endpoint, concurrency=concurrency, namespace=namespace, client=client,
+                 transform_output=t_out, timeout=spec.timeout, column=column, **options)
+    return result, (with_answers(rows, result, column) if _is_frame(rows) else None)
+
+
 def dry_run(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], client: Client,
             *, rich: bool = True) -> PreparedRequest:
     """Show the exact request that would be sent (token hidden); send nothing."""

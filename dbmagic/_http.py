@@ -20,7 +20,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from ._credentials import Credentials
-from .errors import ConnectionFailed, RequestError, RequestTimeout, error_from_response
+from .errors import ConnectionFailed, RateLimited, RequestError, RequestTimeout, error_from_response
 
 __all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "Body", "retry_reason", "retry_delay"]
 
@@ -64,6 +64,9 @@ class RetryPolicy:
     backoff: float = 1.0
     max_backoff: float = 30.0
     max_retry_after: float = 60.0
+    # False: a 429 is raised at once (RateLimited, with .retry_after), for a caller that paces
+    # many requests together (dbmagic.batch slows the whole batch down instead)
+    retry_rate_limited: bool = True
 
 
 def retry_reason(status: int | None, error: Exception | None = None) -> str | None:
@@ -115,11 +118,10 @@ class Transport:
         self.retry = retry
         self.clock = clock or SystemClock()
         self.rand = rand
+        self.pool_size = 0
         if session is None:
             session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
+            self._mount(session, pool_size)
         session.headers["User-Agent"] = f"dbmagic/{_version()} {session.headers.get('User-Agent', '')}".strip()
         self.session = session
         self.org_id: str | None = None  # the workspace's, from the x-databricks-org-id header of any answer
@@ -134,14 +136,17 @@ class Transport:
         json: Any = None,
         stream: bool = False,
         timeout: float | None = None,
+        retry: RetryPolicy | None = None,
     ) -> requests.Response:
-        """Send with retries; return a 2xx response or raise the mapped `RequestError`.
+        """Send with retries (``retry``, else the transport's policy); return a 2xx response or
+        raise the mapped `RequestError`.
 
         A 401 with credentials that can be asked afresh (the notebook context's short-lived token,
         an OAuth token) is tried once more within the same attempt, after re-authenticating: the
         token may have expired between the read and the request.
         """
         read_timeout = timeout if timeout is not None else self.timeouts.read
+        policy = retry or self.retry
         start = self.clock.monotonic()
         attempt = 0
         while True:
@@ -152,10 +157,12 @@ class Transport:
                 response, error, reason = self._try(credentials, method, path, target, json, stream, read_timeout)
             if error is None:
                 return response
-            if reason is None or attempt >= self.retry.attempts:
+            if isinstance(error, RateLimited) and not policy.retry_rate_limited:
+                raise error
+            if reason is None or attempt >= policy.attempts:
                 raise error.gave_up_after(attempt) from None
-            wait = retry_delay(self.retry, attempt, error.retry_after, self.rand)
-            if self.clock.monotonic() - start + wait > self.retry.deadline:
+            wait = retry_delay(policy, attempt, error.retry_after, self.rand)
+            if self.clock.monotonic() - start + wait > policy.deadline:
                 raise error.gave_up_after(attempt) from None
             self.clock.sleep(wait)
 
@@ -201,6 +208,18 @@ class Transport:
             secrets=secrets,
         )
         return response, error, retry_reason(response.status_code)
+
+    def ensure_pool(self, size: int) -> None:
+        """Keep at least ``size`` connections open per host (a batch's concurrency), so none is
+        opened and dropped per request."""
+        if self.pool_size and size > self.pool_size:
+            self._mount(self.session, size)
+
+    def _mount(self, session: requests.Session, size: int) -> None:
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=size, max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        self.pool_size = size
 
     def close(self) -> None:
         self.session.close()

@@ -338,12 +338,14 @@ class Client:
         return self.send(prepared, transform_output=transform_output, timeout=timeout)
 
     def send(self, prepared: PreparedRequest, *, transform_output: Transform | None = None,
-             timeout: float | None = None) -> Completion:
-        """Send a `PreparedRequest` and wait for the whole answer."""
+             timeout: float | None = None, retry: RetryPolicy | None = None) -> Completion:
+        """Send a `PreparedRequest` and wait for the whole answer (``retry`` overrides the client's
+        retry policy for this call)."""
         timeout = _timeout(timeout)
         started = time.perf_counter()
         response = self.transport.request(
-            self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body, timeout=timeout
+            self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body, timeout=timeout,
+            retry=retry,
         )
         data = _json(response.content, prepared.target, response.status_code)
         latency = time.perf_counter() - started

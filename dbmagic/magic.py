@@ -195,6 +195,8 @@ class DbLLM(_Options):
         namespace = self.shell.user_ns
         client = get_client()
         rich = type(self.shell).__name__ != "TerminalInteractiveShell"
+        if values["over"]:
+            return self._over(values, spec, template, client, rich)
         if values["dry_run"]:
             _cell.dry_run(spec, template, namespace, client, rich=rich)
             return None
@@ -203,6 +205,30 @@ class DbLLM(_Options):
             namespace[values["output"]] = completion.value
         if values["insert"]:
             self.shell.set_next_input(extract_code(completion.text)[0], replace=False)
+        return None
+
+    def _over(self, values: dict[str, Any], spec: Any, template: str, client: Any, rich: bool) -> None:
+        """``--over VAR``: the template once per row of a DataFrame or list, as `dbmagic.batch`."""
+        namespace, name = self.shell.user_ns, values["over"]
+        if name not in namespace:
+            raise UsageError(f"--over {name}: the notebook has no variable {name!r}. Name a DataFrame or a list.")
+        if spec.chat:
+            raise UsageError("--over sends each row on its own, so there is no conversation: drop --chat.")
+        rows = namespace[name]
+        if values["dry_run"]:  # the first row's request
+            from ._batch import _contexts
+
+            contexts = _contexts(rows)[0]
+            if not contexts:
+                raise UsageError(f"--over {name}: it has no rows.")
+            _cell.dry_run(spec, template, {**namespace, **contexts[0]}, client, rich=rich)
+            return None
+        result, frame = _cell.run_batch(spec, template, rows, namespace, client, concurrency=values["concurrency"],
+                                        column=values["column"])
+        print(result.summary())
+        namespace[_cell.LAST] = result
+        if values["output"]:
+            namespace[values["output"]] = frame if frame is not None else result
         return None
 
     def _show_user_traceback(self, exc: TransformError) -> None:

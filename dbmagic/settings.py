@@ -114,6 +114,10 @@ def _identifier(value: str) -> str | None:
     return None
 
 
+def _column(value: str) -> str | None:
+    return None if value.strip() and value != "error" else "must be a column name other than 'error'"
+
+
 def _dotted_name(value: str) -> str | None:
     if not all(part.isidentifier() for part in value.split(".")):
         return "must name a function in the notebook (e.g. clean or helpers.clean)"
@@ -163,6 +167,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("format", str, "markdown", "markdown (default), text, code, json or html", ("-f", "--format"),
             "choice", choices=FORMATS),
     Setting("insert", bool, False, "put the answer's code into the next cell", ("--insert",), scope="cell"),
+    Setting("over", str, None, "send the template once per row of this DataFrame or list (dbmagic.batch)",
+            ("--over",), rule=_identifier, metavar="VAR", scope="cell"),
+    Setting("column", str, "answer", "the answer column --over adds to a DataFrame (errors go in 'error')",
+            ("--column",), rule=_column, metavar="NAME", scope="cell"),
+    Setting("concurrency", int, 8, "requests in flight at once with --over; fewer while the endpoint rate limits",
+            ("--concurrency",), rule=_between(1, 256), scope="cell"),
     Setting("stream", bool, True, "stream answers token by token where the endpoint streams", ("--no-stream",),
             "checkbox", label="Stream", flag_help="wait for the whole answer instead of streaming"),
     Setting("chat", bool, False, "keep a conversation with this endpoint across cells", ("--chat",), "checkbox",

@@ -1,7 +1,7 @@
-"""Prompt templates: Jinja2 ``{{ name }}`` / ``{{ expr }}`` over the notebook's namespace.
+"""Prompt templates: Jinja2 ``{{ name }}`` / ``{{ expr }}`` over the notebook's namespace (or a row's values).
 
 IPython's own ``{var}``/``$var`` expansion is off for ``%%dbllm``, so JSON and code in prompts are
-safe. A prompt without ``{{``, ``{%`` or ``{#`` is returned as it is, without loading Jinja2.
+safe. A prompt without ``{{``, ``{%`` or ``{#`` is used as it is, without loading Jinja2.
 """
 
 from __future__ import annotations
@@ -11,30 +11,53 @@ from typing import Any
 
 from .errors import TemplateError
 
-__all__ = ["render_prompt"]
+__all__ = ["Template", "render_prompt"]
 
 _MARKERS = ("{{", "{%", "{#")
 
 
+class Template:
+    """A prompt template compiled once, to fill many times (a batch renders one per row).
+
+    ``names`` are the variables it reads; `render` fills them, and an undefined one is a
+    `TemplateError` that names it and says where it was looked for.
+    """
+
+    def __init__(self, source: str):
+        self.source = source
+        self._compiled: Any = None
+        self.names: frozenset[str] = frozenset()
+        if any(m in source for m in _MARKERS):
+            import jinja2
+            import jinja2.meta
+
+            env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+            try:
+                self.names = frozenset(jinja2.meta.find_undeclared_variables(env.parse(source)))
+                self._compiled = env.from_string(source)
+            except jinja2.TemplateSyntaxError as exc:
+                raise TemplateError(
+                    f"The prompt template is not valid Jinja2 (line {exc.lineno}: {exc.message}). "
+                    "Fix the {{ }} expression, or write {{ '{{' }} to keep literal braces."
+                ) from None
+
+    def render(self, values: Mapping[str, Any], *, where: str = "in the notebook") -> str:
+        if self._compiled is None:
+            return self.source
+        import jinja2
+
+        try:
+            return self._compiled.render(**values)
+        except jinja2.UndefinedError as exc:
+            raise TemplateError(
+                f"The prompt template uses {_undefined_name(exc)}, which is not defined {where}. "
+                "Define it, or write {{ '{{' }} to keep literal braces."
+            ) from None
+
+
 def render_prompt(template: str, namespace: Mapping[str, Any]) -> str:
     """Fill ``template`` from ``namespace``; an undefined name is an error that names it."""
-    if not any(m in template for m in _MARKERS):
-        return template
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    try:
-        return env.from_string(template).render(**namespace)
-    except jinja2.UndefinedError as exc:
-        raise TemplateError(
-            f"The prompt template uses {_undefined_name(exc)}, which is not defined in the notebook. "
-            "Define it in a cell above, or write {{ '{{' }} to keep literal braces."
-        ) from None
-    except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(
-            f"The prompt template is not valid Jinja2 (line {exc.lineno}: {exc.message}). "
-            "Fix the {{ }} expression, or write {{ '{{' }} to keep literal braces."
-        ) from None
+    return Template(template).render(namespace)
 
 
 def _undefined_name(exc: Exception) -> str:

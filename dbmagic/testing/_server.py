@@ -33,7 +33,9 @@ class Endpoint:
     the agents' ``agent/v1/responses``, ``agent/v2/chat`` and ``agent/v1/chat``, or None for a
     custom model). ``predict`` replaces a custom model's behaviour: it gets the input records (a
     list of dicts or values) and returns the predictions list, answered under ``output_key``
-    (``predictions``, or ``outputs`` as some models answer).
+    (``predictions``, or ``outputs`` as some models answer). ``latency`` seconds pass before each
+    answer; ``rate_limit`` admits that many invocations in any one second and answers the rest
+    429 ``REQUEST_LIMIT_EXCEEDED`` with ``Retry-After`` (seconds, fractional) until a slot frees.
     """
 
     name: str
@@ -43,6 +45,8 @@ class Endpoint:
     ready: str = "READY"
     predict: Callable[[list[Any]], list[Any]] | None = None
     output_key: str = "predictions"
+    latency: float = 0.0
+    rate_limit: float | None = None
 
     def describe(self) -> dict[str, Any]:
         entity: dict[str, Any] = {"name": f"{self.name}-entity"}
@@ -109,13 +113,20 @@ class Fault:
 
 @dataclass
 class RecordedRequest:
-    """One request the local workspace received. ``headers['Authorization']`` is masked."""
+    """One request the local workspace received. ``headers['Authorization']`` is masked.
+
+    ``at`` is when it arrived (``time.monotonic()``); ``status`` the status it was answered with and
+    ``retry_after`` the ``Retry-After`` it was given (both None until answered).
+    """
 
     method: str
     path: str
     headers: dict[str, str]
     json: Any
     authorized: bool
+    at: float = 0.0
+    status: int | None = None
+    retry_after: str | None = None
     chunks_sent_at: list[float] = field(default_factory=list, repr=False)  # perf_counter of each SSE write
 
 
@@ -192,6 +203,7 @@ class LocalWorkspace:
         self.token_lifetime = 3600.0
         self.service_principals: dict[str, str] = {}
         self._issued: dict[str, float] = {}  # token -> expiry (time.time())
+        self._admitted: dict[str, deque[float]] = {}  # endpoint -> monotonic times within the last second
         self._metadata_path = "/metadata-service/" + secrets.token_hex(8)
         self._faults: dict[str, deque[Fault]] = {}
         self._lock = threading.Lock()
@@ -274,6 +286,20 @@ class LocalWorkspace:
     def metadata_service_url(self) -> str:
         """The URL of this workspace's metadata service (``DATABRICKS_METADATA_SERVICE_URL``)."""
         return self.host + self._metadata_path
+
+    def _admit(self, endpoint: Endpoint) -> float:
+        """0 when ``endpoint`` may answer now, else the seconds until its rate limit frees a slot."""
+        if not endpoint.rate_limit:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            window = self._admitted.setdefault(endpoint.name, deque())
+            while window and window[0] <= now - 1.0:
+                window.popleft()
+            if len(window) < endpoint.rate_limit:
+                window.append(now)
+                return 0.0
+            return max(window[0] + 1.0 - now, 0.001)
 
     def _accepts(self, authorization: str) -> bool:
         if secrets.compare_digest(authorization, f"Bearer {self.token}"):
@@ -364,7 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
         if "Authorization" in headers:
             headers["Authorization"] = sent_auth.split(" ", 1)[0] + " ***"
         path = self.path.split("?", 1)[0]
-        self._record = RecordedRequest(method, path, headers, body, authorized)
+        self._record = RecordedRequest(method, path, headers, body, authorized, at=time.monotonic())
         ws.requests.append(self._record)
         if method == "GET" and path == "/.well-known/databricks-config":  # public, as on a workspace
             if self._fault(path) is True:
@@ -399,9 +425,15 @@ class _Handler(BaseHTTPRequestHandler):
             endpoint = ws.endpoints.get(match.group(1))
             if endpoint is None:
                 return self._not_found(match.group(1))
+            wait = ws._admit(endpoint)
+            if wait:
+                return self._error(429, f"Exceeded the endpoint's limit of {endpoint.rate_limit:g} requests per second.",
+                                   "REQUEST_LIMIT_EXCEEDED", extra={"Retry-After": f"{wait:.3f}"})
             fault = self._fault(endpoint.name, path)
             if fault is True:
                 return
+            if endpoint.latency:
+                time.sleep(endpoint.latency)
             return self._invoke(endpoint, body, fault)
         match = _PROXY.match(path)
         if method == "POST" and match:
@@ -497,7 +529,11 @@ class _Handler(BaseHTTPRequestHandler):
             if records is None:
                 return self._error(400, "Provide one of dataframe_split, dataframe_records, instances, inputs.")
             predict = endpoint.predict or _echo_predictions
-            return self._json(200, {endpoint.output_key: predict(records)})
+            try:
+                predictions = predict(records)
+            except Exception as exc:  # the model's own failure, answered as serving answers it
+                return self._error(400, f"Model prediction failed: {exc.__class__.__name__}: {exc}", "BAD_REQUEST")
+            return self._json(200, {endpoint.output_key: predictions})
         shape = _SHAPES.get(task, "completions")
         if shape in ("chat", "chat_agent", "responses"):
             field = "input" if shape == "responses" else "messages"
@@ -543,6 +579,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, endpoint: Endpoint, text: str, finish: str, usage: dict, shape: str, fault: Fault | None) -> None:
         ws = self.workspace
         chunked = ws.stream_mode == "chunked"
+        self._record.status = 200
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("x-request-id", ws._next_id())
@@ -618,6 +655,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, text.encode(), "text/plain; charset=utf-8", extra)
 
     def _send(self, status: int, payload: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+        self._record.status, self._record.retry_after = status, (extra or {}).get("Retry-After")
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))

@@ -1,0 +1,207 @@
+"""dbmagic.batch and %%dbllm --over against the local workspace: order, errors in place, pacing
+under a rate limit (the server's log proves the backoff), Ctrl-C and resume, DataFrames."""
+
+from __future__ import annotations
+
+import _thread
+import re
+import threading
+import time
+
+import pandas as pd
+import pytest
+from IPython.core.error import UsageError
+
+import dbmagic
+from dbmagic import BatchResult, Client, RateLimited, RetryPolicy, TemplateError
+from dbmagic.testing import Endpoint
+
+from .conftest import CHAT, CUSTOM
+
+
+def invocations(ws, name):
+    return [r for r in ws.requests if r.path == f"/serving-endpoints/{name}/invocations"]
+
+
+def prompt_of(request):
+    return request.json["messages"][-1]["content"]
+
+
+@pytest.fixture
+def fast(workspace):
+    """A client whose backoff without Retry-After is short, so the tests do not wait for seconds."""
+    c = Client(host=workspace.host, token=workspace.token, retry=RetryPolicy(backoff=0.05, max_backoff=0.2))
+    yield c
+    c.close()
+
+
+def test_answers_keep_the_input_order(workspace, fast):
+    workspace.add_endpoint(Endpoint("slowish", "llm/v1/chat", latency=0.02))
+    workspace.fail("slowish", delay=0.3)  # the first request to arrive answers last
+    rows = [f"row {i}" for i in range(12)]
+    result = dbmagic.batch("Say {{ row }}", rows, endpoint="slowish", concurrency=4, client=fast, progress=False)
+    assert isinstance(result, BatchResult)
+    assert result.texts == [f"Echo: Say row {i}" for i in range(12)]
+    assert result.failed == [] and result.missing == []
+    assert result.usage == {"prompt_tokens": 36, "completion_tokens": 48, "total_tokens": 84}
+    assert re.match(r"12 rows in \d+\.\d s \(\d+\.\d rows/s\): 12 answered, 0 failed, 36 prompt / 48 completion / "
+                    r"84 total tokens\.$", result.summary())
+
+
+def test_rows_run_concurrently_up_to_the_cap(workspace, fast):
+    workspace.fail(CHAT, gather=4, times=4, gather_timeout=5)  # held until four are in flight together
+    result = dbmagic.batch("{{ row }}", list("abcd"), endpoint=CHAT, concurrency=4, client=fast, progress=False)
+    assert result.failed == []
+
+
+def test_a_failed_row_keeps_its_place_and_its_error(workspace, fast):
+    workspace.add_endpoint(Endpoint("picky", None, "CUSTOM_MODEL", predict=lambda records: [
+        r["prompt"].upper() if "bad" not in r["prompt"] else 1 / 0 for r in records]))
+    rows = [{"text": "good one"}, {"text": "bad one"}, {"text": "good two"}, {"oops": "no text"}]
+    result = dbmagic.batch("{{ text }}", rows, endpoint="picky", client=fast, progress=False)
+    assert result.values[0] == "GOOD ONE" and result.values[2] == "GOOD TWO"
+    assert result.failed == [1, 3]
+    assert "Model prediction failed: ZeroDivisionError" in result.errors[1]
+    assert "uses 'text', which is not defined in row 3 (its values: oops)" in result.errors[3]
+    assert len(invocations(workspace, "picky")) == 3  # the row that could not render sent nothing
+
+
+def test_a_rate_limited_endpoint_slows_the_batch_and_loses_no_row(workspace, fast):
+    workspace.add_endpoint(Endpoint("limited", "llm/v1/chat", latency=0.02, rate_limit=10))
+    rows = [f"r{i}" for i in range(30)]
+    result = dbmagic.batch("{{ row }}", rows, endpoint="limited", concurrency=8, client=fast, progress=False)
+    assert result.failed == [] and result.texts == [f"Echo: r{i}" for i in range(30)]
+    log = invocations(workspace, "limited")
+    limited = [r for r in log if r.status == 429]
+    assert limited, "the endpoint never said 429: the test proves nothing"
+    # the whole batch honoured each Retry-After: nothing arrived while the endpoint had said to wait
+    for answer in limited:
+        until = answer.at + float(answer.retry_after)
+        early = [r for r in log if answer.at + 0.05 < r.at < until - 0.02]
+        assert not early, f"{len(early)} requests arrived within a Retry-After of {answer.retry_after} s"
+    assert result.concurrency < 8  # it slowed down
+
+
+def test_a_429_spell_without_retry_after_backs_off(workspace, fast):
+    workspace.fail(CHAT, 429, times=3)  # no Retry-After: the batch's own backoff
+    result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(6)], endpoint=CHAT, concurrency=3, client=fast,
+                           progress=False)
+    assert result.failed == []
+    log = invocations(workspace, CHAT)
+    assert [r.status for r in log].count(429) == 3 and len(log) == 9
+    first_ok = next(r.at for r in log if r.status == 200)
+    assert first_ok - log[0].at >= 0.02  # a pause came between the 429s and the first answer
+
+
+def test_a_row_past_the_retry_deadline_fails_with_the_429(workspace):
+    client = Client(host=workspace.host, token=workspace.token, retry=RetryPolicy(deadline=0.3, backoff=0.1))
+    workspace.fail(CHAT, 429, times=100, retry_after=0.2)
+    result = dbmagic.batch("{{ row }}", ["only"], endpoint=CHAT, client=client, progress=False)
+    assert result.failed == [0] and isinstance(result[0], RateLimited)
+
+
+def test_ctrl_c_returns_what_finished_and_resume_sends_only_the_rest(workspace, fast):
+    workspace.add_endpoint(Endpoint("steady", "llm/v1/chat", latency=0.1))
+    rows = [f"r{i}" for i in range(30)]
+    started = time.monotonic()
+    timer = threading.Timer(0.45, _thread.interrupt_main)
+    timer.start()
+    try:
+        first = dbmagic.batch("{{ row }}", rows, endpoint="steady", concurrency=2, client=fast, progress=False)
+        returned = time.monotonic()
+    finally:
+        timer.cancel()
+    assert first.interrupted
+    assert returned - started < 0.45 + 0.1 + 0.05  # it waited for no answer in flight (0.1 s each)
+    time.sleep(0.3)  # the requests that were on their way when Ctrl-C came land before the log is cleared
+    done = [i for i, text in enumerate(first.texts) if text]
+    assert 2 <= len(done) < 30 and first.missing and first.failed == []
+    assert "not sent (interrupted)" in first.summary()
+    workspace.requests.clear()
+    second = dbmagic.batch("{{ row }}", rows, endpoint="steady", concurrency=8, client=fast, progress=False,
+                           resume=first)
+    assert second.texts == [f"Echo: r{i}" for i in range(30)]
+    sent = sorted(prompt_of(r) for r in invocations(workspace, "steady"))
+    assert sent == sorted(rows[i] for i in range(30) if i not in done)  # only the missing rows
+
+
+def test_resume_sends_failed_rows_again(workspace, fast):
+    workspace.fail(CHAT, 400, times=2)
+    first = dbmagic.batch("{{ row }}", list("abcde"), endpoint=CHAT, concurrency=1, client=fast, progress=False)
+    assert first.failed == [0, 1]
+    workspace.requests.clear()
+    second = dbmagic.batch("{{ row }}", list("abcde"), endpoint=CHAT, client=fast, progress=False, resume=first)
+    assert second.failed == [] and [prompt_of(r) for r in invocations(workspace, CHAT)] == ["a", "b"]
+
+
+def test_transforms_apply_per_row(workspace, fast):
+    def tag(**request):
+        request["prompt"] = f"[{len(request['prompt'])}] {request['prompt']}"
+        return request
+
+    result = dbmagic.batch("{{ row }}", ["ab", "abcd"], endpoint=CHAT, client=fast, progress=False,
+                           transform_input=tag, transform_output=str.upper, system="S", temperature=0.1)
+    assert result.values == ["[S] ECHO: [2] AB", "[S] ECHO: [4] ABCD"]
+    assert invocations(workspace, CHAT)[0].json["temperature"] == 0.1
+
+
+def test_a_dataframe_in_a_dataframe_out(workspace, fast):
+    df = pd.DataFrame({"text": ["one", "two", "three"], "lang": ["en", "en", "fr"]})
+    out = dbmagic.batch("Translate {{ text }} from {{ lang }}", df, endpoint=CHAT, client=fast, progress=False,
+                        column="translated")
+    assert list(out.columns) == ["text", "lang", "translated", "error"]
+    assert out["translated"].tolist() == ["Echo: Translate one from en", "Echo: Translate two from en",
+                                          "Echo: Translate three from fr"]
+    assert out["error"].isna().all() and "translated" not in df.columns  # a copy
+    with pytest.raises(TemplateError, match=r"The template uses langue, which is not a column of the DataFrame "
+                                            r"\(its columns: text, lang\)"):
+        dbmagic.batch("{{ text }} {{ langue }}", df, endpoint=CHAT, client=fast, progress=False)
+    workspace.fail(CHAT, 400, times=1)
+    partial = dbmagic.batch("{{ text }}", df, endpoint=CHAT, concurrency=1, client=fast, progress=False)
+    assert partial["error"].notna().tolist() == [True, False, False]
+    workspace.requests.clear()
+    resumed = dbmagic.batch("{{ text }}", df, endpoint=CHAT, client=fast, progress=False, resume=partial)
+    assert resumed["answer"].tolist() == ["Echo: one", "Echo: two", "Echo: three"]
+    assert [prompt_of(r) for r in invocations(workspace, CHAT)] == ["one"]
+
+
+def test_bad_batch_input_is_refused_before_sending(workspace, fast):
+    with pytest.raises(dbmagic.ConfigurationError, match="rows must be a list of strings or dicts"):
+        dbmagic.batch("{{ row }}", "just one string", endpoint=CHAT, client=fast)
+    with pytest.raises(dbmagic.ConfigurationError, match="concurrency must be a whole number of at least 1"):
+        dbmagic.batch("{{ row }}", ["a"], endpoint=CHAT, client=fast, concurrency=0)
+    assert workspace.requests == []
+
+
+def test_progress_bar_shows_rows_failed_and_concurrency(workspace, fast, capsys):
+    dbmagic.batch("{{ row }}", ["a", "b"], endpoint=CHAT, client=fast, concurrency=2)
+    err = capsys.readouterr().err
+    assert "2/2" in err and "failed=0" in err and "concurrency=2" in err and "row/s" in err
+
+
+def test_over_in_the_magic(shell, workspace):
+    shell.user_ns["tickets"] = pd.DataFrame({"text": ["printer on fire", "password reset"]})
+    shell.user_ns["labels"] = "hardware, account"
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --over tickets --column label -o labelled --concurrency 2",
+                         "Classify {{ text }} as one of {{ labels }}")
+    out = shell.user_ns["labelled"]
+    assert out["label"].tolist() == ["Echo: Classify printer on fire as one of hardware, account",
+                                     "Echo: Classify password reset as one of hardware, account"]
+    assert isinstance(shell.user_ns["_dbllm"], BatchResult)
+    shell.user_ns["texts"] = ["x", "y"]
+    shell.run_line_magic("dbllm", f"-e {CUSTOM} --over texts -o scores Score {{{{ row }}}}")
+    assert shell.user_ns["scores"].values == ["Echo: Score x", "Echo: Score y"]
+    with pytest.raises(UsageError, match="--over nope: the notebook has no variable 'nope'"):
+        shell.run_cell_magic("dbllm", f"-e {CHAT} --over nope", "x")
+    with pytest.raises(UsageError, match="drop --chat"):
+        shell.run_cell_magic("dbllm", f"-e {CHAT} --over texts --chat", "x")
+
+
+def test_over_prints_one_summary_line_and_dry_run_shows_the_first_row(shell, workspace, capsys):
+    shell.user_ns["texts"] = ["first", "second"]
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --over texts --dry-run", "About {{ row }}")
+    assert "About first" in shell.display_pub.outputs[-1]["data"]["text/plain"]
+    assert invocations(workspace, CHAT) == []
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --over texts", "About {{ row }}")
+    out = capsys.readouterr().out
+    assert re.search(r"^2 rows in \d+\.\d s \(\d+\.\d rows/s\): 2 answered, 0 failed, .* tokens\.$", out, re.M)
