@@ -271,6 +271,7 @@ class _Pace:
         self.pause_until = 0.0
         self.first_try: dict[int, float] = {}
         self.stopped = False
+        self.fatal: BaseException | None = None  # what stopped the batch from within (SystemExit ...)
         self.cond = threading.Condition()
 
     def run(self, send: Callable[[int], Any], items: list[Any], *, progress: bool) -> bool:
@@ -282,7 +283,7 @@ class _Pace:
             worker.start()
         try:
             with self.cond:
-                while self.remaining and any(w.is_alive() for w in workers):
+                while self.remaining and not self.stopped and any(w.is_alive() for w in workers):
                     self.cond.wait(0.1)
                     if bar is not None:
                         _show(bar, self)
@@ -295,6 +296,8 @@ class _Pace:
             if bar is not None:
                 _show(bar, self)
                 bar.close()
+        if self.fatal is not None:
+            raise self.fatal
         return False
 
     def _work(self, send: Callable[[int], Any], items: list[Any]) -> None:
@@ -314,6 +317,11 @@ class _Pace:
                 outcome = exc
             except Exception as exc:  # a bug of ours or a library's: the row keeps it, the batch goes on
                 outcome = DbMagicError(f"Unexpected {exc.__class__.__name__}: {exc}")
+            except BaseException as exc:  # SystemExit from a transform: it stops the whole batch
+                with self.cond:
+                    self.fatal, self.stopped = exc, True
+                    self.cond.notify_all()
+                return
             with self.cond:
                 self.in_flight -= 1
                 if self.stopped:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent / "notebooks"
-NOTEBOOKS = ("quickstart", "panel")
+NOTEBOOKS = ("quickstart", "panel", "batch")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,134 @@
+"""Prompts over a Spark DataFrame, computed on the executors (``pip install 'dbmagic[spark]'``).
+
+>>> import dbmagic.spark
+>>> out = dbmagic.spark.complete(tickets, "Classify the ticket: {{ text }}",
+...                              endpoint="databricks-meta-llama-3-3-70b-instruct", concurrency_per_task=4)
+>>> out.select("text", "answer", "error").show()
+
+Each task runs `dbmagic.batch` over its partition: bounded concurrency per task, the same pacing
+under rate limits, the same retry policy and timeouts as the driver's client, and a failed row keeps
+its place with its error. The template's ``{{ names }}`` are columns; they are checked before the
+job starts.
+
+The executors cannot read the notebook context, so the driver's credentials travel with the task:
+the workspace host and the token in force when `complete` is called (the notebook's token inside
+Databricks; for OAuth, the current access token, valid for about an hour). They are kept out of
+the query plan (``explain()``), the Spark UI, logs and error messages.
+
+**When SQL's ``ai_query`` is the better tool.** On a Databricks SQL warehouse, or a cluster on
+Databricks Runtime 15.4 and later, ``ai_query`` runs the same prompt over a table with Databricks
+scheduling the calls, and needs no Python on the executors. The equivalent of the call above::
+
+    SELECT *, ai_query('databricks-meta-llama-3-3-70b-instruct',
+                       CONCAT('Classify the ticket: ', text),
+                       failOnError => false) AS result
+    FROM tickets
+    -- result.response is the answer, result.errorMessage the error
+
+Use `complete` when you need what ``ai_query`` does not give: transforms, driver-proxy apps, custom
+request fields, an endpoint in another workspace, or a Spark outside Databricks.
+
+PySpark is imported here only: ``import dbmagic`` never loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError, TemplateError
+from .templating import Template
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .client import CallOptions, Client
+
+__all__ = ["complete"]
+
+
+def complete(
+    sdf: Any,
+    template: str,
+    endpoint: str | None = None,
+    *,
+    output_col: str = "answer",
+    error_col: str = "error",
+    concurrency_per_task: int = 4,
+    client: Client | None = None,
+    transform_output: Callable[[Any], Any] | None = None,
+    timeout: float | None = None,
+    **options: Unpack[CallOptions],
+) -> Any:
+    """``sdf`` with ``output_col`` (the answer, as text; JSON for other values) and ``error_col``
+    (the row's error, else null) added, computed on the executors; see the module docstring."""
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    from ._batch import _JINJA_GLOBALS
+    from .client import get_client
+
+    if not isinstance(concurrency_per_task, int) or isinstance(concurrency_per_task, bool) or concurrency_per_task < 1:
+        raise ConfigurationError(f"concurrency_per_task must be a whole number of at least 1; got {concurrency_per_task!r}.")
+    columns = list(sdf.columns)
+    unknown = sorted(Template(template).names - set(columns) - _JINJA_GLOBALS)
+    if unknown:
+        raise TemplateError(f"The template uses {', '.join(unknown)}, which is not a column of the DataFrame "
+                            f"(its columns: {', '.join(columns)}). Rename the {{{{ }}}} names, or add the columns.")
+    for name in (output_col, error_col):
+        if name in columns:
+            raise ConfigurationError(f"The DataFrame already has a column {name!r}: choose another output_col/error_col.")
+    client = client or get_client()
+    # on the driver: options checked, the endpoint's kind found once (executors then skip the lookup)
+    probe = client.prepare("", endpoint, **{k: v for k, v in options.items() if k != "transform_input"})
+    options = {**options, "task": options.get("task") or probe.kind}
+    credentials = client.credentials
+    secret = _Secret(credentials.token)
+    host, extra_headers = credentials.host, credentials.extra_headers
+    retry, timeouts = client.transport.retry, client.transport.timeouts
+    schema = StructType([*sdf.schema.fields, StructField(output_col, StringType()), StructField(error_col, StringType())])
+
+    def dbmagic_complete(batches: Iterator[Any]) -> Iterator[Any]:
+        # runs on an executor: imports here, one client per task
+        from dbmagic._batch import run
+        from dbmagic._credentials import Credentials
+        from dbmagic.client import Client
+
+        worker = Client(credentials=Credentials(host, "the Spark driver", _token=secret.value,
+                                                extra_headers=extra_headers), retry=retry, timeouts=timeouts)
+        try:
+            for frame in batches:
+                result = run(template, frame, endpoint, concurrency=concurrency_per_task, progress=False, client=worker,
+                             transform_output=transform_output, timeout=timeout, **options)
+                out = frame.copy()
+                out[output_col] = [None if v is None else _as_text(v) for v in result.values]
+                out[error_col] = result.errors
+                yield out
+        finally:
+            worker.close()
+
+    return sdf.mapInPandas(dbmagic_complete, schema)
+
+
+class _Secret:
+    """The token on its way to the executors: pickled with the task, never shown by repr or str."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "_Secret('***')"
+
+    __str__ = __repr__
+
+    def __getstate__(self) -> str:
+        return self.value
+
+    def __setstate__(self, value: str) -> None:
+        self.value = value
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)

@@ -1,0 +1,100 @@
+"""dbmagic.spark in local mode (local[2]) against the local workspace: answers, errors in place,
+columns checked before the job, and the token absent from the plan and from a failed job's text."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from contextlib import redirect_stdout
+
+import pytest
+
+pytest.importorskip("pyspark")
+
+from dbmagic import Client, ConfigurationError, TemplateError  # noqa: E402
+from dbmagic.testing import Endpoint  # noqa: E402
+
+from .conftest import CHAT  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable  # the executors' Python: this environment, with dbmagic
+    os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"  # loopback only
+    session = (SparkSession.builder.master("local[2]").appName("dbmagic-tests")
+               .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+               .config("spark.driver.host", "127.0.0.1")
+               .config("spark.driver.bindAddress", "127.0.0.1").config("spark.sql.shuffle.partitions", "2")
+               .getOrCreate())
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def test_a_few_hundred_rows_on_the_executors(spark, workspace):
+    import dbmagic.spark
+
+    client = Client(host=workspace.host, token=workspace.token)
+    sdf = spark.createDataFrame([(i, f"ticket {i}") for i in range(300)], "id INT, text STRING").repartition(3)
+    out = dbmagic.spark.complete(sdf, "Classify {{ text }}", endpoint=CHAT, concurrency_per_task=4, client=client,
+                                 transform_output=str.upper, temperature=0.1)
+    rows = sorted(out.collect(), key=lambda r: r.id)
+    assert out.columns == ["id", "text", "answer", "error"]
+    assert [r.answer for r in rows] == [f"ECHO: CLASSIFY TICKET {i}" for i in range(300)]
+    assert all(r.error is None for r in rows)
+    sent = [r for r in workspace.requests if r.path.endswith("/invocations")]
+    assert len(sent) == 300 and all(r.authorized and r.json["temperature"] == 0.1 for r in sent)
+    # the endpoint's kind was looked up once, on the driver
+    assert len([r for r in workspace.requests if r.path == f"/api/2.0/serving-endpoints/{CHAT}"]) == 1
+    plan = io.StringIO()
+    with redirect_stdout(plan):
+        out.explain(True)
+    assert workspace.token not in plan.getvalue() and "MapInPandas" in plan.getvalue()
+    assert workspace.token not in repr(out) + str(out.schema)
+
+
+def test_row_errors_stay_in_place_scrubbed(spark, workspace):
+    import dbmagic.spark
+
+    workspace.add_endpoint(Endpoint("picky", None, "CUSTOM_MODEL", predict=lambda records: [
+        1 / 0 if "bad" in r["prompt"] else r["prompt"] for r in records]))
+    client = Client(host=workspace.host, token=workspace.token)
+    sdf = spark.createDataFrame([("good",), ("bad",), ("fine",)], "text STRING").coalesce(1)
+    rows = dbmagic.spark.complete(sdf, "{{ text }}", endpoint="picky", client=client).collect()
+    assert [r.answer for r in rows] == ["good", None, "fine"]
+    assert "Model prediction failed: ZeroDivisionError" in rows[1].error
+    # a server that echoes the Authorization header gets the token scrubbed from the row's error
+    workspace.fail(CHAT, 400, body={"error_code": "BAD_REQUEST", "message": f"Bearer {workspace.token} refused"})
+    one = dbmagic.spark.complete(spark.createDataFrame([("x",)], "text STRING"), "{{ text }}", endpoint=CHAT,
+                                 client=client).collect()[0]
+    assert workspace.token not in one.error and "Bearer *** refused" in one.error
+
+
+def test_columns_are_checked_before_the_job(spark, workspace):
+    import dbmagic.spark
+
+    client = Client(host=workspace.host, token=workspace.token)
+    sdf = spark.createDataFrame([("a",)], "text STRING")
+    with pytest.raises(TemplateError, match=r"uses body, which is not a column of the DataFrame \(its columns: text\)"):
+        dbmagic.spark.complete(sdf, "{{ body }}", endpoint=CHAT, client=client)
+    with pytest.raises(ConfigurationError, match="already has a column 'text'"):
+        dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client, output_col="text")
+    assert [r for r in workspace.requests if r.path.endswith("/invocations")] == []
+
+
+def test_a_failed_job_does_not_show_the_token(spark, workspace):
+    import dbmagic.spark
+
+    def stop_everything(value):
+        raise SystemExit(f"stopped on {value}")
+
+    client = Client(host=workspace.host, token=workspace.token)
+    sdf = spark.createDataFrame([("a",)], "text STRING")
+    with pytest.raises(Exception) as info:
+        dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client,
+                               transform_output=stop_everything).collect()
+    text = str(info.value)
+    assert "stopped on Echo: a" in text and workspace.token not in text
