@@ -267,7 +267,7 @@ class _Pace:
         self.failed = 0
         self.done = 0
         self.epoch = 0  # a decrease only counts once per window of requests started at one limit
-        self.rate_limited_in_a_row = 0
+        self.backoffs = 0  # decreases since the last success: how long a pause without Retry-After is
         self.pause_until = 0.0
         self.first_try: dict[int, float] = {}
         self.stopped = False
@@ -332,7 +332,7 @@ class _Pace:
                 if isinstance(outcome, Exception):
                     self.failed += 1
                 else:
-                    self.rate_limited_in_a_row = 0
+                    self.backoffs = 0  # decreases since the last success: how long a pause without Retry-After is
                     self.successes += 1
                     if self.successes >= self.limit and self.limit < self.cap:
                         self.limit += 1
@@ -362,19 +362,19 @@ class _Pace:
                 self.in_flight -= 1
                 return True
             now = time.monotonic()
-            self.rate_limited_in_a_row += 1
+            if epoch == self.epoch:  # the first 429 of requests sent at this limit: one decrease
+                self.limit = max(1, self.limit // 2)
+                self.successes = 0
+                self.epoch += 1
+                self.backoffs += 1
             if exc.retry_after is not None and math.isfinite(exc.retry_after) and exc.retry_after >= 0:
                 wait = min(exc.retry_after, self.policy.max_retry_after)
-            else:
-                wait = min(self.policy.backoff * 2 ** (self.rate_limited_in_a_row - 1), self.policy.max_backoff)
+            else:  # grows with each decrease, not with each of the requests that were in flight together
+                wait = min(self.policy.backoff * 2 ** (self.backoffs - 1), self.policy.max_backoff)
                 wait *= 0.5 + random.random() / 2
             if now + wait - self.first_try[index] > self.policy.deadline:
                 return False
             self.in_flight -= 1
-            if epoch == self.epoch:
-                self.limit = max(1, self.limit // 2)
-                self.successes = 0
-                self.epoch += 1
             self.pause_until = max(self.pause_until, now + wait)
             self.todo.appendleft(index)
             self.cond.notify_all()

@@ -1,11 +1,13 @@
-"""``python -m dbmagic.testing [--port N] [--token T]``: run a local workspace until Ctrl-C."""
+"""``python -m dbmagic.testing [--port N] [--token T] [--latency S] [--rate-limit N]``: run a local
+workspace until Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
 import threading
+from dataclasses import replace
 
-from . import LocalWorkspace
+from . import DEFAULT_ENDPOINTS, LocalWorkspace
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,8 +16,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", default=None, help="the token clients must send (default: a random one)")
     parser.add_argument("--chunk-delay", type=float, default=0.05,
                         help="seconds between streamed chunks, to watch streaming (default 0.05)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds every endpoint takes to answer")
+    parser.add_argument("--rate-limit", type=float, default=None,
+                        help="requests per second every endpoint admits; past it, 429 with Retry-After")
+    parser.add_argument("--no-retry-after", action="store_true", help="answer 429s without Retry-After")
     args = parser.parse_args(argv)
-    with LocalWorkspace(port=args.port, token=args.token, chunk_delay=args.chunk_delay) as ws:
+    endpoints = [replace(e, latency=args.latency, rate_limit=args.rate_limit, retry_after=not args.no_retry_after)
+                 for e in DEFAULT_ENDPOINTS]
+    with LocalWorkspace(port=args.port, token=args.token, chunk_delay=args.chunk_delay, endpoints=endpoints) as ws:
         print("A local Databricks workspace is running. In another shell:", flush=True)
         for name, value in ws.environ().items():
             print(f"  export {name}={value}", flush=True)

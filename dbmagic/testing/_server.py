@@ -35,7 +35,8 @@ class Endpoint:
     list of dicts or values) and returns the predictions list, answered under ``output_key``
     (``predictions``, or ``outputs`` as some models answer). ``latency`` seconds pass before each
     answer; ``rate_limit`` admits that many invocations in any one second and answers the rest
-    429 ``REQUEST_LIMIT_EXCEEDED`` with ``Retry-After`` (seconds, fractional) until a slot frees.
+    429 ``REQUEST_LIMIT_EXCEEDED`` with ``Retry-After`` (seconds, fractional) until a slot frees,
+    or with no ``Retry-After`` when ``retry_after`` is False.
     """
 
     name: str
@@ -47,6 +48,7 @@ class Endpoint:
     output_key: str = "predictions"
     latency: float = 0.0
     rate_limit: float | None = None
+    retry_after: bool = True
 
     def describe(self) -> dict[str, Any]:
         entity: dict[str, Any] = {"name": f"{self.name}-entity"}
@@ -428,7 +430,8 @@ class _Handler(BaseHTTPRequestHandler):
             wait = ws._admit(endpoint)
             if wait:
                 return self._error(429, f"Exceeded the endpoint's limit of {endpoint.rate_limit:g} requests per second.",
-                                   "REQUEST_LIMIT_EXCEEDED", extra={"Retry-After": f"{wait:.3f}"})
+                                   "REQUEST_LIMIT_EXCEEDED",
+                                   extra={"Retry-After": f"{wait:.3f}"} if endpoint.retry_after else None)
             fault = self._fault(endpoint.name, path)
             if fault is True:
                 return

@@ -1,0 +1,185 @@
+"""Batch throughput, measured side by side in one run against the local workspace (by hand, not in CI).
+
+    python benchmarks/bench_batch.py [--rows 500] [--no-spark]
+
+Prints rows per second for:
+- 500 prompts at 50 ms server latency, concurrency 16: dbmagic.batch next to bare threads over one
+  ``requests.Session`` and the sequential figure (target: >= 95% of ideal, 16 / 0.05 s = 320 rows/s);
+- an endpoint limited to 20 requests/s (the local workspace answers 429 past it, with
+  ``Retry-After`` and then without): dbmagic.batch (adaptive) next to a fixed concurrency of 16
+  threads calling ``Client.complete`` (target: >= 90% of the limit with zero failed rows);
+- Spark local[2], 1,000 rows at 50 ms, two partitions and one (needs the spark extra).
+
+The workspace runs in its own process (``python -m dbmagic.testing``), so that the server's threads
+do not share the interpreter lock with the client being measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import requests
+
+import dbmagic
+from dbmagic import Client
+
+CHAT = "databricks-meta-llama-3-3-70b-instruct"
+
+
+@contextlib.contextmanager
+def served(*args: str) -> Iterator[Client]:
+    """A client of ``python -m dbmagic.testing ARGS`` running in another process."""
+    proc = subprocess.Popen([sys.executable, "-m", "dbmagic.testing", *args], stdout=subprocess.PIPE, text=True)
+    env = {}
+    for line in proc.stdout:
+        if line.strip().startswith("export "):
+            name, value = line.strip()[len("export "):].split("=", 1)
+            env[name] = value
+        if line.startswith("Ctrl-C stops it."):
+            break
+    client = Client(host=env["DATABRICKS_HOST"], token=env["DATABRICKS_TOKEN"])
+    try:
+        yield client
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+
+
+def threads(n: int, work, items: list) -> float:
+    """Seconds for ``n`` threads to run ``work(item)`` over ``items``."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for item in items:
+        todo.put(item)
+
+    def loop() -> None:
+        while True:
+            try:
+                item = todo.get_nowait()
+            except queue.Empty:
+                return
+            work(item)
+
+    started = time.perf_counter()
+    pool = [threading.Thread(target=loop) for _ in range(n)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return time.perf_counter() - started
+
+
+def throughput(rows: int) -> None:
+    prompts = [f"row {i}" for i in range(rows)]
+    ideal = 16 / 0.05
+    with served("--latency", "0.05") as client:
+        client.endpoint(CHAT)
+        started = time.perf_counter()
+        result = dbmagic.batch("{{ row }}", prompts, endpoint=CHAT, concurrency=16, client=client, progress=False)
+        batch = rows / (time.perf_counter() - started)
+        assert not result.failed
+        session = requests.Session()
+        session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=16))
+        creds = client.credentials
+        url, headers = f"{creds.host}/serving-endpoints/{CHAT}/invocations", {"Authorization": f"Bearer {creds.token}"}
+        bare = rows / threads(16, lambda p: session.post(url, json={"messages": [{"role": "user", "content": p}]},
+                                                           headers=headers).raise_for_status(), prompts)
+        sequential_rows = prompts[:100]
+        started = time.perf_counter()
+        for p in sequential_rows:
+            client.complete(p, endpoint=CHAT)
+        sequential = len(sequential_rows) / (time.perf_counter() - started)
+    print(f"{rows} prompts at 50 ms, concurrency 16 (ideal {ideal:.0f} rows/s):")
+    print(f"  dbmagic.batch                 {batch:6.1f} rows/s  {batch / ideal:6.1%} of ideal")
+    print(f"  bare threads + one Session    {bare:6.1f} rows/s  {bare / ideal:6.1%} of ideal")
+    print(f"  sequential Client.complete    {sequential:6.1f} rows/s  {sequential / ideal:6.1%} of ideal")
+    reachable = 16 * sequential  # 16 times what one request at a time gets, the server's own cost included
+    print(f"  16 x the sequential rate      {reachable:6.1f} rows/s: dbmagic.batch reaches {batch / reachable:.1%} "
+          f"of it, bare threads {bare / reachable:.1%}")
+
+
+def rate_limited(rows: int) -> None:
+    prompts = [f"row {i}" for i in range(rows)]
+    for label, extra in (("with Retry-After", ()), ("without Retry-After", ("--no-retry-after",))):
+        with served("--latency", "0.05", "--rate-limit", "20", *extra) as client:
+            client.endpoint(CHAT)
+            time.sleep(1.1)  # an empty window
+            started = time.perf_counter()
+            result = dbmagic.batch("{{ row }}", prompts, endpoint=CHAT, concurrency=16, client=client,
+                                   progress=False)
+            adaptive = (rows - len(result.failed)) / (time.perf_counter() - started)
+            time.sleep(1.1)
+            failed: list[int] = []
+
+            def one(p: str) -> None:
+                try:
+                    client.complete(p, endpoint=CHAT)
+                except dbmagic.RateLimited:
+                    failed.append(1)
+
+            fixed = (rows - len(failed)) / threads(16, one, prompts)
+        print(f"{rows} prompts, endpoint limited to 20 requests/s, 429s {label}:")
+        print(f"  dbmagic.batch (adaptive, cap 16)   {adaptive:5.1f} rows/s  {adaptive / 20:6.1%} of the limit, "
+              f"{len(result.failed)} failed rows")
+        print(f"  16 threads of Client.complete      {fixed:5.1f} rows/s  {fixed / 20:6.1%} of the limit, "
+              f"{len(failed)} failed rows")
+
+
+def spark() -> None:
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        print("Spark: pyspark not installed (pip install 'dbmagic[spark]')")
+        return
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+    session = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false").config("spark.driver.host", "127.0.0.1")
+               .config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
+    session.sparkContext.setLogLevel("ERROR")
+    with served("--latency", "0.05") as client:
+        spark_runs(session, client)
+    session.stop()
+
+
+def spark_runs(session, client: Client) -> None:
+    import dbmagic.spark
+
+    sdf = session.createDataFrame([(i, f"row {i}") for i in range(1000)], "id INT, text STRING").cache()
+    sdf.count()
+    dbmagic.spark.complete(sdf.limit(10), "{{ text }}", endpoint=CHAT, client=client).count()  # workers warm
+    print("Spark local[2], 1,000 rows at 50 ms, concurrency_per_task 8:")
+    for partitions in (2, 1):
+        frame = sdf.repartition(partitions)
+        frame.count()
+        started = time.perf_counter()
+        out = dbmagic.spark.complete(frame, "{{ text }}", endpoint=CHAT, client=client, concurrency_per_task=8)
+        errors = out.filter("error IS NOT NULL").count()
+        seconds = time.perf_counter() - started
+        print(f"  {partitions} partition{'s' if partitions > 1 else ' '}   {1000 / seconds:6.1f} rows/s "
+              f"(ideal {8 * partitions / 0.05:.0f}), {errors} failed rows")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=500)
+    parser.add_argument("--no-spark", action="store_true")
+    args = parser.parse_args()
+    throughput(args.rows)
+    rate_limited(200)
+    if not args.no_spark:
+        spark()
+
+
+if __name__ == "__main__":
+    main()
