@@ -51,6 +51,8 @@ _LAZY = {
     "configure": "client",
     "batch": "_batch",
     "BatchResult": "_batch",
+    "autolog": "tracing",
+    "register_prompt": "tracing",
     "Panel": "_panel",
     "panel": "_panel",
     "panel_result": "_panel",

@@ -23,6 +23,7 @@ In a notebook: ``%%dbllm -e ENDPOINT --over df [--column answer] [-o result]``.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import random
 import threading
@@ -32,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from . import tracing
 from .errors import ConfigurationError, DbMagicError, RateLimited, TemplateError
 from .templating import Template
 
@@ -156,7 +158,7 @@ def with_answers(frame: Any, result: BatchResult, column: str = "answer", error_
     return out
 
 
-def run(template: str, rows: Any, endpoint: str | None = None, *, concurrency: int = 8, resume: Any = None,
+def run(template: str | Template, rows: Any, endpoint: str | None = None, *, concurrency: int = 8, resume: Any = None,
         progress: bool = True, namespace: Mapping[str, Any] | None = None, client: Client | None = None,
         transform_output: Callable[[Any], Any] | None = None, timeout: float | None = None,
         column: str = "answer", error_column: str = "error", **options: Any) -> BatchResult:
@@ -169,7 +171,7 @@ def run(template: str, rows: Any, endpoint: str | None = None, *, concurrency: i
     client = client or get_client()
     namespace = dict(namespace or {})
     contexts, columns, originals = _contexts(rows)
-    tpl = Template(template)
+    tpl = template if isinstance(template, Template) else Template(template)
     if columns is not None:
         unknown = sorted(tpl.names - set(columns) - set(namespace) - _JINJA_GLOBALS)
         if unknown:
@@ -196,7 +198,12 @@ def run(template: str, rows: Any, endpoint: str | None = None, *, concurrency: i
 
     started = time.perf_counter()
     pace = _Pace(concurrency, todo, policy)
-    interrupted = pace.run(send, items, progress=progress)
+    with tracing.batch_span(tpl.source, len(todo), endpoint) as span:
+        interrupted = pace.run(send, items, progress=progress)
+        if span is not None:
+            span.set_outputs({"answered": len(todo) - sum(1 for i in todo if not _answered(items[i])),
+                              "failed": sum(1 for i in todo if isinstance(items[i], Exception)),
+                              "interrupted": interrupted})
     return BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
                        concurrency=pace.limit)
 
@@ -277,8 +284,9 @@ class _Pace:
     def run(self, send: Callable[[int], Any], items: list[Any], *, progress: bool) -> bool:
         """Send every row, storing outcomes in ``items``; True when interrupted (Ctrl-C)."""
         bar = _bar(self.remaining) if progress and self.remaining else None
-        workers = [threading.Thread(target=self._work, args=(send, items), name=f"dbmagic-batch-{i}", daemon=True)
-                   for i in range(self.cap)]
+        # each worker runs in a copy of this thread's context, so a trace's batch span is its rows' parent
+        workers = [threading.Thread(target=contextvars.copy_context().run, args=(self._work, send, items),
+                                    name=f"dbmagic-batch-{i}", daemon=True) for i in range(self.cap)]
         for worker in workers:
             worker.start()
         try:

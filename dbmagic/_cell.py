@@ -19,7 +19,7 @@ from . import _wire
 from .errors import ConfigurationError, StreamInterrupted
 from .render import LiveOutput, output_metadata
 from .settings import CLIENT_OPTIONS, CallSpec
-from .templating import render_prompt
+from .templating import Template, render_prompt
 from .transforms import resolve_transform
 
 if TYPE_CHECKING:  # the client (and requests) load with the first call, not with %load_ext
@@ -30,7 +30,7 @@ __all__ = ["CallSpec", "run_prompt", "dry_run", "LAST"]
 LAST = "_dbllm"
 
 
-def prepare(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], client: Client,
+def prepare(spec: CallSpec, template: str | Template, namespace: MutableMapping[str, Any], client: Client,
             *, stream: bool = False) -> tuple[PreparedRequest, Any]:
     """Render the prompt and build the request; returns it and the output transform."""
     prompt = render_prompt(template, namespace).strip()
@@ -47,7 +47,7 @@ def prepare(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], 
     return prepared, t_out
 
 
-def run_batch(spec: CallSpec, template: str, rows: Any, namespace: MutableMapping[str, Any], client: Client, *,
+def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: MutableMapping[str, Any], client: Client, *,
               concurrency: int, column: str) -> tuple[Any, Any]:
     """The template over ``rows`` (see `dbmagic.batch`): ``(BatchResult, DataFrame with the answer
     and error columns, or None for a list)``."""
@@ -61,7 +61,7 @@ def run_batch(spec: CallSpec, template: str, rows: Any, namespace: MutableMappin
     return result, (with_answers(rows, result, column) if _is_frame(rows) else None)
 
 
-def dry_run(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], client: Client,
+def dry_run(spec: CallSpec, template: str | Template, namespace: MutableMapping[str, Any], client: Client,
             *, rich: bool = True) -> PreparedRequest:
     """Show the exact request that would be sent (token hidden); send nothing."""
     from IPython.display import display
@@ -73,7 +73,7 @@ def dry_run(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], 
     return prepared
 
 
-def run_prompt(spec: CallSpec, template: str, namespace: MutableMapping[str, Any], client: Client,
+def run_prompt(spec: CallSpec, template: str | Template, namespace: MutableMapping[str, Any], client: Client,
                *, rich: bool = True, live: LiveOutput | None = None,
                on_stream: Callable[[Stream], None] | None = None) -> Completion:
     """Send one prompt and show its answer; see the module docstring.

@@ -156,6 +156,7 @@ class Transport:
                 credentials.reauthenticate()
                 response, error, reason = self._try(credentials, method, path, target, json, stream, read_timeout)
             if error is None:
+                response.dbmagic_attempts = attempt  # type: ignore[attr-defined]  # for the trace
                 return response
             if isinstance(error, RateLimited) and not policy.retry_rate_limited:
                 raise error

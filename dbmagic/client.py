@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import requests
 
-from . import _wire, settings
+from . import _wire, settings, tracing
 from ._credentials import Credentials, org_id_from_host, resolve_credentials
 from ._http import Body, Clock, RetryPolicy, Timeouts, Transport
 from .errors import (
@@ -186,6 +186,7 @@ class Completion:
     served_model: str | None = None
     finish_reason: str | None = None
     time_to_first_token: float | None = None
+    attempts: int = 1
 
     def __str__(self) -> str:
         return self.text
@@ -342,14 +343,24 @@ class Client:
         """Send a `PreparedRequest` and wait for the whole answer (``retry`` overrides the client's
         retry policy for this call)."""
         timeout = _timeout(timeout)
+        span = tracing.call_span(prepared)
         started = time.perf_counter()
-        response = self.transport.request(
-            self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body, timeout=timeout,
-            retry=retry,
-        )
-        data = _json(response.content, prepared.target, response.status_code)
-        latency = time.perf_counter() - started
-        return _completion(prepared, _parse(prepared, data), data, response.headers, latency, transform_output)
+        try:
+            response = self.transport.request(
+                self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body, timeout=timeout,
+                retry=retry,
+            )
+            data = _json(response.content, prepared.target, response.status_code)
+            latency = time.perf_counter() - started
+            completion = _completion(prepared, _parse(prepared, data), data, response.headers, latency, transform_output,
+                                     attempts=_attempts(response))
+        except BaseException as exc:
+            if span is not None:
+                span.failed(exc)
+            raise
+        if span is not None:
+            span.ok(completion)
+        return completion
 
     @_with_call_options
     def stream(self, prompt: Any, endpoint: str | None = None, *, transform_output: Transform | None = None,
@@ -367,12 +378,19 @@ class Client:
                     timeout: float | None = None) -> Stream:
         """Send a `PreparedRequest` (built with ``stream=True``) and return its `Stream`."""
         timeout = _timeout(timeout)
+        span = tracing.call_span(prepared)
         started = time.perf_counter()
-        response = self.transport.request(
-            self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body,
-            stream=True, timeout=timeout,
-        )
-        return Stream(prepared, Body(response), response.headers, started, transform_output)
+        try:
+            response = self.transport.request(
+                self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body,
+                stream=True, timeout=timeout,
+            )
+        except BaseException as exc:
+            if span is not None:
+                span.failed(exc)
+            raise
+        return Stream(prepared, Body(response), response.headers, started, transform_output, span=span,
+                      attempts=_attempts(response))
 
     def _target(self, endpoint: str | None, cluster_id: Any, port: Any, org_id: Any, task: str | None):
         if endpoint and (cluster_id or port):
@@ -413,8 +431,10 @@ class Stream:
     """
 
     def __init__(self, prepared: PreparedRequest, body: Body, headers: Mapping[str, str], started: float,
-                 transform_output: Transform | None):
+                 transform_output: Transform | None, *, span: tracing.CallSpan | None = None, attempts: int = 1):
         self.prepared = prepared
+        self._span = span
+        self._attempts = attempts
         self.text = ""
         self.completion: Completion | None = None
         self.cancelled = False
@@ -442,14 +462,34 @@ class Stream:
         self._body.abort()
 
     def _iterate(self) -> Iterator[str]:
+        error: BaseException | None = None
         try:
             content_type = self._headers.get("Content-Type", "")
             if not self.prepared.stream or "text/event-stream" not in content_type:
                 yield from self._whole_answer()
                 return
             yield from self._events()
+        except GeneratorExit:  # the reader stopped early (close())
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self._body.close()
+            if self._span is not None:
+                self._end_span(error)
+
+    def _end_span(self, error: BaseException | None) -> None:
+        span, self._span = self._span, None
+        if self.completion is not None:
+            span.ok(self.completion)
+        elif error is not None and not isinstance(error, StreamInterrupted):
+            span.failed(error)
+        else:  # cut (what arrived is kept), cancelled or closed early
+            why = "cut" if error is not None else "stopped"
+            span.partial(Completion(text=self.text, value=self.text, endpoint=self.prepared.target,
+                                    kind=self.prepared.kind, latency=time.perf_counter() - self._started,
+                                    finish_reason=why, attempts=self._attempts), error)
 
     def _whole_answer(self) -> Iterator[str]:
         try:
@@ -463,7 +503,7 @@ class Stream:
         if parsed.text:
             yield parsed.text
         self.completion = _completion(self.prepared, parsed, data, self._headers, latency,
-                                      self._transform_output, time_to_first_token=latency)
+                                      self._transform_output, time_to_first_token=latency, attempts=self._attempts)
 
     def _events(self) -> Iterator[str]:
         decoder = _wire.SSEDecoder()
@@ -520,7 +560,7 @@ class Stream:
         latency = time.perf_counter() - self._started
         parsed = _wire.Parsed(self.text, self.text, usage, model, finish)
         self.completion = _completion(self.prepared, parsed, None, self._headers, latency,
-                                      self._transform_output, time_to_first_token=first)
+                                      self._transform_output, time_to_first_token=first, attempts=self._attempts)
 
     def _cut(self, why: str) -> StreamInterrupted:
         return StreamInterrupted(
@@ -585,9 +625,13 @@ def _timeout(timeout: float | None) -> float | None:
     return None if timeout is None else settings.coerce("timeout", timeout)
 
 
+def _attempts(response: requests.Response) -> int:
+    return getattr(response, "dbmagic_attempts", 1)
+
+
 def _completion(prepared: PreparedRequest, parsed: _wire.Parsed, data: Any, headers: Mapping[str, str],
-                latency: float, transform_output: Transform | None, time_to_first_token: float | None = None
-                ) -> Completion:
+                latency: float, transform_output: Transform | None, time_to_first_token: float | None = None,
+                attempts: int = 1) -> Completion:
     value = parsed.value
     if transform_output is not None:
         value = _apply_output_transform(transform_output, value)
@@ -604,6 +648,7 @@ def _completion(prepared: PreparedRequest, parsed: _wire.Parsed, data: Any, head
         served_model=parsed.served_model or headers.get("served-model-name"),
         finish_reason=parsed.finish_reason,
         time_to_first_token=time_to_first_token,
+        attempts=attempts,
     )
 
 

@@ -41,16 +41,17 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
-from traitlets import TraitError, TraitType, Undefined
+from traitlets import Bool, TraitError, TraitType, Undefined, validate
 
-from . import _cell, settings
+from . import _cell, settings, tracing
 from .errors import DbMagicError, SettingError, TransformError
 from .render import extract_code
+from .templating import Template
 
 __all__ = ["DbLLM", "load_ipython_extension", "unload_ipython_extension"]
 
-SUBCOMMANDS = ("whoami", "endpoints", "history", "reset", "last", "panel")
-_TAKE_ARGS = ("history", "reset")
+SUBCOMMANDS = ("whoami", "endpoints", "history", "reset", "last", "panel", "trace", "prompts")
+_TAKE_ARGS = ("history", "reset", "trace")
 NO_CONFIG = "--no-config"
 # which words on the %%dbllm line are options, and which of them take a value
 _FLAGS: dict[str, bool] = {flag: s.type is not bool for s in settings.SETTINGS for flag in s.flags}
@@ -106,7 +107,7 @@ def _flag_arguments(func: Callable[..., Any]) -> Callable[..., Any]:
     """``@argument`` for every setting that has a flag, in the table's order, then the prompt."""
     decorators = [argument(*s.flags, **_argparse_options(s)) for s in settings.SETTINGS if s.flags]
     decorators.append(argument(NO_CONFIG, action="store_true", help="ignore the %%config DbLLM defaults for this cell"))
-    decorators.append(argument("prompt", nargs="*", help="the prompt, for the one-line %%dbllm (the cell body "
+    decorators.append(argument("text", metavar="prompt", nargs="*", help="the prompt, for the one-line %%dbllm (the cell body "
                                                          "otherwise); -- before it when it starts with a dash"))
     for decorate in reversed(decorators):  # magic_arguments reads them bottom-up, as written in source
         func = decorate(func)
@@ -146,6 +147,17 @@ def _converter(s: settings.Setting) -> Callable[[str], Any]:
 class DbLLM(_Options):
     """Defaults for ``%%dbllm``; set them with ``%config DbLLM.<name> = value`` (see `dbmagic.settings`)."""
 
+    trace = Bool(False, help="record an MLflow trace of every dbmagic call: the magic, the panel, batches and "
+                             "the Python API (as dbmagic.autolog(); %dbllm trace on|off)").tag(config=True)
+
+    @validate("trace")
+    def _switch_tracing(self, proposal: Any) -> bool:
+        try:
+            tracing.autolog(disable=not proposal["value"])
+        except DbMagicError as exc:
+            raise TraitError(str(exc)) from None
+        return proposal["value"]
+
     def setting_values(self) -> dict[str, Any]:
         """The ``%config`` defaults in force, by setting name (the panel starts from them)."""
         return {s.name: getattr(self, s.name) for s in settings.SETTINGS}
@@ -168,29 +180,41 @@ class DbLLM(_Options):
 
     def _run(self, line: str, cell: str | None) -> None:
         words = line.split()
-        # `%dbllm last week's numbers?` is a prompt: only history and reset take words after them
+        # `%dbllm last week's numbers?` is a prompt: only history, reset and trace take words after them
         if cell is None and words and words[0] in SUBCOMMANDS and (len(words) == 1 or words[0] in _TAKE_ARGS):
             return getattr(self, f"_cmd_{words[0]}")(words[1:])
         argv, prompt = split_options(line)
         args = self.dbllm.parser.parse_args([*argv, "--", prompt] if prompt else argv)  # UsageError if bad
-        template = " ".join(args.prompt)
-        if cell is None:
-            if not template.strip():
-                raise UsageError(
-                    "No prompt: write it after the options (%dbllm -e NAME What is 2+2?) or use %%dbllm with "
-                    "the prompt in the cell. Subcommands: " + ", ".join(SUBCOMMANDS) + "."
-                )
-        else:
-            if template.strip():
-                raise UsageError(f"Unexpected words after the options: {template.strip()!r}. "
-                                 "With %%dbllm the prompt goes in the cell body.")
-            template = cell
-            if not template.strip():
-                raise UsageError("The cell is empty: write the prompt below the %%dbllm line.")
+        if cell is not None and args.text:
+            raise UsageError(f"Unexpected words after the options: {' '.join(args.text)!r}. "
+                             "With %%dbllm the prompt goes in the cell body.")
         overrides = {s.name: getattr(args, s.name) for s in settings.SETTINGS if s.flags}
         if overrides["extra_params"] is not None:  # one dict per -p
             overrides["extra_params"] = {k: v for item in overrides["extra_params"] for k, v in item.items()}
         values = settings.merge({} if args.no_config else self.setting_values(), overrides)
+        template = self._template(values["prompt"], " ".join(args.text) if cell is None else cell, cell is None)
+        if values["prompt"]:
+            with tracing.prompt_span(values["prompt"]):
+                return self._send(values, template)
+        return self._send(values, template)
+
+    def _template(self, uri: str | None, body: str, one_line: bool) -> str | Template:
+        """The cell's template: the body, or a registered prompt with the body appended (sandboxed)."""
+        if uri:
+            version = tracing.load_prompt(uri)
+            if not isinstance(version.template, str):
+                raise UsageError(f"{uri} is a chat prompt (a list of messages); --prompt takes text prompts.")
+            return Template(version.template + (f"\n\n{body}" if body.strip() else ""), sandboxed=True)
+        if body.strip():
+            return body
+        if one_line:
+            raise UsageError(
+                "No prompt: write it after the options (%dbllm -e NAME What is 2+2?) or use %%dbllm with "
+                "the prompt in the cell. Subcommands: " + ", ".join(SUBCOMMANDS) + "."
+            )
+        raise UsageError("The cell is empty: write the prompt below the %%dbllm line (or use --prompt).")
+
+    def _send(self, values: dict[str, Any], template: str | Template) -> None:
         spec = settings.spec_from(values)
         namespace = self.shell.user_ns
         client = get_client()
@@ -207,7 +231,7 @@ class DbLLM(_Options):
             self.shell.set_next_input(extract_code(completion.text)[0], replace=False)
         return None
 
-    def _over(self, values: dict[str, Any], spec: Any, template: str, client: Any, rich: bool) -> None:
+    def _over(self, values: dict[str, Any], spec: Any, template: str | Template, client: Any, rich: bool) -> None:
         """``--over VAR``: the template once per row of a DataFrame or list, as `dbmagic.batch`."""
         namespace, name = self.shell.user_ns, values["over"]
         if name not in namespace:
@@ -277,6 +301,30 @@ class DbLLM(_Options):
         from ._panel import panel
 
         panel(self.shell)
+
+    def _cmd_trace(self, args: list[str]) -> None:
+        if args and args[0] not in ("on", "off"):
+            raise UsageError("%dbllm trace takes on or off (or nothing, to show whether tracing is on).")
+        if args:
+            try:
+                self.trace = args[0] == "on"
+            except TraitError as exc:
+                raise UsageError(str(exc)) from None
+        if tracing.enabled():
+            import mlflow
+
+            experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
+            print(f"Tracing every dbmagic call to MLflow, experiment {experiment.name!r} "
+                  f"({mlflow.get_tracking_uri()}). `%dbllm trace off` stops.")
+        else:
+            print("Tracing is off. `%dbllm trace on` (or dbmagic.autolog()) records every call to MLflow.")
+
+    def _cmd_prompts(self, args: list[str]) -> None:
+        rows = [[name, version, uri] for name, version, uri in tracing.list_prompts()]
+        if not rows:
+            print("No prompts in the MLflow Prompt Registry yet: dbmagic.register_prompt(name, template) adds one.")
+            return
+        _show_table(["name", "latest version", "use with"], [[n, v, f"--prompt {u}"] for n, v, u in rows])
 
     def _cmd_last(self, args: list[str]) -> None:
         completion = self.shell.user_ns.get(_cell.LAST)

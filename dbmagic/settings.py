@@ -114,6 +114,11 @@ def _identifier(value: str) -> str | None:
     return None
 
 
+def _prompt_uri(value: str) -> str | None:
+    name = value[len("prompts:/"):] if value.startswith("prompts:/") else ""
+    return None if name.strip("/@") else "must be a prompt URI: prompts:/NAME/VERSION or prompts:/NAME@alias"
+
+
 def _column(value: str) -> str | None:
     return None if value.strip() and value != "error" else "must be a column name other than 'error'"
 
@@ -167,6 +172,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("format", str, "markdown", "markdown (default), text, code, json or html", ("-f", "--format"),
             "choice", choices=FORMATS),
     Setting("insert", bool, False, "put the answer's code into the next cell", ("--insert",), scope="cell"),
+    Setting("prompt", str, None, "use this MLflow Prompt Registry template (prompts:/NAME/VERSION or "
+            "prompts:/NAME@alias); the cell, if any, is appended", ("--prompt",), rule=_prompt_uri, metavar="URI",
+            scope="cell"),
     Setting("over", str, None, "send the template once per row of this DataFrame or list (dbmagic.batch)",
             ("--over",), rule=_identifier, metavar="VAR", scope="cell"),
     Setting("column", str, "answer", "the answer column --over adds to a DataFrame (errors go in 'error')",

@@ -20,18 +20,22 @@ class Template:
     """A prompt template compiled once, to fill many times (a batch renders one per row).
 
     ``names`` are the variables it reads; `render` fills them, and an undefined one is a
-    `TemplateError` that names it and says where it was looked for.
+    `TemplateError` that names it and says where it was looked for. ``sandboxed`` templates (from
+    outside the notebook, e.g. the MLflow Prompt Registry) render in Jinja's sandbox, which refuses
+    unsafe attribute access.
     """
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, *, sandboxed: bool = False):
         self.source = source
         self._compiled: Any = None
         self.names: frozenset[str] = frozenset()
         if any(m in source for m in _MARKERS):
             import jinja2
             import jinja2.meta
+            import jinja2.sandbox
 
-            env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+            kind = jinja2.sandbox.SandboxedEnvironment if sandboxed else jinja2.Environment
+            env = kind(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
             try:
                 self.names = frozenset(jinja2.meta.find_undeclared_variables(env.parse(source)))
                 self._compiled = env.from_string(source)
@@ -46,6 +50,8 @@ class Template:
             return self.source
         import jinja2
 
+        import jinja2.exceptions
+
         try:
             return self._compiled.render(**values)
         except jinja2.UndefinedError as exc:
@@ -53,11 +59,13 @@ class Template:
                 f"The prompt template uses {_undefined_name(exc)}, which is not defined {where}. "
                 "Define it, or write {{ '{{' }} to keep literal braces."
             ) from None
+        except jinja2.exceptions.SecurityError as exc:
+            raise TemplateError(f"The prompt template does something the sandbox refuses ({exc}).") from None
 
 
-def render_prompt(template: str, namespace: Mapping[str, Any]) -> str:
+def render_prompt(template: str | Template, namespace: Mapping[str, Any]) -> str:
     """Fill ``template`` from ``namespace``; an undefined name is an error that names it."""
-    return Template(template).render(namespace)
+    return (template if isinstance(template, Template) else Template(template)).render(namespace)
 
 
 def _undefined_name(exc: Exception) -> str:

@@ -27,6 +27,7 @@ SAMPLES = {
     "system": "Line one\nline two", "task": "completions", "timeout": 30.0, "transform_input": "concise",
     "transform_output": "shout", "dry_run": True, "output": "answer", "format": "text", "insert": True,
     "stream": False, "chat": True, "over": "tickets", "column": "summary", "concurrency": 4,
+    "prompt": "prompts:/summarise/2",
 }
 TRANSFORMS = ("def shout(value):\n    return value.upper()\n"
               "def concise(**request):\n    request['prompt'] += ' Be concise.'\n    return request\n")

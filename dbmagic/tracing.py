@@ -1,0 +1,200 @@
+"""MLflow traces of every call, and prompts from the MLflow Prompt Registry (``pip install 'dbmagic[mlflow]'``).
+
+>>> import dbmagic, mlflow
+>>> mlflow.set_experiment("/Users/me/support-bot")
+>>> dbmagic.autolog()                       # or %config DbLLM.trace = True, or %dbllm trace on
+
+Then every call (``%%dbllm``, the panel, `dbmagic.batch`, the Python API) records a span through
+MLflow's public tracing API: type ``CHAT_MODEL`` (chat and agents), ``LLM`` (completions, custom
+models, proxy apps) or ``EMBEDDING``; the request as sent (after ``transform_input``) as its
+inputs, the endpoint's answer as outputs; attributes for the endpoint, task, parameters, host, the
+transformed output, usage (``mlflow.chat.tokenUsage``), latency, attempts, request id and served
+model. A failed call is an error span; a cut or stopped stream keeps its partial text. A batch is
+one span with a child per row. Traces go to the active experiment; in a Databricks notebook MLflow
+shows them under the cell. No token, secret or Authorization header is ever put in a trace.
+
+Prompts: ``%%dbllm --prompt prompts:/NAME/VERSION`` (or ``prompts:/NAME@alias``) uses a registered
+template, `register_prompt` adds one, ``%dbllm prompts`` lists them.
+
+MLflow is imported only when tracing is on or the registry is used: this module itself is light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import _wire
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .client import Completion, PreparedRequest
+
+__all__ = ["autolog", "enabled", "register_prompt", "load_prompt", "list_prompts"]
+
+_enabled = False
+_INSTALL = "Tracing and the prompt registry need MLflow: pip install 'dbmagic[mlflow]' (or mlflow-skinny)."
+_SPAN_TYPES = {_wire.CHAT: "CHAT_MODEL", _wire.RESPONSES: "CHAT_MODEL", _wire.CHAT_AGENT: "CHAT_MODEL",
+               _wire.EMBEDDINGS: "EMBEDDING"}
+_PARAMS = ("temperature", "max_tokens", "stop", "n")
+
+
+def autolog(disable: bool = False) -> None:
+    """Trace every dbmagic call to MLflow (``disable=True`` stops). Fails at once, naming the
+    package to install, when MLflow is missing."""
+    global _enabled
+    if not disable:
+        _mlflow()
+    _enabled = not disable
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def _mlflow() -> Any:
+    try:
+        import mlflow
+    except ImportError:
+        raise ConfigurationError(_INSTALL) from None
+    return mlflow
+
+
+# -- spans --------------------------------------------------------------------------------------
+
+class CallSpan:
+    """The span of one call: opened before the request, closed with its outcome."""
+
+    def __init__(self, prepared: PreparedRequest):
+        mlflow = _mlflow()
+        self.prepared = prepared
+        body = prepared.body
+        params = {k: body[k] for k in _PARAMS if k in body}
+        self.span = mlflow.start_span_no_context(
+            name=prepared.target, span_type=_SPAN_TYPES.get(prepared.kind, "LLM"),
+            parent_span=mlflow.get_current_active_span(), inputs=body,
+            attributes={"dbmagic.endpoint": prepared.target, "dbmagic.task": prepared.kind,
+                        "dbmagic.host": prepared.host, "dbmagic.params": params, "dbmagic.stream": prepared.stream},
+        )
+
+    def ok(self, completion: Completion) -> None:
+        attributes = _outcome(completion)
+        usage = completion.usage or {}
+        tokens = {"input_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
+                  "output_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
+                  "total_tokens": usage.get("total_tokens")}
+        if any(v is not None for v in tokens.values()):
+            attributes["mlflow.chat.tokenUsage"] = {k: v for k, v in tokens.items() if v is not None}
+        outputs = completion.raw if completion.raw is not None else completion.text
+        self.span.end(outputs=outputs, attributes=attributes, status="OK")
+
+    def partial(self, completion: Completion, error: BaseException | None = None) -> None:
+        """A stream that was cut or stopped: what arrived; an error span when cut."""
+        if error is not None:
+            self.span.add_event(_exception_event(error))
+        self.span.end(outputs=completion.text, attributes=_outcome(completion),
+                      status="ERROR" if error is not None else "OK")
+
+    def failed(self, error: BaseException) -> None:
+        from mlflow.entities import SpanStatus
+
+        self.span.add_event(_exception_event(error))
+        self.span.end(attributes={"dbmagic.error": str(error)},
+                      status=SpanStatus("ERROR", description=f"{error.__class__.__name__}: {error}"[:1000]))
+
+
+def call_span(prepared: PreparedRequest) -> CallSpan | None:
+    """A span for this call when tracing is on, else None (and MLflow stays unloaded)."""
+    return CallSpan(prepared) if _enabled else None
+
+
+def _outcome(completion: Completion) -> dict[str, Any]:
+    value = completion.value
+    return {
+        "dbmagic.output": value if isinstance(value, (str, int, float, bool, list, dict)) or value is None else str(value),
+        "dbmagic.latency_ms": round(completion.latency * 1000, 3),
+        "dbmagic.attempts": completion.attempts,
+        "dbmagic.request_id": completion.request_id,
+        "dbmagic.served_model": completion.served_model,
+        "dbmagic.finish_reason": completion.finish_reason,
+    }
+
+
+def _exception_event(error: BaseException) -> Any:
+    from mlflow.entities import SpanEvent
+
+    # the message only: dbmagic's errors are scrubbed of secrets; a traceback's frames are not needed
+    return SpanEvent(name="exception", timestamp=time.time_ns(),
+                     attributes={"exception.type": error.__class__.__name__, "exception.message": str(error)[:2000]})
+
+
+@contextlib.contextmanager
+def batch_span(template: str, rows: int, endpoint: str | None) -> Iterator[Any]:
+    """The parent span of a batch (rows run in threads that copy its context)."""
+    if not _enabled:
+        yield None
+        return
+    mlflow = _mlflow()
+    with mlflow.start_span(name="dbmagic.batch", span_type="CHAIN") as span:
+        span.set_inputs({"template": template, "rows": rows, "endpoint": endpoint})
+        yield span
+
+
+@contextlib.contextmanager
+def prompt_span(uri: str) -> Iterator[None]:
+    """With tracing on, a span around a cell that uses a registered prompt, linked to its version."""
+    if not _enabled:
+        yield
+        return
+    mlflow = _mlflow()
+    with mlflow.start_span(name=f"dbmagic {uri}", span_type="CHAIN") as span:
+        span.set_inputs({"prompt": uri})
+        mlflow.genai.load_prompt(uri)  # loading inside the trace links the prompt version to it
+        yield
+
+
+# -- the prompt registry ------------------------------------------------------------------------------
+
+def load_prompt(uri: str) -> Any:
+    """The registered prompt version at ``uri`` (``prompts:/NAME/VERSION`` or ``prompts:/NAME@alias``)."""
+    if not uri.startswith("prompts:/") or len(uri) <= len("prompts:/"):
+        raise ConfigurationError(f"--prompt {uri!r} is not a prompt URI: use prompts:/NAME/VERSION or prompts:/NAME@alias.")
+    mlflow = _mlflow()
+    try:
+        return mlflow.genai.load_prompt(uri)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"Could not load {uri} from the MLflow Prompt Registry ({_first_line(exc)}). "
+            "`%dbllm prompts` lists the registered prompts (mlflow.genai.search_prompts())."
+        ) from None
+
+
+def register_prompt(name: str, template: str, commit_message: str | None = None,
+                    tags: dict[str, str] | None = None) -> Any:
+    """Register ``template`` (``{{ name }}`` variables) as the next version of prompt ``name``;
+    returns the `PromptVersion` (its ``uri`` is what ``--prompt`` takes)."""
+    mlflow = _mlflow()
+    try:
+        return mlflow.genai.register_prompt(name=name, template=template, commit_message=commit_message, tags=tags)
+    except Exception as exc:
+        raise ConfigurationError(f"Could not register prompt {name!r} ({_first_line(exc)}).") from None
+
+
+def list_prompts() -> list[tuple[str, str, str]]:
+    """``(name, latest version, its URI)`` of each registered prompt."""
+    mlflow = _mlflow()
+    rows = []
+    try:
+        for prompt in mlflow.genai.search_prompts():
+            latest = mlflow.genai.load_prompt(f"prompts:/{prompt.name}@latest")
+            rows.append((prompt.name, str(latest.version), latest.uri))
+    except Exception as exc:
+        raise ConfigurationError(f"Could not list the MLflow prompts ({_first_line(exc)}).") from None
+    return rows
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return text.splitlines()[0][:300]

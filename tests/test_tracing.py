@@ -1,0 +1,181 @@
+"""MLflow traces and the Prompt Registry against a local sqlite tracking store: read back with
+MLflow's own API; what the spans hold; the batch's parent/child shape; no token anywhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from IPython.core.error import UsageError
+
+mlflow = pytest.importorskip("mlflow")
+
+import dbmagic  # noqa: E402
+from dbmagic import Client, RetryPolicy, StreamInterrupted, tracing  # noqa: E402
+from dbmagic._panel import Panel  # noqa: E402
+
+from .conftest import CHAT, COMPLETIONS, EMBEDDINGS, FakeClock  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    """One sqlite tracking store for the module (creating one costs seconds of migrations)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def store(tracking_uri, tmp_path):
+    """An experiment of its own in the local tracking store, tracing on; off again afterwards."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.set_experiment(f"dbmagic-{tmp_path.name}")
+    dbmagic.autolog()
+    yield experiment
+    dbmagic.autolog(disable=True)
+    mlflow.set_tracking_uri(None)
+
+
+def traces(experiment):
+    mlflow.flush_trace_async_logging()
+    found = mlflow.search_traces(locations=[experiment.experiment_id], return_type="list")
+    return sorted(found, key=lambda t: t.info.request_time)
+
+
+def no_token_in(found, token):
+    for trace in found:
+        assert token not in trace.to_json(), "the token reached a trace"
+        assert token not in json.dumps(trace.info.tags) + json.dumps(trace.info.trace_metadata)
+
+
+def test_a_call_is_one_span_with_request_answer_usage_and_attempts(store, workspace):
+    client = Client(host=workspace.host, token=workspace.token, clock=FakeClock(), retry=RetryPolicy(attempts=3))
+    workspace.fail(CHAT, 429, retry_after=0)
+    completion = client.complete("Hi there", endpoint=CHAT, system="S", temperature=0.2,
+                                 transform_output=str.upper)
+    [trace] = traces(store)
+    [span] = trace.data.spans
+    assert (span.name, span.span_type, span.status.status_code) == (f"endpoint '{CHAT}'", "CHAT_MODEL", "OK")
+    assert span.inputs == completion.request == {"messages": [{"role": "system", "content": "S"},
+                                                              {"role": "user", "content": "Hi there"}],
+                                                 "temperature": 0.2}
+    assert span.outputs == completion.raw and span.outputs["choices"][0]["message"]["content"] == "[S] Echo: Hi there"
+    attributes = span.attributes
+    assert attributes["dbmagic.output"] == "[S] ECHO: HI THERE"  # after transform_output
+    assert attributes["dbmagic.task"] == "chat" and attributes["dbmagic.params"] == {"temperature": 0.2}
+    assert attributes["dbmagic.attempts"] == 2  # the 429, then the answer
+    assert attributes["mlflow.chat.tokenUsage"] == {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}
+    assert attributes["dbmagic.latency_ms"] == round(completion.latency * 1000, 3)
+    no_token_in([trace], workspace.token)
+
+
+def test_span_types_streams_errors_and_cut_streams(store, workspace, client):
+    client.complete("a b", endpoint=COMPLETIONS)
+    client.complete("vec", endpoint=EMBEDDINGS)
+    assert "".join(client.stream("one two", endpoint=CHAT)) == "Echo: one two"
+    with pytest.raises(dbmagic.EndpointNotFound):
+        client.complete("x", endpoint="nope", task="chat")
+    workspace.fail(CHAT, cut_after=2)
+    stream = client.stream("one two three four", endpoint=CHAT)
+    with pytest.raises(StreamInterrupted):
+        list(stream)
+    found = traces(store)
+    spans = [t.data.spans[0] for t in found]
+    assert [s.span_type for s in spans] == ["LLM", "EMBEDDING", "CHAT_MODEL", "CHAT_MODEL", "CHAT_MODEL"]
+    assert spans[2].outputs == "Echo: one two" and spans[2].attributes["dbmagic.stream"] is True
+    assert spans[3].status.status_code == "ERROR" and "was not found" in spans[3].status.description
+    assert spans[4].status.status_code == "ERROR" and spans[4].outputs == "Echo: one"  # the partial text
+    assert spans[4].attributes["dbmagic.finish_reason"] == "cut"
+    no_token_in(found, workspace.token)
+
+
+def test_a_batch_is_one_parent_with_a_child_per_row(store, workspace, client):
+    result = dbmagic.batch("Say {{ row }}", ["a", "b", "c"], endpoint=CHAT, concurrency=3, client=client,
+                           progress=False)
+    assert result.failed == []
+    [trace] = traces(store)
+    parent = next(s for s in trace.data.spans if s.parent_id is None)
+    children = [s for s in trace.data.spans if s.parent_id == parent.span_id]
+    assert (parent.name, parent.span_type) == ("dbmagic.batch", "CHAIN")
+    assert parent.inputs == {"template": "Say {{ row }}", "rows": 3, "endpoint": CHAT}
+    assert parent.outputs == {"answered": 3, "failed": 0, "interrupted": False}
+    assert sorted(c.inputs["messages"][-1]["content"] for c in children) == ["Say a", "Say b", "Say c"]
+    assert len(trace.data.spans) == 4
+
+
+def test_the_magic_and_the_panel_leave_traces(store, shell, workspace):
+    shell.run_cell("def shout(v):\n    return v.upper()\n")
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --transform-output shout --no-stream", "from a cell")
+    p = Panel(shell)
+    p.endpoint.value, p.prompt.value = CHAT, "from the panel"
+    p.send()
+    p.wait()
+    found = traces(store)
+    assert [t.data.spans[0].inputs["messages"][-1]["content"] for t in found] == ["from a cell", "from the panel"]
+    assert found[0].data.spans[0].attributes["dbmagic.output"] == "ECHO: FROM A CELL"
+    no_token_in(found, workspace.token)
+
+
+def test_switching_tracing_from_the_notebook(shell, workspace, tracking_uri, capsys):
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.set_experiment("switches")
+    try:
+        shell.run_line_magic("dbllm", "trace on")
+        assert tracing.enabled() and "Tracing every dbmagic call to MLflow, experiment 'switches'" in capsys.readouterr().out
+        shell.run_cell_magic("dbllm", f"-e {CHAT}", "traced")
+        shell.run_line_magic("dbllm", "trace off")
+        shell.run_cell_magic("dbllm", f"-e {CHAT}", "not traced")
+        shell.run_line_magic("config", "DbLLM.trace = True")
+        shell.run_cell_magic("dbllm", f"-e {CHAT}", "traced again")
+        assert [t.data.spans[0].inputs["messages"][-1]["content"] for t in traces(experiment)] == [
+            "traced", "traced again"]
+    finally:
+        dbmagic.autolog(disable=True)
+        mlflow.set_tracking_uri(None)
+
+
+def test_without_mlflow_turning_tracing_on_names_the_package(shell, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(dbmagic.ConfigurationError, match=r"pip install 'dbmagic\[mlflow\]'"):
+        dbmagic.autolog()
+    with pytest.raises(UsageError, match=r"pip install 'dbmagic\[mlflow\]'"):
+        shell.run_line_magic("dbllm", "trace on")
+    assert not tracing.enabled()
+
+
+def test_registered_prompts_render_link_and_list(store, shell, workspace, capsys):
+    version = dbmagic.register_prompt("summarise", "Summarise {{ notes }} for {{ audience }}.", commit_message="v1")
+    assert version.uri == "prompts:/summarise/1"
+    shell.user_ns.update(notes="Q3 numbers", audience="the board")
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --prompt prompts:/summarise/1 --no-stream", "Keep it short.")
+    sent = [r for r in workspace.requests if r.path.endswith("/invocations")][-1]
+    assert sent.json["messages"][-1]["content"] == "Summarise Q3 numbers for the board.\n\nKeep it short."
+    shell.run_line_magic("dbllm", f"-e {CHAT} --prompt prompts:/summarise@latest")
+    assert [r for r in workspace.requests if r.path.endswith("/invocations")][-1].json["messages"][-1][
+        "content"] == "Summarise Q3 numbers for the board."
+    found = traces(store)
+    assert json.loads(found[0].info.tags["mlflow.linkedPrompts"]) == [{"name": "summarise", "version": "1"}]
+    call = next(s for s in found[0].data.spans if s.span_type == "CHAT_MODEL")
+    assert call.parent_id is not None  # the call is a child of the cell's prompt span
+    shell.run_line_magic("dbllm", "prompts")
+    table = shell.display_pub.outputs[-1]["data"]["text/plain"]
+    assert "summarise" in table and "--prompt prompts:/summarise/1" in table
+
+
+def test_prompt_errors_and_the_sandbox(store, shell, workspace):
+    with pytest.raises(UsageError, match=r"Could not load prompts:/missing/1 from the MLflow Prompt Registry .*"
+                                         r"`%dbllm prompts` lists the registered prompts"):
+        shell.run_line_magic("dbllm", f"-e {CHAT} --prompt prompts:/missing/1")
+    with pytest.raises(UsageError, match="prompt must be a prompt URI"):
+        shell.run_line_magic("dbllm", f"-e {CHAT} --prompt summarise")
+    dbmagic.register_prompt("sneaky", "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(UsageError, match="sandbox refuses"):
+        shell.run_line_magic("dbllm", f"-e {CHAT} --prompt prompts:/sneaky/1")
+    assert [r for r in workspace.requests if r.path.endswith("/invocations")] == []
+
+
+def test_import_and_load_ext_do_not_load_mlflow():
+    code = ("import sys, dbmagic; from IPython.core.interactiveshell import InteractiveShell; "
+            "InteractiveShell.instance().run_line_magic('load_ext', 'dbmagic'); print('mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
