@@ -66,7 +66,8 @@ def long_stream(tokens: int) -> None:
               f"({len(pub.outputs) / elapsed:.1f}/s); final text complete: {complete}")
 
 
-def first_token(mode: str, runs: int = 20) -> None:
+def first_token(mode: str, runs: int = 20) -> float:
+    """Prints, and returns, the median seconds from the server writing the first token to its display."""
     from IPython.core.displaypub import CapturingDisplayPublisher
 
     from dbmagic.testing import LocalWorkspace
@@ -88,6 +89,7 @@ def first_token(mode: str, runs: int = 20) -> None:
             delays.append(pub.stamps[0] - sent)
     print(f"first token, {mode} response: shown {statistics.median(delays) * 1000:.3f} ms after the server "
           f"wrote it (median of {runs}; max {max(delays) * 1000:.3f} ms)")
+    return statistics.median(delays)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ Subcommands of the line magic: ``whoami``, ``endpoints``, ``history``, ``reset [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -123,7 +124,7 @@ def _argparse_options(s: settings.Setting) -> dict[str, Any]:
         options["metavar"] = s.metavar
     elif s.choices:
         options["metavar"] = "{" + ",".join(s.choices) + "}"
-    if s.repeatable:
+    if s.repeatable or s.sweep:
         options["action"] = "append"
     options["type"] = _converter(s)
     return options
@@ -191,12 +192,47 @@ class DbLLM(_Options):
         overrides = {s.name: getattr(args, s.name) for s in settings.SETTINGS if s.flags}
         if overrides["extra_params"] is not None:  # one dict per -p
             overrides["extra_params"] = {k: v for item in overrides["extra_params"] for k, v in item.items()}
+        axes = settings.sweeps(overrides)  # a setting given several times: compared side by side
         values = settings.merge({} if args.no_config else self.setting_values(), overrides)
         template = self._template(values["prompt"], " ".join(args.text) if cell is None else cell, cell is None)
-        if values["prompt"]:
-            with tracing.prompt_span(values["prompt"]):
-                return self._send(values, template)
-        return self._send(values, template)
+        with tracing.prompt_span(values["prompt"]) if values["prompt"] else contextlib.nullcontext():
+            if axes or values["repeat"] > 1:
+                return self._compare(values, axes, template)
+            return self._send(values, template)
+
+    def _compare(self, values: dict[str, Any], axes: dict[str, list[Any]], template: str | Template) -> None:
+        """Several endpoints or settings side by side (`dbmagic._compare`)."""
+        from . import _compare
+
+        if values["chat"]:
+            raise UsageError("A comparison sends each call on its own, so there is no conversation: drop --chat.")
+        namespace, client = self.shell.user_ns, get_client()
+        rich = type(self.shell).__name__ != "TerminalInteractiveShell"
+        compared = _compare.cells(values, axes)
+        if values["over"]:  # one answer column (and one error column) per compared call
+            from ._batch import _is_frame
+
+            results = {label: self._over(cell_values, settings.spec_from(cell_values), template, client, rich,
+                                         store=False) for label, cell_values in compared}
+            rows, output = namespace[values["over"]], results
+            if _is_frame(rows):
+                output = rows.copy()
+                for label, result in results.items():
+                    output[f"{values['column']}:{label}"] = result.values
+                    output[f"error:{label}"] = result.errors
+            namespace[_cell.LAST] = results
+            if values["output"]:
+                namespace[values["output"]] = output
+            return None
+        if values["dry_run"]:
+            for label, cell_values in compared:
+                print(f"--- {label}")
+                _cell.dry_run(settings.spec_from(cell_values), template, namespace, client, rich=rich)
+            return None
+        result = _compare.run(compared, template, namespace, client, repeat=values["repeat"], rich=rich)
+        if values["output"]:
+            namespace[values["output"]] = result
+        return None
 
     def _template(self, uri: str | None, body: str, one_line: bool) -> str | Template:
         """The cell's template: the body, or a registered prompt with the body appended (sandboxed)."""
@@ -231,8 +267,10 @@ class DbLLM(_Options):
             self.shell.set_next_input(extract_code(completion.text)[0], replace=False)
         return None
 
-    def _over(self, values: dict[str, Any], spec: Any, template: str | Template, client: Any, rich: bool) -> None:
-        """``--over VAR``: the template once per row of a DataFrame or list, as `dbmagic.batch`."""
+    def _over(self, values: dict[str, Any], spec: Any, template: str | Template, client: Any, rich: bool,
+              store: bool = True) -> Any:
+        """``--over VAR``: the template once per row of a DataFrame or list, as `dbmagic.batch`
+        (``store=False``: return the `BatchResult` rather than keep it in the notebook)."""
         namespace, name = self.shell.user_ns, values["over"]
         if name not in namespace:
             raise UsageError(f"--over {name}: the notebook has no variable {name!r}. Name a DataFrame or a list.")
@@ -250,6 +288,8 @@ class DbLLM(_Options):
         result, frame = _cell.run_batch(spec, template, rows, namespace, client, concurrency=values["concurrency"],
                                         column=values["column"])
         print(result.summary())
+        if not store:
+            return result
         namespace[_cell.LAST] = result
         if values["output"]:
             namespace[values["output"]] = frame if frame is not None else result

@@ -44,6 +44,7 @@ class Setting:
     or None for an option of the magic only. ``rule`` returns a message when a (typed) value is
     refused. ``escapes``: ``\\n`` and ``\\t`` typed on the command line become the characters.
     ``scope`` is ``call`` (part of `CallSpec`) or ``cell`` (what the magic does with the answer).
+    A ``sweep`` setting given several times (``-e A -e B``, ``-t 0 -t 0.8``) makes the cell compare.
     """
 
     name: str
@@ -59,6 +60,7 @@ class Setting:
     scope: str = "call"
     label: str = ""
     flag_help: str | None = None  # when the flag does the opposite of the setting (--no-stream)
+    sweep: bool = False  # given more than once on the line, the cell compares the values side by side
 
     @property
     def flag(self) -> str:
@@ -114,6 +116,13 @@ def _identifier(value: str) -> str | None:
     return None
 
 
+def _endpoint_list(value: str) -> str | None:
+    names = [n.strip() for n in value.split(",")]
+    if not all(names):
+        return "must name endpoints separated by commas, e.g. a,b,c"
+    return next((f"has {n!r}, which {why}" for n in names if (why := _segment(n))), None)
+
+
 def _prompt_uri(value: str) -> str | None:
     name = value[len("prompts:/"):] if value.startswith("prompts:/") else ""
     return None if name.strip("/@") else "must be a prompt URI: prompts:/NAME/VERSION or prompts:/NAME@alias"
@@ -140,31 +149,32 @@ def _json_fields(value: dict[str, Any]) -> str | None:
 # -- the table ------------------------------------------------------------------------------------
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("endpoint", str, None, "serving endpoint to query (default: %config DbLLM.endpoint)",
-            ("-e", "--endpoint"), "endpoint", _segment),
+    Setting("endpoint", str, None, "serving endpoint to query (default: %config DbLLM.endpoint); repeat it "
+            "to compare endpoints", ("-e", "--endpoint"), "endpoint", _segment, sweep=True),
     Setting("cluster_id", str, None, "cluster of a driver-proxy app (found by itself inside Databricks)",
             ("--cluster-id",), "text", _segment, label="Cluster"),
     Setting("port", int, None, "port of a driver-proxy app", ("--port",), "number", _between(1, 65535)),
     Setting("org_id", str, None, "org id for the driver-proxy URL (default: from the workspace)",
             ("--org-id",), "text", _segment),
-    Setting("temperature", float, None, "sampling temperature", ("-t", "--temperature"), "number", _between(0)),
+    Setting("temperature", float, None, "sampling temperature", ("-t", "--temperature"), "number", _between(0),
+            sweep=True),
     Setting("max_tokens", int, None, "largest number of tokens to generate", ("--max-tokens",), "number",
-            _between(1)),
+            _between(1), sweep=True),
     Setting("stop", list, [], r'stop sequence, repeatable; escapes like "\n" work', ("--stop",), "tags",
             escapes=True),
     Setting("extra_params", dict, {}, "extra request field, repeatable; VALUE is parsed as JSON when it parses",
             ("-p", "--param"), "json", _json_fields, metavar="KEY=VALUE", label="Extra fields"),
     Setting("system", str, None, r'system prompt (chat endpoints); escapes like "\n" work', ("--system",),
-            "textarea", escapes=True, label="System prompt"),
+            "textarea", escapes=True, label="System prompt", sweep=True),
     Setting("task", str, None, "override the endpoint's task: chat, completions, embeddings, responses, "
                                "chat_agent, custom",
-            ("--task",), "text", _task),
+            ("--task",), "text", _task, sweep=True),
     Setting("timeout", float, None, "seconds to wait for the answer, or for each streamed chunk",
             ("--timeout",), "number", _between(0, low_open=True), label="Timeout (s)"),
     Setting("transform_input", str, None, "function(**request) -> request from the notebook",
-            ("--transform-input",), "function", _dotted_name, metavar="NAME", label="Input fn"),
+            ("--transform-input",), "function", _dotted_name, metavar="NAME", label="Input fn", sweep=True),
     Setting("transform_output", str, None, "function(value) -> value from the notebook",
-            ("--transform-output",), "function", _dotted_name, metavar="NAME", label="Output fn"),
+            ("--transform-output",), "function", _dotted_name, metavar="NAME", label="Output fn", sweep=True),
     Setting("dry_run", bool, False, "show the exact request (token hidden); send nothing", ("--dry-run",),
             scope="cell"),
     Setting("output", str, None, "store the answer in this variable", ("-o", "--output"), rule=_identifier,
@@ -175,6 +185,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prompt", str, None, "use this MLflow Prompt Registry template (prompts:/NAME/VERSION or "
             "prompts:/NAME@alias); the cell, if any, is appended", ("--prompt",), rule=_prompt_uri, metavar="URI",
             scope="cell"),
+    Setting("compare", str, None, "endpoints to compare side by side, comma-separated (as -e A -e B)",
+            ("--compare",), rule=_endpoint_list, metavar="A,B,...", scope="cell"),
+    Setting("repeat", int, 1, "run each compared call this many times: median latency, how often answers differ",
+            ("--repeat",), rule=_between(1, 20), scope="cell"),
     Setting("over", str, None, "send the template once per row of this DataFrame or list (dbmagic.batch)",
             ("--over",), rule=_identifier, metavar="VAR", scope="cell"),
     Setting("column", str, "answer", "the answer column --over adds to a DataFrame (errors go in 'error')",
@@ -356,6 +370,32 @@ def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str
             continue
         values[name] = {**values[name], **value} if BY_NAME[name].type is dict else value
     return values
+
+
+MAX_COMPARED = 16
+
+
+def sweeps(overrides: dict[str, Any]) -> dict[str, list[Any]]:
+    """The settings given several times on one line (and ``--compare``'s endpoints): ``{name:
+    [values in the order given]}``. ``overrides`` keeps the first value of each, as one call would."""
+    if overrides.get("compare"):
+        named = [n.strip() for n in overrides["compare"].split(",")]
+        overrides["endpoint"] = [*(overrides.get("endpoint") or []), *named]
+    axes: dict[str, list[Any]] = {}
+    for s in SETTINGS:
+        given = overrides.get(s.name)
+        if not s.sweep or given is None:
+            continue
+        given = list(dict.fromkeys(given))  # a value given twice is one column
+        overrides[s.name] = given[0]
+        if len(given) > 1:
+            axes[s.name] = given
+    cells = math.prod(len(v) for v in axes.values())
+    if cells > MAX_COMPARED:
+        shape = " x ".join(f"{len(v)} {s}" for s, v in axes.items())
+        raise SettingError(f"Comparing {shape} makes {cells} calls side by side; at most {MAX_COMPARED}. "
+                           "Compare fewer endpoints or values at once.")
+    return axes
 
 
 # -- the description of one call --------------------------------------------------------------

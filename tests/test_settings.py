@@ -27,7 +27,7 @@ SAMPLES = {
     "system": "Line one\nline two", "task": "completions", "timeout": 30.0, "transform_input": "concise",
     "transform_output": "shout", "dry_run": True, "output": "answer", "format": "text", "insert": True,
     "stream": False, "chat": True, "over": "tickets", "column": "summary", "concurrency": 4,
-    "prompt": "prompts:/summarise/2",
+    "prompt": "prompts:/summarise/2", "compare": f"{CHAT},local-completions", "repeat": 3,
 }
 TRANSFORMS = ("def shout(value):\n    return value.upper()\n"
               "def concise(**request):\n    request['prompt'] += ' Be concise.'\n    return request\n")
@@ -56,6 +56,8 @@ def test_every_setting_has_a_trait_a_flag_a_control_and_a_cell_spelling(s, shell
     parsed = getattr(DbLLM.dbllm.parser.parse_args(argv), s.name)
     if s.type is dict:  # one dict per -p
         parsed = {k: v for item in parsed for k, v in item.items()}
+    elif s.sweep:  # given several times, a sweep setting compares its values
+        parsed = parsed[0]
     assert parsed == SAMPLES[s.name]
     if s.scope == "call":
         assert s.widget is not None, f"{s.name} is a call setting without a panel control"

@@ -310,12 +310,14 @@ class LocalWorkspace:
         with self._lock:
             return self._issued.get(token, 0) > time.time()
 
-    def fail(self, name: str, status: int | None = None, **fault: Any) -> Fault:
+    def fail(self, name: str | tuple[str, ...], status: int | None = None, **fault: Any) -> Fault:
         """Queue a fault for the next request(s) to endpoint ``name`` (its invocations), a proxy
-        app (``"CLUSTER_ID:PORT"``), or an exact path such as ``/api/2.0/serving-endpoints``."""
+        app (``"CLUSTER_ID:PORT"``), or an exact path such as ``/api/2.0/serving-endpoints``.
+        Several names share one fault (``times`` counts them all): ``gather`` across endpoints."""
         f = Fault(status=status, **fault)
         with self._lock:
-            self._faults.setdefault(name, deque()).append(f)
+            for key in (name,) if isinstance(name, str) else name:
+                self._faults.setdefault(key, deque()).append(f)
         return f
 
     def clear(self) -> None:
@@ -333,7 +335,9 @@ class LocalWorkspace:
                     fault = queue[0]
                     fault.times -= 1
                     if fault.times <= 0:
-                        queue.popleft()
+                        for other in self._faults.values():  # a fault shared by several names ends for all
+                            if other and other[0] is fault:
+                                other.popleft()
                     return fault
         return None
 

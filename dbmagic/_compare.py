@@ -1,0 +1,230 @@
+"""Side by side: one prompt to several endpoints (or settings) at once, in one table.
+
+``%%dbllm -e A -e B -e C`` (or ``--compare A,B,C``) sends the rendered prompt to each endpoint
+concurrently; ``-t 0 -t 0.8`` (any sweep setting given twice) compares settings; endpoints x
+settings is the grid (16 calls at most). Each column streams its answer as it arrives, then shows
+latency, time to first token, tokens and the served model; an error stays in its column.
+``--repeat N`` runs each N times: median latency and how many distinct answers came back.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from . import _cell, settings
+from .errors import DbMagicError, StreamInterrupted
+
+if TYPE_CHECKING:
+    from .client import Client, Completion, Stream
+
+__all__ = ["Comparison", "cells", "run"]
+
+_SHORT = {"temperature": "t", "max_tokens": "max_tokens", "system": "system", "task": "task",
+          "transform_input": "in", "transform_output": "out"}
+
+
+class Comparison(dict):
+    """Label (``endpoint``, ``t=0.8``, ``endpoint · t=0.8``) -> that call's `Completion`, or the
+    error it failed with, in the order compared. ``runs`` holds every repeat; `to_pandas` a table."""
+
+    def __init__(self, first: Mapping[str, Any], runs: Mapping[str, list[Any]], values: Mapping[str, dict[str, Any]]):
+        super().__init__(first)
+        self.runs = dict(runs)
+        self.values = dict(values)
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({label: _metrics(runs) for label, runs in self.runs.items()})
+
+    def __repr__(self) -> str:
+        parts = [f"{label}: {'error' if isinstance(v, Exception) else (v.text[:40] if v is not None else 'not run')!r}"
+                 for label, v in self.items()]
+        return "Comparison(" + ", ".join(parts) + ")"
+
+
+def cells(values: Mapping[str, Any], axes: Mapping[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Every combination of the compared values, in the order given: ``(label, the call's values)``."""
+    names = list(axes)
+    out = []
+    for combo in itertools.product(*(axes[n] for n in names)) if names else [()]:
+        cell = {**values, **dict(zip(names, combo, strict=True))}
+        if "endpoint" in names:
+            cell["cluster_id"] = cell["port"] = None
+        label = " · ".join(str(v) if n == "endpoint" else f"{_SHORT.get(n, n)}={_brief(v)}" for n, v in zip(names, combo, strict=True))
+        out.append((label or str(values.get("endpoint") or "call"), cell))
+    return out
+
+
+def _brief(value: Any) -> str:
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+class _Column:
+    def __init__(self) -> None:
+        self.text = ""
+        self.runs: list[Any] = []
+        self.stream: Stream | None = None
+        self.done = False
+
+
+def run(compared: list[tuple[str, dict[str, Any]]], template: Any, namespace: MutableMapping[str, Any],
+        client: Client, *, repeat: int = 1, rich: bool = True,
+        sink: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+        on_stream: Callable[[Stream], None] | None = None) -> Comparison:
+    """Send every compared call at once and show one table, updated as answers stream in."""
+    columns = {label: _Column() for label, _ in compared}
+    lock = threading.Lock()
+    show = sink or _display_sink(rich)
+
+    def work(label: str, values: dict[str, Any]) -> None:
+        column = columns[label]
+        spec = settings.spec_from(values)
+        try:
+            for _ in range(repeat):
+                column.text = ""
+                column.runs.append(_one(spec, template, namespace, client, column, lock, on_stream))
+        finally:
+            column.done = True
+
+    threads = [threading.Thread(target=work, args=(label, values), name=f"dbmagic-compare-{i}", daemon=True)
+               for i, (label, values) in enumerate(compared)]
+    for thread in threads:
+        thread.start()
+    interrupted = False
+    live = rich or sink is not None  # a terminal gets the table once, at the end
+    try:
+        while not all(c.done for c in columns.values()):
+            time.sleep(0.05)
+            if live:
+                show(*_table(columns, repeat, final=False))
+    except KeyboardInterrupt:
+        interrupted = True
+        for column in columns.values():
+            if column.stream is not None:
+                column.stream.cancel()
+        for thread in threads:
+            thread.join(5)
+    show(*_table(columns, repeat, final=True))
+    result = Comparison({label: (c.runs[0] if c.runs else None) for label, c in columns.items()},
+                        {label: c.runs for label, c in columns.items()}, dict(compared))
+    namespace[_cell.LAST] = result
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+def _one(spec: Any, template: Any, namespace: Any, client: Client, column: _Column, lock: threading.Lock,
+         on_stream: Callable[[Stream], None] | None) -> Any:
+    """One call of one column: its `Completion` (partial if stopped) or its error."""
+    try:
+        prepared, t_out = _cell.prepare(spec, template, namespace, client, stream=spec.stream)
+        if not prepared.stream:
+            return client.send(prepared, transform_output=t_out, timeout=spec.timeout)
+        stream = client.open_stream(prepared, transform_output=t_out, timeout=spec.timeout)
+        column.stream = stream
+        if on_stream is not None:
+            on_stream(stream)
+        for piece in stream:
+            with lock:
+                column.text += piece
+        return stream.completion if stream.completion is not None else _partial(stream)
+    except StreamInterrupted as exc:
+        return exc
+    except DbMagicError as exc:
+        return exc
+    except Exception as exc:  # a bug of ours: shown in its column, the others go on
+        return DbMagicError(f"Unexpected {exc.__class__.__name__}: {exc}")
+
+
+def _partial(stream: Stream) -> Completion:
+    from .client import Completion
+
+    return Completion(text=stream.text, value=stream.text, endpoint=stream.prepared.target, kind=stream.prepared.kind,
+                      finish_reason="stopped")
+
+
+def _metrics(runs: list[Any]) -> dict[str, Any]:
+    answers = [r for r in runs if r is not None and not isinstance(r, Exception)]
+    errors = [str(r) for r in runs if isinstance(r, Exception)]
+    first = answers[0] if answers else None
+    usage = (first.usage or {}) if first is not None else {}
+    row = {
+        "answer": first.text if first is not None else None,
+        "latency_ms": round(statistics.median(a.latency for a in answers) * 1000, 1) if answers else None,
+        "time_to_first_token_ms": (round(first.time_to_first_token * 1000, 1)
+                                   if first is not None and first.time_to_first_token is not None else None),
+        "input_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
+        "output_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
+        "served_model": first.served_model if first is not None else None,
+        "error": errors[0] if errors else None,
+    }
+    if len(runs) > 1:
+        row["runs"] = len(runs)
+        row["distinct_answers"] = len({a.text for a in answers})
+    return row
+
+
+def _table(columns: Mapping[str, _Column], repeat: int, *, final: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The comparison as HTML and text, with every endpoint and model in the metadata."""
+    shown = {}
+    for label, column in columns.items():
+        if final or column.done:
+            shown[label] = _metrics(column.runs) if column.runs else {"answer": column.text}
+        else:
+            shown[label] = {"answer": column.text + " …"}
+    names = ["answer", "latency_ms", "time_to_first_token_ms", "input_tokens", "output_tokens", "served_model"]
+    if repeat > 1:
+        names += ["runs", "distinct_answers"]
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in columns)
+    body = []
+    for name in names:
+        cells_html = []
+        for label in columns:
+            metrics = shown[label]
+            if name == "answer" and metrics.get("error") and not metrics.get("answer"):
+                cells_html.append(f"<td style='color:var(--jp-error-color1,#c62828)'>⚠ {html.escape(metrics['error'])}</td>")
+                continue
+            value = metrics.get(name)
+            text = "" if value is None else str(value)
+            style = " style='white-space:pre-wrap;vertical-align:top;text-align:left'" if name == "answer" else ""
+            cells_html.append(f"<td{style}>{html.escape(text)}</td>")
+        body.append(f"<tr><th>{name.replace('_', ' ')}</th>{''.join(cells_html)}</tr>")
+    table = f"<table class='dbmagic-compare'><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    text = "\n\n".join(
+        f"--- {label}\n" + (f"⚠ {m['error']}" if m.get("error") and not m.get("answer") else str(m.get("answer") or ""))
+        + "".join(f"\n{n}: {m[n]}" for n in names[1:] if m.get(n) is not None)
+        for label, m in shown.items())
+    metadata = {"dbmagic": {"compare": [
+        {"label": label, "endpoint": (runs[0].endpoint if runs and not isinstance(runs[0], Exception) else None),
+         "served_model": shown[label].get("served_model"), "latency_ms": shown[label].get("latency_ms"),
+         "error": shown[label].get("error")}
+        for label, runs in ((label, c.runs) for label, c in columns.items())]}}
+    return {"text/html": table, "text/plain": text}, metadata
+
+
+def _display_sink(rich: bool) -> Callable[[dict[str, Any], dict[str, Any]], None]:
+    from IPython.display import display
+
+    state: dict[str, Any] = {"handle": None, "last": None}
+
+    def show(data: dict[str, Any], metadata: dict[str, Any]) -> None:
+        if not rich:
+            print(data["text/plain"])
+            return
+        if data == state["last"]:
+            return
+        state["last"] = data
+        if state["handle"] is None:
+            state["handle"] = display(data, raw=True, metadata=metadata, display_id=True)
+        else:
+            state["handle"].update(data, raw=True, metadata=metadata)
+
+    return show
