@@ -129,7 +129,7 @@ class Panel:
         self.result: Completion | None = None
         self.running = False
         self._thread: threading.Thread | None = None
-        self._stream: Stream | None = None
+        self._streams: list[Stream] = []
         self._stop_requested = False
         self._kinds: dict[str, str] = {}
 
@@ -138,6 +138,13 @@ class Panel:
             setattr(self, "stop_sequences" if name == "stop" else name, control)
         full = w.Layout(width="100%")
         self.refresh_button = w.Button(icon="refresh", tooltip="Refresh the endpoint list", layout=w.Layout(width="36px"))
+        # compare mode: the same prompt to several endpoints at once, answers side by side
+        self.compare_mode = w.ToggleButton(description="Compare", icon="columns",
+                                           tooltip="Send to several endpoints at once, answers side by side")
+        self.compare_endpoints = w.SelectMultiple(description="Compare", rows=4,
+                                                  layout=w.Layout(width="60%", display="none"))
+        self.compare_endpoints.add_class("dbmagic-compare-endpoints")
+        self.compare_mode.observe(lambda _: self._endpoint_changed(), names="value")
         self.prompt = w.Textarea(placeholder="Prompt: {{ name }} fills in a notebook variable; Ctrl/Cmd+Enter sends",
                                  rows=4, layout=full)
         self.prompt.add_class("dbmagic-prompt")
@@ -180,7 +187,7 @@ class Panel:
         self.proxy_row = rows[0]
         rows[-1].children = (*rows[-1].children[:2], self.refresh_transforms_button, *rows[-1].children[2:])
         self.widget = w.VBox([
-            w.HBox([self.endpoint, self.refresh_button]), self.proxy_row, rows[1].children[0], self.prompt,
+            w.HBox([self.endpoint, self.refresh_button, self.compare_mode]), self.compare_endpoints, self.proxy_row, rows[1].children[0], self.prompt,
             *rows[2:], more_box,
             w.HBox([self.send_button, self.stop_button, self.clear_button, self.copy_button,
                     *([self.keys] if self.keys is not None else [])]),
@@ -214,6 +221,7 @@ class Panel:
             options.insert(0, (default, default))
         options.append(("driver-proxy app (cluster id + port)", PROXY))
         self.endpoint.options = options
+        self.compare_endpoints.options = [(label, name) for label, name in options if name != PROXY]
         names = [v for _, v in options]
         if current in names:
             self.endpoint.value = current
@@ -235,7 +243,10 @@ class Panel:
             picker.value = current if current in names else ""
 
     def _endpoint_changed(self) -> None:
-        self.proxy_row.layout.display = "" if self.endpoint.value == PROXY else "none"
+        comparing = self.compare_mode.value
+        self.compare_endpoints.layout.display = "" if comparing else "none"
+        self.endpoint.layout.display = "none" if comparing else ""
+        self.proxy_row.layout.display = "" if self.endpoint.value == PROXY and not comparing else "none"
         self._show_history()
 
     # -- the call ---------------------------------------------------------------------------
@@ -259,7 +270,8 @@ class Panel:
         return settings.spec_from(self.values())
 
     def send(self) -> None:
-        """Send the prompt (the Send button, or Ctrl/Cmd+Enter in the prompt)."""
+        """Send the prompt (the Send button, or Ctrl/Cmd+Enter in the prompt); in compare mode, to
+        every endpoint picked, side by side."""
         if self.running:
             return
         template = self.prompt.value
@@ -268,21 +280,39 @@ class Panel:
             return
         try:
             spec = self.spec()
+            compared = self._compared()
         except DbMagicError as exc:
             self._set_status(str(exc), error=True)
             return
-        self.running, self._stop_requested, self._stream = True, False, None
+        self.running, self._stop_requested, self._streams = True, False, []
         self._buttons()
         self.output.outputs = ()
-        self._set_status(f"Asking {spec.endpoint or f'cluster {spec.cluster_id} port {spec.port}'}…")
-        self._thread = threading.Thread(target=self._work, args=(spec, template), name="dbmagic-panel", daemon=True)
+        if compared is not None:
+            self._set_status(f"Asking {', '.join(label for label, _ in compared)}…")
+            work, args = self._work_compare, (compared, template)
+        else:
+            self._set_status(f"Asking {spec.endpoint or f'cluster {spec.cluster_id} port {spec.port}'}…")
+            work, args = self._work, (spec, template)
+        self._thread = threading.Thread(target=work, args=args, name="dbmagic-panel", daemon=True)
         self._thread.start()
 
+    def _compared(self) -> list[tuple[str, dict[str, Any]]] | None:
+        """The compared calls in compare mode (None otherwise)."""
+        if not self.compare_mode.value:
+            return None
+        from . import _compare
+
+        names = list(self.compare_endpoints.value)
+        if len(names) < 2:
+            raise settings.SettingError("Pick two or more endpoints to compare (Ctrl/Cmd+click in the list).")
+        values = {**self.values(), "chat": False}
+        return _compare.cells(values, {"endpoint": names})
+
     def stop(self) -> None:
-        """Stop the running answer; what arrived is kept."""
+        """Stop the running answer(s); what arrived is kept."""
         self._stop_requested = True
-        if self._stream is not None:
-            self._stream.cancel()
+        for stream in list(self._streams):
+            stream.cancel()
 
     def wait(self, timeout: float | None = 30) -> None:
         """Block until the running call ends (for code and tests; the buttons never block)."""
@@ -326,12 +356,32 @@ class Panel:
             self.running = False
             self._buttons()
 
+    def _work_compare(self, compared: list[tuple[str, dict[str, Any]]], template: str) -> None:
+        global _last_result
+        from . import _compare
+
+        try:
+            result = _compare.run(compared, template, self.namespace, self.client, sink=self._show,
+                                  on_stream=self._opened)
+        except DbMagicError as exc:
+            self._set_status(str(exc), error=True)
+        except Exception as exc:  # a bug of ours: say so in the panel rather than die silently in a thread
+            self._set_status(f"Unexpected {exc.__class__.__name__}: {exc}", error=True)
+        else:
+            self.result = _last_result = result
+            failed = [label for label, value in result.items() if isinstance(value, Exception)]
+            self._set_status(f"Compared {len(result)} endpoints" + (f"; failed: {', '.join(failed)}" if failed else "")
+                             + ". The Comparison is in _dbllm.", error=bool(failed))
+        finally:
+            self.running = False
+            self._buttons()
+
     def _on_keys_message(self, widget: Any, content: dict[str, Any], buffers: Any) -> None:
         if content.get("type") == "submit":  # Ctrl/Cmd+Enter in the prompt
             self.send()
 
     def _opened(self, stream: Stream) -> None:
-        self._stream = stream
+        self._streams.append(stream)
         if self._stop_requested:  # Stop was pressed while the request was on its way
             stream.cancel()
 
@@ -366,8 +416,13 @@ class Panel:
 
     def as_cell(self) -> str:
         """The ``%%dbllm`` cell that sends what the panel sends (``--no-config`` when ``%config``
-        defaults would otherwise change it)."""
-        argv = settings.cell_argv(self.values(), self.defaults)
+        defaults would otherwise change it; ``--compare`` in compare mode)."""
+        compared = self._compared()
+        values = self.values() if compared is None else compared[0][1]
+        argv = settings.cell_argv(values, self.defaults)
+        if compared is not None:  # the first endpoint stands for all of them
+            at = argv.index("-e")
+            argv[at:at + 2] = ["--compare", ",".join(v["endpoint"] for _, v in compared)]
         return "%%dbllm " + shlex.join(argv) + "\n" + self.prompt.value.strip()
 
     def copy_as_cell(self) -> str:

@@ -276,3 +276,21 @@ def test_line_magic_opens_a_panel(shell):
     shell.run_line_magic("dbllm", "panel")
     views = [o for o in shell.display_pub.outputs if "application/vnd.jupyter.widget-view+json" in o["data"]]
     assert len(views) == 1
+
+
+def test_compare_mode_sends_to_several_endpoints_side_by_side(panel, shell, workspace):
+    # held until both requests have arrived: they go out together
+    workspace.fail((CHAT, COMPLETIONS), gather=2, times=2, gather_timeout=5)
+    panel.compare_mode.value = True
+    assert panel.compare_endpoints.layout.display == "" and panel.endpoint.layout.display == "none"
+    panel.compare_endpoints.value = (COMPLETIONS, CHAT)
+    ask(panel, "side by side", temperature="0.3")
+    table = answer(panel)["text/html"]
+    assert table.index(f"<th>{COMPLETIONS}</th>") < table.index(f"<th>{CHAT}</th>")
+    assert table.count("Echo: side by side") == 2
+    assert sorted(r.json.get("temperature") for r in posts(workspace)) == [0.3, 0.3]
+    assert "Compared 2 endpoints" in status(panel) and list(shell.user_ns[LAST]) == [COMPLETIONS, CHAT]
+    assert panel.as_cell() == f"%%dbllm --compare {COMPLETIONS},{CHAT} -t 0.3\nside by side"
+    panel.compare_endpoints.value = (CHAT,)
+    panel.send()
+    assert "Pick two or more endpoints to compare" in status(panel)

@@ -183,3 +183,40 @@ def test_panel_works_when_the_anywidget_front_end_does_not_load(lab):
             assert page.locator(".jp-NotebookPanel .jp-Cell").count() == cells_before
         finally:
             browser.close()
+
+
+def test_panel_compare_mode_in_jupyterlab(lab):
+    url, ws = lab
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+            expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
+            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return 1; }")
+            prompt = page.locator(".dbmagic-prompt textarea")
+            expect(prompt).to_be_visible(timeout=30_000)
+            page.get_by_role("button", name="Compare").click()
+            picker = page.locator(".dbmagic-compare-endpoints select")
+            expect(picker).to_be_visible(timeout=10_000)
+            picker.select_option(label=["databricks-meta-llama-3-3-70b-instruct · llm/v1/chat · READY",
+                                        "local-completions · llm/v1/completions · READY"])
+            prompt.click()
+            prompt.type("Both of you, one two")
+            page.get_by_role("button", name="Send").click()
+            table = page.locator(".dbmagic-answer table.dbmagic-compare")
+            expect(table).to_be_visible(timeout=30_000)
+            expect(table.locator("th", has_text="local-completions")).to_be_visible()
+            expect(table.locator("td", has_text="Echo: Both of you, one two")).to_have_count(2, timeout=30_000)
+            expect(page.locator(".dbmagic-status")).to_contain_text("Compared 2 endpoints", timeout=10_000)
+            page.screenshot(path=str(ARTIFACTS / "panel-compare.png"), full_page=True)
+            sent = sorted(r.path for r in ws.requests if r.path.endswith("/invocations"))
+            assert sent == ["/serving-endpoints/databricks-meta-llama-3-3-70b-instruct/invocations",
+                            "/serving-endpoints/local-completions/invocations"]
+        finally:
+            browser.close()
