@@ -5,8 +5,9 @@
 
 Rows (medians; a peer that is not installed is left out):
 - import cost, whole process with byte-code cached: ``import dbmagic``, a shell with ``%load_ext
-  dbmagic``, ``mlflow.deployments``, LangChain's ``Databricks``, ``%load_ext jupyter_ai_magics``,
-  against ``import requests`` and a bare shell;
+  dbmagic``, ``mlflow.deployments``, LangChain's ``Databricks``, against ``import requests`` and a
+  bare shell; ``%load_ext jupyter_ai_magics`` in its own environment (``--jupyter-ai-python``),
+  scaled by the ratio of the two environments' bare shells;
 - per call against the local workspace: latency, HTTP requests and new connections per call, for a
   reused ``requests.Session``, ``Client.complete`` (tracing off and on), ``mlflow.deployments``
   ``predict`` and LangChain's ``Databricks.invoke``;
@@ -56,16 +57,20 @@ def installed(module: str) -> bool:
         return False
 
 
-def imports(starts: int) -> None:
+def imports(starts: int, jupyter_ai_python: str | None) -> None:
     statements = {"import requests": "import requests", "import dbmagic": "import dbmagic",
                   "bare shell": SHELL, "shell + %load_ext dbmagic": SHELL + "; ip.run_line_magic('load_ext', 'dbmagic')"}
     if installed("mlflow"):
         statements["import mlflow.deployments"] = "import mlflow.deployments"
     if installed("langchain_community"):
         statements["LangChain's Databricks"] = "from langchain_community.llms import Databricks"
-    if installed("jupyter_ai_magics"):
-        statements["shell + %load_ext jupyter_ai_magics"] = SHELL + "; ip.run_line_magic('load_ext', 'jupyter_ai_magics')"
     medians = median_process_times(statements, starts)
+    if jupyter_ai_python:  # in its own environment (it pins an older LangChain): against its own bare shell
+        theirs = median_process_times({"bare shell": SHELL, "shell + %load_ext jupyter_ai_magics":
+                                       SHELL + "; ip.run_line_magic('load_ext', 'jupyter_ai_magics')"}, starts,
+                                      python=jupyter_ai_python)
+        medians["shell + %load_ext jupyter_ai_magics"] = theirs["shell + %load_ext jupyter_ai_magics"] * (
+            medians["bare shell"] / theirs["bare shell"])
     for name, seconds in medians.items():
         base = medians["bare shell"] if name.startswith("shell") else medians["import requests"]
         against = "a bare shell" if name.startswith("shell") else "import requests"
@@ -179,9 +184,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--starts", type=int, default=15)
+    parser.add_argument("--jupyter-ai-python", help="the Python of an environment with jupyter-ai-magics")
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d')}, Python {sys.version.split()[0]}, {os.cpu_count()} cores", flush=True)
-    imports(args.starts)
+    imports(args.starts, args.jupyter_ai_python)
     per_call(args.calls)
     tracing_at_latency(50)
     batch_throughput(200)

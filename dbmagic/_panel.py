@@ -17,6 +17,7 @@ import json
 import shlex
 import threading
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _cell, _wire, settings
@@ -330,11 +331,22 @@ class Panel:
         self._show_history()
 
     def _work(self, spec: _cell.CallSpec, template: str) -> None:
-        global _last_result
         live = LiveOutput(spec.format, sink=self._show)
+        self._in_worker(lambda: _cell.run_prompt(spec, template, self.namespace, self.client, live=live,
+                                                 on_stream=self._opened), self._answered)
+
+    def _work_compare(self, compared: list[tuple[str, dict[str, Any]]], template: str) -> None:
+        from . import _compare
+
+        self._in_worker(lambda: _compare.run(compared, template, self.namespace, self.client, sink=self._show,
+                                             on_stream=self._opened), self._compared_all)
+
+    def _in_worker(self, call: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Run one Send in the worker thread: its errors go to the status line (a transform's own
+        traceback below it), its result to ``done``, and the buttons are freed at the end."""
+        global _last_result
         try:
-            completion = _cell.run_prompt(spec, template, self.namespace, self.client, live=live,
-                                          on_stream=self._opened)
+            result = call()
         except TransformError as exc:
             self._set_status(str(exc), error=True)
             cause = exc.__cause__
@@ -346,35 +358,23 @@ class Panel:
         except Exception as exc:  # a bug of ours: say so in the panel rather than die silently in a thread
             self._set_status(f"Unexpected {exc.__class__.__name__}: {exc}", error=True)
         else:
-            self.result = _last_result = completion
-            if completion.finish_reason == "stopped":
-                self._set_status(f"Stopped: {len(completion.text)} characters kept in _dbllm.text.")
-            else:
-                self._set_status(_summary(completion))
-            self._show_history()
-        finally:
-            self.running = False
-            self._buttons()
-
-    def _work_compare(self, compared: list[tuple[str, dict[str, Any]]], template: str) -> None:
-        global _last_result
-        from . import _compare
-
-        try:
-            result = _compare.run(compared, template, self.namespace, self.client, sink=self._show,
-                                  on_stream=self._opened)
-        except DbMagicError as exc:
-            self._set_status(str(exc), error=True)
-        except Exception as exc:  # a bug of ours: say so in the panel rather than die silently in a thread
-            self._set_status(f"Unexpected {exc.__class__.__name__}: {exc}", error=True)
-        else:
             self.result = _last_result = result
-            failed = [label for label, value in result.items() if isinstance(value, Exception)]
-            self._set_status(f"Compared {len(result)} endpoints" + (f"; failed: {', '.join(failed)}" if failed else "")
-                             + ". The Comparison is in _dbllm.", error=bool(failed))
+            done(result)
         finally:
             self.running = False
             self._buttons()
+
+    def _answered(self, completion: Completion) -> None:
+        if completion.finish_reason == "stopped":
+            self._set_status(f"Stopped: {len(completion.text)} characters kept in _dbllm.text.")
+        else:
+            self._set_status(_summary(completion))
+        self._show_history()
+
+    def _compared_all(self, result: Any) -> None:
+        failed = [label for label, value in result.items() if isinstance(value, Exception)]
+        self._set_status(f"Compared {len(result)} endpoints" + (f"; failed: {', '.join(failed)}" if failed else "")
+                         + ". The Comparison is in _dbllm.", error=bool(failed))
 
     def _on_keys_message(self, widget: Any, content: dict[str, Any], buffers: Any) -> None:
         if content.get("type") == "submit":  # Ctrl/Cmd+Enter in the prompt

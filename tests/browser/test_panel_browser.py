@@ -8,6 +8,7 @@ installs it); without it the test is skipped locally and fails under CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -17,7 +18,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,8 +100,10 @@ def _kill(server: subprocess.Popen) -> None:
             os.killpg(server.pid, signal.SIGKILL)
 
 
-def test_panel_streams_an_answer_in_jupyterlab(lab):
-    url, ws = lab
+@contextlib.contextmanager
+def panel_page(url: str, block: str | None = None) -> Iterator[tuple[Any, list[str]]]:
+    """Chromium on the lab's notebook, every cell run and the panel's prompt shown: ``(page, the
+    URLs blocked)``. ``block`` is a URL pattern whose requests are refused."""
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -108,115 +113,94 @@ def test_panel_streams_an_answer_in_jupyterlab(lab):
             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            blocked: list[str] = []
+            if block:
+                page.route(block, lambda route: (blocked.append(route.request.url), route.abort()))
             page.goto(url)
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
             expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
             page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return 1; }")
-
-            prompt = page.locator(".dbmagic-prompt textarea")
-            expect(prompt).to_be_visible(timeout=30_000)
-            cells_before = page.locator(".jp-NotebookPanel .jp-Cell").count()
-            prompt.click()
-            prompt.fill("")
-            prompt.type("Hello from a real browser, one two three")  # keystrokes, with 'a' and 'b' in them
-            page.get_by_role("button", name="Send").click()
-
-            answer = page.locator(".dbmagic-answer")
-            final = "Echo: Hello from a real browser, one two three"
-            seen: list[str] = []
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                text = answer.inner_text().strip()
-                if text and (not seen or seen[-1] != text):
-                    seen.append(text)
-                if text == final:
-                    break
-                time.sleep(0.02)
-            assert seen and seen[-1] == final, seen
-            assert len(seen) >= 3, f"the answer did not stream in: {seen}"  # partial texts came first
-            status = page.locator(".dbmagic-status")
-            expect(status).to_contain_text("meta-llama-3.3-70b-instruct", timeout=10_000)
-            expect(status).to_contain_text("tokens")
-            assert page.locator(".jp-NotebookPanel .jp-Cell").count() == cells_before  # typing made no cells
-            sent = [r for r in ws.requests if r.path.endswith("/invocations")]
-            assert sent[-1].json["messages"][-1]["content"] == "Hello from a real browser, one two three"
-            page.screenshot(path=str(ARTIFACTS / "panel.png"), full_page=True)
-
-            prompt.fill("Sent with the keyboard")
-            prompt.press("Control+Enter")
-            expect(answer).to_contain_text("Echo: Sent with the keyboard", timeout=30_000)
+            expect(page.locator(".dbmagic-prompt textarea")).to_be_visible(timeout=30_000)
+            yield page, blocked
         finally:
             browser.close()
+
+
+def test_panel_streams_an_answer_in_jupyterlab(lab):
+    url, ws = lab
+    from playwright.sync_api import expect
+
+    with panel_page(url) as (page, _):
+        prompt = page.locator(".dbmagic-prompt textarea")
+        cells_before = page.locator(".jp-NotebookPanel .jp-Cell").count()
+        prompt.click()
+        prompt.fill("")
+        prompt.type("Hello from a real browser, one two three")  # keystrokes, with 'a' and 'b' in them
+        page.get_by_role("button", name="Send").click()
+
+        answer = page.locator(".dbmagic-answer")
+        final = "Echo: Hello from a real browser, one two three"
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = answer.inner_text().strip()
+            if text and (not seen or seen[-1] != text):
+                seen.append(text)
+            if text == final:
+                break
+            time.sleep(0.02)
+        assert seen and seen[-1] == final, seen
+        assert len(seen) >= 3, f"the answer did not stream in: {seen}"  # partial texts came first
+        status = page.locator(".dbmagic-status")
+        expect(status).to_contain_text("meta-llama-3.3-70b-instruct", timeout=10_000)
+        expect(status).to_contain_text("tokens")
+        assert page.locator(".jp-NotebookPanel .jp-Cell").count() == cells_before  # typing made no cells
+        sent = [r for r in ws.requests if r.path.endswith("/invocations")]
+        assert sent[-1].json["messages"][-1]["content"] == "Hello from a real browser, one two three"
+        page.screenshot(path=str(ARTIFACTS / "panel.png"), full_page=True)
+
+        prompt.fill("Sent with the keyboard")
+        prompt.press("Control+Enter")
+        expect(answer).to_contain_text("Echo: Sent with the keyboard", timeout=30_000)
 
 
 def test_panel_works_when_the_anywidget_front_end_does_not_load(lab):
     # Databricks notebooks render core ipywidgets; third-party front-end code may not load there
     url, ws = lab
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            blocked: list[str] = []
-
-            def block(route):
-                blocked.append(route.request.url)
-                route.abort()
-
-            page.route("**/lab/extensions/anywidget/**", block)
-            page.goto(url)
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
-            expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return 1; }")
-            prompt = page.locator(".dbmagic-prompt textarea")
-            expect(prompt).to_be_visible(timeout=30_000)
-            cells_before = page.locator(".jp-NotebookPanel .jp-Cell").count()
-            prompt.click()
-            prompt.type("Without anywidget, a b c")
-            page.get_by_role("button", name="Send").click()
-            expect(page.locator(".dbmagic-answer")).to_have_text("Echo: Without anywidget, a b c", timeout=30_000)
-            expect(page.locator(".dbmagic-status")).to_contain_text("tokens", timeout=10_000)
-            assert blocked, "the anywidget front end was not requested, so nothing was blocked"
-            assert page.locator(".jp-NotebookPanel .jp-Cell").count() == cells_before
-        finally:
-            browser.close()
+    with panel_page(url, block="**/lab/extensions/anywidget/**") as (page, blocked):
+        prompt = page.locator(".dbmagic-prompt textarea")
+        cells_before = page.locator(".jp-NotebookPanel .jp-Cell").count()
+        prompt.click()
+        prompt.type("Without anywidget, a b c")
+        page.get_by_role("button", name="Send").click()
+        expect(page.locator(".dbmagic-answer")).to_have_text("Echo: Without anywidget, a b c", timeout=30_000)
+        expect(page.locator(".dbmagic-status")).to_contain_text("tokens", timeout=10_000)
+        assert blocked, "the anywidget front end was not requested, so nothing was blocked"
+        assert page.locator(".jp-NotebookPanel .jp-Cell").count() == cells_before
 
 
 def test_panel_compare_mode_in_jupyterlab(lab):
     url, ws = lab
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
-            expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return 1; }")
-            prompt = page.locator(".dbmagic-prompt textarea")
-            expect(prompt).to_be_visible(timeout=30_000)
-            page.get_by_role("button", name="Compare").click()
-            picker = page.locator(".dbmagic-compare-endpoints select")
-            expect(picker).to_be_visible(timeout=10_000)
-            picker.select_option(label=["databricks-meta-llama-3-3-70b-instruct · llm/v1/chat · READY",
-                                        "local-completions · llm/v1/completions · READY"])
-            prompt.click()
-            prompt.type("Both of you, one two")
-            page.get_by_role("button", name="Send").click()
-            table = page.locator(".dbmagic-answer table.dbmagic-compare")
-            expect(table).to_be_visible(timeout=30_000)
-            expect(table.locator("th", has_text="local-completions")).to_be_visible()
-            expect(table.locator("td", has_text="Echo: Both of you, one two")).to_have_count(2, timeout=30_000)
-            expect(page.locator(".dbmagic-status")).to_contain_text("Compared 2 endpoints", timeout=10_000)
-            page.screenshot(path=str(ARTIFACTS / "panel-compare.png"), full_page=True)
-            sent = sorted(r.path for r in ws.requests if r.path.endswith("/invocations"))
-            assert sent == ["/serving-endpoints/databricks-meta-llama-3-3-70b-instruct/invocations",
-                            "/serving-endpoints/local-completions/invocations"]
-        finally:
-            browser.close()
+    with panel_page(url) as (page, _):
+        page.get_by_role("button", name="Compare").click()
+        picker = page.locator(".dbmagic-compare-endpoints select")
+        expect(picker).to_be_visible(timeout=10_000)
+        picker.select_option(label=["databricks-meta-llama-3-3-70b-instruct · llm/v1/chat · READY",
+                                    "local-completions · llm/v1/completions · READY"])
+        prompt = page.locator(".dbmagic-prompt textarea")
+        prompt.click()
+        prompt.type("Both of you, one two")
+        page.get_by_role("button", name="Send").click()
+        table = page.locator(".dbmagic-answer table.dbmagic-compare")
+        expect(table).to_be_visible(timeout=30_000)
+        expect(table.locator("th", has_text="local-completions")).to_be_visible()
+        expect(table.locator("td", has_text="Echo: Both of you, one two")).to_have_count(2, timeout=30_000)
+        expect(page.locator(".dbmagic-status")).to_contain_text("Compared 2 endpoints", timeout=10_000)
+        page.screenshot(path=str(ARTIFACTS / "panel-compare.png"), full_page=True)
+        sent = sorted(r.path for r in ws.requests if r.path.endswith("/invocations"))
+        assert sent == ["/serving-endpoints/databricks-meta-llama-3-3-70b-instruct/invocations",
+                        "/serving-endpoints/local-completions/invocations"]
