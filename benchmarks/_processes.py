@@ -19,11 +19,11 @@ def median_process_times(statements: dict[str, str], runs: int, python: str | No
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     python = python or sys.executable
     for code in statements.values():
-        subprocess.run([python, "-c", code], check=True, env=env)
+        subprocess.run([python, "-c", code], check=True, env=env, stderr=subprocess.DEVNULL)
     times: dict[str, list[float]] = {name: [] for name in statements}
     for _ in range(runs):
         for name, code in statements.items():
             start = time.perf_counter()
-            subprocess.run([python, "-c", code], check=True, env=env)
+            subprocess.run([python, "-c", code], check=True, env=env, stderr=subprocess.DEVNULL)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(samples) for name, samples in times.items()}

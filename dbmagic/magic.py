@@ -19,6 +19,15 @@ In [7]: %%dbllm --cluster-id 0123-456789-abc --port 7777     # a driver-proxy ap
 In [8]: %%dbllm --transform-input add_context --transform-output to_upper --dry-run
    ...: Show me the request, do not send it.
 
+In [9]: %%dbllm --over tickets --column label -o labelled      # once per row of a DataFrame
+   ...: Classify {{ text }} as one of {{ labels }}.
+
+In [10]: %%dbllm -e my-chat -e my-agent -t 0 -t 0.8             # side by side: 2 endpoints x 2 settings
+    ...: Name a colour.
+
+In [11]: %%dbllm --prompt prompts:/summarise/1                  # a template from the MLflow Prompt Registry
+    ...: Keep it short.
+
 - The cell body is a Jinja2 template over the notebook's variables (``{{ name }}``, ``{{ expr }}``);
   IPython's own ``{}``/``$`` expansion is off, so JSON and code are safe in prompts.
 - Every option has a ``%config DbLLM.<name>`` default (``%config DbLLM`` lists them).
@@ -28,7 +37,8 @@ In [8]: %%dbllm --transform-input add_context --transform-output to_upper --dry-
 - Errors fail the cell with a short message and the next step; a transform's own traceback is shown.
 
 Subcommands of the line magic: ``whoami``, ``endpoints``, ``history``, ``reset [ENDPOINT]``, ``last``,
-``panel`` (an ipywidgets panel for interactive prompting over the same client).
+``panel`` (an ipywidgets panel for interactive prompting over the same client), ``trace [on|off]``
+(MLflow traces of every call) and ``prompts`` (the MLflow Prompt Registry).
 """
 
 from __future__ import annotations

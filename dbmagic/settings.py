@@ -21,7 +21,7 @@ import json
 import keyword
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from . import _wire
@@ -405,9 +405,6 @@ class _CallSpecMethods:
     def target_key(self) -> str:
         """The conversation key: the endpoint name or ``cluster:port``."""
         return self.endpoint or f"{self.cluster_id}:{self.port}"  # type: ignore[attr-defined]
-
-    def values(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
 
 CallSpec = make_dataclass(
