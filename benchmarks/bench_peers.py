@@ -8,7 +8,8 @@ Rows (medians; a peer that is not installed is left out):
   dbmagic``, ``mlflow.deployments``, LangChain's ``Databricks``, against ``import requests`` and a
   bare shell; ``%load_ext jupyter_ai_magics`` in its own environment (``--jupyter-ai-python``),
   scaled by the ratio of the two environments' bare shells;
-- per call against the local workspace: latency, HTTP requests and new connections per call, for a
+- per call against the local workspace's completions endpoint: latency, HTTP requests and new
+  connections per call, for a
   reused ``requests.Session``, ``Client.complete`` (tracing off and on), ``mlflow.deployments``
   ``predict`` and LangChain's ``Databricks.invoke``;
 - tracing's cost at 50 ms server latency;
@@ -38,7 +39,9 @@ import dbmagic  # noqa: E402
 from dbmagic import Client  # noqa: E402
 from dbmagic.testing import LocalWorkspace  # noqa: E402
 
-CHAT = "databricks-meta-llama-3-3-70b-instruct"
+# a completions endpoint: LangChain's legacy Databricks class sends {"prompt": ...}, which a chat
+# endpoint refuses unless a transform_input_fn builds the messages
+ENDPOINT = "local-completions"
 SHELL = "from IPython.core.interactiveshell import InteractiveShell; ip = InteractiveShell.instance()"
 rows: list[tuple[str, str, str]] = []
 
@@ -83,14 +86,14 @@ def imports(starts: int, jupyter_ai_python: str | None) -> None:
 def per_call(calls: int) -> None:
     with LocalWorkspace() as ws:
         os.environ.update(ws.environ())
-        body = {"messages": [{"role": "user", "content": "Hi"}]}
+        body = {"prompt": "Hi"}
         session = requests.Session()
-        url = f"{ws.host}/serving-endpoints/{CHAT}/invocations"
+        url = f"{ws.host}/serving-endpoints/{ENDPOINT}/invocations"
         auth = {"Authorization": f"Bearer {ws.token}"}
         client = Client(host=ws.host, token=ws.token)
         contenders = {
             "requests.Session.post (reused)": lambda: session.post(url, json=body, headers=auth).raise_for_status(),
-            "dbmagic Client.complete": lambda: client.complete("Hi", endpoint=CHAT),
+            "dbmagic Client.complete": lambda: client.complete("Hi", endpoint=ENDPOINT),
         }
         traced = Client(host=ws.host, token=ws.token)
         if installed("mlflow"):
@@ -102,7 +105,7 @@ def per_call(calls: int) -> None:
             def with_tracing() -> None:
                 dbmagic.autolog()
                 try:
-                    traced.complete("Hi", endpoint=CHAT)
+                    traced.complete("Hi", endpoint=ENDPOINT)
                 finally:
                     dbmagic.autolog(disable=True)
 
@@ -110,13 +113,13 @@ def per_call(calls: int) -> None:
             from mlflow.deployments import get_deploy_client
 
             deploy = get_deploy_client("databricks")
-            contenders["mlflow.deployments predict"] = lambda: deploy.predict(endpoint=CHAT, inputs=body)
+            contenders["mlflow.deployments predict"] = lambda: deploy.predict(endpoint=ENDPOINT, inputs=body)
         if installed("langchain_community"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 from langchain_community.llms import Databricks
 
-                llm = Databricks(endpoint_name=CHAT)
+                llm = Databricks(endpoint_name=ENDPOINT)
             contenders["LangChain Databricks.invoke"] = lambda: llm.invoke("Hi")
         samples: dict[str, list[float]] = {name: [] for name in contenders}
         counts: dict[str, list[int]] = {name: [0, 0] for name in contenders}
@@ -142,15 +145,15 @@ def tracing_at_latency(calls: int) -> None:
     if not installed("mlflow"):
         return
     with served("--latency", "0.05") as client:
-        client.endpoint(CHAT)
+        client.endpoint(ENDPOINT)
         off, on = [], []
         for _ in range(calls):
             start = time.perf_counter()
-            client.complete("Hi", endpoint=CHAT)
+            client.complete("Hi", endpoint=ENDPOINT)
             off.append(time.perf_counter() - start)
             dbmagic.autolog()
             start = time.perf_counter()
-            client.complete("Hi", endpoint=CHAT)
+            client.complete("Hi", endpoint=ENDPOINT)
             on.append(time.perf_counter() - start)
             dbmagic.autolog(disable=True)
     row("per call at 50 ms: tracing off / on", f"{statistics.median(off) * 1000:.1f} / "
@@ -161,9 +164,9 @@ def batch_throughput(n: int) -> None:
     prompts = [f"row {i}" for i in range(n)]
     with served("--latency", "0.05") as client:
         creds = client.credentials
-        client.endpoint(CHAT)
+        client.endpoint(ENDPOINT)
         start = time.perf_counter()
-        dbmagic.batch("{{ row }}", prompts, endpoint=CHAT, concurrency=16, client=client, progress=False)
+        dbmagic.batch("{{ row }}", prompts, endpoint=ENDPOINT, concurrency=16, client=client, progress=False)
         ours = n / (time.perf_counter() - start)
         row(f"batch: {n} prompts at 50 ms, dbmagic.batch (16)", f"{ours:.1f} rows/s")
         if installed("langchain_community"):
@@ -172,7 +175,7 @@ def batch_throughput(n: int) -> None:
                 warnings.simplefilter("ignore")
                 from langchain_community.llms import Databricks
 
-                llm = Databricks(endpoint_name=CHAT)
+                llm = Databricks(endpoint_name=ENDPOINT)
                 start = time.perf_counter()
                 llm.batch(prompts, config={"max_concurrency": 16})
             theirs = n / (time.perf_counter() - start)
