@@ -108,7 +108,7 @@ class BatchResult(list):
 
     def to_pandas(self, column: str = "answer", error_column: str = "error") -> Any:
         """The rows (their columns, or ``row``) with the answer and error columns."""
-        import pandas as pd
+        pd = _pandas()
 
         frame = pd.DataFrame([row if isinstance(row, Mapping) else {"row": row} for row in self.rows])
         frame[column] = self.values
@@ -401,3 +401,11 @@ def _show(bar: Any, pace: _Pace) -> None:
     bar.n = pace.done
     bar.set_postfix(failed=pace.failed, concurrency=pace.limit, refresh=False)
     bar.refresh()
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError:
+        raise ConfigurationError("to_pandas() needs pandas: pip install pandas.") from None
+    return pandas

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from . import _cell, settings
-from .errors import DbMagicError, StreamInterrupted
+from .errors import ConfigurationError, DbMagicError, StreamInterrupted
 
 if TYPE_CHECKING:
     from .client import Client, Completion, Stream
@@ -39,7 +39,7 @@ class Comparison(dict):
         self.values = dict(values)
 
     def to_pandas(self) -> Any:
-        import pandas as pd
+        pd = _pandas()
 
         return pd.DataFrame({label: _metrics(runs) for label, runs in self.runs.items()})
 
@@ -228,3 +228,11 @@ def _display_sink(rich: bool) -> Callable[[dict[str, Any], dict[str, Any]], None
             state["handle"].update(data, raw=True, metadata=metadata)
 
     return show
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError:
+        raise ConfigurationError("to_pandas() needs pandas: pip install pandas.") from None
+    return pandas
