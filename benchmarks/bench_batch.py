@@ -20,8 +20,6 @@ import argparse
 import contextlib
 import os
 import queue
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +29,7 @@ import requests
 
 import dbmagic
 from dbmagic import Client
+from dbmagic.testing.__main__ import in_another_process
 
 CHAT = "databricks-meta-llama-3-3-70b-instruct"
 
@@ -38,21 +37,12 @@ CHAT = "databricks-meta-llama-3-3-70b-instruct"
 @contextlib.contextmanager
 def served(*args: str) -> Iterator[Client]:
     """A client of ``python -m dbmagic.testing ARGS`` running in another process."""
-    proc = subprocess.Popen([sys.executable, "-m", "dbmagic.testing", *args], stdout=subprocess.PIPE, text=True)
-    env = {}
-    for line in proc.stdout:
-        if line.strip().startswith("export "):
-            name, value = line.strip()[len("export "):].split("=", 1)
-            env[name] = value
-        if line.startswith("Ctrl-C stops it."):
-            break
-    client = Client(host=env["DATABRICKS_HOST"], token=env["DATABRICKS_TOKEN"])
-    try:
-        yield client
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(10)
+    with in_another_process(*args) as env:
+        client = Client(host=env["DATABRICKS_HOST"], token=env["DATABRICKS_TOKEN"])
+        try:
+            yield client
+        finally:
+            client.close()
 
 
 def threads(n: int, work, items: list) -> float:
