@@ -360,14 +360,7 @@ class DbLLM(_Options):
                 self.trace = args[0] == "on"
             except TraitError as exc:
                 raise UsageError(str(exc)) from None
-        if tracing.enabled():
-            import mlflow
-
-            experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
-            print(f"Tracing every dbmagic call to MLflow, experiment {experiment.name!r} "
-                  f"({mlflow.get_tracking_uri()}). `%dbllm trace off` stops.")
-        else:
-            print("Tracing is off. `%dbllm trace on` (or dbmagic.autolog()) records every call to MLflow.")
+        print(tracing.describe())
 
     def _cmd_prompts(self, args: list[str]) -> None:
         rows = [[name, version, uri] for name, version, uri in tracing.list_prompts()]

@@ -87,6 +87,8 @@ def _segment(value: str) -> str | None:
     # the value becomes one segment of a URL path that carries the token
     if value.strip() != value or not value:
         return "must not be empty or start or end with white space"
+    if len(value) > 255:
+        return "must be at most 255 characters"
     if "/" in value or "\\" in value or value in (".", "..") or any(ord(c) < 32 for c in value):
         return "must be a plain name (no '/', '\\', control characters, '.' or '..')"
     return None

@@ -54,6 +54,21 @@ def enabled() -> bool:
     return _enabled
 
 
+def describe() -> str:
+    """Whether tracing is on, and where the traces go."""
+    if not _enabled:
+        return "Tracing is off. `%dbllm trace on` (or dbmagic.autolog()) records every call to MLflow."
+    mlflow = _mlflow()
+    where = mlflow.get_tracking_uri()
+    try:  # MLflow has no public name for the active experiment; say less rather than fail
+        from mlflow.tracking.fluent import _get_experiment_id
+
+        where = f"experiment {mlflow.get_experiment(_get_experiment_id()).name!r} ({where})"
+    except Exception:
+        pass
+    return f"Tracing every dbmagic call to MLflow, {where}. `%dbllm trace off` stops."
+
+
 def _mlflow() -> Any:
     try:
         import mlflow

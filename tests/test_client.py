@@ -179,9 +179,11 @@ def test_options_are_checked_before_sending(client, workspace):
                              ({"max_tokens": 0}, "max_tokens must be at least 1; got 0"),
                              ({"extra_params": {"top_p": float("inf")}}, "extra_params must hold JSON values only"),
                              ({"stop": [1]}, "stop must be a list of strings"),
-                             ({"n": 0}, "n must be a whole number of at least 1")]:
-        with pytest.raises(ConfigurationError, match=re.escape(message)):
-            client.complete("x", endpoint=CHAT, **options)
+                             ({"n": 0}, "n must be a whole number of at least 1"),
+                             ({"endpoint": "e" * 10_000}, "endpoint must be at most 255 characters; got 'eee")]:
+        with pytest.raises(ConfigurationError, match=re.escape(message)) as info:
+            client.complete("x", **{"endpoint": CHAT, **options})
+        assert len(str(info.value)) < 300  # a 10,000-character name makes no 20,000-character message
     with pytest.raises(ConfigurationError, match="timeout must be above 0"):
         client.complete("x", endpoint=CHAT, timeout=0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'top_p'.*request fields go in extra_params="):
