@@ -10,9 +10,12 @@ From Python::
 
     import dbmagic
     dbmagic.get_client().complete("How are you?", endpoint="databricks-meta-llama-3-3-70b-instruct")
+    dbmagic.batch("Classify: {{ text }}", df, endpoint="...")        # a prompt over rows
+    dbmagic.autolog()                                                 # MLflow traces of every call
 
 ``import dbmagic`` stays light: the client (and ``requests``) load on first use, and heavy
-packages (ipywidgets, pandas, mlflow, pyspark) only with the feature that needs them.
+packages (ipywidgets, pandas, mlflow, pyspark, databricks-sdk, tqdm) only with the feature that
+needs them.
 """
 
 from __future__ import annotations
