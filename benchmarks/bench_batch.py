@@ -80,7 +80,7 @@ def throughput(rows: int) -> None:
         session = requests.Session()
         session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=16))
         creds = client.credentials
-        url, headers = f"{creds.host}/serving-endpoints/{CHAT}/invocations", {"Authorization": f"Bearer {creds.token}"}
+        url, headers = f"{creds.host}/serving-endpoints/{CHAT}/invocations", {"Authorization": f"Bearer {creds.token.reveal()}"}
         bare = rows / threads(16, lambda p: session.post(url, json={"messages": [{"role": "user", "content": p}]},
                                                            headers=headers).raise_for_status(), prompts)
         sequential_rows = prompts[:100]

@@ -170,7 +170,7 @@ def batch_throughput(n: int) -> None:
         ours = n / (time.perf_counter() - start)
         row(f"batch: {n} prompts at 50 ms, dbmagic.batch (16)", f"{ours:.1f} rows/s")
         if installed("langchain_community"):
-            os.environ.update({"DATABRICKS_HOST": creds.host, "DATABRICKS_TOKEN": creds.token})
+            os.environ.update({"DATABRICKS_HOST": creds.host, "DATABRICKS_TOKEN": creds.token.reveal()})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 from langchain_community.llms import Databricks

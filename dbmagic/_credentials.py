@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._secret import Secret, reveal
 from .errors import ConfigurationError
 
 __all__ = ["Credentials", "resolve_credentials", "normalize_host", "org_id_from_host"]
@@ -74,7 +75,7 @@ class Credentials:
     host: str
     source: str
     auth_type: str = "pat"
-    _token: str = field(default="", repr=False)
+    _token: Secret = field(default=Secret(""), repr=False)
     _header_factory: Callable[[], Mapping[str, str]] | None = field(default=None, repr=False, compare=False)
     _reauthenticate: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     workspace_id: str | None = None
@@ -82,33 +83,35 @@ class Credentials:
     extra_headers: tuple[tuple[str, str], ...] = ()
     skipped: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not isinstance(self._token, Secret):  # a plain string given: kept as a Secret all the same
+            object.__setattr__(self, "_token", Secret(self._token))
+
     def headers(self) -> dict[str, str]:
         """The headers that authenticate one request (asked afresh where tokens expire)."""
+        # no named local holds the token: a Verbose traceback prints every frame's locals
         if self._header_factory is None:
-            auth = {"Authorization": f"Bearer {self._token}"}
-        else:
-            try:
-                auth = dict(self._header_factory())
-            except ConfigurationError:
-                raise
-            except Exception as exc:  # the SDK or the notebook context failed to give a token now
-                raise ConfigurationError(
-                    f"Could not get a token for {self.host} from {self.source} ({self.auth_type}): "
-                    f"{_first_line(exc)}. Sign in again (e.g. `databricks auth login --host {self.host}`), "
-                    "or reconnect with dbmagic.configure()."
-                ) from None
-        return {**dict(self.extra_headers), **auth}
+            return {**dict(self.extra_headers), "Authorization": "Bearer " + self._token.reveal()}
+        try:
+            return {**dict(self.extra_headers), **self._header_factory()}
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # the SDK or the notebook context failed to give a token now
+            raise ConfigurationError(
+                f"Could not get a token for {self.host} from {self.source} ({self.auth_type}): "
+                f"{_first_line(exc)}. Sign in again (e.g. `databricks auth login --host {self.host}`), "
+                "or reconnect with dbmagic.configure()."
+            ) from None
 
-    def secrets(self) -> list[str]:
+    def secrets(self) -> list[Secret]:
         """The secret parts of the auth headers (what messages are scrubbed of)."""
         public = {name for name, _ in self.extra_headers}
-        return [v.split(" ", 1)[-1] for k, v in self.headers().items() if k not in public and v]
+        return [Secret(v.split(" ", 1)[-1]) for k, v in self.headers().items() if k not in public and v]
 
     @property
-    def token(self) -> str:
-        """The bearer token the next request would carry."""
-        value = self.headers().get("Authorization", "")
-        return value.split(" ", 1)[1] if " " in value else value
+    def token(self) -> Secret:
+        """The bearer token the next request would carry (``.reveal()`` gives the text)."""
+        return Secret(self.headers().get("Authorization", "").split(" ", 1)[-1])
 
     @property
     def refreshes_token(self) -> bool:
@@ -190,6 +193,7 @@ def resolve_credentials(
     environ: Mapping[str, str] | None = None,
 ) -> Credentials:
     """Find the workspace, trying each source in order; raise one error listing them all."""
+    token = Secret(token.strip() if isinstance(token, str) else reveal(token).strip()) if token else None
     env = os.environ if environ is None else environ
     tried: list[str] = []
 
@@ -198,7 +202,7 @@ def resolve_credentials(
         if not (host and token):
             missing = "token=" if host else "host="
             raise ConfigurationError(f"Pass both host= and token= (or neither); {missing} is missing. {_FIX}")
-        found = Credentials(normalize_host(host), "explicit arguments", _token=token.strip())
+        found = Credentials(normalize_host(host), "explicit arguments", _token=token)
     elif profile:
         try:
             found = _from_profile(env, profile)
@@ -293,7 +297,7 @@ def _from_dbutils() -> Credentials | None:
 
 def _from_environment(env: Mapping[str, str]) -> Credentials | None:
     # a token pasted with a trailing newline would make an invalid header
-    host, token = env.get("DATABRICKS_HOST", "").strip(), env.get("DATABRICKS_TOKEN", "").strip()
+    host, token = env.get("DATABRICKS_HOST", "").strip(), Secret(env.get("DATABRICKS_TOKEN", "").strip())
     auth_type = env.get("DATABRICKS_AUTH_TYPE", "").strip()
     model_serving = any(env.get(name, "").lower() == "true" for name in _MODEL_SERVING_ENV)
     if host and token and auth_type in ("", "pat"):
@@ -302,7 +306,7 @@ def _from_environment(env: Mapping[str, str]) -> Credentials | None:
     if (host and others) or model_serving:
         # the SDK reads the variables itself; no profile file, so no key of another workspace's
         # profile is mixed in
-        secrets = [env[name] for name in ("DATABRICKS_CLIENT_SECRET", "ARM_CLIENT_SECRET", "DATABRICKS_PASSWORD")
+        secrets = [Secret(env[name]) for name in ("DATABRICKS_CLIENT_SECRET", "ARM_CLIENT_SECRET", "DATABRICKS_PASSWORD")
                    if env.get(name)]
         return _sdk("environment", normalize_host(host) if host else None, {"config_file": os.devnull}, secrets,
                     environ=env)
@@ -328,7 +332,8 @@ def _profiles(env: Mapping[str, str]) -> tuple[Path, dict[str, dict[str, str]], 
         parser.read(path, encoding="utf-8")
     except (configparser.Error, UnicodeDecodeError) as exc:
         raise _Declined(f"profile file {path}: unreadable ({exc.__class__.__name__})") from None
-    sections = {name: {k: v.strip() for k, v in parser.items(name)} for name in parser.sections()}
+    sections = {name: {k: Secret(v.strip()) if k in _SECRET_KEYS else v.strip() for k, v in parser.items(name)}
+                for name in parser.sections()}
     default = sections.pop("__settings__", {}).get("default_profile")
     return path, sections, default
 
@@ -383,7 +388,7 @@ def _same_host(a: str, b: str) -> bool:
 
 # -- every other auth type: databricks-sdk --------------------------------------------------------------
 
-def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[str] | tuple[str, ...],
+def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[Secret] | tuple[Secret, ...],
          environ: Mapping[str, str] | None = None) -> Credentials:
     """Credentials from databricks-sdk's ``Config`` (imported only here).
 
@@ -438,7 +443,7 @@ def _first_line(exc: Exception) -> str:
 def _scrub(text: str, secrets: Any) -> str:
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "***")
+            text = text.replace(reveal(secret), "***")
     return text
 
 

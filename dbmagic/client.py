@@ -27,6 +27,7 @@ import requests
 from . import _wire, settings, tracing
 from ._credentials import Credentials, org_id_from_host, resolve_credentials
 from ._http import Body, Clock, RetryPolicy, Timeouts, Transport
+from ._secret import Secret
 from .errors import (
     BadResponse,
     ConfigurationError,
@@ -245,7 +246,7 @@ class Client:
         session: requests.Session | None = None,
         pool_size: int = 16,
     ):
-        self._explicit = (host, token, profile)
+        self._explicit = (host, Secret(token) if token else None, profile)  # never a plain str attribute
         self._credentials = credentials
         self._lock = threading.Lock()
         self._endpoints: dict[str, EndpointInfo] = {}

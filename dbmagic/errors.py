@@ -27,6 +27,7 @@ No message ever contains the token: `RequestError` scrubs the secrets it is give
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -197,6 +198,8 @@ class StreamInterrupted(BadResponse):
         super().__init__(what, **kwargs)
 
 
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;}]+")
+
 # The one table: Databricks error_code first (it is more specific), then HTTP status.
 _BY_CODE: dict[str, type[RequestError]] = {
     "INVALID_PARAMETER_VALUE": BadRequest,
@@ -306,8 +309,11 @@ def _html_summary(page: str) -> str:
     return f"an HTML error page: {summary}" if summary else "the server sent an HTML error page"
 
 
-def _scrub(text: str, secrets: Iterable[str]) -> str:
+def _scrub(text: str, secrets: Iterable[Any]) -> str:
+    """``text`` without the secrets (plain strings or `Secret`s) and without any ``Bearer`` value."""
+    from ._secret import reveal
+
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "***")
-    return text
+            text = text.replace(reveal(secret), "***")
+    return _BEARER.sub(r"\1***", text)

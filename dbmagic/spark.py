@@ -83,7 +83,7 @@ def complete(
     probe = client.prepare("", endpoint, **{k: v for k, v in options.items() if k != "transform_input"})
     options = {**options, "task": options.get("task") or probe.kind}
     credentials = client.credentials
-    secret = _Secret(credentials.token)
+    secret = credentials.token  # a Secret: masked wherever it could show
     host, extra_headers = credentials.host, credentials.extra_headers
     retry, timeouts = client.transport.retry, client.transport.timeouts
     schema = StructType([*sdf.schema.fields, StructField(output_col, StringType()), StructField(error_col, StringType())])
@@ -94,7 +94,7 @@ def complete(
         from dbmagic._credentials import Credentials
         from dbmagic.client import Client
 
-        worker = Client(credentials=Credentials(host, "the Spark driver", _token=secret.value,
+        worker = Client(credentials=Credentials(host, "the Spark driver", _token=secret,
                                                 extra_headers=extra_headers), retry=retry, timeouts=timeouts)
         try:
             for frame in batches:
@@ -108,26 +108,6 @@ def complete(
             worker.close()
 
     return sdf.mapInPandas(dbmagic_complete, schema)
-
-
-class _Secret:
-    """The token on its way to the executors: pickled with the task, never shown by repr or str."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str):
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "_Secret('***')"
-
-    __str__ = __repr__
-
-    def __getstate__(self) -> str:
-        return self.value
-
-    def __setstate__(self, value: str) -> None:
-        self.value = value
 
 
 def _as_text(value: Any) -> str:

@@ -24,7 +24,7 @@ def test_explicit_arguments_win_over_environment_and_profile(clean_env, monkeypa
     monkeypatch.setenv("DATABRICKS_TOKEN", "env-token")
     write_profile(clean_env, "[DEFAULT]\nhost = https://profile.example.com\ntoken = profile-token\n")
     creds = resolve_credentials("https://explicit.example.com", "explicit-token")
-    assert (creds.host, creds.token, creds.source) == ("https://explicit.example.com", "explicit-token",
+    assert (creds.host, creds.token.reveal(), creds.source) == ("https://explicit.example.com", "explicit-token",
                                                         "explicit arguments")
 
 
@@ -34,7 +34,7 @@ def test_environment_used_outside_a_notebook(monkeypatch):
     creds = resolve_credentials()
     assert creds.host == "https://adb-123.4.azuredatabricks.net"
     assert creds.source == "environment"
-    assert creds.token == "env-token"
+    assert creds.token.reveal() == "env-token"
 
 
 def test_default_profile_in_home(clean_env):
@@ -42,7 +42,7 @@ def test_default_profile_in_home(clean_env):
     creds = resolve_credentials()
     assert creds.host == "https://profile.example.com"
     assert creds.source == f"profile DEFAULT ({path})"
-    assert creds.token == "profile-token"
+    assert creds.token.reveal() == "profile-token"
 
 
 def test_profile_chosen_by_variable_settings_or_argument(clean_env, monkeypatch):
