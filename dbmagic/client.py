@@ -391,7 +391,7 @@ class Client:
                 span.failed(exc)
             raise
         return Stream(prepared, Body(response), response.headers, started, transform_output, span=span,
-                      attempts=_attempts(response))
+                      attempts=_attempts(response), secrets=self.credentials.secrets())
 
     def _target(self, endpoint: str | None, cluster_id: Any, port: Any, org_id: Any, task: str | None):
         if endpoint and (cluster_id or port):
@@ -432,8 +432,10 @@ class Stream:
     """
 
     def __init__(self, prepared: PreparedRequest, body: Body, headers: Mapping[str, str], started: float,
-                 transform_output: Transform | None, *, span: tracing.CallSpan | None = None, attempts: int = 1):
+                 transform_output: Transform | None, *, span: tracing.CallSpan | None = None, attempts: int = 1,
+                 secrets: Sequence[Secret] = ()):
         self.prepared = prepared
+        self._secrets = secrets  # what an error event from the server is scrubbed of
         self._span = span
         self._attempts = attempts
         self.text = ""
@@ -541,7 +543,7 @@ class Stream:
                 if not isinstance(data, dict):
                     raise self._cut("an event that is not a JSON object")
                 if "error_code" in data or "error" in data or data.get("type") == "error":
-                    code, message = parse_error_body(event)
+                    code, message = parse_error_body(event, self._secrets)
                     raise self._cut(f"an error mid-stream: {message or code}")
                 piece, chunk_usage, chunk_finish = reader.read(data)
                 usage = chunk_usage or usage

@@ -258,7 +258,7 @@ def error_from_response(
     secrets: Iterable[str] = (),
 ) -> RequestError:
     """Build the right `RequestError` from an error answer (any body: JSON, text, HTML, empty)."""
-    error_code, message = parse_error_body(body)
+    error_code, message = parse_error_body(body, secrets)
     cls = error_class(status, error_code)
     what = _WHAT.get(cls, _WHAT[RequestError]).format(target=target, host=host)
     return cls(
@@ -273,10 +273,11 @@ def error_from_response(
     )
 
 
-def parse_error_body(body: bytes | str) -> tuple[str | None, str | None]:
-    """``(error_code, message)`` from an error body of any shape the workspace sends."""
+def parse_error_body(body: bytes | str, secrets: Iterable[Any] = ()) -> tuple[str | None, str | None]:
+    """``(error_code, message)`` from an error body of any shape the workspace sends, scrubbed of
+    ``secrets`` and any ``Bearer`` value before anything is cut to length (so no prefix survives)."""
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    text = text.strip()
+    text = _scrub(text, secrets).strip()
     if not text:
         return None, None
     try:

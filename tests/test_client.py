@@ -533,3 +533,17 @@ def test_every_error_lives_in_errors_is_exported_and_drawn():
         assert cls.__module__ == "dbmagic.errors", cls
         assert getattr(dbmagic, cls.__name__) is cls and cls.__name__ in dbmagic.__all__
         assert re.search(rf"── {cls.__name__} ", errors.__doc__) or cls is errors.DbMagicError, cls
+
+
+def test_a_server_that_echoes_the_token_never_shows_it(client, workspace):
+    token = workspace.token
+    # at the cut: 490 characters, then the token, so that only its prefix would fit in 500
+    workspace.fail(CHAT, 400, body="x" * 490 + f" {token} and Authorization: Bearer {token}")
+    with pytest.raises(RequestError) as info:
+        client.complete("x", endpoint=CHAT)
+    assert token[:6] not in str(info.value).replace("dbmagic-local-", "")  # no prefix of its secret part
+    assert token not in str(info.value) and "dbmagic-local" not in str(info.value)
+    workspace.fail(CHAT, cut_after=1, body={"error": f"upstream said: Bearer {token} / {token}"})
+    with pytest.raises(StreamInterrupted) as cut:
+        list(client.stream("one two three", endpoint=CHAT))
+    assert token not in str(cut.value) and "Bearer ***" in str(cut.value)
