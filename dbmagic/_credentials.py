@@ -37,7 +37,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from ._secret import Secret, reveal
 from .errors import ConfigurationError
@@ -141,27 +140,37 @@ class Credentials:
 def normalize_host(host: str) -> str:
     """``adb-1.azuredatabricks.net/`` -> ``https://adb-1.azuredatabricks.net``.
 
-    Adds ``https://`` when no scheme is given and strips trailing slashes. Plain ``http://`` is
-    refused unless the host is loopback (the local test workspace).
+    Adds ``https://`` when no scheme is given; drops a trailing slash and the ``?o=<org id>`` a
+    browser shows. The URL is parsed once, by the parser the HTTP library itself uses (urllib3's),
+    and rebuilt from its parts, so the host checked is the host connected to. Refused: user info,
+    other queries, fragments, paths, white space, backslashes and control characters, and plain
+    ``http://`` unless the host is loopback (the local test workspace).
     """
-    host = host.strip()
-    if not host:
+    from urllib3.exceptions import LocationParseError
+    from urllib3.util import parse_url
+
+    raw = re.sub(r"/?\?o=\d+$", "", host.strip()).rstrip("/")
+    if not raw:
         raise ConfigurationError("The Databricks host is empty. Set it to your workspace URL.")
-    if "://" not in host:
-        host = "https://" + host
-    host = host.rstrip("/")
-    parts = urlsplit(host)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    shown = raw if len(raw) <= 80 else raw[:77] + "..."
+    example = "Use the workspace URL only, e.g. https://adb-1234567890123456.7.azuredatabricks.net."
+    if any(c.isspace() or ord(c) < 32 or c in "\\@#?%" for c in raw) or len(raw) > 2048:
+        raise ConfigurationError(f"The Databricks host {shown!r} has characters a workspace URL does not "
+                                 f"(user info, a query or fragment, white space, backslashes). {example}")
+    if "://" not in raw:
+        raw = "https://" + raw
+    try:
+        url = parse_url(raw)
+    except LocationParseError:
+        url = None
+    if url is None or url.scheme not in ("https", "http") or not url.host or url.path not in (None, "", "/"):
+        raise ConfigurationError(f"The Databricks host {shown!r} is not a workspace URL. {example}")
+    if url.scheme == "http" and not _is_loopback(url.host.strip("[]")):
         raise ConfigurationError(
-            f"The Databricks host {host!r} is not a URL. Use the workspace URL, "
-            "e.g. https://adb-1234567890123456.7.azuredatabricks.net."
+            f"Refusing plain http:// for {url.host}: the token would travel unencrypted. "
+            f"Use https://{url.host} (http is allowed only for loopback test servers)."
         )
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise ConfigurationError(
-            f"Refusing plain http:// for {parts.hostname}: the token would travel unencrypted. "
-            f"Use https://{host[len('http://'):]} (http is allowed only for loopback test servers)."
-        )
-    return host
+    return f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
 
 
 def _is_loopback(hostname: str) -> bool:

@@ -25,6 +25,9 @@ from .errors import ConnectionFailed, RateLimited, RequestError, RequestTimeout,
 __all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "Body", "retry_reason", "retry_delay"]
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503})
+# plain http is allowed for loopback only, which no proxy should see: the token would cross it in clear
+# (None wins over the *_PROXY variables requests would otherwise merge in, ALL_PROXY's "all" included)
+_NO_PROXY = {"http": None, "https": None, "all": None}
 
 
 class Clock(Protocol):
@@ -180,6 +183,7 @@ class Transport:
                 stream=stream,
                 timeout=(self.timeouts.connect, read_timeout),
                 allow_redirects=False,  # never carry the token to another host
+                proxies=_NO_PROXY if host.startswith("http://") else None,
             )
         except requests.RequestException as exc:
             return None, _transport_error(exc, target, host, read_timeout), retry_reason(None, exc)

@@ -411,7 +411,7 @@ class Client:
                 )
             org_id = org_id or creds.workspace_id or org_id_from_host(creds.host) or self._org_id()
             cluster_id, org_id = settings.coerce("cluster_id", cluster_id), settings.coerce("org_id", org_id)
-            path = f"/driver-proxy-api/o/{org_id}/{cluster_id}/{port}"
+            path = f"/driver-proxy-api/o/{quote(str(org_id), safe='')}/{quote(cluster_id, safe='')}/{int(port)}"
             return _wire.PROXY, path, f"proxy app on cluster {cluster_id} port {port}"
         raise ConfigurationError(
             "No endpoint given: pass endpoint= (--endpoint NAME, or %config DbLLM.endpoint = NAME), "

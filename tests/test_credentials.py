@@ -213,3 +213,29 @@ def test_dbutils_entry_point_on_older_runtimes(monkeypatch, workspace):
     creds = resolve_credentials()
     assert (creds.source, creds.cluster_id, creds.workspace_id) == ("notebook context", "0101-000000-old", None)
     assert Client(credentials=creds).complete("x", endpoint=CHAT).text == "Echo: x"
+
+
+@pytest.mark.parametrize("host", [
+    "https://user:pw@adb-1.2.azuredatabricks.net", "http://127.0.0.1@evil.example.com", "https://x.example.com#f",
+    "https://x.example.com/some/path", "https://x.example.com\\@evil.example.com", "https://x .example.com",
+    "https://x.example.com/?q=1", "http://localhost.evil.example.com", "http://127.0.0.1.nip.io", "ftp://x",
+    "https://x.example.com\nx", "https://x.example.com%2f@evil",
+])
+def test_hosts_that_url_parsers_could_read_differently_are_refused(host, workspace):
+    with pytest.raises(ConfigurationError, match="The Databricks host|Refusing plain http://"):
+        resolve_credentials(host, workspace.token)
+    assert workspace.requests == []
+
+
+def test_the_host_is_rebuilt_from_the_parse_the_connection_uses():
+    assert normalize_host("https://ADB-1.2.azuredatabricks.net/?o=1234") == "https://adb-1.2.azuredatabricks.net"
+    assert normalize_host("http://[::1]:8080/") == "http://[::1]:8080"
+
+
+def test_plain_http_to_loopback_never_goes_through_a_proxy(workspace, monkeypatch):
+    # a proxy from the environment would see the token in clear: loopback http bypasses it
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert Client(host=workspace.host, token=workspace.token).complete("x", endpoint=CHAT).text == "Echo: x"
