@@ -7,6 +7,7 @@ sleeps, and it sleeps through an injectable `Clock`, so tests never wait for rea
 
 from __future__ import annotations
 
+import math
 import random
 import socket
 import time
@@ -20,11 +21,21 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from ._credentials import Credentials
-from .errors import ConnectionFailed, RateLimited, RequestError, RequestTimeout, error_from_response
+from .errors import (
+    ConnectionFailed,
+    RateLimited,
+    RequestError,
+    RequestTimeout,
+    StreamInterrupted,
+    error_from_response,
+)
 
 __all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "Body", "retry_reason", "retry_delay"]
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503})
+# the statuses that say the request did not run: rate limited, or the endpoint unavailable (scaling
+# from zero). A 500/502/504 may come after the model ran: an invocation costs money and may not be
+# idempotent, so it is not sent again silently.
+RETRY_STATUSES = frozenset({429, 503})
 # plain http is allowed for loopback only, which no proxy should see: the token would cross it in clear
 # (None wins over the *_PROXY variables requests would otherwise merge in, ALL_PROXY's "all" included)
 _NO_PROXY = {"http": None, "https": None, "all": None}
@@ -52,6 +63,15 @@ class Timeouts:
     connect: float = 10.0
     read: float = 300.0
 
+    def __post_init__(self) -> None:
+        for name in ("connect", "read"):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            if not ok:
+                from .errors import SettingError
+
+                raise SettingError(f"Timeouts({name}=...) must be a finite number of seconds above 0; got {value!r}.")
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -73,14 +93,26 @@ class RetryPolicy:
 
 
 def retry_reason(status: int | None, error: Exception | None = None) -> str | None:
-    """Why this outcome is worth another try, or None. 504 and other 4xx are not retried:
-    a 504 request may have run, and a 4xx will fail the same way again."""
+    """Why this outcome is worth another try, or None. Only what cannot have run is retried: a
+    connection that was never made, a 429 or a 503. Not: a connection that dropped after the request
+    was sent, a read timeout (the answer may still be running), 500/502/504 (the model may have run),
+    TLS failures and other 4xx (they fail the same way again)."""
     if error is not None:
-        if isinstance(error, (requests.ReadTimeout, requests.exceptions.SSLError)):
-            return None  # a slow answer may still be running; a certificate will not fix itself
-        if isinstance(error, requests.ConnectionError):
-            return "connection error"
-        return None
+        return "could not connect" if _never_sent(error) else None
+    if status in RETRY_STATUSES:
+        return f"HTTP {status}"
+    return None
+
+
+def _never_sent(error: Exception) -> bool:
+    """True for failures before the request left: the connection was not made (refused, DNS, timeout)."""
+    if isinstance(error, requests.ConnectTimeout):
+        return True
+    if isinstance(error, requests.exceptions.SSLError) or not isinstance(error, requests.ConnectionError):
+        return False
+    reason = error.args[0] if error.args else None
+    reason = getattr(reason, "reason", reason)  # requests wraps urllib3's MaxRetryError(reason=...)
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
     if status in RETRY_STATUSES:
         return f"HTTP {status}"
     return None
@@ -95,13 +127,15 @@ def retry_delay(policy: RetryPolicy, attempt: int, retry_after: float | None, ra
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds form; HTTP dates are rare here)."""
+    """Seconds from a ``Retry-After`` header (delta-seconds form; HTTP dates are rare here); None,
+    so that backoff applies, for anything that is not a finite number of at least 0."""
     if not value:
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 class Transport:
@@ -298,4 +332,13 @@ def _transport_error(exc: requests.RequestException, target: str, host: str, rea
         )
     if isinstance(exc, requests.ConnectTimeout):
         return ConnectionFailed(f"Could not connect to {host} in time", target=target)
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
+        return StreamInterrupted(f"The answer from {target} was cut: the body ended before its length "
+                                 f"({exc.__class__.__name__}); the request ran, so it was not sent again",
+                                 partial="", target=target)
+    if not _never_sent(exc):
+        return ConnectionFailed(
+            f"The connection to {host} dropped after the request for {target} was sent "
+            f"({exc.__class__.__name__})", target=target,
+            next_step="It may have run: it was not sent again. Run the cell again if a second call is fine.")
     return ConnectionFailed(f"Could not reach {host} ({exc.__class__.__name__})", target=target)

@@ -21,7 +21,7 @@ from dbmagic import (
     ServerError,
     Timeouts,
 )
-from dbmagic._http import retry_delay, retry_reason
+from dbmagic._http import parse_retry_after, retry_delay, retry_reason
 
 from .conftest import CHAT
 
@@ -33,11 +33,20 @@ def invocations(workspace):
 # -- the pure policy -------------------------------------------------------------------------------
 
 def test_retry_reason_table():
-    assert [retry_reason(s) for s in (429, 500, 502, 503)] == ["HTTP 429", "HTTP 500", "HTTP 502", "HTTP 503"]
-    assert [retry_reason(s) for s in (400, 401, 403, 404, 504)] == [None] * 5
-    assert retry_reason(None, requests.ConnectionError("refused")) == "connection error"
+    import urllib3
+
+    assert [retry_reason(s) for s in (429, 503)] == ["HTTP 429", "HTTP 503"]
+    assert [retry_reason(s) for s in (400, 401, 403, 404, 500, 502, 504)] == [None] * 7  # may have run, or will fail
+    refused = urllib3.exceptions.NewConnectionError(None, "Connection refused")
+    assert retry_reason(None, requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/", refused))) == (
+        "could not connect")
+    assert retry_reason(None, requests.ConnectTimeout("no connection in time")) == "could not connect"
+    dropped = urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError())
+    assert retry_reason(None, requests.ConnectionError(dropped)) is None  # after the send: it may have run
     assert retry_reason(None, requests.ReadTimeout("slow")) is None
     assert retry_reason(None, requests.exceptions.SSLError("bad certificate")) is None
+    assert [parse_retry_after(v) for v in ("7", "0.25", "nan", "inf", "-1", "soon", "")] == [7.0, 0.25, None, None,
+                                                                                           None, None, None]
 
 
 def test_retry_delay_honours_and_caps_retry_after_else_backs_off():
@@ -65,11 +74,29 @@ def test_429_without_retry_after_backs_off_exponentially(workspace, clock):
     assert clock.sleeps == [1.0, 2.0, 4.0]
 
 
-@pytest.mark.parametrize("status", [500, 502, 503])
-def test_server_errors_are_retried(client, workspace, clock, status):
-    workspace.fail(CHAT, status)
+def test_503_is_retried_500_and_502_are_not_sent_again(client, workspace, clock):
+    workspace.fail(CHAT, 503)
     assert client.complete("hi", endpoint=CHAT).text == "Echo: hi"
     assert len(invocations(workspace)) == 2
+    for status in (500, 502):
+        workspace.requests.clear()
+        workspace.fail(CHAT, status)
+        with pytest.raises(ServerError):
+            client.complete("hi", endpoint=CHAT)
+        assert len(invocations(workspace)) == 1  # the model may have run: not sent again silently
+
+
+def test_a_connection_refused_is_retried_and_named(workspace, clock):
+    import socket
+
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    client = Client(host=f"http://127.0.0.1:{port}", token="t", clock=clock, retry=RetryPolicy(attempts=3))
+    with pytest.raises(ConnectionFailed, match=r"Could not reach http://127.0.0.1:\d+ .*gave up after 3 attempts"):
+        client.complete("hi", endpoint=CHAT, task="chat")
+    assert len(clock.sleeps) == 2
 
 
 def test_attempts_are_bounded_and_the_error_says_so(client, workspace, clock):
