@@ -154,7 +154,7 @@ def normalize_host(host: str) -> str:
         raise ConfigurationError("The Databricks host is empty. Set it to your workspace URL.")
     shown = raw if len(raw) <= 80 else raw[:77] + "..."
     example = "Use the workspace URL only, e.g. https://adb-1234567890123456.7.azuredatabricks.net."
-    if any(c.isspace() or ord(c) < 32 or c in "\\@#?%" for c in raw) or len(raw) > 2048:
+    if any(c.isspace() or ord(c) < 32 or c in "\\@#?%" for c in raw) or len(raw) > 300:
         raise ConfigurationError(f"The Databricks host {shown!r} has characters a workspace URL does not "
                                  f"(user info, a query or fragment, white space, backslashes). {example}")
     if "://" not in raw:

@@ -137,6 +137,8 @@ class RequestError(DbMagicError):
             head = f"{head} [request id {self.request_id}]"
         if self.attempts > 1:
             head = f"{head}, gave up after {self.attempts} attempts"
+        if len(head) > 1200:  # bounded, whatever the server or a name put in it
+            head = head[:1197] + "..."
         return f"{head}. {self.next_step}"
 
 

@@ -204,7 +204,8 @@ class DbLLM(_Options):
             overrides["extra_params"] = {k: v for item in overrides["extra_params"] for k, v in item.items()}
         axes = settings.sweeps(overrides)  # a setting given several times: compared side by side
         values = settings.merge({} if args.no_config else self.setting_values(), overrides)
-        template = self._template(values["prompt"], " ".join(args.text) if cell is None else cell, cell is None)
+        template = self._template(values["prompt"], " ".join(args.text) if cell is None else cell, cell is None,
+                                  raw=values["raw"])
         with tracing.prompt_span(values["prompt"]) if values["prompt"] else contextlib.nullcontext():
             if axes or values["repeat"] > 1:
                 return self._compare(values, axes, template)
@@ -244,15 +245,16 @@ class DbLLM(_Options):
             namespace[values["output"]] = result
         return None
 
-    def _template(self, uri: str | None, body: str, one_line: bool) -> str | Template:
-        """The cell's template: the body, or a registered prompt with the body appended (sandboxed)."""
+    def _template(self, uri: str | None, body: str, one_line: bool, raw: bool = False) -> str | Template:
+        """The cell's template: the body (as written with ``--raw``), or a registered prompt with the
+        body appended (sandboxed)."""
         if uri:
             version = tracing.load_prompt(uri)
             if not isinstance(version.template, str):
                 raise UsageError(f"{uri} is a chat prompt (a list of messages); --prompt takes text prompts.")
             return Template(version.template + (f"\n\n{body}" if body.strip() else ""), sandboxed=True)
         if body.strip():
-            return body
+            return Template(body, raw=True) if raw else body
         if one_line:
             raise UsageError(
                 "No prompt: write it after the options (%dbllm -e NAME What is 2+2?) or use %%dbllm with "

@@ -43,7 +43,10 @@ def parse_json(text: str) -> Any:
 
 
 def bundle(value: Any, fmt: str, *, rich: bool = True) -> dict[str, Any]:
-    """The MIME bundle for ``value`` in format ``fmt``."""
+    """The MIME bundle for ``value`` in format ``fmt`` (a lone surrogate shows as U+FFFD: the
+    front end could not encode it)."""
+    if isinstance(value, str):
+        value = _encodable(value)
     if not isinstance(value, str):
         try:
             pretty = json.dumps(value, indent=2, ensure_ascii=False)
@@ -63,6 +66,14 @@ def bundle(value: Any, fmt: str, *, rich: bool = True) -> dict[str, Any]:
     if fmt == "html":
         return {"text/html": value, "text/plain": value}
     raise FormatError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _jsonable(value: Any) -> Any:

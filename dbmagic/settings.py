@@ -113,8 +113,11 @@ def _task(value: str) -> str | None:
 
 
 def _identifier(value: str) -> str | None:
-    if not value.isidentifier() or keyword.iskeyword(value) or (value.startswith("__") and value.endswith("__")):
-        return "must be a valid variable name (not a keyword or a __dunder__)"
+    import builtins
+
+    if (not value.isidentifier() or keyword.iskeyword(value) or (value.startswith("__") and value.endswith("__"))
+            or hasattr(builtins, value)):
+        return "must be a valid variable name (not a keyword, a __dunder__ or a builtin such as print)"
     return None
 
 
@@ -184,6 +187,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("format", str, "markdown", "markdown (default), text, code, json or html", ("-f", "--format"),
             "choice", choices=FORMATS),
     Setting("insert", bool, False, "put the answer's code into the next cell", ("--insert",), scope="cell"),
+    Setting("raw", bool, False, "send the prompt as written: no {{ }} templating", ("--raw",), scope="cell"),
     Setting("prompt", str, None, "use this MLflow Prompt Registry template (prompts:/NAME/VERSION or "
             "prompts:/NAME@alias); the cell, if any, is appended", ("--prompt",), rule=_prompt_uri, metavar="URI",
             scope="cell"),

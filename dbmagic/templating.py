@@ -25,11 +25,11 @@ class Template:
     unsafe attribute access.
     """
 
-    def __init__(self, source: str, *, sandboxed: bool = False):
+    def __init__(self, source: str, *, sandboxed: bool = False, raw: bool = False):
         self.source = source
         self._compiled: Any = None
         self.names: frozenset[str] = frozenset()
-        if any(m in source for m in _MARKERS):
+        if not raw and any(m in source for m in _MARKERS):
             import jinja2
             import jinja2.meta
             import jinja2.sandbox
@@ -61,11 +61,27 @@ class Template:
             ) from None
         except jinja2.exceptions.SecurityError as exc:
             raise TemplateError(f"The prompt template does something the sandbox refuses ({exc}).") from None
+        except RecursionError:
+            raise TemplateError("The prompt template recursed without end. Fix the {{ }} expression, or send "
+                                "the text as it is with --raw.") from None
+        except Exception as exc:  # a division by zero, a function that raises, {% include %} ...
+            raise TemplateError(
+                f"The prompt template failed at line {_template_line(exc)}: {exc.__class__.__name__}: "
+                f"{str(exc)[:300]}. Fix the {{{{ }}}} expression, or send the text as it is with --raw."
+            ) from None
 
 
 def render_prompt(template: str | Template, namespace: Mapping[str, Any]) -> str:
     """Fill ``template`` from ``namespace``; an undefined name is an error that names it."""
     return (template if isinstance(template, Template) else Template(template)).render(namespace)
+
+
+def _template_line(exc: BaseException) -> int | str:
+    """The template's line where ``exc`` was raised (Jinja maps its frames to ``<template>``)."""
+    import traceback
+
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<template>"]
+    return lines[-1] if lines else "?"
 
 
 def _undefined_name(exc: Exception) -> str:

@@ -306,7 +306,7 @@ def test_whoami_endpoints_last(shell, workspace):
     (f"-e {CHAT} -p novalue", "-p takes KEY=VALUE"),
     (f"-e {CHAT} -p stream=false", "-p stream=... is a setting, not a request field: answers stream by default; --no-stream"),
     (f"-e {CHAT} -p cluster_id=x", "-p cluster_id=... is a setting, not a request field: use --cluster-id."),
-    (f"-e {CHAT} -o 1bad", "output must be a valid variable name (not a keyword or a __dunder__); got '1bad'."),
+    (f"-e {CHAT} -o 1bad", "output must be a valid variable name (not a keyword, a __dunder__ or a builtin such as print); got '1bad'."),
     (f"-e {CHAT} -o class", "output must be a valid variable name"),
     (f"-e {CHAT} stray words", "Unexpected words after the options: 'stray words'"),
     ("", "No endpoint given: pass endpoint= (--endpoint NAME"),

@@ -91,7 +91,9 @@ class Fault:
     ``status`` answers with that status (and ``body``, else a Databricks-shaped error) and
     ``retry_after`` as a header (and any other ``headers``); ``delay`` waits first; ``cut_after``
     streams that many chunks (then ``body`` as an event, when it is a dict) and drops the connection; ``stall_after`` pauses ``stall`` seconds
-    after that many chunks; ``malformed`` sends a body that is not JSON. ``gather`` holds each request
+    after that many chunks; ``malformed`` sends a body that is not JSON; ``short_body`` a body
+    that ends before its Content-Length; ``drop`` closes the connection after reading the request,
+    with no answer (the request may have run). ``gather`` holds each request
     until that many have arrived (proof that a client sends them at the same time; give ``times``
     as many): if they do not all arrive within ``gather_timeout`` seconds, each answers 409.
     """
@@ -104,6 +106,8 @@ class Fault:
     stall_after: int | None = None
     stall: float = 0.0
     malformed: bool = False
+    short_body: bool = False  # a 200 whose body ends before its Content-Length, then the connection drops
+    drop: bool = False  # the request is read, then the connection closes with no answer at all
     headers: dict[str, str] = field(default_factory=dict)
     times: int = 1
     gather: int = 0
@@ -483,6 +487,21 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if fault.malformed and fault.cut_after is None:
             self._send(200, b'{"choices": [{"message": ', "application/json")
+            return True
+        if fault.drop:
+            self.close_connection = True
+            self.request.shutdown(socket.SHUT_RDWR)
+            return True
+        if fault.short_body:
+            self._record.status = 200
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "400")
+            self.end_headers()
+            self.wfile.write(b'{"choices": [{"message": {"role": "assistant", "content": "Echo')
+            self.wfile.flush()
+            self.close_connection = True
+            self.request.shutdown(socket.SHUT_RDWR)
             return True
         return fault
 

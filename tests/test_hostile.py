@@ -1,0 +1,213 @@
+"""Hostile input and injected faults: a short dbmagic error before anything is sent, never a raw
+traceback; every fault ends in the right answer or a clear error, in bounded time, with threads
+released. The fault suite runs through the magic, the panel and a batch (pytest -m faults)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+from IPython.core.error import UsageError
+
+import dbmagic
+from dbmagic import Client, ConfigurationError, RetryPolicy, SettingError, Timeouts
+from dbmagic._panel import Panel
+from dbmagic.testing import Endpoint
+
+from .conftest import CHAT, CUSTOM
+
+LONG = "e" * 10_000
+
+
+def posts(workspace):
+    return [r for r in workspace.requests if r.method == "POST"]
+
+
+@pytest.mark.parametrize("line, body, words", [
+    (f"-e {CHAT} -t nan", "x", "temperature must be a finite number"),
+    (f"-e {CHAT} -t inf", "x", "temperature must be a finite number"),
+    (f"-e {CHAT} -p top_p=Infinity", "x", "Infinity is not a finite number"),
+    (f"-e {CHAT} -p top_p=NaN", "x", "NaN is not a finite number"),
+    (f"-e {CHAT} --timeout 0", "x", "timeout must be above 0"),
+    (f"-e {CHAT} --timeout inf", "x", "timeout must be a finite number"),
+    (f"-e {CHAT} -o print", "x", "output must be a valid variable name"),
+    (f"-e {CHAT} -o __name__", "x", "output must be a valid variable name"),
+    (f"-e {CHAT} -o for", "x", "output must be a valid variable name"),
+    (f"-e {CHAT} --cluster-id c-1 --port 7", "x", "Give either an endpoint or a driver-proxy app"),
+    (f"-e {LONG}", "x", "endpoint must be at most 255 characters"),
+    (f"-e {CHAT} -p deep=" + "[" * 5000 + "]" * 5000, "x", "nested too deeply"),
+    (f"-e {CHAT}", "{{ 1 / 0 }}", "failed at line 1: ZeroDivisionError"),
+    (f"-e {CHAT}", "line one\n{{ boom() }}", "failed at line 2: RuntimeError: boom"),
+    (f"-e {CHAT}", "{% include 'other.txt' %}", "The prompt template failed at line 1"),
+    (f"-e {CHAT}", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed without end"),
+    (f"-e {CHAT} --transform-input add_bytes", "x", "Cannot send: messages[0].content is a bytes"),
+    (f"-e {CHAT} --transform-input add_set", "x", "Cannot send: tags is a set"),
+    (f"--cluster-id .. --port 7777", "x", "cluster_id must be a plain name"),
+    (f"--cluster-id c-1 --port 7777 --org-id ../2", "x", "org_id must be a plain name"),
+    (f"-e {CHAT} --temprature 1", "x", "Unknown option '--temprature'"),
+])
+def test_bad_input_is_a_short_error_and_sends_nothing(shell, workspace, line, body, words):
+    shell.user_ns["boom"] = lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+    shell.run_cell("def add_bytes(**r):\n    return {'messages': [{'role': 'user', 'content': b'raw'}]}\n"
+                   "def add_set(**r):\n    r['tags'] = {'a'}\n    return r\n")
+    with pytest.raises(UsageError) as info:
+        shell.run_cell_magic("dbllm", line, body)
+    assert words in str(info.value)
+    assert len(str(info.value)) < 700  # bounded, whatever was typed
+    assert posts(workspace) == []
+
+
+def test_non_finite_and_bad_timeouts_are_refused_everywhere(shell, workspace):
+    magics = next(c for c in shell.configurables if type(c).__name__ == "DbLLM")
+    shell.run_line_magic("config", "DbLLM.temperature = float('nan')")
+    assert magics.temperature is None
+    for bad in (float("nan"), float("inf"), 0, -1):
+        with pytest.raises(SettingError, match="must be a finite number of seconds above 0"):
+            Timeouts(read=bad)
+    with pytest.raises(SettingError, match="timeout must be"):
+        Client(host=workspace.host, token=workspace.token).complete("x", endpoint=CHAT, timeout=math.inf)
+    assert posts(workspace) == []
+
+
+def test_raw_sends_braces_verbatim_and_dashes_start_a_prompt(shell, workspace):
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --raw", "{{ not_a_variable }} and {% also not %}")
+    assert posts(workspace)[-1].json["messages"][-1]["content"] == "{{ not_a_variable }} and {% also not %}"
+    shell.run_line_magic("dbllm", f"-e {CHAT} -5 degrees outside?")
+    assert posts(workspace)[-1].json["messages"][-1]["content"] == "-5 degrees outside?"
+    shell.run_line_magic("dbllm", f"-e {CHAT} -- --not-an-option")
+    assert posts(workspace)[-1].json["messages"][-1]["content"] == "--not-an-option"
+
+
+def test_an_answer_with_a_lone_surrogate_renders(shell, workspace):
+    workspace.add_endpoint(Endpoint("odd", None, "CUSTOM_MODEL", predict=lambda records: ["bad \ud800 text"]))
+    shell.run_cell_magic("dbllm", "-e odd -f text", "x")
+    assert shell.display_pub.outputs[-1]["data"]["text/plain"] == "bad \ufffd text"
+
+
+def test_a_body_cut_short_is_a_cut_answer_and_a_dropped_request_is_not_sent_again(client, workspace):
+    workspace.fail(CHAT, short_body=True)
+    with pytest.raises(dbmagic.StreamInterrupted, match="was cut: the body ended before its length"):
+        client.complete("x", endpoint=CHAT)
+    workspace.fail(CHAT, drop=True)
+    with pytest.raises(dbmagic.ConnectionFailed, match="dropped after the request .* was sent"):
+        client.complete("x", endpoint=CHAT)
+    assert len(posts(workspace)) == 2  # one each: neither was sent again
+
+
+# -- the fault suite: each fault through the magic, the panel and a batch --------------------------------
+
+FAULTS = [
+    # (id, fault kwargs, times, what the user gets: an answer, or words of the error)
+    ("429 burst with Retry-After", {"status": 429, "retry_after": 0}, 2, "answer"),
+    ("429 burst without Retry-After", {"status": 429}, 2, "answer"),
+    ("429 with Retry-After nan", {"status": 429, "retry_after": "nan"}, 1, "answer"),
+    ("429 with Retry-After -5", {"status": 429, "retry_after": "-5"}, 1, "answer"),
+    ("429 with Retry-After soon", {"status": 429, "retry_after": "soon"}, 1, "answer"),
+    ("503 spell", {"status": 503}, 2, "answer"),
+    ("500", {"status": 500}, 1, "failed"),
+    ("502", {"status": 502}, 1, "failed"),
+    ("504", {"status": 504}, 1, "timed out"),
+    ("slow first byte past the read timeout", {"delay": 1.5}, 1, "sent no answer within 0.5 s"),
+    ("reset before the response", {"drop": True}, 1, "dropped after the request"),
+    ("short body", {"short_body": True}, 1, "was cut"),
+    ("cut stream", {"cut_after": 2}, 1, "was cut"),
+    ("non-JSON body", {"malformed": True}, 1, "not JSON"),
+    ("HTML error page", {"status": 502, "body": "<html><title>502 Bad Gateway</title></html>"}, 1,
+     "an HTML error page: 502 Bad Gateway"),
+    ("echoed Authorization", {"status": 400, "body": "bad header: Authorization: Bearer {token}"}, 1,
+     "Authorization: Bearer ***"),
+]
+
+
+def _fault(workspace, kwargs, times, name=CHAT):
+    kwargs = {k: (v.format(token=workspace.token) if isinstance(v, str) else v) for k, v in kwargs.items()}
+    workspace.fail(name, times=times, **kwargs)
+
+
+def _threads_settle(before: int = 0) -> bool:
+    """dbmagic's own threads (stream readers, panel workers, batch workers) are all gone again."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        ours = [t for t in threading.enumerate() if t.name.startswith("dbmagic-") and t.name != "dbmagic-local-workspace"]
+        if len(ours) <= before:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("case", FAULTS, ids=[f[0] for f in FAULTS])
+def test_faults_through_the_magic(case, shell, workspace):
+    _, kwargs, times, expected = case
+    dbmagic.configure(retry=RetryPolicy(backoff=0.01, max_backoff=0.05), timeouts=Timeouts(connect=2, read=0.5))
+    before = 0
+    started = time.monotonic()
+    _fault(workspace, kwargs, times)
+    if expected == "answer":
+        shell.run_cell_magic("dbllm", f"-e {CHAT}", "one two three")
+        assert shell.user_ns["_dbllm"].text == "Echo: one two three"
+    else:
+        with pytest.raises(UsageError) as info:
+            shell.run_cell_magic("dbllm", f"-e {CHAT}", "one two three")
+        assert expected in str(info.value) and workspace.token not in str(info.value)
+    assert time.monotonic() - started < 5  # no hang past its timeout
+    assert _threads_settle(before)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("case", FAULTS, ids=[f[0] for f in FAULTS])
+def test_faults_through_the_panel(case, shell, workspace):
+    _, kwargs, times, expected = case
+    dbmagic.configure(retry=RetryPolicy(backoff=0.01, max_backoff=0.05), timeouts=Timeouts(connect=2, read=0.5))
+    p = Panel(shell)
+    before = 0
+    _fault(workspace, kwargs, times)
+    p.endpoint.value, p.prompt.value = CHAT, "one two three"
+    p.send()
+    p.wait(10)
+    assert not p.running
+    status = p.status.value
+    if expected == "answer":
+        assert p.output.outputs[-1]["data"]["text/markdown"] == "Echo: one two three", status
+    else:
+        import html
+
+        assert expected in html.unescape(status) and workspace.token not in status
+    assert _threads_settle(before)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("case", FAULTS, ids=[f[0] for f in FAULTS])
+def test_faults_through_a_batch(case, workspace):
+    name, kwargs, times, expected = case
+    if name == "cut stream":  # a batch does not stream: the fault never comes up
+        expected = "answer"
+    client = Client(host=workspace.host, token=workspace.token, retry=RetryPolicy(backoff=0.01, max_backoff=0.05),
+                    timeouts=Timeouts(connect=2, read=0.5))
+    before = 0
+    _fault(workspace, kwargs, times)
+    result = dbmagic.batch("{{ row }}", ["one", "two"], endpoint=CHAT, concurrency=1, client=client, progress=False)
+    if expected == "answer":
+        assert result.failed == [] and result.texts == ["Echo: one", "Echo: two"]
+    else:  # the faulted row keeps its error in its place; the other row is answered
+        assert result.failed == [0] and expected in result.errors[0] and result.texts[1] == "Echo: two"
+        assert workspace.token not in result.errors[0]
+    client.close()
+    assert _threads_settle(before)
+
+
+def test_an_expired_notebook_token_is_read_again(workspace):
+    from dbmagic._credentials import Credentials
+
+    tokens = iter(["expired-token", workspace.token])
+    creds = Credentials(workspace.host, "notebook context", auth_type="notebook token",
+                        _header_factory=lambda: {"Authorization": f"Bearer {next(tokens, workspace.token)}"})
+    assert Client(credentials=creds).complete("x", endpoint=CHAT, task="chat").text == "Echo: x"
+    assert [r.authorized for r in posts(workspace)] == [False, True]
+
+
+def test_custom_model_answers_that_are_not_text_are_shown(shell, workspace):
+    shell.run_cell_magic("dbllm", f"-e {CUSTOM}", "plain")
+    assert shell.display_pub.outputs[-1]["data"]["text/markdown"] == "Echo: plain"
