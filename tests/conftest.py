@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from IPython.core.displaypub import CapturingDisplayPublisher
 from IPython.core.interactiveshell import InteractiveShell
@@ -31,6 +33,25 @@ def transform_input(**request):
 def transform_output(response):
     return response.upper()
 '''
+
+
+# Every secret a local workspace makes is recognisable: its token, issued OAuth tokens, service
+# principal secrets. The audit below fails any test whose captured output, logs (captured at DEBUG,
+# see pyproject.toml) or error text shows one.
+CANARY = re.compile(r"dbmagic-local-(?:oauth-|secret-)?[0-9a-f]{16,}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call":
+        return
+    texts = [content for _, content in report.sections] + [str(report.longrepr or "")]
+    leaks = sorted({m.group(0)[:20] + "..." for text in texts for m in CANARY.finditer(text)})
+    if leaks:
+        report.outcome = "failed"
+        report.longrepr = f"A local workspace secret reached the test's output, logs or error text: {leaks}"
 
 
 class FakeClock:
@@ -77,6 +98,7 @@ def shell(workspace, monkeypatch):
     ip = InteractiveShell.instance()
     ip.config.pop("DbLLM", None)
     ip.reset(new_session=False)
+    ip.run_line_magic("xmode", "Verbose")  # tracebacks print every frame's locals: the audit reads them
     ip.run_line_magic("reload_ext", "dbmagic")
     ip.display_pub = CapturingDisplayPublisher()
     ip.rl_next_input = None
