@@ -190,6 +190,26 @@ def org_id_from_host(host: str) -> str | None:
     return (match.group(1) or match.group(2)) if match else None
 
 
+class _Environment(Mapping[str, str]):
+    """The environment as the sources read it, shown as ``<environment>``: a Verbose traceback
+    would otherwise print every variable, the token among them."""
+
+    def __init__(self, variables: Mapping[str, str]):
+        self._variables = variables
+
+    def __getitem__(self, name: str) -> str:
+        return self._variables[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._variables)
+
+    def __len__(self) -> int:
+        return len(self._variables)
+
+    def __repr__(self) -> str:
+        return "<environment>"
+
+
 class _Declined(Exception):
     """A source that could not give credentials; the message says why (for the error and whoami)."""
 
@@ -203,7 +223,7 @@ def resolve_credentials(
 ) -> Credentials:
     """Find the workspace, trying each source in order; raise one error listing them all."""
     token = Secret(token.strip() if isinstance(token, str) else reveal(token).strip()) if token else None
-    env = os.environ if environ is None else environ
+    env = _Environment(os.environ if environ is None else environ)
     tried: list[str] = []
 
     # 1. explicit arguments

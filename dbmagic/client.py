@@ -246,7 +246,8 @@ class Client:
         session: requests.Session | None = None,
         pool_size: int = 16,
     ):
-        self._explicit = (host, Secret(token) if token else None, profile)  # never a plain str attribute
+        token = Secret(token) if token else None  # from here on no frame holds it as a plain str
+        self._explicit = (host, token, profile)
         self._credentials = credentials
         self._lock = threading.Lock()
         self._endpoints: dict[str, EndpointInfo] = {}
@@ -712,6 +713,7 @@ def configure(host: str | None = None, token: str | None = None, *, profile: str
     profile (after you changed them).
     """
     global _default
+    token = Secret(token) if token else None  # no frame holds it as a plain str (Verbose tracebacks)
     with _default_lock:
         old, _default = _default, Client(host, token, profile=profile, **client_options)
     if old is not None:

@@ -51,7 +51,8 @@ def pytest_runtest_makereport(item, call):
     leaks = sorted({m.group(0)[:20] + "..." for text in texts for m in CANARY.finditer(text)})
     if leaks:
         report.outcome = "failed"
-        report.longrepr = f"A local workspace secret reached the test's output, logs or error text: {leaks}"
+        report.longrepr = (f"A local workspace secret reached the test's output, logs or error text: {leaks}\n"
+                           + CANARY.sub("<secret>", str(report.longrepr or "")))
 
 
 class FakeClock:

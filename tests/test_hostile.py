@@ -5,6 +5,7 @@ released. The fault suite runs through the magic, the panel and a batch (pytest 
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 
@@ -211,3 +212,31 @@ def test_an_expired_notebook_token_is_read_again(workspace):
 def test_custom_model_answers_that_are_not_text_are_shown(shell, workspace):
     shell.run_cell_magic("dbllm", f"-e {CUSTOM}", "plain")
     assert shell.display_pub.outputs[-1]["data"]["text/markdown"] == "Echo: plain"
+
+
+def test_a_verbose_traceback_shows_no_token(shell, workspace, capsys):
+    # %xmode Verbose prints every frame's locals: the token is never a plain string local
+    shell.run_line_magic("xmode", "Verbose")
+    shell.run_cell("import os, dbmagic\ndbmagic.get_client().complete('x', endpoint='no-such-endpoint')\n")
+    shell.run_cell("os.environ['DATABRICKS_HOST'] = 'http://evil.example.com'")
+    shell.run_cell("dbmagic.configure().whoami()\n")  # fails inside the credential sources
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # without the colours
+    assert "EndpointNotFound" in out and "Refusing plain http://" in out
+    assert "env=<environment>" in out and "token = Secret('***')" in out  # the locals Verbose printed
+    assert workspace.token not in out
+
+
+def test_ctrl_c_ends_a_retry_wait_or_a_blocked_read_within_a_second(workspace):
+    import os
+    import signal
+
+    client = Client(host=workspace.host, token=workspace.token)
+    for fault in ({"status": 429, "retry_after": 30}, {"delay": 30}):
+        workspace.fail(CHAT, **fault)
+        timer = threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT))  # a real interrupt
+        started = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.complete("x", endpoint=CHAT)
+        timer.cancel()
+        assert time.monotonic() - started < 1.3, fault
