@@ -195,6 +195,7 @@ class Transport:
             if error is None:
                 response.dbmagic_attempts = attempt  # type: ignore[attr-defined]  # for the trace
                 return response
+            response = None  # the error's traceback keeps this frame: it must not keep the connection
             if isinstance(error, RateLimited) and not policy.retry_rate_limited:
                 raise error
             if reason is None or attempt >= policy.attempts:
@@ -226,7 +227,8 @@ class Transport:
             self.org_id = org_id
         if response.status_code < 300:
             return response, None, None
-        body = response.content  # small error bodies; also releases the connection
+        body = response.content  # small error bodies
+        response.close()  # the connection goes back to the pool now, not when the error is collected
         secrets = credentials.secrets()
         if response.status_code < 400:
             return response, RequestError(

@@ -353,10 +353,15 @@ class Client:
                 self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body, timeout=timeout,
                 retry=retry,
             )
-            data = _json(response.content, prepared.target, response.status_code)
+            # keep what is needed, not the response: an error's traceback keeps this frame alive
+            content, status, headers, attempts = response.content, response.status_code, response.headers, _attempts(
+                response)
+            response.close()
+            del response
+            data = _json(content, prepared.target, status)
             latency = time.perf_counter() - started
-            completion = _completion(prepared, _parse(prepared, data), data, response.headers, latency, transform_output,
-                                     attempts=_attempts(response))
+            completion = _completion(prepared, _parse(prepared, data), data, headers, latency, transform_output,
+                                     attempts=attempts)
         except BaseException as exc:
             if span is not None:
                 span.failed(exc)

@@ -127,6 +127,23 @@ def _fault(workspace, kwargs, times, name=CHAT):
     workspace.fail(name, times=times, **kwargs)
 
 
+def _descriptors() -> int:
+    import gc
+    import os
+
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _settles(check) -> bool:
+    deadline = time.monotonic() + 3
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _threads_settle(before: int = 0) -> bool:
     """dbmagic's own threads (stream readers, panel workers, batch workers) are all gone again."""
     deadline = time.monotonic() + 3
@@ -185,6 +202,7 @@ def test_faults_through_a_batch(case, workspace):
     name, kwargs, times, expected = case
     if name == "cut stream":  # a batch does not stream: the fault never comes up
         expected = "answer"
+    descriptors = _descriptors()
     client = Client(host=workspace.host, token=workspace.token, retry=RetryPolicy(backoff=0.01, max_backoff=0.05),
                     timeouts=Timeouts(connect=2, read=0.5))
     before = 0
@@ -197,6 +215,7 @@ def test_faults_through_a_batch(case, workspace):
         assert workspace.token not in result.errors[0]
     client.close()
     assert _threads_settle(before)
+    assert _settles(lambda: _descriptors() <= descriptors + 1)  # the client's connections are released
 
 
 def test_an_expired_notebook_token_is_read_again(workspace):
