@@ -113,9 +113,6 @@ def _never_sent(error: Exception) -> bool:
     reason = error.args[0] if error.args else None
     reason = getattr(reason, "reason", reason)  # requests wraps urllib3's MaxRetryError(reason=...)
     return isinstance(reason, urllib3.exceptions.NewConnectionError)
-    if status in RETRY_STATUSES:
-        return f"HTTP {status}"
-    return None
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, retry_after: float | None, rand: Callable[[], float]) -> float:

@@ -13,7 +13,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import dbmagic
-from dbmagic import Client, ConfigurationError, RetryPolicy, SettingError, Timeouts
+from dbmagic import Client, RetryPolicy, SettingError, Timeouts
 from dbmagic._panel import Panel
 from dbmagic.testing import Endpoint
 
@@ -45,8 +45,8 @@ def posts(workspace):
     (f"-e {CHAT}", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed without end"),
     (f"-e {CHAT} --transform-input add_bytes", "x", "Cannot send: messages[0].content is a bytes"),
     (f"-e {CHAT} --transform-input add_set", "x", "Cannot send: tags is a set"),
-    (f"--cluster-id .. --port 7777", "x", "cluster_id must be a plain name"),
-    (f"--cluster-id c-1 --port 7777 --org-id ../2", "x", "org_id must be a plain name"),
+    ("--cluster-id .. --port 7777", "x", "cluster_id must be a plain name"),
+    ("--cluster-id c-1 --port 7777 --org-id ../2", "x", "org_id must be a plain name"),
     (f"-e {CHAT} --temprature 1", "x", "Unknown option '--temprature'"),
 ])
 def test_bad_input_is_a_short_error_and_sends_nothing(shell, workspace, line, body, words):
