@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +86,6 @@ def run_prompt(spec: CallSpec, template: str | Template, namespace: MutableMappi
     if not prepared.stream:
         completion = client.send(prepared, transform_output=t_out, timeout=spec.timeout)
     else:
-        started = time.perf_counter()
         stream = client.open_stream(prepared, transform_output=t_out, timeout=spec.timeout)
         if on_stream is not None:
             on_stream(stream)
@@ -100,10 +98,10 @@ def run_prompt(spec: CallSpec, template: str | Template, namespace: MutableMappi
         except (StreamInterrupted, KeyboardInterrupt) as exc:
             stream.cancel()
             why = "cut" if isinstance(exc, StreamInterrupted) else "interrupted"
-            _keep_partial(namespace, live, prepared, stream.text, started, why)
+            _keep_partial(namespace, live, stream, why)
             raise
         if stream.completion is None:  # cancelled
-            return _keep_partial(namespace, live, prepared, stream.text, started, "stopped")
+            return _keep_partial(namespace, live, stream, "stopped")
         completion = stream.completion
     namespace[LAST] = completion
     if spec.chat:
@@ -147,13 +145,9 @@ def _pumped(stream: Stream, *, tick: float) -> Iterator[str | None]:
             reader.join(5)
 
 
-def _keep_partial(namespace: MutableMapping[str, Any], live: LiveOutput, prepared: PreparedRequest, text: str,
-                  started: float, why: str) -> Completion:
+def _keep_partial(namespace: MutableMapping[str, Any], live: LiveOutput, stream: Stream, why: str) -> Completion:
     """Store and show what arrived of an answer that did not end normally."""
-    from .client import Completion
-
-    partial = Completion(text=text, value=text, endpoint=prepared.target, kind=prepared.kind,
-                         latency=time.perf_counter() - started, request=prepared.body, finish_reason=why)
+    partial = stream.partial(why)
     namespace[LAST] = partial
-    live.finish(text, note=f"The stream was {why}: {len(text)} characters kept in {LAST}.text.")
+    live.finish(partial.text, note=f"The stream was {why}: {len(partial.text)} characters kept in {LAST}.text.")
     return partial

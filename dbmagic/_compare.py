@@ -21,7 +21,7 @@ from . import _cell, settings
 from .errors import ConfigurationError, DbMagicError, StreamInterrupted
 
 if TYPE_CHECKING:
-    from .client import Client, Completion, Stream
+    from .client import Client, Stream
 
 __all__ = ["Comparison", "cells", "run"]
 
@@ -135,20 +135,13 @@ def _one(spec: Any, template: Any, namespace: Any, client: Client, column: _Colu
         for piece in stream:
             with lock:
                 column.text += piece
-        return stream.completion if stream.completion is not None else _partial(stream)
+        return stream.completion if stream.completion is not None else stream.partial("stopped")
     except StreamInterrupted as exc:
         return exc
     except DbMagicError as exc:
         return exc
     except Exception as exc:  # a bug of ours: shown in its column, the others go on
         return DbMagicError(f"Unexpected {exc.__class__.__name__}: {exc}")
-
-
-def _partial(stream: Stream) -> Completion:
-    from .client import Completion
-
-    return Completion(text=stream.text, value=stream.text, endpoint=stream.prepared.target, kind=stream.prepared.kind,
-                      finish_reason="stopped")
 
 
 def _metrics(runs: list[Any]) -> dict[str, Any]:

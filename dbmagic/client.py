@@ -496,10 +496,14 @@ class Stream:
         elif error is not None and not isinstance(error, StreamInterrupted):
             span.failed(error)
         else:  # cut (what arrived is kept), cancelled or closed early
-            why = "cut" if error is not None else "stopped"
-            span.partial(Completion(text=self.text, value=self.text, endpoint=self.prepared.target,
-                                    kind=self.prepared.kind, latency=time.perf_counter() - self._started,
-                                    finish_reason=why, attempts=self._attempts), error)
+            span.partial(self.partial("cut" if error is not None else "stopped"), error)
+
+    def partial(self, why: str) -> Completion:
+        """A `Completion` of what arrived, for an answer that did not end normally (``why``:
+        ``cut``, ``stopped`` or ``interrupted``)."""
+        return Completion(text=self.text, value=self.text, endpoint=self.prepared.target, kind=self.prepared.kind,
+                          latency=time.perf_counter() - self._started, request=self.prepared.body,
+                          finish_reason=why, attempts=self._attempts)
 
     def _whole_answer(self) -> Iterator[str]:
         try:
