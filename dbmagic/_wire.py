@@ -190,6 +190,30 @@ class ChunkReader:
         return ""
 
 
+def json_problem(value: Any, path: str = "the request") -> str | None:
+    """Why JSON cannot carry ``value`` (naming the field: ``messages[0].content is a bytes``), or
+    None. NaN and infinities are refused too, as ``json.dumps(allow_nan=False)`` refuses them."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if value == value and value not in (float("inf"), float("-inf")) else f"{path} is {value}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has a key {key!r} that is not text"
+            found = json_problem(item, f"{path}.{key}" if path != "the request" else key)
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = json_problem(item, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return f"{path} is a {type(value).__name__}"
+
+
 class SSEDecoder:
     """Incremental ``text/event-stream`` decoder: feed bytes as they arrive, get ``data`` payloads.
 

@@ -643,34 +643,12 @@ def _check_json(body: Any) -> None:
     """Refuse, before sending, a request JSON cannot carry, naming the field (a transform that adds
     bytes, a set or an object; NaN)."""
     try:
-        problem = _json_problem(body, "the request")
+        problem = _wire.json_problem(body)
     except RecursionError:
         problem = "the request is nested too deeply"
     if problem:
         raise ConfigurationError(f"Cannot send: {problem}, which JSON cannot carry. Fix the transform_input "
                                  "or the -p value that put it there.")
-
-
-def _json_problem(value: Any, path: str) -> str | None:
-    if value is None or isinstance(value, (str, bool, int)):
-        return None
-    if isinstance(value, float):
-        return None if value == value and value not in (float("inf"), float("-inf")) else f"{path} is {value}"
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{path} has a key {key!r} that is not text"
-            found = _json_problem(item, f"{path}.{key}" if path != "the request" else key)
-            if found:
-                return found
-        return None
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            found = _json_problem(item, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    return f"{path} is a {type(value).__name__}"
 
 
 def _attempts(response: requests.Response) -> int:

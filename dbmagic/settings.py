@@ -145,10 +145,10 @@ def _dotted_name(value: str) -> str | None:
 
 def _json_fields(value: dict[str, Any]) -> str | None:
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        return f"must hold JSON values only (finite numbers, strings, lists, objects): {exc}"
-    return None
+        problem = _wire.json_problem(value, "extra_params")
+    except RecursionError:
+        problem = "it is nested too deeply"
+    return f"must hold JSON values only (finite numbers, strings, lists, objects): {problem}" if problem else None
 
 
 # -- the table ------------------------------------------------------------------------------------
