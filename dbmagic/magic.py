@@ -57,7 +57,7 @@ from traitlets import Bool, TraitError, TraitType, Undefined, validate
 from . import _cell, settings, tracing
 from .errors import DbMagicError, SettingError, TransformError
 from .render import extract_code
-from .templating import Template
+from .templating import RegistryTemplate, Template
 
 __all__ = ["DbLLM", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -246,13 +246,13 @@ class DbLLM(_Options):
         return None
 
     def _template(self, uri: str | None, body: str, one_line: bool, raw: bool = False) -> str | Template:
-        """The cell's template: the body (as written with ``--raw``), or a registered prompt with the
-        body appended (sandboxed)."""
+        """The cell's template: the body (as written with ``--raw``), or a registered prompt (rendered
+        as data, `RegistryTemplate`) with the body after it."""
         if uri:
             version = tracing.load_prompt(uri)
             if not isinstance(version.template, str):
                 raise UsageError(f"{uri} is a chat prompt (a list of messages); --prompt takes text prompts.")
-            return Template(version.template + (f"\n\n{body}" if body.strip() else ""), sandboxed=True)
+            return RegistryTemplate(version.template, uri, Template(body, raw=raw) if body.strip() else None)
         if body.strip():
             return Template(body, raw=True) if raw else body
         if one_line:

@@ -169,11 +169,57 @@ def test_prompt_errors_and_the_sandbox(store, shell, workspace):
     with pytest.raises(UsageError, match="prompt must be a prompt URI"):
         shell.run_line_magic("dbllm", f"-e {CHAT} --prompt summarise")
     dbmagic.register_prompt("sneaky", "{{ ''.__class__.__mro__[1].__subclasses__() }}")
-    with pytest.raises(UsageError, match="sandbox refuses"):
+    with pytest.raises(UsageError, match="prompts:/sneaky/1 was refused"):
         shell.run_line_magic("dbllm", f"-e {CHAT} --prompt prompts:/sneaky/1")
     assert [r for r in workspace.requests if r.path.endswith("/invocations")] == []
 
 
+HOSTILE_PROMPTS = {  # what a shared prompt tried on main, and the part of the error the user sees now
+    "{{ get_ipython().run_cell('pwned = 1') }}": "get_ipython, which is the notebook's own state",
+    "{{ In }}": "asks for In",
+    "{{ os.environ }}": "its variable 'os' is a module",
+    "{{ dbmagic.get_client().credentials.token.reveal() }}": "its variable 'dbmagic' is a module",
+    "{{ open }}{{ cfg }}": "its variable 'cfg' is a dict with a key that is not text",
+    "{{ writer('x') }}": "its variable 'writer' is a function",
+    "{{ ('a' * 10) * 1000000 }}": "repeats a value past 2,000,000 characters",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}": "loops over more than",
+    "{% for i in range(99999) %}{{ long }}{% endfor %}": "renders more than 2,000,000 characters",
+    "{{ long|replace('', long) }}": "replaces text past",
+    "{% set x = long %}{{ x }}": "{% set %}",
+    "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}": "{% macro %}",
+    "{{ '{:>999999999}'.format(1) }}": "calls format()",
+    "{{ '%999999999s' % 'x' }}": "formats text with %",
+    "{{ long.ljust(999999999) }}": "calls ljust()",
+    "{{ long|center(999999999) }}": "No filter named 'center'",
+}
+
+
+def test_a_registry_prompt_gets_only_its_own_plain_variables_and_never_runs_code(store, shell, workspace, tmp_path):
+    """A shared prompt is someone else's text: on main it rendered with the whole namespace, so it
+    could reach get_ipython, modules, files and the token; now every such prompt is refused before
+    anything is sent, and nothing in the notebook changes."""
+    shell.run_cell("import os, dbmagic\ncfg = {1: 'x'}\nlong = 'x' * 2000\n"
+                   f"def writer(text):\n    open({str(tmp_path / 'written')!r}, 'w').write(text)")
+    before = set(shell.user_ns)
+    for i, (text, seen) in enumerate(HOSTILE_PROMPTS.items()):
+        dbmagic.register_prompt(f"hostile-{i}", text)
+        with pytest.raises(UsageError) as caught:
+            shell.run_line_magic("dbllm", f"-e {CHAT} --prompt prompts:/hostile-{i}/1")
+        assert seen in str(caught.value), (text, str(caught.value))
+    assert [r for r in workspace.requests if r.path.endswith("/invocations")] == []
+    assert set(shell.user_ns) == before and "pwned" not in shell.user_ns
+    assert not (tmp_path / "written").exists()
+
+
+def test_a_registry_prompt_renders_its_variables_loops_and_filters_with_the_cell_after_it(store, shell, workspace):
+    shell.run_cell("import numpy as np\nname = 'Ada'\nself = 'me'\ntopics = ['tea', 'maths']\n"
+                   "meta = {'year': np.int64(1843)}")
+    dbmagic.register_prompt("letter", "Dear {{ name|upper }} ({{ self }}, {{ meta.year }}):\n"
+                                      "{% for t in topics %}- {{ t }}\n{% endfor %}"
+                                      "{% if meta.year > 1800 %}modern{% endif %}")
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --prompt prompts:/letter/1 --no-stream", "Cell: {{ topics|length }}")
+    sent = [r for r in workspace.requests if r.path.endswith("/invocations")][-1].json["messages"][-1]["content"]
+    assert sent == "Dear ADA (me, 1843):\n- tea\n- maths\nmodern\n\nCell: 2"
 def test_import_and_load_ext_do_not_load_mlflow():
     code = ("import sys, dbmagic; from IPython.core.interactiveshell import InteractiveShell; "
             "InteractiveShell.instance().run_line_magic('load_ext', 'dbmagic'); print('mlflow' in sys.modules)")
