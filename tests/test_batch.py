@@ -204,3 +204,13 @@ def test_over_prints_one_summary_line_and_dry_run_shows_the_first_row(shell, wor
     shell.run_cell_magic("dbllm", f"-e {CHAT} --over texts", "About {{ row }}")
     out = capsys.readouterr().out
     assert re.search(r"^2 rows in \d+\.\d s \(\d+\.\d rows/s\): 2 answered, 0 failed, .* tokens\.$", out, re.M)
+
+
+def test_a_column_or_variable_named_self_fills_the_template_like_any_other(shell, workspace, fast):
+    """On main every template failed with "got multiple values for argument 'self'"."""
+    frame = pd.DataFrame({"self": ["me"], "text": ["hi"]})
+    out = dbmagic.batch("{{ self }}: {{ text }}", frame, endpoint=CHAT, client=fast, progress=False)
+    assert out["answer"].tolist() == ["Echo: me: hi"]
+    shell.user_ns["self"] = "a notebook variable"
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream -o said", "{{ self }}")
+    assert shell.user_ns["said"] == "Echo: a notebook variable"
