@@ -12,6 +12,10 @@ answer column and an error column; otherwise a `BatchResult`.
   batch then waits for ``Retry-After``, or a backoff), and grows back by one after a run of
   successes, never above ``concurrency``. A rate limit slows the batch down; it does not fail rows.
   Other failures are retried per row by the client's retry policy, with its timeouts.
+- A 429 is retried per row up to the client's ``attempts`` and ``deadline``; when nothing in the
+  batch has been answered for that deadline, the rows not yet sent fail with the rate-limit error.
+- A row whose template value is missing (None, NaN, ``pd.NA``) gets no call, a null answer and an
+  error naming the column, as ``ai_query`` does; ``send_missing=True`` sends it anyway.
 - Nothing is lost: a row that fails keeps its place and its error (the batch does not raise);
   Ctrl-C stops sending and returns what finished; ``resume=`` the previous result sends only the
   rows that are missing or failed.
@@ -133,6 +137,7 @@ def batch(
     progress: bool = True,
     column: str = "answer",
     error_column: str = "error",
+    send_missing: bool = False,
     namespace: Mapping[str, Any] | None = None,
     client: Client | None = None,
     transform_output: Callable[[Any], Any] | None = None,
@@ -142,11 +147,14 @@ def batch(
     """Send ``template`` filled from each of ``rows``; see the module docstring.
 
     ``namespace`` adds variables every row can use (a row's own values win); ``client`` defaults
-    to the kernel's shared one; the other options are those of `Client.complete`.
+    to the kernel's shared one; the other options are those of `Client.complete`. ``column`` and
+    ``error_column`` must not be columns of ``rows`` already. A row whose template value is missing
+    (None, NaN, ``pd.NA``) is not sent: its answer is null and its error names the column, unless
+    ``send_missing=True`` sends it as the template renders it.
     """
     result = run(template, rows, endpoint, concurrency=concurrency, resume=resume, progress=progress,
                  namespace=namespace, client=client, transform_output=transform_output, timeout=timeout,
-                 column=column, error_column=error_column, **options)
+                 column=column, error_column=error_column, send_missing=send_missing, **options)
     return with_answers(rows, result, column, error_column) if _is_frame(rows) else result
 
 
@@ -161,7 +169,8 @@ def with_answers(frame: Any, result: BatchResult, column: str = "answer", error_
 def run(template: str | Template, rows: Any, endpoint: str | None = None, *, concurrency: int = 8, resume: Any = None,
         progress: bool = True, namespace: Mapping[str, Any] | None = None, client: Client | None = None,
         transform_output: Callable[[Any], Any] | None = None, timeout: float | None = None,
-        column: str = "answer", error_column: str = "error", **options: Any) -> BatchResult:
+        column: str = "answer", error_column: str = "error", send_missing: bool = False,
+        **options: Any) -> BatchResult:
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``)."""
     from . import settings
     from .client import get_client
@@ -173,6 +182,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     contexts, columns, originals = _contexts(rows)
     tpl = template if isinstance(template, Template) else Template(template)
     if columns is not None:
+        _refuse_collisions(columns, column, error_column)
         unknown = sorted(tpl.names - set(columns) - set(namespace) - _JINJA_GLOBALS)
         if unknown:
             raise TemplateError(
@@ -184,6 +194,17 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     if resume is not None:
         items = _resumed(resume, len(contexts), column, error_column)
     todo = [i for i, item in enumerate(items) if not _answered(item)]
+    if not send_missing:  # as ai_query: a row with a missing value gets no call, a null answer and an error
+        skipped = set()
+        for i in todo:
+            empty = sorted(name for name in tpl.names & contexts[i].keys() if is_missing(contexts[i][name]))
+            if empty:
+                items[i] = MissingValue(
+                    f"Row {i} was not sent: its {', '.join(map(repr, empty))} {'is' if len(empty) == 1 else 'are'} "
+                    "missing (None, NaN or NA). Fill the value, or pass send_missing=True (--send-missing) to "
+                    "send the row as the template renders it.")
+                skipped.add(i)
+        todo = [i for i in todo if i not in skipped]
     if timeout is not None:
         timeout = settings.coerce("timeout", timeout)
     policy = replace(client.transport.retry, retry_rate_limited=False)
@@ -208,6 +229,33 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                        concurrency=pace.limit)
 
 
+class MissingValue(ConfigurationError):
+    """A row whose template value is missing: it was not sent (see ``send_missing``)."""
+
+
+def is_missing(value: Any) -> bool:
+    """None, NaN, and pandas' and NumPy's missing values (``pd.NA``, ``NaT``): what a row lacks."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    kind = type(value).__name__
+    return kind in ("NAType", "NaTType") or (kind in ("datetime64", "timedelta64") and str(value) == "NaT")
+
+
+def _refuse_collisions(columns: list[Any], column: str, error_column: str,
+                       options: tuple[str, str] = ("column= (--column)", "error_column=")) -> None:
+    """Output columns never overwrite input columns, nor each other (``options``: how to rename them)."""
+    if column == error_column:
+        raise ConfigurationError(f"The answer and error columns are both {column!r}: give them different names.")
+    for name, what, option in ((column, "answers", options[0]), (error_column, "errors", options[1])):
+        if name in map(str, columns):
+            raise ConfigurationError(
+                f"The DataFrame already has a column {name!r}, where the batch would write its {what}: choose "
+                f"another name with {option}, or rename the input column."
+            )
+
+
 def _is_frame(rows: Any) -> bool:
     return hasattr(rows, "columns") and hasattr(rows, "to_dict") and hasattr(rows, "copy")
 
@@ -216,6 +264,13 @@ def _contexts(rows: Any) -> tuple[list[dict[str, Any]], list[Any] | None, list[A
     """The values each row fills the template with, the DataFrame's columns (None otherwise), and
     the rows as given (what the result keeps)."""
     if _is_frame(rows):
+        names = [str(c) for c in rows.columns]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigurationError(
+                f"The DataFrame has more than one column named {', '.join(map(repr, twice))}, and a row can fill "
+                "a template with only one of them: rename them first (df.columns = [...])."
+            )
         contexts = [{str(k): v for k, v in record.items()} for record in rows.to_dict("records")]
         return contexts, list(rows.columns), contexts
     if hasattr(rows, "to_list"):  # a pandas Series: its values are rows
@@ -234,7 +289,7 @@ def _resumed(previous: Any, n: int, column: str, error_column: str) -> list[Any]
         items = list(previous)
     elif _is_frame(previous) and column in previous.columns:
         errors = previous[error_column].tolist() if error_column in previous.columns else [None] * len(previous)
-        items = [_Kept(v) if not _is_blank(v) and _is_blank(e) else None
+        items = [_Kept(v) if not is_missing(v) and is_missing(e) else None
                  for v, e in zip(previous[column].tolist(), errors, strict=True)]
     else:
         raise ConfigurationError(
@@ -244,10 +299,6 @@ def _resumed(previous: Any, n: int, column: str, error_column: str) -> list[Any]
     if len(items) != n:
         raise ConfigurationError(f"resume= has {len(items)} rows and this batch {n}: resume the same rows.")
     return items
-
-
-def _is_blank(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 class _Kept:
@@ -277,12 +328,16 @@ class _Pace:
         self.backoffs = 0  # decreases since the last success: how long a pause without Retry-After is
         self.pause_until = 0.0
         self.first_try: dict[int, float] = {}
+        self.tries: dict[int, int] = {}  # requests sent per row: the policy's attempts hold per row
+        self.last_answer = time.monotonic()  # a 429 storm ends the batch once nothing answered for a deadline
+        self.items: list[Any] = []
         self.stopped = False
         self.fatal: BaseException | None = None  # what stopped the batch from within (SystemExit ...)
         self.cond = threading.Condition()
 
     def run(self, send: Callable[[int], Any], items: list[Any], *, progress: bool) -> bool:
         """Send every row, storing outcomes in ``items``; True when interrupted (Ctrl-C)."""
+        self.items = items
         bar = _bar(self.remaining) if progress and self.remaining else None
         # each worker runs in a copy of this thread's context, so a trace's batch span is its rows' parent
         workers = [threading.Thread(target=contextvars.copy_context().run, args=(self._work, send, items),
@@ -341,6 +396,7 @@ class _Pace:
                     self.failed += 1
                 else:
                     self.backoffs = 0  # decreases since the last success: how long a pause without Retry-After is
+                    self.last_answer = time.monotonic()
                     self.successes += 1
                     if self.successes >= self.limit and self.limit < self.cap:
                         self.limit += 1
@@ -359,12 +415,14 @@ class _Pace:
                 self.in_flight += 1
                 index = self.todo.popleft()
                 self.first_try.setdefault(index, time.monotonic())
+                self.tries[index] = self.tries.get(index, 0) + 1
                 return index
         return None
 
     def _wait_again(self, index: int, exc: RateLimited, epoch: int) -> bool:
         """A 429: slow the batch down and put the row back first in line; False when the row's
-        time is up (it then fails with the 429, as any request past the retry deadline)."""
+        attempts or time are up (it then fails with the 429, as any call past its retry policy). When
+        nothing has answered for the policy's deadline, the rows not yet sent fail with it too."""
         with self.cond:
             if self.stopped:
                 self.in_flight -= 1
@@ -380,13 +438,30 @@ class _Pace:
             else:  # grows with each decrease, not with each of the requests that were in flight together
                 wait = min(self.policy.backoff * 2 ** (self.backoffs - 1), self.policy.max_backoff)
                 wait *= 0.5 + random.random() / 2
-            if now + wait - self.first_try[index] > self.policy.deadline:
+            if now - self.last_answer > self.policy.deadline:
+                self._give_up_all(exc, now - self.last_answer)
+            if self.tries[index] >= self.policy.attempts or now + wait - self.first_try[index] > self.policy.deadline:
+                exc.gave_up_after(self.tries[index])
                 return False
             self.in_flight -= 1
             self.pause_until = max(self.pause_until, now + wait)
             self.todo.appendleft(index)
             self.cond.notify_all()
             return True
+
+
+    def _give_up_all(self, exc: RateLimited, quiet: float) -> None:
+        """A 429 storm: every row still waiting fails with the rate-limit error, unsent (holding the lock)."""
+        while self.todo:
+            index = self.todo.popleft()
+            self.items[index] = RateLimited(
+                f"Not sent: {exc.what}, and nothing in the batch was answered for {quiet:.0f} s (the retry deadline)",
+                target=exc.target, status=exc.status, error_code=exc.error_code,
+                server_message=exc.server_message, retry_after=exc.retry_after)
+            self.remaining -= 1
+            self.done += 1
+            self.failed += 1
+        self.cond.notify_all()
 
 
 def _bar(total: int) -> Any:

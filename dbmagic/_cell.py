@@ -47,7 +47,7 @@ def prepare(spec: CallSpec, template: str | Template, namespace: MutableMapping[
 
 
 def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: MutableMapping[str, Any], client: Client, *,
-              concurrency: int, column: str) -> tuple[Any, Any]:
+              concurrency: int, column: str, send_missing: bool = False) -> tuple[Any, Any]:
     """The template over ``rows`` (see `dbmagic.batch`): ``(BatchResult, DataFrame with the answer
     and error columns, or None for a list)``."""
     from ._batch import _is_frame, run, with_answers
@@ -56,7 +56,7 @@ def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: Mu
     options["transform_input"] = resolve_transform(spec.transform_input, namespace, "transform_input")
     t_out = resolve_transform(spec.transform_output, namespace, "transform_output")
     result = run(template, rows, spec.endpoint, concurrency=concurrency, namespace=namespace, client=client,
-                 transform_output=t_out, timeout=spec.timeout, column=column, **options)
+                 transform_output=t_out, timeout=spec.timeout, column=column, send_missing=send_missing, **options)
     return result, (with_answers(rows, result, column) if _is_frame(rows) else None)
 
 

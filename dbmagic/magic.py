@@ -298,7 +298,7 @@ class DbLLM(_Options):
             _cell.dry_run(spec, template, {**namespace, **contexts[0]}, client, rich=rich)
             return None
         result, frame = _cell.run_batch(spec, template, rows, namespace, client, concurrency=values["concurrency"],
-                                        column=values["column"])
+                                        column=values["column"], send_missing=values["send_missing"])
         print(result.summary())
         if not store:
             return result

@@ -199,6 +199,8 @@ SETTINGS: tuple[Setting, ...] = (
             ("--over",), rule=_identifier, metavar="VAR", scope="cell"),
     Setting("column", str, "answer", "the answer column --over adds to a DataFrame (errors go in 'error')",
             ("--column",), rule=_column, metavar="NAME", scope="cell"),
+    Setting("send_missing", bool, False, "with --over, send a row whose value is missing (None, NaN, NA) as it "
+            "renders; by default it is not sent and its error names the column", ("--send-missing",), scope="cell"),
     Setting("concurrency", int, 8, "requests in flight at once with --over; fewer while the endpoint rate limits",
             ("--concurrency",), rule=_between(1, 256), scope="cell"),
     Setting("stream", bool, True, "stream answers token by token where the endpoint streams", ("--no-stream",),

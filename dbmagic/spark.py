@@ -59,13 +59,16 @@ def complete(
     client: Client | None = None,
     transform_output: Callable[[Any], Any] | None = None,
     timeout: float | None = None,
+    send_missing: bool = False,
     **options: Unpack[CallOptions],
 ) -> Any:
     """``sdf`` with ``output_col`` (the answer, as text; JSON for other values) and ``error_col``
-    (the row's error, else null) added, computed on the executors; see the module docstring."""
+    (the row's error, else null) added, computed on the executors; see the module docstring. A row
+    with a null in a column the template uses is not sent (its error names the column), unless
+    ``send_missing=True``."""
     from pyspark.sql.types import StringType, StructField, StructType
 
-    from ._batch import _JINJA_GLOBALS
+    from ._batch import _JINJA_GLOBALS, _refuse_collisions
     from .client import get_client
 
     if not isinstance(concurrency_per_task, int) or isinstance(concurrency_per_task, bool) or concurrency_per_task < 1:
@@ -75,9 +78,7 @@ def complete(
     if unknown:
         raise TemplateError(f"The template uses {', '.join(unknown)}, which is not a column of the DataFrame "
                             f"(its columns: {', '.join(columns)}). Rename the {{{{ }}}} names, or add the columns.")
-    for name in (output_col, error_col):
-        if name in columns:
-            raise ConfigurationError(f"The DataFrame already has a column {name!r}: choose another output_col/error_col.")
+    _refuse_collisions(columns, output_col, error_col, ("output_col=", "error_col="))
     client = client or get_client()
     # on the driver: options checked, the endpoint's kind found once (executors then skip the lookup)
     probe = client.prepare("", endpoint, **{k: v for k, v in options.items() if k != "transform_input"})
@@ -99,7 +100,8 @@ def complete(
         try:
             for frame in batches:
                 result = run(template, frame, endpoint, concurrency=concurrency_per_task, progress=False, client=worker,
-                             transform_output=transform_output, timeout=timeout, **options)
+                             transform_output=transform_output, timeout=timeout, column=output_col,
+                             error_column=error_col, send_missing=send_missing, **options)
                 out = frame.copy()
                 out[output_col] = [None if v is None else _as_text(v) for v in result.values]
                 out[error_col] = result.errors

@@ -214,3 +214,82 @@ def test_a_column_or_variable_named_self_fills_the_template_like_any_other(shell
     shell.user_ns["self"] = "a notebook variable"
     shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream -o said", "{{ self }}")
     assert shell.user_ns["said"] == "Echo: a notebook variable"
+
+
+def test_output_columns_never_overwrite_input_columns(shell, workspace, fast):
+    df = pd.DataFrame({"text": ["a"], "error": ["kept"], "answer": ["mine"]})
+    cases = [({}, "already has a column 'answer'"), ({"column": "text"}, "already has a column 'text'"),
+             ({"column": "out", "error_column": "answer"}, "already has a column 'answer'"),
+             ({"column": "out"}, "already has a column 'error'"),
+             ({"column": "same", "error_column": "same"}, "both 'same'")]
+    for kwargs, message in cases:
+        with pytest.raises(dbmagic.ConfigurationError, match=message):
+            dbmagic.batch("{{ text }}", df, endpoint=CHAT, client=fast, progress=False, **kwargs)
+    shell.user_ns["df"] = pd.DataFrame({"text": ["a"]})
+    with pytest.raises(UsageError, match="already has a column 'text'.*--column"):
+        shell.run_cell_magic("dbllm", f"-e {CHAT} --over df --column text", "{{ text }}")
+    assert invocations(workspace, CHAT) == []
+
+
+def test_duplicate_column_names_are_refused_with_their_names(workspace, fast):
+    df = pd.DataFrame([["a", "b", 1]], columns=["text", "text", "n"])
+    with pytest.raises(dbmagic.ConfigurationError, match="more than one column named 'text'"):
+        dbmagic.batch("{{ text }}", df, endpoint=CHAT, client=fast, progress=False)
+    assert invocations(workspace, CHAT) == []
+
+
+def test_resume_treats_every_pandas_missing_value_as_not_answered(workspace, fast):
+    df = pd.DataFrame({"text": ["one", "two", "three"]})
+    previous = df.assign(answer=["Echo: one", None, "Echo: three"], error=[None, "HTTP 500", None])
+    for kept in (previous.convert_dtypes(), previous.astype("string")):  # pd.NA where the value is missing
+        workspace.requests.clear()
+        out = dbmagic.batch("{{ text }}", df, endpoint=CHAT, client=fast, progress=False, resume=kept)
+        assert out["answer"].tolist() == ["Echo: one", "Echo: two", "Echo: three"]
+        assert [prompt_of(r) for r in invocations(workspace, CHAT)] == ["two"]
+
+
+def test_a_row_with_a_missing_value_gets_no_call_a_null_answer_and_an_error_naming_the_column(shell, workspace, fast):
+    import numpy as np
+
+    df = pd.DataFrame({"text": ["one", None, np.nan, "four"], "lang": ["en", "en", "en", None]})
+    df["text"] = df["text"].astype("string")  # None and NaN become pd.NA
+    out = dbmagic.batch("{{ text }} ({{ lang }})", df, endpoint=CHAT, client=fast, progress=False)
+    assert out["answer"].tolist()[0] == "Echo: one (en)" and out["answer"].isna().tolist() == [False, True, True, True]
+    assert "Row 1 was not sent: its 'text' is missing" in out["error"][1]
+    assert "its 'lang' is missing" in out["error"][3] and "send_missing=True" in out["error"][3]
+    assert [prompt_of(r) for r in invocations(workspace, CHAT)] == ["one (en)"]
+    listed = dbmagic.batch("{{ row }}", ["a", None], endpoint=CHAT, client=fast, progress=False)
+    assert listed.texts == ["Echo: a", None] and "'row' is missing" in listed.errors[1]
+    sent = dbmagic.batch("{{ row }}", ["a", None], endpoint=CHAT, client=fast, progress=False, send_missing=True)
+    assert sent.texts == ["Echo: a", "Echo: None"]
+    shell.user_ns["rows"] = ["x", None]
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --over rows --send-missing -o got", "{{ row }}")
+    assert shell.user_ns["got"].texts == ["Echo: x", "Echo: None"]
+
+
+def test_a_row_rate_limited_again_and_again_stops_at_its_attempts(workspace):
+    """On main one row sent 51 requests with attempts=5."""
+    client = Client(host=workspace.host, token=workspace.token, retry=RetryPolicy(attempts=3, backoff=0.01,
+                                                                                  max_backoff=0.02))
+    workspace.fail(CHAT, 429, times=10_000, retry_after=0.01)
+    result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(6)], endpoint=CHAT, concurrency=2, client=client,
+                           progress=False)
+    assert result.failed == list(range(6)) and "gave up after 3 attempts" in result.errors[0]
+    per_row: dict[str, int] = {}
+    for r in invocations(workspace, CHAT):
+        per_row[prompt_of(r)] = per_row.get(prompt_of(r), 0) + 1
+    assert per_row == {f"r{i}": 3 for i in range(6)}
+
+
+def test_a_429_storm_ends_the_batch_once_nothing_answered_for_the_deadline(workspace):
+    """On main a storm took about rows x deadline: each row waited out its own."""
+    client = Client(host=workspace.host, token=workspace.token, retry=RetryPolicy(attempts=1000, deadline=0.5))
+    workspace.fail(CHAT, 429, times=10_000, retry_after=0.05)
+    started = time.monotonic()
+    result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(40)], endpoint=CHAT, concurrency=2, client=client,
+                           progress=False)
+    took = time.monotonic() - started
+    assert result.failed == list(range(40)) and all(isinstance(item, RateLimited) for item in result)
+    unsent = {f"r{i}" for i in range(40)} - {prompt_of(r) for r in invocations(workspace, CHAT)}
+    assert unsent and all("Not sent" in result.errors[int(name[1:])] for name in unsent)
+    assert took < 2.0, took  # one deadline (0.5 s) and a little; 40 deadlines one after another on main

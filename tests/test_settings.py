@@ -26,7 +26,7 @@ SAMPLES = {
     "max_tokens": 20, "stop": ["\n\n", "END"], "extra_params": {"top_p": 0.9, "tags": ["a"], "style": "terse"},
     "system": "Line one\nline two", "task": "completions", "timeout": 30.0, "transform_input": "concise",
     "transform_output": "shout", "dry_run": True, "output": "answer", "format": "text", "insert": True,
-    "stream": False, "chat": True, "raw": True, "over": "tickets", "column": "summary", "concurrency": 4,
+    "stream": False, "chat": True, "raw": True, "over": "tickets", "column": "summary", "send_missing": True, "concurrency": 4,
     "prompt": "prompts:/summarise/2", "compare": f"{CHAT},local-completions", "repeat": 3,
 }
 TRANSFORMS = ("def shout(value):\n    return value.upper()\n"
