@@ -64,13 +64,17 @@ class Timeouts:
     read: float = 300.0
 
     def __post_init__(self) -> None:
+        from .settings import MAX_TIMEOUT
+
         for name in ("connect", "read"):
             value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and 0 < value <= MAX_TIMEOUT)
             if not ok:
                 from .errors import SettingError
 
-                raise SettingError(f"Timeouts({name}=...) must be a finite number of seconds above 0; got {value!r}.")
+                raise SettingError(f"Timeouts({name}=...) must be a number of seconds above 0 and at most "
+                                   f"{MAX_TIMEOUT:g}; got {value!r}.")
 
 
 @dataclass(frozen=True)

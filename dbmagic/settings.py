@@ -94,6 +94,11 @@ def _segment(value: str) -> str | None:
     return None
 
 
+# the longest wait dbmagic accepts, in seconds: Model Serving ends a request at 297 s, and a
+# driver-proxy app or a stream's chunk gets an hour at most (a larger number overflows the socket)
+MAX_TIMEOUT = 3600.0
+
+
 def _between(low: float, high: float | None = None, *, low_open: bool = False) -> Callable[[Any], str | None]:
     def rule(value: float) -> str | None:
         if not math.isfinite(value):
@@ -175,7 +180,7 @@ SETTINGS: tuple[Setting, ...] = (
                                "chat_agent, custom",
             ("--task",), "text", _task, sweep=True),
     Setting("timeout", float, None, "seconds to wait for the answer, or for each streamed chunk",
-            ("--timeout",), "number", _between(0, low_open=True), label="Timeout (s)"),
+            ("--timeout",), "number", _between(0, MAX_TIMEOUT, low_open=True), label="Timeout (s)"),
     Setting("transform_input", str, None, "function(**request) -> request from the notebook",
             ("--transform-input",), "function", _dotted_name, metavar="NAME", label="Input fn", sweep=True),
     Setting("transform_output", str, None, "function(value) -> value from the notebook",

@@ -33,6 +33,8 @@ def posts(workspace):
     (f"-e {CHAT} -p top_p=NaN", "x", "NaN is not a finite number"),
     (f"-e {CHAT} --timeout 0", "x", "timeout must be above 0"),
     (f"-e {CHAT} --timeout inf", "x", "timeout must be a finite number"),
+    (f"-e {CHAT} --timeout 1e300", "x", "timeout must be above 0 and at most 3600"),  # main: a raw OverflowError
+    (f"-e {CHAT} --timeout 3601", "x", "timeout must be above 0 and at most 3600"),
     (f"-e {CHAT} -o print", "x", "output must be a valid variable name"),
     (f"-e {CHAT} -o __name__", "x", "output must be a valid variable name"),
     (f"-e {CHAT} -o for", "x", "output must be a valid variable name"),
@@ -65,8 +67,16 @@ def test_non_finite_and_bad_timeouts_are_refused_everywhere(shell, workspace):
     shell.run_line_magic("config", "DbLLM.temperature = float('nan')")
     assert magics.temperature is None
     for bad in (float("nan"), float("inf"), 0, -1):
-        with pytest.raises(SettingError, match="must be a finite number of seconds above 0"):
+        with pytest.raises(SettingError, match="must be a number of seconds above 0 and at most 3600"):
             Timeouts(read=bad)
+    with pytest.raises(SettingError, match="at most 3600"):
+        Timeouts(connect=1e300)
+    for call in ("complete", "stream"):
+        with pytest.raises(SettingError, match="timeout must be above 0 and at most 3600"):
+            getattr(Client(host=workspace.host, token=workspace.token), call)("x", endpoint=CHAT, timeout=1e300)
+    with pytest.raises(SettingError, match="at most 3600"):
+        dbmagic.batch("{{ row }}", ["a"], endpoint=CHAT, timeout=1e300,
+                      client=Client(host=workspace.host, token=workspace.token), progress=False)
     with pytest.raises(SettingError, match="timeout must be"):
         Client(host=workspace.host, token=workspace.token).complete("x", endpoint=CHAT, timeout=math.inf)
     assert posts(workspace) == []
