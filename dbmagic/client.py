@@ -251,6 +251,7 @@ class Client:
         self._credentials = credentials
         self._lock = threading.Lock()
         self._endpoints: dict[str, EndpointInfo] = {}
+        self._lookups: dict[str, threading.Lock] = {}  # one look-up of an endpoint at a time
         self.conversations = Conversations()
         self.transport = Transport(timeouts=timeouts, retry=retry, clock=clock, session=session, pool_size=pool_size)
 
@@ -283,11 +284,17 @@ class Client:
         return infos
 
     def endpoint(self, name: str, *, refresh: bool = False) -> EndpointInfo:
-        """One endpoint's description, cached for the client's life unless ``refresh``."""
-        if refresh or name not in self._endpoints:
-            data = self._get(f"/api/2.0/serving-endpoints/{quote(name, safe='')}", f"endpoint {name!r}")
-            self._endpoints[name] = EndpointInfo.from_json(data)
-        return self._endpoints[name]
+        """One endpoint's description, cached for the client's life unless ``refresh``. The first
+        calls of a batch arrive together: one of them looks the endpoint up, the others wait for it."""
+        if not refresh and name in self._endpoints:
+            return self._endpoints[name]
+        with self._lock:
+            lookup = self._lookups.setdefault(name, threading.Lock())
+        with lookup:
+            if refresh or name not in self._endpoints:
+                data = self._get(f"/api/2.0/serving-endpoints/{quote(name, safe='')}", f"endpoint {name!r}")
+                self._endpoints[name] = EndpointInfo.from_json(data)
+            return self._endpoints[name]
 
     def _org_id(self) -> str:
         """The workspace's org id, for driver-proxy URLs: from the ``x-databricks-org-id`` header of

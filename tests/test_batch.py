@@ -293,3 +293,15 @@ def test_a_429_storm_ends_the_batch_once_nothing_answered_for_the_deadline(works
     unsent = {f"r{i}" for i in range(40)} - {prompt_of(r) for r in invocations(workspace, CHAT)}
     assert unsent and all("Not sent" in result.errors[int(name[1:])] for name in unsent)
     assert took < 2.0, took  # one deadline (0.5 s) and a little; 40 deadlines one after another on main
+
+
+def test_a_batch_looks_its_endpoint_up_once(workspace):
+    """On main 16 rows made 6 look-ups: the first calls raced to fill the cache."""
+    workspace.add_endpoint(Endpoint("looked-up", "llm/v1/chat", latency=0.01))
+    workspace.fail("/api/2.0/serving-endpoints/looked-up", delay=0.2)  # a slow look-up: the race is wide open
+    client = Client(host=workspace.host, token=workspace.token)
+    result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(16)], endpoint="looked-up", concurrency=8,
+                           client=client, progress=False)
+    assert result.failed == []
+    lookups = [r for r in workspace.requests if r.path == "/api/2.0/serving-endpoints/looked-up"]
+    assert len(lookups) == 1
