@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ._secret import Secret, reveal
-from .errors import ConfigurationError
+from .errors import ConfigurationError, scrub
 
 __all__ = ["Credentials", "resolve_credentials", "normalize_host", "org_id_from_host"]
 
@@ -439,7 +439,7 @@ def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[S
             config = Config(host=host, retry_timeout_seconds=30, http_timeout_seconds=10, **options)
             config.authenticate()  # fail here, with the source named, rather than at the first request
         except Exception as exc:
-            raise _Declined(f"{source}: {_scrub(_first_line(exc), secrets)}") from None
+            raise _Declined(f"{source}: {scrub(_first_line(exc), secrets)}") from None
         return config
 
     config = build()
@@ -467,13 +467,6 @@ def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[S
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip() or exc.__class__.__name__
     return text.splitlines()[0][:300]
-
-
-def _scrub(text: str, secrets: Any) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(reveal(secret), "***")
-    return text
 
 
 def _option(ctx: Any, name: str) -> str | None:

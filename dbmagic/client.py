@@ -36,6 +36,7 @@ from .errors import (
     StreamInterrupted,
     TransformError,
     parse_error_body,
+    scrub,
 )
 
 if TYPE_CHECKING:
@@ -365,10 +366,11 @@ class Client:
                 response)
             response.close()
             del response
-            data = _json(content, prepared.target, status)
+            secrets = self.credentials.secrets()
+            data = _json(content, prepared.target, status, secrets)
             latency = time.perf_counter() - started
-            completion = _completion(prepared, _parse(prepared, data), data, headers, latency, transform_output,
-                                     attempts=attempts)
+            completion = _completion(prepared, _parse(prepared, data, secrets), data, headers, latency, transform_output,
+                                     attempts=attempts, secrets=secrets)
         except BaseException as exc:
             if span is not None:
                 span.failed(exc)
@@ -517,14 +519,15 @@ class Stream:
             content = self._body.read_all()
         except ConnectionError as exc:
             raise self._cut(f"the connection broke ({exc})") from None
-        data = _json(content, self.prepared.target)
+        data = _json(content, self.prepared.target, secrets=self._secrets)
         latency = time.perf_counter() - self._started
-        parsed = _parse(self.prepared, data)
+        parsed = _parse(self.prepared, data, self._secrets)
         self.text = parsed.text
         if parsed.text:
             yield parsed.text
         self.completion = _completion(self.prepared, parsed, data, self._headers, latency,
-                                      self._transform_output, time_to_first_token=latency, attempts=self._attempts)
+                                      self._transform_output, time_to_first_token=latency, attempts=self._attempts,
+                                      secrets=self._secrets)
 
     def _events(self) -> Iterator[str]:
         decoder = _wire.SSEDecoder()
@@ -581,7 +584,8 @@ class Stream:
         latency = time.perf_counter() - self._started
         parsed = _wire.Parsed(self.text, self.text, usage, model, finish)
         self.completion = _completion(self.prepared, parsed, None, self._headers, latency,
-                                      self._transform_output, time_to_first_token=first, attempts=self._attempts)
+                                      self._transform_output, time_to_first_token=first, attempts=self._attempts,
+                                      secrets=self._secrets)
 
     def _cut(self, why: str) -> StreamInterrupted:
         return StreamInterrupted(
@@ -626,20 +630,25 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
-def _parse(prepared: PreparedRequest, data: Any) -> _wire.Parsed:
+def _parse(prepared: PreparedRequest, data: Any, secrets: Sequence[Secret] = ()) -> _wire.Parsed:
     try:
         return _wire.parse_response(prepared.kind, data)
-    except _wire.WireError as exc:
-        raise BadResponse(f"{prepared.target} sent {exc}", target=prepared.target) from None
+    except _wire.WireError as exc:  # it may quote the answer: scrubbed as any server text
+        raise BadResponse(f"{prepared.target} sent {exc}", target=prepared.target, secrets=secrets) from None
 
 
-def _json(content: bytes, target: str, status: int | None = None) -> Any:
+def _json(content: bytes, target: str, status: int | None = None, secrets: Sequence[Secret] = ()) -> Any:
     try:
         return json.loads(content)
-    except ValueError:
-        snippet = content[:200].decode("utf-8", "replace")
+    except ValueError:  # scrubbed whole, then cut: no part of a secret survives the cut
+        snippet = scrub(content.decode("utf-8", "replace"), secrets)[:200]
         raise BadResponse(f"{target} sent an answer that is not JSON: {snippet!r}", target=target,
-                          status=status) from None
+                          status=status, secrets=secrets) from None
+
+
+def _server_text(value: Any, secrets: Sequence[Secret]) -> str | None:
+    """A short field from the server (a request id, a model name), scrubbed and bounded."""
+    return scrub(str(value), secrets)[:200] if value else None
 
 
 def _timeout(timeout: float | None) -> float | None:
@@ -664,7 +673,7 @@ def _attempts(response: requests.Response) -> int:
 
 def _completion(prepared: PreparedRequest, parsed: _wire.Parsed, data: Any, headers: Mapping[str, str],
                 latency: float, transform_output: Transform | None, time_to_first_token: float | None = None,
-                attempts: int = 1) -> Completion:
+                attempts: int = 1, secrets: Sequence[Secret] = ()) -> Completion:
     value = parsed.value
     if transform_output is not None:
         value = _apply_output_transform(transform_output, value)
@@ -677,8 +686,8 @@ def _completion(prepared: PreparedRequest, parsed: _wire.Parsed, data: Any, head
         usage=parsed.usage,
         latency=latency,
         request=prepared.body,
-        request_id=headers.get("x-request-id"),
-        served_model=parsed.served_model or headers.get("served-model-name"),
+        request_id=_server_text(headers.get("x-request-id"), secrets),
+        served_model=_server_text(parsed.served_model or headers.get("served-model-name"), secrets),
         finish_reason=parsed.finish_reason,
         time_to_first_token=time_to_first_token,
         attempts=attempts,

@@ -109,13 +109,13 @@ class RequestError(DbMagicError):
     ):
         self.target = target
         self.status = status
-        self.error_code = error_code
-        self.request_id = request_id
+        self.error_code = scrub(error_code, secrets)[:200] if error_code else error_code
+        self.request_id = scrub(request_id, secrets)[:200] if request_id else request_id
         self.retry_after = retry_after
         if next_step is not None:
             self.next_step = next_step
-        self.server_message = _scrub(server_message, secrets) if server_message else server_message
-        self.what = _scrub(what, secrets)
+        self.server_message = scrub(server_message, secrets) if server_message else server_message
+        self.what = scrub(what, secrets)
         self.attempts = 1
         super().__init__(self._compose())
 
@@ -279,7 +279,7 @@ def parse_error_body(body: bytes | str, secrets: Iterable[Any] = ()) -> tuple[st
     """``(error_code, message)`` from an error body of any shape the workspace sends, scrubbed of
     ``secrets`` and any ``Bearer`` value before anything is cut to length (so no prefix survives)."""
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    text = _scrub(text, secrets).strip()
+    text = scrub(text, secrets).strip()
     if not text:
         return None, None
     try:
@@ -312,8 +312,9 @@ def _html_summary(page: str) -> str:
     return f"an HTML error page: {summary}" if summary else "the server sent an HTML error page"
 
 
-def _scrub(text: str, secrets: Iterable[Any]) -> str:
-    """``text`` without the secrets (plain strings or `Secret`s) and without any ``Bearer`` value."""
+def scrub(text: str, secrets: Iterable[Any] = ()) -> str:
+    """``text`` without the secrets (plain strings or `Secret`s) and without any ``Bearer`` value:
+    the one scrubber every text from a server (or an SDK) goes through before it is shown or stored."""
     from ._secret import reveal
 
     for secret in secrets:

@@ -269,3 +269,32 @@ def test_ctrl_c_ends_a_retry_wait_or_a_blocked_read_within_a_second(workspace):
             client.complete("x", endpoint=CHAT)
         timer.cancel()
         assert time.monotonic() - started < 1.3, fault
+
+
+def test_server_text_is_scrubbed_wherever_it_is_shown_or_stored(shell, workspace, capsys):
+    """On main the request id of an error, a 200 body that is not JSON and the served model of an
+    answer reached the cell, `%dbllm last`, the output metadata and the batch error column as sent."""
+    token = workspace.token
+    hostile = {"x-request-id": f"req-{token}", "served-model-name": f"model-{token}"}
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+              "model": f"m-{token}", "object": "chat.completion"}
+    shown = []
+    workspace.fail(CHAT, 500, headers=hostile)
+    with pytest.raises(UsageError) as error:
+        shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream", "x")
+    shown.append(str(error.value))
+    workspace.fail(CHAT, 200, body=f"<html>oops {token}</html>")
+    with pytest.raises(UsageError) as error:
+        shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream", "x")
+    shown.append(str(error.value))
+    workspace.fail(CHAT, 200, body=answer, headers=hostile)
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream", "x")
+    shell.run_line_magic("dbllm", "last")
+    shown += [repr(o) for o in shell.display_pub.outputs]
+    workspace.fail(CHAT, 200, body=f"not json {token}")
+    result = dbmagic.batch("{{ row }}", ["a"], endpoint=CHAT, progress=False)
+    shown += result.errors
+    shown.append(capsys.readouterr().out)
+    assert "not JSON" in shown[1] and "not JSON" in result.errors[0]
+    assert all(token not in text for text in shown), [t for t in shown if token in t]
+    assert any("req-***" in text for text in shown) and any("model-***" in text or "m-***" in text for text in shown)
