@@ -96,11 +96,13 @@ class Credentials:
         except ConfigurationError:
             raise
         except Exception as exc:  # the SDK or the notebook context failed to give a token now
-            raise ConfigurationError(
-                f"Could not get a token for {self.host} from {self.source} ({self.auth_type}): "
-                f"{_first_line(exc)}. Sign in again (e.g. `databricks auth login --host {self.host}`), "
-                "or reconnect with dbmagic.configure()."
-            ) from None
+            failure = _first_line(exc)
+        # raised outside the handler: no __context__ keeps the SDK's frames (and their credentials) alive
+        raise ConfigurationError(
+            f"Could not get a token for {self.host} from {self.source} ({self.auth_type}): "
+            f"{failure}. Sign in again (e.g. `databricks auth login --host {self.host}`), "
+            "or reconnect with dbmagic.configure()."
+        )
 
     def secrets(self) -> list[Secret]:
         """The secret parts of the auth headers (what messages are scrubbed of)."""
@@ -233,10 +235,13 @@ def resolve_credentials(
             raise ConfigurationError(f"Pass both host= and token= (or neither); {missing} is missing. {_FIX}")
         found = Credentials(normalize_host(host), "explicit arguments", _token=token)
     elif profile:
+        declined = None
         try:
             found = _from_profile(env, profile)
         except _Declined as exc:
-            raise ConfigurationError(f"Profile {profile!r} did not give credentials: {exc}. {_FIX}") from None
+            declined = str(exc)
+        if declined is not None:  # raised outside the handler: no __context__ holds the SDK's frames
+            raise ConfigurationError(f"Profile {profile!r} did not give credentials: {declined}. {_FIX}")
     else:
         tried.append("explicit arguments: none given")
         found = None
@@ -421,8 +426,10 @@ def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[S
          environ: Mapping[str, str] | None = None) -> Credentials:
     """Credentials from databricks-sdk's ``Config`` (imported only here).
 
-    With ``environ``, the SDK's variables are handed over from it explicitly (the SDK itself reads
-    only ``os.environ``), so that what this module was given is what the SDK uses.
+    The SDK on its own merges every ``DATABRICKS_*`` variable over a profile's keys, so a profile
+    could sign in with another workspace's client secret. Here each path gives it one source only:
+    a profile's own keys (the environment not read), or, with ``environ``, the environment's
+    variables handed over explicitly (no profile file read).
     """
     try:
         from databricks.sdk.config import Config
@@ -432,14 +439,18 @@ def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[S
         given = {a.name: environ[a.env] for a in Config.attributes()
                  if a.env and environ.get(a.env) and a.name not in ("host", "profile", "config_file")}
         options = {**given, **options}
+    isolated = _isolated(Config)
 
     def build() -> Any:
+        failure = None
         try:
             # bounded: the SDK's own default waits minutes for a host that does not answer
-            config = Config(host=host, retry_timeout_seconds=30, http_timeout_seconds=10, **options)
+            config = isolated(host=host, retry_timeout_seconds=30, http_timeout_seconds=10, **options)
             config.authenticate()  # fail here, with the source named, rather than at the first request
         except Exception as exc:
-            raise _Declined(f"{source}: {scrub(_first_line(exc), secrets)}") from None
+            failure = f"{source}: {scrub(_first_line(exc), secrets)}"
+        if failure is not None:  # raised outside the handler: no __context__ holds the SDK's credentials
+            raise _Declined(failure)
         return config
 
     config = build()
@@ -449,10 +460,13 @@ def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[S
     lock = threading.Lock()
 
     def reauthenticate() -> None:
+        failure = None
         try:
             fresh = build()
         except _Declined as exc:
-            raise ConfigurationError(f"Could not sign in again: {exc}. {_FIX}") from None
+            failure = str(exc)
+        if failure is not None:
+            raise ConfigurationError(f"Could not sign in again: {failure}. {_FIX}")
         with lock:
             box[0] = fresh
 
@@ -462,6 +476,27 @@ def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[S
         workspace_id=_str_or_none(getattr(config, "workspace_id", None)),
         cluster_id=_str_or_none(getattr(config, "cluster_id", None)),
     )
+
+
+_ISOLATED: dict[type, type] = {}
+
+
+def _isolated(config: type) -> type:
+    """databricks-sdk's ``Config`` that does not fill its attributes from ``os.environ`` (they come
+    from the keyword arguments and the profile only)."""
+    if config not in _ISOLATED:
+        if not callable(getattr(config, "_load_from_env", None)):  # an SDK we do not know: refuse to mix
+            raise _Declined("this databricks-sdk cannot be kept from reading DATABRICKS_* variables; "
+                            "pip install 'databricks-sdk>=0.40'")
+
+        class IsolatedConfig(config):  # type: ignore[misc, valid-type]
+            _attributes = list(config.attributes())  # the SDK lists a class's own attributes only
+
+            def _load_from_env(self) -> None:
+                return None
+
+        _ISOLATED[config] = IsolatedConfig
+    return _ISOLATED[config]
 
 
 def _first_line(exc: Exception) -> str:

@@ -214,3 +214,56 @@ def test_a_personal_access_token_never_loads_the_sdk(workspace):
     out = subprocess.run([sys.executable, "-c", code, workspace.host, workspace.token], capture_output=True,
                          text=True, check=True, env={**os.environ, "HOME": "/nonexistent"})
     assert out.stdout.split() == ["Echo:", "x", "False"]
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_profile_sign_in_sends_only_the_profiles_own_client_secret(clean_env, workspace, other, monkeypatch,
+                                                                      explicit):
+    """On main databricks-sdk merged DATABRICKS_CLIENT_ID/_SECRET of another workspace over the
+    profile's, and the profile's token endpoint received that workspace's secret."""
+    from dbmagic.testing import secret_fingerprint
+
+    mine = workspace.add_service_principal("sp-b")
+    theirs = other.add_service_principal("sp-a")
+    write_profiles(clean_env, f"[b]\nhost = {workspace.host}\nclient_id = sp-b\nclient_secret = {mine}\n")
+    monkeypatch.setenv("DATABRICKS_CLIENT_ID", "sp-a")  # workspace A's service principal, for another tool
+    monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", theirs)
+    if not explicit:
+        monkeypatch.setenv("DATABRICKS_CONFIG_PROFILE", "b")
+    client = Client(profile="b") if explicit else Client()
+    assert client.complete("Hi", endpoint=CHAT).text == "Echo: Hi"
+    assert workspace.client_credentials_seen == [("sp-b", secret_fingerprint(mine))]
+    assert other.requests == []
+
+
+def test_the_environment_sign_in_uses_only_the_environments_keys(clean_env, workspace, other, monkeypatch):
+    from dbmagic.testing import secret_fingerprint
+
+    mine = workspace.add_service_principal("sp-env")
+    theirs = other.add_service_principal("sp-file")
+    write_profiles(clean_env, f"[DEFAULT]\nhost = {other.host}\nclient_id = sp-file\nclient_secret = {theirs}\n")
+    monkeypatch.setenv("DATABRICKS_HOST", workspace.host)
+    monkeypatch.setenv("DATABRICKS_CLIENT_ID", "sp-env")
+    monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", mine)
+    assert Client().complete("Hi", endpoint=CHAT).text == "Echo: Hi"
+    assert workspace.client_credentials_seen == [("sp-env", secret_fingerprint(mine))]
+    assert other.requests == []
+
+
+def test_a_wrong_client_secret_leaves_no_sdk_credentials_behind_the_error(clean_env, workspace):
+    """On main the error's suppressed __context__ kept the SDK's frames, and its credentials, alive."""
+    import traceback
+
+    workspace.add_service_principal("sp-w", "the-right-secret")
+    write_profiles(clean_env, f"[w]\nhost = {workspace.host}\nclient_id = sp-w\nclient_secret = wrong-secret-value\n")
+    with pytest.raises(ConfigurationError, match="invalid_client") as info:
+        Client(profile="w").complete("x", endpoint=CHAT)
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    assert chain == [info.value]
+    for frame, _ in traceback.walk_tb(info.value.__traceback__):
+        for value in frame.f_locals.values():
+            assert not type(value).__module__.startswith("databricks.sdk"), (frame.f_code.co_name, type(value))
+            assert "wrong-secret-value" not in repr(value)

@@ -18,6 +18,7 @@ From a shell: ``python -m dbmagic.testing`` prints the two variables to export, 
 dbmagic never falls back to it by itself.
 """
 
-from ._server import DEFAULT_ENDPOINTS, Endpoint, Fault, LocalWorkspace, RecordedRequest, echo_reply
+from ._server import DEFAULT_ENDPOINTS, Endpoint, Fault, LocalWorkspace, RecordedRequest, echo_reply, secret_fingerprint
 
-__all__ = ["LocalWorkspace", "Endpoint", "Fault", "RecordedRequest", "echo_reply", "DEFAULT_ENDPOINTS"]
+__all__ = ["LocalWorkspace", "Endpoint", "Fault", "RecordedRequest", "echo_reply", "secret_fingerprint",
+           "DEFAULT_ENDPOINTS"]

@@ -140,6 +140,13 @@ _CODES = {400: "BAD_REQUEST", 401: "401", 403: "PERMISSION_DENIED", 404: "RESOUR
           429: "REQUEST_LIMIT_EXCEEDED", 500: "INTERNAL_ERROR", 503: "TEMPORARILY_UNAVAILABLE"}
 
 
+def secret_fingerprint(secret: str) -> str:
+    """A short digest of a client secret: which secret a token endpoint received, without keeping it."""
+    import hashlib
+
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
 def echo_reply(prompt: str, *, system: str | None = None, stop: list[str] | None = None,
                max_tokens: int | None = None) -> tuple[str, str]:
     """The local workspace's deterministic answer: ``(text, finish_reason)``.
@@ -208,6 +215,8 @@ class LocalWorkspace:
         self.workspace_id = "1234567890123456"
         self.token_lifetime = 3600.0
         self.service_principals: dict[str, str] = {}
+        # what the token endpoint was sent: (client_id, secret_fingerprint(client_secret)), never the secret
+        self.client_credentials_seen: list[tuple[str, str]] = []
         self._issued: dict[str, float] = {}  # token -> expiry (time.time())
         self._admitted: dict[str, deque[float]] = {}  # endpoint -> monotonic times within the last second
         self._metadata_path = "/metadata-service/" + secrets.token_hex(8)
@@ -517,6 +526,9 @@ class _Handler(BaseHTTPRequestHandler):
                 client_id, _, secret = base64.b64decode(authorization[6:]).decode().partition(":")
             except ValueError:
                 pass
+        with ws._lock:
+            ws.client_credentials_seen.append((urllib.parse.unquote(client_id),
+                                               secret_fingerprint(urllib.parse.unquote(secret))))
         if form.get("grant_type") != "client_credentials":
             return self._json(400, {"error": "unsupported_grant_type", "error_description": "client_credentials only"})
         expected = ws.service_principals.get(urllib.parse.unquote(client_id))
