@@ -38,7 +38,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from . import tracing
-from .errors import ConfigurationError, DbMagicError, RateLimited, TemplateError
+from .errors import ConfigurationError, DbMagicError, MissingValue, RateLimited, TemplateError
 from .templating import Template
 
 if TYPE_CHECKING:
@@ -227,10 +227,6 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                               "interrupted": interrupted})
     return BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
                        concurrency=pace.limit)
-
-
-class MissingValue(ConfigurationError):
-    """A row whose template value is missing: it was not sent (see ``send_missing``)."""
 
 
 def is_missing(value: Any) -> bool:

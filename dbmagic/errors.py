@@ -5,7 +5,8 @@
     DbMagicError                     base of every dbmagic error
     ├── ConfigurationError           no credentials, a refused host, a bad option
     │   ├── SettingError             an option's value is refused (the same words from every front end)
-    │   └── TemplateError            the prompt template names something undefined, or is not Jinja2
+    │   ├── TemplateError            the prompt template names something undefined, or is not Jinja2
+    │   └── MissingValue             a batch row's template value is missing: the row was not sent
     ├── TransformError               a transform_input/transform_output raised or returned the wrong type
     ├── FormatError                  the answer cannot be shown in the format asked for (-f json)
     └── RequestError                 the workspace answered with an error, or could not be reached
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigurationError",
     "SettingError",
     "TemplateError",
+    "MissingValue",
     "TransformError",
     "FormatError",
     "RequestError",
@@ -67,6 +69,10 @@ class SettingError(ConfigurationError):
 
 class TemplateError(ConfigurationError):
     """A prompt template names something undefined, or is not valid Jinja2."""
+
+
+class MissingValue(ConfigurationError):
+    """A batch row whose template value is missing (None, NaN, NA): it was not sent (``send_missing``)."""
 
 
 class FormatError(DbMagicError):
