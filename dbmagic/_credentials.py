@@ -85,6 +85,9 @@ class Credentials:
     def __post_init__(self) -> None:
         if not isinstance(self._token, Secret):  # a plain string given: kept as a Secret all the same
             object.__setattr__(self, "_token", Secret(self._token))
+        problem = _unsendable(self._token.reveal(), self.source) if self._token else None
+        if problem:  # raised here, where no local holds the token (Verbose tracebacks print locals)
+            raise ConfigurationError(problem)
 
     def headers(self) -> dict[str, str]:
         """The headers that authenticate one request (asked afresh where tokens expire)."""
@@ -92,7 +95,10 @@ class Credentials:
         if self._header_factory is None:
             return {**dict(self.extra_headers), "Authorization": "Bearer " + self._token.reveal()}
         try:
-            return {**dict(self.extra_headers), **self._header_factory()}
+            checked = _sendable({**dict(self.extra_headers), **self._header_factory()}, self.source)
+            if isinstance(checked, str):  # what is wrong; no local here holds the headers
+                raise ConfigurationError(checked)
+            return checked
         except ConfigurationError:
             raise
         except Exception as exc:  # the SDK or the notebook context failed to give a token now
@@ -497,6 +503,31 @@ def _isolated(config: type) -> type:
 
         _ISOLATED[config] = IsolatedConfig
     return _ISOLATED[config]
+
+
+def _unsendable(text: str, source: str, header: str = "Authorization") -> str | None:
+    """Why a token (or a header value) cannot go in an HTTP header, naming what is wrong and where
+    but never the value (requests' own error would quote the header); None when it can."""
+    for position, char in enumerate(text):
+        if char in "\r\n":
+            problem = "a line break"
+        elif not (" " <= char <= "~"):
+            problem = "a character that is not plain ASCII" if ord(char) > 127 else "a control character"
+        else:
+            continue
+        return (f"The {'token' if header == 'Authorization' else header + ' header'} from {source} contains "
+                f"{problem} (at character {position + 1}), which an HTTP header cannot carry. Copy the token "
+                "again, without it, and reconnect with dbmagic.configure().")
+    return None
+
+
+def _sendable(headers: dict[str, str], source: str) -> dict[str, str] | str:
+    """``headers``, or why one of them cannot be sent (see `_unsendable`)."""
+    for name, value in headers.items():
+        problem = _unsendable(str(value), source, name)
+        if problem:
+            return problem
+    return headers
 
 
 def _first_line(exc: Exception) -> str:

@@ -210,6 +210,7 @@ class Transport:
              read_timeout: float) -> tuple[requests.Response | None, RequestError | None, str | None]:
         """One request: ``(response, error, retry reason)``; ``error`` is None for a 2xx answer."""
         host = credentials.host
+        interrupted = False
         try:
             response = self.session.request(
                 method,
@@ -223,6 +224,10 @@ class Transport:
             )
         except requests.RequestException as exc:
             return None, _transport_error(exc, target, host, read_timeout), retry_reason(None, exc)
+        except KeyboardInterrupt:
+            interrupted = True
+        if interrupted:
+            raise clean_interrupt()
         org_id = response.headers.get("x-databricks-org-id")
         if org_id and org_id.isdigit():
             self.org_id = org_id
@@ -284,12 +289,18 @@ class Body:
             return self._response.raw.read1(size)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ConnectionError(exc.__class__.__name__) from None
+        except KeyboardInterrupt:
+            pass  # raised afresh below, outside the handler (see clean_interrupt)
+        raise clean_interrupt()
 
     def read_all(self) -> bytes:
         try:
             return self._response.content
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise ConnectionError(exc.__class__.__name__) from None
+        except KeyboardInterrupt:
+            pass  # raised afresh below, outside the handler (see clean_interrupt)
+        raise clean_interrupt()
 
     def abort(self) -> None:
         sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
@@ -301,6 +312,13 @@ class Body:
 
     def close(self) -> None:
         self._response.close()
+
+
+def clean_interrupt() -> KeyboardInterrupt:
+    """A fresh Ctrl-C for one that came inside requests or urllib3, to be raised outside the handler:
+    its traceback starts at dbmagic's frame, so ``%xmode Verbose`` prints none of their locals (which
+    hold the request's headers, the Authorization header among them)."""
+    return KeyboardInterrupt()
 
 
 class _Bearer(requests.auth.AuthBase):

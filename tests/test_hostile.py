@@ -298,3 +298,33 @@ def test_server_text_is_scrubbed_wherever_it_is_shown_or_stored(shell, workspace
     assert "not JSON" in shown[1] and "not JSON" in result.errors[0]
     assert all(token not in text for text in shown), [t for t in shown if token in t]
     assert any("req-***" in text for text in shown) and any("model-***" in text or "m-***" in text for text in shown)
+
+
+@pytest.mark.parametrize("call", ["complete", "stream"])
+def test_ctrl_c_while_waiting_shows_no_authorization_header_in_a_verbose_traceback(shell, workspace, capsys, call):
+    """On main the interrupt's traceback ran through requests' and urllib3's frames, whose locals
+    (printed by %xmode Verbose) hold the request's headers."""
+    import _thread
+
+    shell.run_line_magic("xmode", "Verbose")
+    workspace.fail(CHAT, delay=2)  # no answer, and for a stream no first byte, until Ctrl-C
+    timer = threading.Timer(0.4, _thread.interrupt_main)
+    timer.start()
+    try:
+        shell.run_cell(f"import dbmagic\nanswer = dbmagic.get_client().{call}('x', endpoint={CHAT!r})\n"
+                       "list(answer) if hasattr(answer, '__iter__') and not isinstance(answer, str) else answer")
+    finally:
+        timer.cancel()
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "KeyboardInterrupt" in out
+    assert "Authorization" not in out and "Bearer" not in out and workspace.token not in out
+    assert "urllib3" not in out and "requests/sessions.py" not in out  # the traceback ends in dbmagic
+
+
+@pytest.mark.parametrize("token, problem", [("dapi-good\nX-Injected: 1", "a line break"),
+                                            ("dapi-tökén", "not plain ASCII"), ("dapi\x7f", "a control character")])
+def test_a_token_http_cannot_carry_is_refused_before_sending_without_showing_it(workspace, token, problem):
+    with pytest.raises(dbmagic.ConfigurationError) as info:
+        Client(host=workspace.host, token=token).complete("x", endpoint=CHAT)
+    assert problem in str(info.value) and token not in str(info.value) and "dapi" not in str(info.value)
+    assert workspace.requests == []
