@@ -81,6 +81,8 @@ class Credentials:
     cluster_id: str | None = None
     extra_headers: tuple[tuple[str, str], ...] = ()
     skipped: tuple[str, ...] = ()
+    # what signs in (a client secret, a password): never sent as such, but scrubbed like the token
+    _sign_in_secrets: tuple[Secret, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self._token, Secret):  # a plain string given: kept as a Secret all the same
@@ -111,9 +113,11 @@ class Credentials:
         )
 
     def secrets(self) -> list[Secret]:
-        """The secret parts of the auth headers (what messages are scrubbed of)."""
+        """The secret parts of the auth headers, and what signs in (a client secret): what every
+        text from a server is scrubbed of."""
         public = {name for name, _ in self.extra_headers}
-        return [Secret(v.split(" ", 1)[-1]) for k, v in self.headers().items() if k not in public and v]
+        return [Secret(v.split(" ", 1)[-1]) for k, v in self.headers().items() if k not in public and v] + list(
+            self._sign_in_secrets)
 
     @property
     def token(self) -> Secret:
@@ -479,6 +483,7 @@ def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[S
     return Credentials(
         normalize_host(config.host), source, auth_type=config.auth_type or "unknown",
         _header_factory=lambda: box[0].authenticate(), _reauthenticate=reauthenticate,
+        _sign_in_secrets=tuple(secrets),
         workspace_id=_str_or_none(getattr(config, "workspace_id", None)),
         cluster_id=_str_or_none(getattr(config, "cluster_id", None)),
     )

@@ -48,11 +48,65 @@ def pytest_runtest_makereport(item, call):
     if report.when != "call":
         return
     texts = [content for _, content in report.sections] + [str(report.longrepr or "")]
-    leaks = sorted({m.group(0)[:20] + "..." for text in texts for m in CANARY.finditer(text)})
+    leaks = canaries_in(texts)
     if leaks:
         report.outcome = "failed"
         report.longrepr = (f"A local workspace secret reached the test's output, logs or error text: {leaks}\n"
                            + CANARY.sub("<secret>", str(report.longrepr or "")))
+
+
+def canaries_in(texts) -> list[str]:
+    """The local workspace secrets (shortened) found in ``texts``."""
+    return sorted({m.group(0)[:20] + "..." for text in texts for m in CANARY.finditer(str(text))})
+
+
+@pytest.fixture(autouse=True)
+def audit_what_users_see(monkeypatch):
+    """The canary audit, for what a test's output capture does not hold: every batch result (its
+    answer and error columns), every compared call's metrics (the compare error column), every
+    display the shell captured, and the state of every live widget (the panel). A secret in any of
+    them fails the test."""
+    import ipywidgets.widgets.widget as widget_module
+
+    from dbmagic import _batch, _compare
+
+    seen: list[object] = []
+    original_init = _batch.BatchResult.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        seen.append(self)
+
+    original_metrics = _compare._metrics
+
+    def recording_metrics(runs):
+        row = original_metrics(runs)
+        seen.append(row)
+        return row
+
+    monkeypatch.setattr(_batch.BatchResult, "__init__", recording_init)
+    monkeypatch.setattr(_compare, "_metrics", recording_metrics)
+    widgets_before = set(widget_module._instances)
+    yield
+    texts: list[str] = []
+    for item in seen:
+        if isinstance(item, _batch.BatchResult):
+            texts += [str(e) for e in item.errors] + [str(t) for t in item.texts] + [repr(item)]
+        else:
+            texts.append(repr(item))
+    shell = InteractiveShell.initialized() and InteractiveShell.instance()
+    if shell and isinstance(shell.display_pub, CapturingDisplayPublisher):
+        texts += [repr(output) for output in shell.display_pub.outputs]
+    for key, w in list(widget_module._instances.items()):
+        if key in widgets_before:
+            continue
+        try:
+            texts.append(repr(w.get_state()))
+        except Exception:  # a widget half torn down: nothing it holds is shown
+            continue
+    leaks = canaries_in(texts)
+    if leaks:
+        pytest.fail(f"A local workspace secret reached a batch or compare column, a display or a widget: {leaks}")
 
 
 class FakeClock:

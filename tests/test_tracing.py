@@ -16,20 +16,34 @@ import dbmagic  # noqa: E402
 from dbmagic import Client, RetryPolicy, StreamInterrupted, tracing  # noqa: E402
 from dbmagic._panel import Panel  # noqa: E402
 
-from .conftest import CHAT, COMPLETIONS, EMBEDDINGS, FakeClock  # noqa: E402
+from .conftest import CHAT, COMPLETIONS, EMBEDDINGS, FakeClock, canaries_in  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory):
-    """One sqlite tracking store for the module (creating one costs seconds of migrations)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def store_dir(tmp_path_factory):
+    """One sqlite tracking store for the module (creating one costs seconds of migrations), its
+    artifacts beside it; afterwards the canary audit reads every byte of both."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    yield folder
+    mlflow.set_tracking_uri(None)
+    texts = [path.read_bytes().decode("latin-1") for path in folder.rglob("*") if path.is_file()]
+    assert texts, "the store is empty: the audit proves nothing"
+    assert canaries_in(texts) == [], "a local workspace secret reached the MLflow store"
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(store_dir):
+    return f"sqlite:///{store_dir / 'mlflow.db'}"
 
 
 @pytest.fixture
-def store(tracking_uri, tmp_path):
+def store(tracking_uri, store_dir, tmp_path):
     """An experiment of its own in the local tracking store, tracing on; off again afterwards."""
     mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.set_experiment(f"dbmagic-{tmp_path.name}")
+    name = f"dbmagic-{tmp_path.name}"
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=(store_dir / "artifacts" / name).as_uri())
+    experiment = mlflow.set_experiment(name)
     dbmagic.autolog()
     yield experiment
     dbmagic.autolog(disable=True)
@@ -220,6 +234,25 @@ def test_a_registry_prompt_renders_its_variables_loops_and_filters_with_the_cell
     shell.run_cell_magic("dbllm", f"-e {CHAT} --prompt prompts:/letter/1 --no-stream", "Cell: {{ topics|length }}")
     sent = [r for r in workspace.requests if r.path.endswith("/invocations")][-1].json["messages"][-1]["content"]
     assert sent == "Dear ADA (me, 1843):\n- tea\n- maths\nmodern\n\nCell: 2"
+def test_traces_of_oauth_calls_and_failures_hold_no_token_or_client_secret(store, workspace, clean_env):
+    """Calls signed in with an OAuth M2M token (from a client secret), answered, failed and
+    streamed, with server text that echoes the secret: the trace holds none of it (and the store
+    audit of `store_dir` reads every byte)."""
+    secret = workspace.add_service_principal("sp-trace")
+    (clean_env / ".databrickscfg").write_text(f"[sp]\nhost = {workspace.host}\nclient_id = sp-trace\n"
+                                               f"client_secret = {secret}\n")
+    client = Client(profile="sp")
+    client.complete("one", endpoint=CHAT)
+    workspace.fail(CHAT, 500, body={"error_code": "INTERNAL_ERROR", "message": f"echo {secret}"},
+                   headers={"x-request-id": f"req-{secret}"})
+    with pytest.raises(dbmagic.ServerError):
+        client.complete("two", endpoint=CHAT)
+    "".join(client.stream("three", endpoint=CHAT))
+    found = traces(store)
+    assert len(found) == 3 and [t.info.state for t in found] == ["OK", "ERROR", "OK"]
+    assert all(canaries_in([t.to_json()]) == [] for t in found)
+
+
 def test_import_and_load_ext_do_not_load_mlflow():
     code = ("import sys, dbmagic; from IPython.core.interactiveshell import InteractiveShell; "
             "InteractiveShell.instance().run_line_magic('load_ext', 'dbmagic'); print('mlflow' in sys.modules)")
