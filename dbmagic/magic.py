@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import shlex
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -61,8 +62,13 @@ from .templating import RegistryTemplate, Template
 
 __all__ = ["DbLLM", "load_ipython_extension", "unload_ipython_extension"]
 
-SUBCOMMANDS = ("whoami", "endpoints", "history", "reset", "last", "panel", "trace", "prompts")
-_TAKE_ARGS = ("history", "reset", "trace")
+# the subcommands' exact grammar: the words each takes after its name ("conversations": names of
+# kept conversations). A line whose first word is a subcommand is that subcommand, or an error.
+_GRAMMAR: dict[str, tuple[str, ...] | str] = {
+    "whoami": (), "endpoints": (), "last": (), "panel": (), "prompts": (),
+    "history": "conversations", "reset": "conversations", "trace": ("on", "off"),
+}
+SUBCOMMANDS = tuple(_GRAMMAR)
 NO_CONFIG = "--no-config"
 # which words on the %%dbllm line are options, and which of them take a value
 _FLAGS: dict[str, bool] = {flag: s.type is not bool for s in settings.SETTINGS for flag in s.flags}
@@ -190,10 +196,9 @@ class DbLLM(_Options):
     # -- the adapter ---------------------------------------------------------------------------
 
     def _run(self, line: str, cell: str | None) -> None:
-        words = line.split()
-        # `%dbllm last week's numbers?` is a prompt: only history, reset and trace take words after them
-        if cell is None and words and words[0] in SUBCOMMANDS and (len(words) == 1 or words[0] in _TAKE_ARGS):
-            return getattr(self, f"_cmd_{words[0]}")(words[1:])
+        command = _subcommand(line) if cell is None else None
+        if command is not None:
+            return getattr(self, f"_cmd_{command[0]}")(command[1])
         argv, prompt = split_options(line)
         args = self.dbllm.parser.parse_args([*argv, "--", prompt] if prompt else argv)  # UsageError if bad
         if cell is not None and args.text:
@@ -383,6 +388,36 @@ class DbLLM(_Options):
         _show_table(["", ""], rows, header=False)
 
 
+def _subcommand(line: str) -> tuple[str, list[str]] | None:
+    """``(subcommand, its words)`` when ``line`` is one (`_GRAMMAR`), None for a prompt; a UsageError
+    for a line that starts like a subcommand but does not follow its grammar, with how to send the
+    line as a prompt instead (after ``--``)."""
+    words = line.split()
+    if not words:
+        return None
+    name, args = words[0], words[1:]
+    as_prompt = f"To send it as a prompt, write %dbllm -- {line.strip()}"
+    listed = "The subcommands: " + ", ".join(SUBCOMMANDS) + "; %dbllm? shows the options."
+    rule = _GRAMMAR.get(name)
+    if rule is None:
+        import difflib
+
+        if len(words) == 1 and (name.lower() in ("help", "-h", "commands") or
+                                difflib.get_close_matches(name.lower(), SUBCOMMANDS, n=1, cutoff=0.75)):
+            raise UsageError(f"{name!r} is not a subcommand of %dbllm. {listed} {as_prompt}.")
+        return None
+    if rule == "conversations":
+        kept = get_client().conversations.keys()
+        unknown = [a for a in args if a not in kept]
+        if unknown:
+            raise UsageError(f"%dbllm {name} takes the names of kept conversations ({', '.join(kept) or 'none yet'}), "
+                             f"not {' '.join(unknown)!r}. {as_prompt}.")
+    elif len(args) > (1 if rule else 0) or any(a not in rule for a in args):
+        takes = f"{' or '.join(rule)} (or nothing)" if rule else "no words after it"
+        raise UsageError(f"%dbllm {name} takes {takes}. {as_prompt}.")
+    return name, args
+
+
 def _show_table(headers: list[str], rows: list[list[str]], *, header: bool = True) -> None:
     from IPython.display import display
 
@@ -459,12 +494,34 @@ def _word_spans(line: str) -> Iterator[tuple[int, int]]:
         yield start, min(i, n)
 
 
+_LINE_MAGIC = re.compile(r"^(?P<indent>[ \t]*)%dbllm(?P<rest>[ \t].*)?$")
+
+
+def whole_dbllm_lines(lines: list[str]) -> list[str]:
+    """IPython input transformer (a cleanup one, run before IPython reads ``?`` as a help request):
+    a ``%dbllm`` line that ends in ``?`` reaches the magic whole, so ``%dbllm How are you?`` is a
+    prompt and not "Object `you` not found". ``%dbllm?`` and ``%%dbllm`` cells are left as they are."""
+    if not lines or lines[0].lstrip().startswith("%%"):
+        return lines
+    out = []
+    for line in lines:
+        match = _LINE_MAGIC.match(line.rstrip("\r\n"))
+        rest = (match.group("rest") or "").strip() if match else ""
+        if match and rest.endswith("?") and not line.rstrip().endswith("\\"):
+            line = f"{match.group('indent')}get_ipython().run_line_magic('dbllm', {rest!r})\n"
+        out.append(line)
+    return out
+
+
 def load_ipython_extension(ipython: Any) -> None:
     magics = DbLLM(shell=ipython, parent=ipython)
     ipython.register_magics(magics)
     unload_ipython_extension(ipython)  # a second %load_ext/%reload_ext replaces, not duplicates
     ipython.configurables.append(magics)
+    ipython.input_transformers_cleanup.append(whole_dbllm_lines)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, DbLLM)]
+    transformers = getattr(ipython, "input_transformers_cleanup", [])
+    transformers[:] = [t for t in transformers if getattr(t, "__name__", "") != whole_dbllm_lines.__name__]

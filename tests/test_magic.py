@@ -33,6 +33,10 @@ def sent(workspace):
     return [r for r in workspace.requests if r.method == "POST"][-1]
 
 
+def invocations(workspace):
+    return [r for r in workspace.requests if r.path.endswith("/invocations")]
+
+
 def cell(ip, line, body):
     return ip.run_cell_magic("dbllm", line, body)
 
@@ -269,10 +273,47 @@ def test_chat_history_reset(shell, workspace, capsys):
         cell(shell, f"-e {COMPLETIONS} --chat", "x")
 
 
-def test_a_prompt_may_start_with_a_subcommand_word(shell, workspace):
+def test_subcommands_have_an_exact_grammar_and_a_prompt_is_never_swallowed(shell, workspace):
+    """On main `history of Rome` ran the history subcommand and `help` went to the model."""
     shell.run_line_magic("config", f'DbLLM.endpoint = "{CHAT}"')
-    shell.run_line_magic("dbllm", "last week's numbers?")
-    assert sent(workspace).json["messages"][-1]["content"] == "last week's numbers?"
+    for line, words in [("history of Rome", "takes the names of kept conversations"),
+                        ("reset my password", "takes the names of kept conversations"),
+                        ("last week's numbers?", "takes no words after it"),
+                        ("endpoints extra", "takes no words after it"), ("trace maybe", "takes on or off"),
+                        ("help", "'help' is not a subcommand"), ("endpoint", "'endpoint' is not a subcommand")]:
+        with pytest.raises(UsageError, match=words) as info:
+            shell.run_line_magic("dbllm", line)
+        assert f"write %dbllm -- {line}" in str(info.value)
+        assert "whoami, endpoints, last, panel, prompts, history, reset, trace" in str(info.value) or "takes" in words
+    assert invocations(workspace) == []
+    shell.run_line_magic("dbllm", "-- last week's numbers?")
+    shell.run_line_magic("dbllm", "Last week's numbers?")  # not a subcommand: a prompt
+    assert [r.json["messages"][-1]["content"] for r in invocations(workspace)] == [
+        "last week's numbers?", "Last week's numbers?"]
+
+
+def test_a_line_ending_in_a_question_mark_is_a_prompt_not_a_help_request(shell, workspace):
+    shell.run_line_magic("config", f'DbLLM.endpoint = "{CHAT}"')
+    shell.run_cell("%dbllm How are you?\n%dbllm --no-stream -5 degrees?\nif True:\n    %dbllm What is my name?")
+    assert [r.json["messages"][-1]["content"] for r in invocations(workspace)] == [
+        "How are you?", "-5 degrees?", "What is my name?"]
+    assert shell.run_cell("%dbllm?").success  # the magic's own help still works
+
+
+def test_a_question_in_a_real_kernel_reaches_the_endpoint(workspace, monkeypatch):
+    """The `?` case as a notebook runs it: a kernel of its own, through nbclient (on main IPython
+    printed "Object `you` not found." and the cell passed, sending nothing)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("DATABRICKS_HOST", workspace.host)
+    monkeypatch.setenv("DATABRICKS_TOKEN", workspace.token)
+    cells = ["%load_ext dbmagic", f"%dbllm -e {CHAT} --no-stream How are you?",
+             f"%dbllm -e {CHAT} --no-stream -5 degrees?"]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(notebook, timeout=60, kernel_name="python3").execute()
+    assert [r.json["messages"][-1]["content"] for r in invocations(workspace)] == ["How are you?", "-5 degrees?"]
+    shown = "".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in notebook.cells[1].outputs)
+    assert "Echo: How are you?" in shown
 
 
 def test_whoami_endpoints_last(shell, workspace):
@@ -296,7 +337,7 @@ def test_whoami_endpoints_last(shell, workspace):
     (f"-e {CHAT} -t nan", "argument -t/--temperature: temperature must be a finite number; got 'nan'."),
     (f"-e {CHAT} --max-tokens many", "max_tokens must be a whole number; got 'many'."),
     (f"-e {CHAT} --max-tokens 0", "max_tokens must be at least 1; got '0'."),
-    (f"-e {CHAT} --timeout -1", "timeout must be above 0; got '-1'."),
+    (f"-e {CHAT} --timeout -1", "timeout must be above 0 and at most 3600; got '-1'."),
     (f"-e {CHAT} --timeout inf", "timeout must be a finite number; got 'inf'."),
     (f"-e {CHAT} -f yaml", "format must be one of markdown, text, code, json, html; got 'yaml'."),
     (f"-e {CHAT} -p top_p=Infinity", "Infinity is not a finite number, and JSON cannot carry it."),
