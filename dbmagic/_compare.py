@@ -59,12 +59,28 @@ def cells(values: Mapping[str, Any], axes: Mapping[str, list[Any]]) -> list[tupl
             cell["cluster_id"] = cell["port"] = None
         label = " · ".join(str(v) if n == "endpoint" else f"{_SHORT.get(n, n)}={_brief(v)}" for n, v in zip(names, combo, strict=True))
         out.append((label or str(values.get("endpoint") or "call"), cell))
-    return out
+    return _unique(out)
 
 
 def _brief(value: Any) -> str:
     text = str(value).replace("\n", " ")
     return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _unique(compared: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """Labels cut short can collide (two long --system values): number them, so no column (nor,
+    with --over, an answer column) is lost."""
+    counts: dict[str, int] = {}
+    for label, _ in compared:
+        counts[label] = counts.get(label, 0) + 1
+    seen: dict[str, int] = {}
+    out = []
+    for label, cell in compared:
+        if counts[label] > 1:
+            seen[label] = seen.get(label, 0) + 1
+            label = f"{label} #{seen[label]}"
+        out.append((label, cell))
+    return out
 
 
 class _Column:

@@ -47,7 +47,7 @@ import argparse
 import contextlib
 import re
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -142,8 +142,21 @@ def _argparse_options(s: settings.Setting) -> dict[str, Any]:
         options["metavar"] = "{" + ",".join(s.choices) + "}"
     if s.repeatable or s.sweep:
         options["action"] = "append"
+    else:
+        options["action"] = _Once
     options["type"] = _converter(s)
     return options
+
+
+class _Once(argparse.Action):
+    """An option that takes one value: given twice on a line, it is an error, never silently the last."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            hint = (" Give the endpoints once, comma-separated (--compare A,B), or as -e A -e B."
+                    if self.dest == "compare" else "")
+            raise argparse.ArgumentError(self, f"given twice; it takes one value.{hint}")
+        setattr(namespace, self.dest, values)
 
 
 def _converter(s: settings.Setting) -> Callable[[str], Any]:
@@ -377,15 +390,35 @@ class DbLLM(_Options):
         _show_table(["name", "latest version", "use with"], [[n, v, f"--prompt {u}"] for n, v, u in rows])
 
     def _cmd_last(self, args: list[str]) -> None:
-        completion = self.shell.user_ns.get(_cell.LAST)
-        if completion is None:
+        """The last answer (`_dbllm`): one call's details, a batch's summary, or one row per
+        compared call (an answer, an error, or a batch over rows)."""
+        from ._batch import BatchResult
+
+        last = self.shell.user_ns.get(_cell.LAST)
+        if last is None:
             raise UsageError("No answer yet in this kernel.")
-        usage = completion.usage or {}
-        rows = [["endpoint", completion.endpoint], ["served model", completion.served_model or ""],
-                ["finish", completion.finish_reason or ""], ["latency", f"{completion.latency * 1000:.0f} ms"],
-                ["tokens", " / ".join(f"{k.split('_')[0]} {v}" for k, v in usage.items())],
-                ["request id", completion.request_id or ""]]
-        _show_table(["", ""], rows, header=False)
+        if isinstance(last, BatchResult):
+            print(last.summary())
+        elif isinstance(last, Mapping):  # a comparison: label -> Completion, error, or BatchResult (--over)
+            rows = [[label] + (["", "", "", "", "", f"{v.summary()}"] if isinstance(v, BatchResult) else _last_row(v))
+                    for label, v in last.items()]
+            _show_table(["compared", "endpoint", "served model", "finish", "latency", "tokens", "error"], rows)
+        else:
+            endpoint, model, finish, latency, tokens, _ = _last_row(last)
+            rows = [["endpoint", endpoint], ["served model", model], ["finish", finish], ["latency", latency],
+                    ["tokens", tokens], ["request id", last.request_id or ""]]
+            _show_table(["", ""], rows, header=False)
+
+
+def _last_row(item: Any) -> list[str]:
+    """endpoint, served model, finish, latency, tokens and error of one call's outcome."""
+    if isinstance(item, Exception):
+        return [getattr(item, "target", "") or "", "", "", "", "", str(item)]
+    if item is None:
+        return ["", "", "", "", "", "not run"]
+    usage = item.usage or {}
+    return [item.endpoint, item.served_model or "", item.finish_reason or "", f"{item.latency * 1000:.0f} ms",
+            " / ".join(f"{k.split('_')[0]} {v}" for k, v in usage.items()), ""]
 
 
 def _subcommand(line: str) -> tuple[str, list[str]] | None:

@@ -8,7 +8,7 @@ from IPython.core.error import UsageError
 
 from dbmagic._compare import Comparison
 
-from .conftest import CHAT, COMPLETIONS
+from .conftest import CHAT, COMPLETIONS, EMBEDDINGS
 
 AGENT = "local-responses-agent"
 
@@ -101,3 +101,21 @@ def test_chat_is_refused_and_dry_run_shows_each_request(shell, workspace):
     shown = [o["data"]["text/plain"] for o in shell.display_pub.outputs[-2:]]
     assert '"messages"' in shown[0] and '"prompt": "Hi"' in shown[1]
     assert invocations(workspace) == []
+
+
+def test_long_swept_values_keep_a_column_each_and_compare_is_not_dropped(shell, workspace):
+    """On main two --system values alike in their first 21 characters made one column, and
+    `--compare A --compare B` kept only B."""
+    long_a, long_b = "You are a careful assistant. Answer in French.", "You are a careful assistant. Answer in German."
+    shell.run_cell_magic("dbllm", f'-e {CHAT} --system "{long_a}" --system "{long_b}" --no-stream -o both', "x")
+    result = shell.user_ns["both"]
+    assert len(result) == 2 and len(set(result)) == 2
+    assert sorted(result[label].text for label in result) == [f"[{long_a}] Echo: x", f"[{long_b}] Echo: x"]
+    shell.user_ns["rows"] = ["r"]
+    shell.run_cell_magic("dbllm", f'-e {CHAT} --system "{long_a}" --system "{long_b}" --over rows -o table',
+                         "{{ row }}")
+    assert len(shell.user_ns["table"]) == 2
+    with pytest.raises(UsageError, match="--compare: given twice.*--compare A,B"):
+        shell.run_cell_magic("dbllm", f"--compare {CHAT} --compare {EMBEDDINGS}", "x")
+    with pytest.raises(UsageError, match="--timeout: given twice"):
+        shell.run_cell_magic("dbllm", f"-e {CHAT} --timeout 5 --timeout 9", "x")

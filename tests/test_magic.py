@@ -332,6 +332,23 @@ def test_whoami_endpoints_last(shell, workspace):
     assert "tokens        prompt 2 / completion 3 / total 5" in shown(shell)["text/plain"]
 
 
+def test_last_after_a_batch_a_comparison_and_both(shell, workspace, capsys):
+    """On main each raised a raw AttributeError."""
+    shell.user_ns["rows"] = ["a", "b"]
+    cell(shell, f"-e {CHAT} --over rows", "{{ row }}")
+    capsys.readouterr()
+    shell.run_line_magic("dbllm", "last")
+    assert "2 rows in" in capsys.readouterr().out
+    cell(shell, f"-e {CHAT} -e no-such-endpoint --no-stream", "x")
+    shell.run_line_magic("dbllm", "last")
+    table = shown(shell)["text/plain"]
+    assert table.splitlines()[0].split()[:3] == ["compared", "endpoint", "served"]
+    assert CHAT in table and "no-such-endpoint" in table and "not found" in table
+    cell(shell, f"-e {CHAT} -t 0 -t 1 --over rows", "{{ row }}")
+    shell.run_line_magic("dbllm", "last")
+    assert shown(shell)["text/plain"].count("2 rows in") == 2
+
+
 @pytest.mark.parametrize("line, message", [
     (f"-e {CHAT} -t hot", "argument -t/--temperature: temperature must be a number; got 'hot'."),
     (f"-e {CHAT} -t nan", "argument -t/--temperature: temperature must be a finite number; got 'nan'."),
