@@ -144,7 +144,9 @@ class EndpointInfo:
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """Exactly what a call will send (what ``--dry-run`` shows)."""
+    """Exactly what a call will send (what ``--dry-run`` shows). ``name`` is the endpoint's name (or
+    ``CLUSTER:PORT`` for a driver-proxy app), as data; ``target`` the label messages use
+    (``endpoint 'name'``)."""
 
     kind: str
     target: str
@@ -152,6 +154,7 @@ class PreparedRequest:
     body: dict[str, Any]
     host: str
     stream: bool = False
+    name: str = ""
 
     @property
     def url(self) -> str:
@@ -173,7 +176,11 @@ class Completion:
 
     ``value`` is what ``transform_output`` returned (else the natural value: the text for chat and
     completions, the vectors for embeddings, ``predictions[0]`` for custom models, the JSON value for
-    proxy apps); ``text`` is the answer as text; ``raw`` the parsed JSON the server sent.
+    proxy apps); ``text`` is the answer as text; ``raw`` the parsed JSON the server sent (for a
+    streamed answer, the last event that carried data). ``endpoint`` is the endpoint's name
+    (``CLUSTER:PORT`` for a driver-proxy app) and ``kind`` its request kind. ``latency`` and
+    ``time_to_first_token`` are in **seconds** (what is shown is in ms: ``latency_ms``).
+    ``finish_reason`` is ``length`` when ``max_tokens`` cut the answer.
     """
 
     text: str
@@ -324,7 +331,7 @@ class Client:
         o = _checked_options(options, "prepare")
         if endpoint is not None:
             endpoint = settings.coerce("endpoint", endpoint)
-        kind, path, target = self._target(endpoint, o["cluster_id"], o["port"], o["org_id"], o["task"])
+        kind, path, target, name = self._target(endpoint, o["cluster_id"], o["port"], o["org_id"], o["task"])
         request = _wire.seed_request(
             prompt,
             {"temperature": o["temperature"], "max_tokens": o["max_tokens"], "stop": o["stop"] or None, "n": o["n"],
@@ -335,7 +342,7 @@ class Client:
         body = _wire.build_body(kind, request, system=o["system"], history=o["history"] or (), stream=stream)
         _check_json(body)
         return PreparedRequest(kind, target, path, body, self.credentials.host,
-                               stream=stream and kind in _wire.STREAMING_KINDS)
+                               stream=stream and kind in _wire.STREAMING_KINDS, name=name)
 
     @_with_call_options
     def complete(self, prompt: Any, endpoint: str | None = None, *, transform_output: Transform | None = None,
@@ -416,7 +423,8 @@ class Client:
             )
         if endpoint:
             kind = _wire.kind_for(task) if task else self.endpoint(endpoint).kind
-            return kind, f"/serving-endpoints/{quote(endpoint, safe='')}/invocations", f"endpoint {endpoint!r}"
+            return (kind, f"/serving-endpoints/{quote(endpoint, safe='')}/invocations", f"endpoint {endpoint!r}",
+                    endpoint)
         if port:
             creds = self.credentials
             cluster_id = cluster_id or creds.cluster_id
@@ -428,7 +436,7 @@ class Client:
             org_id = org_id or creds.workspace_id or org_id_from_host(creds.host) or self._org_id()
             cluster_id, org_id = settings.coerce("cluster_id", cluster_id), settings.coerce("org_id", org_id)
             path = f"/driver-proxy-api/o/{quote(str(org_id), safe='')}/{quote(cluster_id, safe='')}/{int(port)}"
-            return _wire.PROXY, path, f"proxy app on cluster {cluster_id} port {port}"
+            return _wire.PROXY, path, f"proxy app on cluster {cluster_id} port {port}", f"{cluster_id}:{port}"
         raise ConfigurationError(
             "No endpoint given: pass endpoint= (--endpoint NAME, or %config DbLLM.endpoint = NAME), "
             "or cluster_id= and port= for a driver-proxy app. `%dbllm endpoints` lists the endpoints."
@@ -510,7 +518,7 @@ class Stream:
     def partial(self, why: str) -> Completion:
         """A `Completion` of what arrived, for an answer that did not end normally (``why``:
         ``cut``, ``stopped`` or ``interrupted``)."""
-        return Completion(text=self.text, value=self.text, endpoint=self.prepared.target, kind=self.prepared.kind,
+        return Completion(text=self.text, value=self.text, endpoint=self.prepared.name or self.prepared.target, kind=self.prepared.kind,
                           latency=time.perf_counter() - self._started, request=self.prepared.body,
                           finish_reason=why, attempts=self._attempts)
 
@@ -536,6 +544,7 @@ class Stream:
         finish: str | None = None
         model: str | None = None
         first: float | None = None
+        last: Any = None  # the last event, kept as the completion's raw (its usage, finish reason, ids)
         done = False
         while True:
             if self.cancelled:
@@ -567,6 +576,7 @@ class Stream:
                     code, message = parse_error_body(event, self._secrets)
                     raise self._cut(f"an error mid-stream: {message or code}")
                 piece, chunk_usage, chunk_finish = reader.read(data)
+                last = data
                 usage = chunk_usage or usage
                 finish = chunk_finish or finish
                 model = data.get("model") or model
@@ -583,7 +593,7 @@ class Stream:
                 break
         latency = time.perf_counter() - self._started
         parsed = _wire.Parsed(self.text, self.text, usage, model, finish)
-        self.completion = _completion(self.prepared, parsed, None, self._headers, latency,
+        self.completion = _completion(self.prepared, parsed, last, self._headers, latency,
                                       self._transform_output, time_to_first_token=first, attempts=self._attempts,
                                       secrets=self._secrets)
 
@@ -680,7 +690,7 @@ def _completion(prepared: PreparedRequest, parsed: _wire.Parsed, data: Any, head
     return Completion(
         text=value if isinstance(value, str) else parsed.text,
         value=value,
-        endpoint=prepared.target,
+        endpoint=prepared.name or prepared.target,
         kind=prepared.kind,
         raw=data,
         usage=parsed.usage,

@@ -85,6 +85,7 @@ def output_metadata(completion: Any) -> dict[str, Any]:
     """What a notebook user can audit about an answer, stored in the output's metadata."""
     return {"dbmagic": {
         "endpoint": completion.endpoint,
+        "kind": completion.kind,
         "served_model": completion.served_model,
         "usage": completion.usage,
         "latency_ms": round(completion.latency * 1000, 1),

@@ -90,7 +90,7 @@ class CallSpan:
         self.span = mlflow.start_span_no_context(
             name=prepared.target, span_type=_SPAN_TYPES.get(prepared.kind, "LLM"),
             parent_span=mlflow.get_current_active_span(), inputs=body,
-            attributes={"dbmagic.endpoint": prepared.target, "dbmagic.task": prepared.kind,
+            attributes={"dbmagic.endpoint": prepared.name or prepared.target, "dbmagic.task": prepared.kind,
                         "dbmagic.host": prepared.host, "dbmagic.params": params, "dbmagic.stream": prepared.stream},
         )
 
@@ -102,7 +102,8 @@ class CallSpan:
                   "total_tokens": usage.get("total_tokens")}
         if any(v is not None for v in tokens.values()):
             attributes["mlflow.chat.tokenUsage"] = {k: v for k, v in tokens.items() if v is not None}
-        outputs = completion.raw if completion.raw is not None else completion.text
+        # a whole answer's JSON; for a stream the text it made (its raw is only the last event)
+        outputs = completion.raw if completion.raw is not None and not self.prepared.stream else completion.text
         self.span.end(outputs=outputs, attributes=attributes, status="OK")
 
     def partial(self, completion: Completion, error: BaseException | None = None) -> None:

@@ -34,7 +34,7 @@ def test_endpoints_are_asked_at_the_same_time_in_the_order_given(shell, workspac
     models = [c["served_model"] for c in final(shell)["metadata"]["dbmagic"]["compare"]]
     assert models == ["local-instruct", "meta-llama-3.3-70b-instruct", None]
     assert [c["endpoint"] for c in final(shell)["metadata"]["dbmagic"]["compare"]] == [
-        f"endpoint '{COMPLETIONS}'", f"endpoint '{CHAT}'", f"endpoint '{AGENT}'"]
+        COMPLETIONS, CHAT, AGENT]  # the names, as data (on main the label "endpoint 'x'")
 
 
 def test_one_endpoint_failing_does_not_hide_the_others(shell, workspace):

@@ -52,7 +52,7 @@ def test_chat_prompt_with_every_call_option(shell, workspace):
     assert shown(shell) == {"text/markdown": "[Be brief.] Echo: Hello there",
                             "text/plain": "[Be brief.] Echo: Hello there"}
     meta = shell.display_pub.outputs[-1]["metadata"]["dbmagic"]
-    assert meta["endpoint"] == f"endpoint '{CHAT}'"
+    assert meta["endpoint"] == CHAT and meta["kind"] == "chat"  # the name and kind as data, not a label
     assert meta["served_model"] == "meta-llama-3.3-70b-instruct"
     assert meta["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
     assert meta["latency_ms"] == round(shell.user_ns[LAST].latency * 1000, 1)
@@ -417,3 +417,11 @@ def test_live_output_throttles_updates():
     out.finish("final")
     assert 20 <= len(published) <= 22
     assert published[0] == "0 " and published[-1] == "final"
+
+
+def test_a_streamed_answer_keeps_its_last_event_as_raw(shell, workspace):
+    """The README says the whole Completion is in _dbllm; on main `raw` was None after a stream."""
+    cell(shell, f"-e {CHAT}", "x")
+    last = shell.user_ns["_dbllm"]
+    assert last.text == "Echo: x" and isinstance(last.raw, dict) and last.raw["object"] == "chat.completion.chunk"
+    assert last.endpoint == CHAT and last.kind == "chat"

@@ -72,7 +72,7 @@ def test_send_streams_into_the_panel_with_template_system_and_parameters(panel, 
         "temperature": 0.3, "max_tokens": 50, "stop": ["four"], "stream": True}
     assert answer(panel) == {"text/plain": "[Be brief.] Echo: Hello world, one two three "}
     assert len([s for s in shown if s]) >= 2  # streamed: the first piece, then the final answer
-    assert f"endpoint '{CHAT}' (meta-llama-3.3-70b-instruct) · " in status(panel)
+    assert f"{CHAT} (meta-llama-3.3-70b-instruct) · " in status(panel)
     assert " ms · 8 → 8 tokens" in status(panel)
     assert shell.user_ns[LAST].text == "[Be brief.] Echo: Hello world, one two three "
     assert dbmagic.panel_result() is panel.result is shell.user_ns[LAST]
