@@ -177,6 +177,9 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
 
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be a whole number of at least 1; got {concurrency!r}.")
+    from .client import refuse_unknown_options
+
+    refuse_unknown_options(options, "dbmagic.batch")
     client = client or get_client()
     namespace = dict(namespace or {})
     contexts, columns, originals = _contexts(rows)

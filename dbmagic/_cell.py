@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # the client (and requests) load with the first call, not wit
 __all__ = ["CallSpec", "run_prompt", "dry_run", "LAST"]
 
 LAST = "_dbllm"
+CUT_AT_LIMIT = ("The answer was cut at the token limit (finish_reason=length): raise --max-tokens "
+                "(max_tokens=) for the rest.")
 
 
 def prepare(spec: CallSpec, template: str | Template, namespace: MutableMapping[str, Any], client: Client,
@@ -38,11 +40,9 @@ def prepare(spec: CallSpec, template: str | Template, namespace: MutableMapping[
     history = client.conversations.get(spec.target_key) if spec.chat else ()
     options = {name: getattr(spec, name) for name in CLIENT_OPTIONS}
     prepared = client.prepare(prompt, history=history, transform_input=t_in, stream=stream, **options)
-    if spec.chat and prepared.kind not in _wire.CONVERSATIONAL:
-        raise ConfigurationError(
-            f"--chat keeps a conversation with a chat or agent endpoint, and {prepared.target} takes "
-            f"{prepared.kind} requests. Drop --chat, or use a chat or agent endpoint."
-        )
+    problem = _wire.not_for_kind("--chat", prepared.kind, prepared.target) if spec.chat else None
+    if problem:
+        raise ConfigurationError(problem)
     return prepared, t_out
 
 
@@ -107,6 +107,8 @@ def run_prompt(spec: CallSpec, template: str | Template, namespace: MutableMappi
     if spec.chat:
         client.conversations.add(spec.target_key, _wire.user_turn(prepared.kind, prepared.body), completion.text)
     live.finish(completion.value, output_metadata(completion))
+    if completion.finish_reason == "length":
+        print(CUT_AT_LIMIT)
     return completion
 
 

@@ -491,4 +491,5 @@ def _summary(completion: Completion) -> str:
     tokens = (f" · {usage.get('prompt_tokens', '?')} → {usage.get('completion_tokens', '?')} tokens"
               if usage else "")
     model = f" ({completion.served_model})" if completion.served_model else ""
-    return f"{completion.endpoint}{model} · {completion.latency * 1000:.0f} ms{tokens}"
+    cut = " · cut at the token limit: raise Max tokens" if completion.finish_reason == "length" else ""
+    return f"{completion.endpoint}{model} · {completion.latency * 1000:.0f} ms{tokens}{cut}"

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any
 
+from ._wire import with_article
+
 __all__ = ["LIMITS", "Limited", "plain", "compile_untrusted", "render_untrusted", "RESERVED"]
 
 LIMITS = {"chars": 2_000_000, "loop items": 100_000, "seconds": 5.0, "source chars": 200_000, "depth": 32}
@@ -82,13 +84,9 @@ def plain(value: Any, name: str, _depth: int = 0, _seen: frozenset[int] = frozen
             return out
         return [plain(item, f"{name}[{i}]", _depth + 1, seen) for i, item in enumerate(value)]
     raise Limited(
-        f"its variable {name!r} is {_a(kind.__name__)}, and a registry prompt takes plain data only (text, "
+        f"its variable {name!r} is {with_article(kind.__name__)}, and a registry prompt takes plain data only (text, "
         "numbers, True/False, None, and lists and dicts of them), never objects, functions or modules"
     )
-
-
-def _a(noun: str) -> str:
-    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
 
 
 def _weight(value: Any, budget: int) -> int:

@@ -54,6 +54,24 @@ def seed_request(prompt: Any, params: dict[str, Any]) -> dict[str, Any]:
     return request
 
 
+# the options only conversational kinds can use, and what each does there
+_CONVERSATIONAL_ONLY = {"--chat": "keeps a conversation", "--system": "sets the system prompt"}
+
+
+def not_for_kind(option: str, kind: str, target: str) -> str | None:
+    """The one rule for an option a kind cannot use (``--chat``, ``--system`` on an embeddings or
+    completions endpoint): the message that refuses it before anything is sent, or None."""
+    if kind in CONVERSATIONAL or option not in _CONVERSATIONAL_ONLY:
+        return None
+    return (f"{option} {_CONVERSATIONAL_ONLY[option]} with a chat or agent endpoint, and {target} takes {kind} "
+            f"requests. Drop {option} (or its %config DbLLM default), or use a chat or agent endpoint.")
+
+
+def with_article(noun: str) -> str:
+    """``a list``, ``an object``."""
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
 def build_body(
     kind: str,
     request: dict[str, Any],
@@ -211,7 +229,7 @@ def json_problem(value: Any, path: str = "the request") -> str | None:
             if found:
                 return found
         return None
-    return f"{path} is a {type(value).__name__}"
+    return f"{path} is {with_article(type(value).__name__)}"
 
 
 class SSEDecoder:

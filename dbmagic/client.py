@@ -79,13 +79,17 @@ class CallOptions(TypedDict, total=False):
     transform_input: Transform | None
 
 
-def _checked_options(options: Mapping[str, Any], method: str) -> dict[str, Any]:
-    """Every `CallOptions` key, with the given values checked (unknown names are a TypeError, as
-    for any Python call)."""
+def refuse_unknown_options(options: Mapping[str, Any], called: str) -> None:
+    """An unknown keyword is a TypeError, as for any Python call, naming what the user called."""
     unknown = sorted(set(options) - set(CallOptions.__annotations__))
     if unknown:
-        raise TypeError(f"Client.{method}() got an unexpected keyword argument {unknown[0]!r}; its options are "
+        raise TypeError(f"{called}() got an unexpected keyword argument {unknown[0]!r}; its options are "
                         + ", ".join(CallOptions.__annotations__) + " (request fields go in extra_params=).")
+
+
+def _checked_options(options: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """Every `CallOptions` key, with the given values checked (see `refuse_unknown_options`)."""
+    refuse_unknown_options(options, f"Client.{method}")
     checked: dict[str, Any] = {name: None for name in CallOptions.__annotations__}
     for name, value in options.items():
         if name in settings.CLIENT_OPTIONS and value is not None:
@@ -339,6 +343,9 @@ class Client:
         )
         if o["transform_input"] is not None:
             request = _apply_input_transform(o["transform_input"], request)
+        problem = _wire.not_for_kind("--system", kind, target) if o["system"] else None
+        if problem:  # never silently dropped
+            raise ConfigurationError(problem)
         body = _wire.build_body(kind, request, system=o["system"], history=o["history"] or (), stream=stream)
         _check_json(body)
         return PreparedRequest(kind, target, path, body, self.credentials.host,
@@ -353,6 +360,7 @@ class Client:
         app. ``transform_output(value) -> value`` reads the answer; ``timeout`` bounds the wait (seconds).
         The other options are `CallOptions`.
         """
+        refuse_unknown_options(options, "Client.complete")
         prepared = self.prepare(prompt, endpoint, **options)
         return self.send(prepared, transform_output=transform_output, timeout=timeout)
 
@@ -395,6 +403,7 @@ class Client:
         as one piece. After the loop, ``stream.completion`` holds the `Completion`. A cut stream
         raises `StreamInterrupted`, whose ``.partial`` (and ``stream.text``) keep what arrived.
         """
+        refuse_unknown_options(options, "Client.stream")
         prepared = self.prepare(prompt, endpoint, stream=True, **options)
         return self.open_stream(prepared, transform_output=transform_output, timeout=timeout)
 

@@ -328,3 +328,26 @@ def test_a_token_http_cannot_carry_is_refused_before_sending_without_showing_it(
         Client(host=workspace.host, token=token).complete("x", endpoint=CHAT)
     assert problem in str(info.value) and token not in str(info.value) and "dapi" not in str(info.value)
     assert workspace.requests == []
+
+
+def test_messages_name_what_the_user_called_and_options_a_kind_cannot_use(shell, workspace, capsys):
+    from dbmagic import _wire
+
+    client = Client(host=workspace.host, token=workspace.token)
+    for call in (client.complete, client.stream):
+        with pytest.raises(TypeError, match=rf"^Client.{call.__name__}\(\) got an unexpected keyword argument 'bogus'"):
+            call("x", endpoint=CHAT, bogus=1)
+    with pytest.raises(TypeError, match=r"^dbmagic.batch\(\) got an unexpected keyword argument 'bogus'"):
+        dbmagic.batch("{{ row }}", ["a"], endpoint=CHAT, client=client, bogus=1)
+    assert _wire.json_problem({"x": object()}) == "x is an object"
+    # one rule for options a kind cannot use: --system was silently dropped on main, --chat refused
+    from .conftest import EMBEDDINGS
+
+    with pytest.raises(UsageError, match=f"--system sets the system prompt with a chat or agent endpoint, and "
+                                         f"endpoint '{EMBEDDINGS}' takes embeddings requests"):
+        shell.run_cell_magic("dbllm", f"-e {EMBEDDINGS} --system terse", "x")
+    with pytest.raises(dbmagic.ConfigurationError, match="--system sets the system prompt"):
+        client.complete("x", endpoint=EMBEDDINGS, system="terse")
+    assert posts(workspace) == []
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --max-tokens 1 --no-stream", "a long answer")
+    assert "cut at the token limit (finish_reason=length): raise --max-tokens" in capsys.readouterr().out

@@ -80,6 +80,9 @@ def test_config_defaults_and_line_options_beat_them(shell, workspace):
     cell(shell, "", "first")
     assert sent(workspace).json["temperature"] == 0.7 and sent(workspace).json["top_k"] == 3
     assert sent(workspace).json["messages"][0] == {"role": "system", "content": "Default system."}
+    with pytest.raises(UsageError, match=r"--system sets the system prompt .* \(or its %config DbLLM default\)"):
+        cell(shell, f"-e {COMPLETIONS} -t 0", "second")  # a default that cannot apply is not dropped silently
+    shell.run_line_magic("config", "DbLLM.system = None")
     cell(shell, f"-e {COMPLETIONS} -t 0", "second")
     assert sent(workspace).path == f"/serving-endpoints/{COMPLETIONS}/invocations"
     assert sent(workspace).json["temperature"] == 0
