@@ -29,7 +29,7 @@ import requests
 
 import dbmagic
 from dbmagic import Client
-from dbmagic.testing.__main__ import in_another_process
+from dbmagic.testing import in_another_process
 
 CHAT = "databricks-meta-llama-3-3-70b-instruct"
 

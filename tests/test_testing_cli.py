@@ -6,7 +6,7 @@ import pytest
 
 import dbmagic
 from dbmagic import Client
-from dbmagic.testing.__main__ import in_another_process
+from dbmagic.testing import in_another_process
 
 from .conftest import CHAT
 
@@ -27,3 +27,11 @@ def test_command_line_latency_and_rate_limit():
         with pytest.raises(dbmagic.RateLimited) as info:  # a third request within the second
             client.complete("three", endpoint=CHAT, task="chat")
         assert info.value.retry_after is None and info.value.status == 429
+
+
+def test_help_reads_as_plain_text():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dbmagic.testing", "--help"], capture_output=True, text=True, check=True)
+    assert "``" not in out.stdout and "run a local workspace until Ctrl-C" in " ".join(out.stdout.split())

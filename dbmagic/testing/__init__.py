@@ -18,7 +18,8 @@ From a shell: ``python -m dbmagic.testing`` prints the two variables to export, 
 dbmagic never falls back to it by itself.
 """
 
+from ._process import in_another_process
 from ._server import DEFAULT_ENDPOINTS, Endpoint, Fault, LocalWorkspace, RecordedRequest, echo_reply, secret_fingerprint
 
 __all__ = ["LocalWorkspace", "Endpoint", "Fault", "RecordedRequest", "echo_reply", "secret_fingerprint",
-           "DEFAULT_ENDPOINTS"]
+           "in_another_process", "DEFAULT_ENDPOINTS"]

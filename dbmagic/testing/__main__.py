@@ -1,20 +1,14 @@
-"""``python -m dbmagic.testing [--port N] [--token T] [--latency S] [--rate-limit N]``: run a local
+"""python -m dbmagic.testing [--port N] [--token T] [--latency S] [--rate-limit N]: run a local
 workspace until Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
-import subprocess
-import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 
 from . import DEFAULT_ENDPOINTS, LocalWorkspace
-
-READY = "Ctrl-C stops it."
+from ._process import READY
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,27 +36,6 @@ def main(argv: list[str] | None = None) -> None:
         except KeyboardInterrupt:
             pass
 
-
-
-@contextlib.contextmanager
-def in_another_process(*args: str) -> Iterator[dict[str, str]]:
-    """``python -m dbmagic.testing ARGS`` in another process (so that its threads do not share this
-    interpreter's lock, as for a benchmark), yielding the variables it prints to export; Ctrl-C
-    (SIGINT) ends it, and it must end cleanly."""
-    proc = subprocess.Popen([sys.executable, "-m", "dbmagic.testing", *args], stdout=subprocess.PIPE, text=True)
-    env: dict[str, str] = {}
-    try:
-        for line in proc.stdout or ():
-            if line.strip().startswith("export "):
-                name, value = line.strip()[len("export "):].split("=", 1)
-                env[name] = value
-            if line.startswith(READY):
-                break
-        yield env
-    finally:
-        proc.send_signal(signal.SIGINT)
-        if proc.wait(10) != 0:
-            raise RuntimeError(f"python -m dbmagic.testing ended with exit code {proc.returncode}")
 
 
 if __name__ == "__main__":
