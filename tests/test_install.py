@@ -34,3 +34,23 @@ def test_the_notebooks_ship_inside_the_package_and_the_package_data_names_them()
 def test_an_unknown_notebook_names_the_choices(tmp_path, capsys):
     assert demo.main([str(tmp_path / "nope.ipynb")]) == 2
     assert "pass the path of a notebook, or one of quickstart, panel" in capsys.readouterr().err
+
+
+def test_the_repository_and_the_notebooks_carry_no_run_state():
+    """On main: an empty mlflow.db at the root, 143 KB of saved widget state in panel.ipynb, a port of
+    an old run in quickstart.ipynb's outputs, no LICENSE though pyproject declares Apache-2.0."""
+    import json
+    import re
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if tracked:  # a git checkout (not an unpacked sdist)
+        assert "mlflow.db" not in tracked and not any(p.startswith("mlruns/") for p in tracked)
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "mlflow.db" in ignored and "mlruns/" in ignored
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    for notebook in demo.SHIPPED.glob("*.ipynb"):
+        text = notebook.read_text()
+        assert "widgets" not in json.loads(text)["metadata"], notebook.name
+        assert not re.search(r"127\.0\.0\.1:\d", text), notebook.name
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.count("install -e '.[test]'") + ci.count("install -q -e '.[test]'") == 1
