@@ -297,10 +297,15 @@ def parse_error_body(body: bytes | str, secrets: Iterable[Any] = ()) -> tuple[st
         message = data.get("message") or data.get("error") or data.get("detail")
         if isinstance(message, dict):  # {"error": {"message": ...}} from some external models
             message = message.get("message") or json.dumps(message)
-        return (str(code) if code is not None else None), (str(message) if message else None)
+        return (str(code)[:200] if code is not None else None), (_cut(str(message)) if message else None)
     if text.lstrip().startswith("<"):  # an HTML error page (a proxy or gateway): keep its title and <pre>
         return None, _html_summary(text)
-    return None, text[:500]
+    return None, _cut(text)
+
+
+def _cut(text: str, limit: int = 500) -> str:
+    """A server's words, bounded (after scrubbing: no part of a secret survives the cut)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _html_summary(page: str) -> str:

@@ -100,10 +100,15 @@ class SettingTrait(TraitType):
         return settings.coerce(self.setting.name, None)  # a fresh [] or {}
 
     def validate(self, obj: Any, value: Any) -> Any:
+        refused = obj.__dict__.setdefault("refused_settings", {})
         try:
-            return settings.coerce(self.setting.name, value)
+            coerced = settings.coerce(self.setting.name, value)
         except SettingError as exc:
+            # IPython only logs a refused %config and the cell passes; %dbllm then refuses to run
+            refused[self.setting.name] = str(exc)
             raise TraitError(str(exc)) from None
+        refused.pop(self.setting.name, None)
+        return coerced
 
 
 def _trait(s: settings.Setting) -> SettingTrait:
@@ -214,6 +219,12 @@ class DbLLM(_Options):
             return getattr(self, f"_cmd_{command[0]}")(command[1])
         argv, prompt = split_options(line)
         args = self.dbllm.parser.parse_args([*argv, "--", prompt] if prompt else argv)  # UsageError if bad
+        refused = self.__dict__.get("refused_settings") or {}
+        if refused and not args.no_config:
+            name, why = next(iter(refused.items()))
+            raise UsageError(f"%config DbLLM.{name} was refused ({why}), so this cell would not run as you set it. "
+                             f"Set it again to a value it takes, or back to its default: %config DbLLM.{name} = "
+                             f"{settings.BY_NAME[name].default!r}.")
         if cell is not None and args.text:
             raise UsageError(f"Unexpected words after the options: {' '.join(args.text)!r}. "
                              "With %%dbllm the prompt goes in the cell body.")

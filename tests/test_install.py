@@ -6,6 +6,8 @@ checked by scripts/check_wheel.py, which .ci/run runs.
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -54,3 +56,20 @@ def test_the_repository_and_the_notebooks_carry_no_run_state():
         assert not re.search(r"127\.0\.0\.1:\d", text), notebook.name
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.count("install -e '.[test]'") + ci.count("install -q -e '.[test]'") == 1
+
+
+def test_the_extras_install_what_their_features_need():
+    """On main dbmagic[mlflow] alone could not write a local trace (MLflow's default store is sqlite:
+    SQLAlchemy and Alembic), and dbmagic[spark] took pandas 3, on which PySpark 4.3 warns."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {extra: {re.split(r"[<>=\[; ]", req, maxsplit=1)[0].lower() for req in reqs} for extra, reqs in extras.items()}
+    assert {"mlflow-skinny", "sqlalchemy", "alembic"} <= names["mlflow"]
+    assert any(req.replace(" ", "").startswith("pandas") and "<3" in req for req in extras["spark"])
+
+
+def test_test_spark_skips_with_the_reason_where_java_is_missing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+    env["PATH"] = str(Path(sys.executable).parent)  # the venv's python, no java
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_spark.py"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode in (0, 5) and "PySpark needs Java 17" in out.stdout, out.stdout[-2000:]  # 5: all skipped

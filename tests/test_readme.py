@@ -44,3 +44,10 @@ def test_testing_example_runs_as_written():
     import dbmagic
 
     exec(block, {"dbmagic": dbmagic})
+
+
+def test_the_opening_says_what_the_tests_need_beyond_python_and_pip():
+    """On main it said both commands need only Python and pip; the tests also need Chromium and Java 17."""
+    opening = (ROOT / "README.md").read_text().split("## Install")[0]
+    assert "apt-get install -y chromium" in opening and "Java 17" in opening
+    assert "Both need only Python" not in opening
