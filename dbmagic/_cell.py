@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from . import _wire
+from . import _wire, tracing
 from .errors import ConfigurationError, StreamInterrupted
 from .render import LiveOutput, output_metadata
 from .settings import CLIENT_OPTIONS, CallSpec
@@ -65,7 +65,8 @@ def dry_run(spec: CallSpec, template: str | Template, namespace: MutableMapping[
     """Show the exact request that would be sent (token hidden); send nothing."""
     from IPython.display import display
 
-    prepared, _ = prepare(spec, template, namespace, client, stream=spec.stream)
+    with tracing.dry_run():
+        prepared, _ = prepare(spec, template, namespace, client, stream=spec.stream)
     text = json.dumps(prepared.describe(), indent=2, ensure_ascii=False)
     data = {"text/markdown": f"```json\n{text}\n```", "text/plain": text} if rich else {"text/plain": text}
     display(data, raw=True)

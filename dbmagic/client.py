@@ -31,6 +31,7 @@ from ._secret import Secret
 from .errors import (
     BadResponse,
     ConfigurationError,
+    DbMagicError,
     RequestError,
     SettingError,
     StreamInterrupted,
@@ -331,7 +332,15 @@ class Client:
     @_with_call_options
     def prepare(self, prompt: Any, endpoint: str | None = None, *, stream: bool = False,
                 **options: Unpack[CallOptions]) -> PreparedRequest:
-        """Build the request a call would send, without sending it (the dry run). See `CallOptions`."""
+        """Build the request a call would send, without sending it (the dry run). See `CallOptions`.
+        A request that cannot be built is, with tracing on, an error span (see `tracing`)."""
+        try:
+            return self._prepare(prompt, endpoint, stream, options)
+        except DbMagicError as exc:
+            tracing.failed_before_request(endpoint if isinstance(endpoint, str) else None, prompt, exc)
+            raise
+
+    def _prepare(self, prompt: Any, endpoint: str | None, stream: bool, options: Mapping[str, Any]) -> PreparedRequest:
         o = _checked_options(options, "prepare")
         if endpoint is not None:
             endpoint = settings.coerce("endpoint", endpoint)

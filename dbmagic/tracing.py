@@ -22,6 +22,7 @@ MLflow is imported only when tracing is on or the registry is used: this module 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -114,16 +115,46 @@ class CallSpan:
                       status="ERROR" if error is not None else "OK")
 
     def failed(self, error: BaseException) -> None:
-        from mlflow.entities import SpanStatus
+        _end_failed(self.span, error)
 
-        self.span.add_event(_exception_event(error))
-        self.span.end(attributes={"dbmagic.error": str(error)},
-                      status=SpanStatus("ERROR", description=f"{error.__class__.__name__}: {error}"[:1000]))
+
+def _end_failed(span: Any, error: BaseException) -> None:
+    from mlflow.entities import SpanStatus
+
+    span.add_event(_exception_event(error))
+    span.end(attributes={"dbmagic.error": str(error)},
+             status=SpanStatus("ERROR", description=f"{error.__class__.__name__}: {error}"[:1000]))
 
 
 def call_span(prepared: PreparedRequest) -> CallSpan | None:
     """A span for this call when tracing is on, else None (and MLflow stays unloaded)."""
     return CallSpan(prepared) if _enabled else None
+
+
+_dry = contextvars.ContextVar("dbmagic_dry_run", default=False)
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """Within it, a request that cannot be built is not a failed call (``--dry-run`` sends nothing)."""
+    token = _dry.set(True)
+    try:
+        yield
+    finally:
+        _dry.reset(token)
+
+
+def failed_before_request(endpoint: str | None, prompt: Any, error: BaseException) -> None:
+    """With tracing on, the error span of a call that failed before its request was built (the
+    endpoint not found, an option its kind cannot use): every failed call leaves a trace."""
+    if not _enabled or _dry.get():
+        return
+    mlflow = _mlflow()
+    span = mlflow.start_span_no_context(
+        name=f"endpoint {endpoint!r}" if endpoint else "dbmagic call", span_type="LLM",
+        parent_span=mlflow.get_current_active_span(), inputs={"prompt": prompt if isinstance(prompt, str) else str(prompt)},
+        attributes={"dbmagic.endpoint": endpoint})
+    _end_failed(span, error)
 
 
 def _outcome(completion: Completion) -> dict[str, Any]:

@@ -253,6 +253,19 @@ def test_traces_of_oauth_calls_and_failures_hold_no_token_or_client_secret(store
     assert all(canaries_in([t.to_json()]) == [] for t in found)
 
 
+def test_a_call_that_fails_before_its_request_is_an_error_span_and_a_dry_run_is_none(store, shell, workspace):
+    """On main an endpoint that was not found left no trace, while a 400 or a 500 gave an error span."""
+    client = Client(host=workspace.host, token=workspace.token)
+    with pytest.raises(dbmagic.EndpointNotFound):
+        client.complete("lost", endpoint="no-such-endpoint")
+    with pytest.raises(UsageError):
+        shell.run_cell_magic("dbllm", "-e no-such-endpoint --dry-run", "not a call")
+    [trace] = traces(store)
+    [span] = trace.data.spans
+    assert (span.name, span.status.status_code, trace.info.state) == ("endpoint 'no-such-endpoint'", "ERROR", "ERROR")
+    assert span.inputs == {"prompt": "lost"} and "not found" in span.attributes["dbmagic.error"]
+
+
 def test_import_and_load_ext_do_not_load_mlflow():
     code = ("import sys, dbmagic; from IPython.core.interactiveshell import InteractiveShell; "
             "InteractiveShell.instance().run_line_magic('load_ext', 'dbmagic'); print('mlflow' in sys.modules)")
