@@ -7,12 +7,19 @@ environment with only dbmagic's core and pytest: there nbval is absent and no no
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 SANITIZE = Path(__file__).resolve().parent / "tests" / "nbval_sanitize.cfg"
 
 
 def pytest_configure(config):
+    # MLflow's default store is ./mlflow.db, its artifacts ./mlruns: a test (or a notebook's kernel,
+    # which inherits this) that falls back to the default writes to a temporary folder, never the checkout
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        folder = Path(tempfile.mkdtemp(prefix="dbmagic-mlflow-"))
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     if not config.pluginmanager.hasplugin("nbval"):
         return
     option = config.option

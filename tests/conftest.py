@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from IPython.core.displaypub import CapturingDisplayPublisher
@@ -107,6 +108,20 @@ def audit_what_users_see(monkeypatch):
     leaks = canaries_in(texts)
     if leaks:
         pytest.fail(f"A local workspace secret reached a batch or compare column, a display or a widget: {leaks}")
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+_STORES = ("mlflow.db", "mlruns")
+_STORES_BEFORE = {name for name in _STORES if (_ROOT / name).exists()}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test run leaves no MLflow store in the checkout (they go to temporary folders)."""
+    left = {name for name in _STORES if (_ROOT / name).exists()} - _STORES_BEFORE
+    if left:
+        session.config.get_terminal_writer().line(f"The test run left {', '.join(sorted(left))} in the checkout.",
+                                                  red=True)
+        session.exitstatus = 1
 
 
 class FakeClock:

@@ -4,6 +4,7 @@ MLflow's own API; what the spans hold; the batch's parent/child shape; no token 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,13 +20,18 @@ from dbmagic._panel import Panel  # noqa: E402
 from .conftest import CHAT, COMPLETIONS, EMBEDDINGS, FakeClock, canaries_in  # noqa: E402
 
 
+# where MLflow goes between the tests: the temporary default the root conftest sets (MLflow 3 takes
+# set_tracking_uri(None) for ./mlflow.db in the checkout, whatever the environment says)
+DEFAULT_STORE = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+
+
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     """One sqlite tracking store for the module (creating one costs seconds of migrations), its
     artifacts beside it; afterwards the canary audit reads every byte of both."""
     folder = tmp_path_factory.mktemp("mlflow")
     yield folder
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(DEFAULT_STORE)
     texts = [path.read_bytes().decode("latin-1") for path in folder.rglob("*") if path.is_file()]
     assert texts, "the store is empty: the audit proves nothing"
     assert canaries_in(texts) == [], "a local workspace secret reached the MLflow store"
@@ -36,18 +42,22 @@ def tracking_uri(store_dir):
     return f"sqlite:///{store_dir / 'mlflow.db'}"
 
 
+def experiment_in(store_dir, name):
+    """The experiment ``name``, its artifacts in the store's folder (MLflow's default is ./mlruns)."""
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=(store_dir / "artifacts" / name).as_uri())
+    return mlflow.set_experiment(name)
+
+
 @pytest.fixture
 def store(tracking_uri, store_dir, tmp_path):
     """An experiment of its own in the local tracking store, tracing on; off again afterwards."""
     mlflow.set_tracking_uri(tracking_uri)
-    name = f"dbmagic-{tmp_path.name}"
-    if mlflow.get_experiment_by_name(name) is None:
-        mlflow.create_experiment(name, artifact_location=(store_dir / "artifacts" / name).as_uri())
-    experiment = mlflow.set_experiment(name)
+    experiment = experiment_in(store_dir, f"dbmagic-{tmp_path.name}")
     dbmagic.autolog()
     yield experiment
     dbmagic.autolog(disable=True)
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(DEFAULT_STORE)
 
 
 def traces(experiment):
@@ -130,9 +140,9 @@ def test_the_magic_and_the_panel_leave_traces(store, shell, workspace):
     no_token_in(found, workspace.token)
 
 
-def test_switching_tracing_from_the_notebook(shell, workspace, tracking_uri, capsys):
+def test_switching_tracing_from_the_notebook(shell, workspace, tracking_uri, store_dir, capsys):
     mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.set_experiment("switches")
+    experiment = experiment_in(store_dir, "switches")
     try:
         shell.run_line_magic("dbllm", "trace on")
         assert tracing.enabled() and "Tracing every dbmagic call to MLflow, experiment 'switches'" in capsys.readouterr().out
@@ -145,7 +155,7 @@ def test_switching_tracing_from_the_notebook(shell, workspace, tracking_uri, cap
             "traced", "traced again"]
     finally:
         dbmagic.autolog(disable=True)
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(DEFAULT_STORE)
 
 
 def test_without_mlflow_turning_tracing_on_names_the_package(shell, monkeypatch):
