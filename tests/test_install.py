@@ -73,3 +73,26 @@ def test_test_spark_skips_with_the_reason_where_java_is_missing(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_spark.py"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode in (0, 5) and "PySpark needs Java 17" in out.stdout, out.stdout[-2000:]  # 5: all skipped
+
+
+def test_the_demo_shows_only_what_ran_and_names_the_extra_a_notebook_needs(tmp_path, capsys):
+    """On main a notebook whose import failed printed and saved the answers stored in it, as if run."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import no_such_module_pyspark_free"),
+                                         nbformat.v4.new_code_cell("print('second')")])
+    stale = nbformat.v4.new_output("stream", name="stdout", text="an answer from the last run\n")
+    nb.cells[1].outputs, nb.cells[1].execution_count = [stale], 7
+    source = tmp_path / "stale.ipynb"
+    nbformat.write(nb, source)
+    assert demo.main([str(source), "--save", str(tmp_path / "out.ipynb")]) == 1
+    out = capsys.readouterr().out
+    assert "an answer from the last run" not in out and "(not run: an earlier cell failed)" in out
+    saved = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert saved.cells[1].outputs == [] and saved.cells[1].execution_count is None
+    assert demo._missing_extra("No module named 'pyspark'") == "spark"
+
+
+def test_the_demo_help_lists_every_notebook():
+    out = subprocess.run([sys.executable, "-m", "dbmagic.demo", "--help"], capture_output=True, text=True, check=True)
+    assert all(name in out.stdout for name in demo.NOTEBOOKS)
