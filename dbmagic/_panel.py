@@ -132,6 +132,7 @@ class Panel:
         self._thread: threading.Thread | None = None
         self._streams: list[Stream] = []
         self._stop_requested = False
+        self._generation = 0  # one per Send: a call stopped (or replaced) never writes to the panel again
         self._kinds: dict[str, str] = {}
 
         self.controls: dict[str, Any] = {s.name: _control(w, s, self.defaults[s.name]) for s in SETTINGS if s.widget}
@@ -264,7 +265,10 @@ class Panel:
         # a conversation is kept with chat endpoints only; the checkbox stays as the user left it
         kind = self._kinds.get(values["endpoint"] or "", _wire.CHAT)
         values["chat"] = values["chat"] and values["endpoint"] is not None and kind in _wire.CONVERSATIONAL
-        return settings.merge(self.defaults, values)
+        merged = settings.merge(self.defaults, values)
+        # an empty field means none, never the %config default it started from: the panel sends what it shows
+        merged.update((name, settings.coerce(name, None) if value is None else value) for name, value in values.items())
+        return merged
 
     def spec(self) -> _cell.CallSpec:
         """The panel's settings as a call description (raises `SettingError` on bad values)."""
@@ -286,14 +290,15 @@ class Panel:
             self._set_status(str(exc), error=True)
             return
         self.running, self._stop_requested, self._streams = True, False, []
+        self._generation += 1
         self._buttons()
         self.output.outputs = ()
         if compared is not None:
             self._set_status(f"Asking {', '.join(label for label, _ in compared)}…")
-            work, args = self._work_compare, (compared, template)
+            work, args = self._work_compare, (compared, template, self._generation)
         else:
             self._set_status(f"Asking {spec.endpoint or f'cluster {spec.cluster_id} port {spec.port}'}…")
-            work, args = self._work, (spec, template)
+            work, args = self._work, (spec, template, self._generation)
         self._thread = threading.Thread(target=work, args=args, name="dbmagic-panel", daemon=True)
         self._thread.start()
 
@@ -310,10 +315,20 @@ class Panel:
         return _compare.cells(values, {"endpoint": names})
 
     def stop(self) -> None:
-        """Stop the running answer(s); what arrived is kept."""
+        """Stop the running answer(s) and free the panel at once, whether or not a byte has arrived:
+        what arrived stays shown; the call itself may still end on the server, unseen."""
         self._stop_requested = True
         for stream in list(self._streams):
             stream.cancel()
+        if self.running and self._streams and self._thread is not None:
+            self._thread.join(0.5)  # a cancelled stream ends its call at once, keeping what arrived
+        if not self.running:
+            return
+        self._generation += 1  # the stopped call's late answer or error is not the panel's any more
+        self.running = False
+        self._buttons()
+        shown = "what arrived is kept above" if self.output.outputs else "nothing had arrived"
+        self._set_status(f"Stopped: {shown}. The panel is free; a late answer to the stopped call is not shown.")
 
     def wait(self, timeout: float | None = 30) -> None:
         """Block until the running call ends (for code and tests; the buttons never block)."""
@@ -330,39 +345,58 @@ class Panel:
         self.client.conversations.reset(self._target_key())
         self._show_history()
 
-    def _work(self, spec: _cell.CallSpec, template: str) -> None:
-        live = LiveOutput(spec.format, sink=self._show)
+    def _work(self, spec: _cell.CallSpec, template: str, generation: int) -> None:
+        live = LiveOutput(spec.format, sink=self._sink(generation))
         self._in_worker(lambda: _cell.run_prompt(spec, template, self.namespace, self.client, live=live,
-                                                 on_stream=self._opened), self._answered)
+                                                 on_stream=self._opened), self._answered, generation)
 
-    def _work_compare(self, compared: list[tuple[str, dict[str, Any]]], template: str) -> None:
+    def _work_compare(self, compared: list[tuple[str, dict[str, Any]]], template: str, generation: int) -> None:
         from . import _compare
 
-        self._in_worker(lambda: _compare.run(compared, template, self.namespace, self.client, sink=self._show,
-                                             on_stream=self._opened), self._compared_all)
+        self._in_worker(lambda: _compare.run(compared, template, self.namespace, self.client,
+                                             sink=self._sink(generation), on_stream=self._opened),
+                        self._compared_all, generation)
 
-    def _in_worker(self, call: Callable[[], Any], done: Callable[[Any], None]) -> None:
+    def _sink(self, generation: int) -> Callable[[dict[str, Any], dict[str, Any] | None], None]:
+        """Where one Send's output goes: the panel, until that Send is stopped."""
+        def show(data: dict[str, Any], metadata: dict[str, Any] | None) -> None:
+            if generation == self._generation:
+                self._show(data, metadata)
+
+        return show
+
+    def _in_worker(self, call: Callable[[], Any], done: Callable[[Any], None], generation: int) -> None:
         """Run one Send in the worker thread: its errors go to the status line (a transform's own
-        traceback below it), its result to ``done``, and the buttons are freed at the end."""
+        traceback below it), its result to ``done``, and the buttons are freed at the end. A Send
+        that was stopped meanwhile leaves the panel as Stop left it."""
         global _last_result
+
+        def current() -> bool:
+            return generation == self._generation
+
         try:
             result = call()
         except TransformError as exc:
-            self._set_status(str(exc), error=True)
-            cause = exc.__cause__
-            if cause is not None:
-                tb = cause.__traceback__.tb_next if cause.__traceback__ else None
-                self.output.append_stderr("".join(traceback.format_exception(type(cause), cause, tb)))
+            if current():
+                self._set_status(str(exc), error=True)
+                cause = exc.__cause__
+                if cause is not None:
+                    tb = cause.__traceback__.tb_next if cause.__traceback__ else None
+                    self.output.append_stderr("".join(traceback.format_exception(type(cause), cause, tb)))
         except DbMagicError as exc:
-            self._set_status(str(exc), error=True)
+            if current():
+                self._set_status(str(exc), error=True)
         except Exception as exc:  # a bug of ours: say so in the panel rather than die silently in a thread
-            self._set_status(f"Unexpected {exc.__class__.__name__}: {exc}", error=True)
+            if current():
+                self._set_status(f"Unexpected {exc.__class__.__name__}: {exc}", error=True)
         else:
-            self.result = _last_result = result
-            done(result)
+            if current():
+                self.result = _last_result = result
+                done(result)
         finally:
-            self.running = False
-            self._buttons()
+            if current():
+                self.running = False
+                self._buttons()
 
     def _answered(self, completion: Completion) -> None:
         if completion.finish_reason == "stopped":
@@ -419,10 +453,11 @@ class Panel:
         defaults would otherwise change it; ``--compare`` in compare mode)."""
         compared = self._compared()
         values = self.values() if compared is None else compared[0][1]
-        argv = settings.cell_argv(values, self.defaults)
+        # the %config in force now (it may have changed since the panel opened) is what the cell meets
+        argv = settings.cell_argv(values, config_defaults(self.shell))
         if compared is not None:  # the first endpoint stands for all of them
-            at = argv.index("-e")
-            argv[at:at + 2] = ["--compare", ",".join(v["endpoint"] for _, v in compared)]
+            at = next(i for i, word in enumerate(argv) if word.startswith("--endpoint="))
+            argv[at] = "--compare=" + ",".join(v["endpoint"] for _, v in compared)
         return "%%dbllm " + shlex.join(argv) + "\n" + self.prompt.value.strip()
 
     def copy_as_cell(self) -> str:

@@ -153,6 +153,9 @@ def _argparse_options(s: settings.Setting) -> dict[str, Any]:
     return options
 
 
+_DASHES = "\x00--"  # a value "--" on its way through argparse (see split_options)
+
+
 class _Once(argparse.Action):
     """An option that takes one value: given twice on a line, it is an error, never silently the last."""
 
@@ -166,6 +169,7 @@ class _Once(argparse.Action):
 
 def _converter(s: settings.Setting) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
+        text = "--" if text == _DASHES else text
         try:
             if s.type is dict:
                 return settings.parse_param(text)
@@ -502,7 +506,8 @@ def split_options(line: str) -> tuple[list[str], str]:
         elif word == "--":
             return argv, line[end:].strip()
         elif word.split("=", 1)[0] in _FLAGS:
-            argv.append(word)
+            # argparse drops a value that is exactly "--" (`--stop=--`): it travels as _DASHES
+            argv.append(word[:-2] + _DASHES if word.endswith("=--") else word)
             expecting_value = _FLAGS[word.split("=", 1)[0]] and "=" not in word
         elif word.startswith("--") and word[2:3].isalpha():
             raise UsageError(f"Unknown option {word.split('=', 1)[0]!r} (see %%dbllm?). "

@@ -316,6 +316,8 @@ def _json_object(name: str, text: str) -> dict[str, Any]:
         value = json.loads(text) if text.strip() else {}
     except ValueError as exc:
         raise SettingError(f"{name} must be a JSON object, e.g. {{\"top_p\": 0.9}}; {exc}.") from None
+    except RecursionError:  # as -p says of the same input
+        raise SettingError(f"{name}: the JSON value is nested too deeply.") from None
     if not isinstance(value, dict):
         raise SettingError(f"{name} must be a JSON object, e.g. {{\"top_p\": 0.9}}; got {_shown(text)}.")
     return value
@@ -442,16 +444,16 @@ def to_argv(name: str, value: Any) -> list[str]:
     s = BY_NAME[name]
     if value == s.default or (value in (None, "", [], {}) and s.default in (None, [], {})):
         return []
-    flag = s.flags[0]
+    flag = s.flag  # the long spelling, joined to its value: `--stop=--` parses where `--stop --` would not
     if s.type is bool:
         return [flag]
     if s.type is list:
-        return [w for item in value for w in (flag, escape(item))]
+        return [f"{flag}={escape(item)}" for item in value]
     if s.type is dict:
-        return [w for k, v in value.items() for w in (flag, f"{k}={_param_text(v)}")]
+        return [f"{flag}={k}={_param_text(v)}" for k, v in value.items()]
     if s.type is float:
-        return [flag, repr(value)]
-    return [flag, escape(value) if s.escapes else str(value)]
+        return [f"{flag}={value!r}"]
+    return [f"{flag}={escape(value) if s.escapes else value}"]
 
 
 def _param_text(value: Any) -> str:

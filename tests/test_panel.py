@@ -264,8 +264,9 @@ def test_copy_as_cell_reproduces_the_request(panel, shell, workspace):
         stop_sequences=["\\n\\n"], format="text", transform_output="shout")
     from_panel = posts(workspace)[-1].json
     cell = panel.copy_as_cell()
-    assert cell == ("%%dbllm -e databricks-meta-llama-3-3-70b-instruct -t 0.25 --max-tokens 20 --stop '\\n\\n' "
-                    "--system 'Line one\\nline two' --transform-output shout -f text\nHi {{ 1 + 1 }}")
+    assert cell == ("%%dbllm --endpoint=databricks-meta-llama-3-3-70b-instruct --temperature=0.25 --max-tokens=20 "
+                    "'--stop=\\n\\n' '--system=Line one\\nline two' --transform-output=shout --format=text\n"
+                    "Hi {{ 1 + 1 }}")
     assert panel.cell_text.value == cell and panel.cell_text.layout.display == ""
     assert "Copied the %%dbllm cell" in status(panel)
     assert shell.run_cell(cell).success
@@ -290,7 +291,26 @@ def test_compare_mode_sends_to_several_endpoints_side_by_side(panel, shell, work
     assert table.count("Echo: side by side") == 2
     assert sorted(r.json.get("temperature") for r in posts(workspace)) == [0.3, 0.3]
     assert "Compared 2 endpoints" in status(panel) and list(shell.user_ns[LAST]) == [COMPLETIONS, CHAT]
-    assert panel.as_cell() == f"%%dbllm --compare {COMPLETIONS},{CHAT} -t 0.3\nside by side"
+    assert panel.as_cell() == f"%%dbllm --compare={COMPLETIONS},{CHAT} --temperature=0.3\nside by side"
     panel.compare_endpoints.value = (CHAT,)
     panel.send()
     assert "Pick two or more endpoints to compare" in status(panel)
+
+
+@pytest.mark.parametrize("mode", ["call", "compare"])
+def test_stop_frees_the_panel_at_once_before_any_byte(panel, workspace, mode):
+    """On main Stop did nothing for a non-streamed call (or compare) until the server answered."""
+    workspace.fail(CHAT, delay=3)
+    panel.stream.value = False
+    panel.prompt.value = "slow"
+    if mode == "compare":
+        panel.compare_mode.value = True
+        panel.compare_endpoints.value = (CHAT, COMPLETIONS)
+    panel.send_button.click()
+    time.sleep(0.3)
+    started = time.monotonic()
+    panel.stop_button.click()
+    assert time.monotonic() - started < 1 and not panel.running and not panel.send_button.disabled
+    assert "Stopped" in status(panel) and "The panel is free" in status(panel)
+    panel.wait(5)  # the stopped call ends on the server later: it does not write over the panel
+    assert "Stopped" in status(panel)

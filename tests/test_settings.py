@@ -50,7 +50,7 @@ def test_every_setting_has_a_trait_a_flag_a_control_and_a_cell_spelling(s, shell
     assert s.help in trait.help
     # the flag parses back to the sample, through the same splitter and parser as a real line
     words = settings.to_argv(s.name, SAMPLES[s.name])
-    assert words and words[0] in s.flags
+    assert words and words[0].split("=", 1)[0] in s.flags
     line = " ".join(shlex.quote(w) for w in words)
     argv, prompt = split_options(line)
     assert prompt == ""
@@ -104,7 +104,38 @@ def test_round_trip_for_a_proxy_app_and_a_task(shell, workspace):
     assert shell.run_cell(p.as_cell()).success
     assert (posts(workspace)[-1].path, posts(workspace)[-1].json) == (sent.path, sent.json)
     p.endpoint.value, p.controls["task"].value = CUSTOM, "completions"
-    assert "--task completions" in p.as_cell()
+    assert "--task=completions" in p.as_cell()
+
+
+def test_an_empty_panel_field_means_none_and_copy_as_cell_writes_what_the_panel_sends(shell, workspace):
+    """On main a cleared system prompt or temperature still sent the %config default, a value that
+    starts with a dash made a cell that did not parse, and a %config set after the panel opened
+    changed the copied cell but not the panel."""
+    shell.run_line_magic("config", 'DbLLM.system = "Be terse."')
+    shell.run_line_magic("config", "DbLLM.temperature = 0.7")
+    p = Panel(shell)
+    assert p.system.value == "Be terse." and p.temperature.value == "0.7"
+    p.system.value, p.temperature.value = "", ""
+    p.stop_sequences.value = ["--", "-x"]
+    p.controls["max_tokens"].value = "5"
+    p.prompt.value = "one -- two"
+    p.send()
+    p.wait()
+    from_panel = posts(workspace)[-1].json
+    assert from_panel["messages"] == [{"role": "user", "content": "one -- two"}] and "temperature" not in from_panel
+    shell.run_line_magic("config", "DbLLM.max_tokens = 99")  # after the panel opened
+    cell = p.as_cell()
+    assert "'--stop=--' --stop=-x" in cell or "--stop=-- --stop=-x" in cell
+    assert shell.run_cell(cell).success
+    assert posts(workspace)[-1].json == from_panel
+
+
+def test_deeply_nested_json_in_the_extra_fields_box_is_an_error_on_the_status_line(shell, workspace):
+    p = Panel(shell)
+    p.controls["extra_params"].value = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
+    p.prompt.value = "x"
+    p.send()  # on main a RecursionError escaped Send, and the button silently did nothing
+    assert "nested too deeply" in p.status.value and posts(workspace) == []
 
 
 def test_a_cleared_panel_field_beats_config_in_the_copied_cell(shell, workspace):
@@ -120,7 +151,7 @@ def test_a_cleared_panel_field_beats_config_in_the_copied_cell(shell, workspace)
     from_panel = posts(workspace)[-1].json
     assert "stop" not in from_panel and from_panel["temperature"] == 0.7
     cell = p.as_cell()
-    assert cell.startswith("%%dbllm --no-config -e ") and "--stop" not in cell and "-t 0.7" in cell
+    assert cell.startswith("%%dbllm --no-config --endpoint=") and "--stop" not in cell and "--temperature=0.7" in cell
     assert shell.run_cell(cell).success
     assert posts(workspace)[-1].json == from_panel
 
