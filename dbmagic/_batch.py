@@ -173,12 +173,10 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         **options: Any) -> BatchResult:
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``)."""
     from . import settings
-    from .client import get_client
+    from .client import get_client, refuse_unknown_options
 
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be a whole number of at least 1; got {concurrency!r}.")
-    from .client import refuse_unknown_options
-
     refuse_unknown_options(options, "dbmagic.batch")
     client = client or get_client()
     namespace = dict(namespace or {})
@@ -447,7 +445,6 @@ class _Pace:
             self.todo.appendleft(index)
             self.cond.notify_all()
             return True
-
 
     def _give_up_all(self, exc: RateLimited, quiet: float) -> None:
         """A 429 storm: every row still waiting fails with the rate-limit error, unsent (holding the lock)."""
