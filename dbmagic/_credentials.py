@@ -498,7 +498,7 @@ def _isolated(config: type) -> type:
     if config not in _ISOLATED:
         if not callable(getattr(config, "_load_from_env", None)):  # an SDK we do not know: refuse to mix
             raise _Declined("this databricks-sdk cannot be kept from reading DATABRICKS_* variables; "
-                            "pip install 'databricks-sdk>=0.40'")
+                            "pip install -U databricks-sdk")
 
         class IsolatedConfig(config):  # type: ignore[misc, valid-type]
             _attributes = list(config.attributes())  # the SDK lists a class's own attributes only
@@ -513,6 +513,8 @@ def _isolated(config: type) -> type:
 def _unsendable(text: str, source: str, header: str = "Authorization") -> str | None:
     """Why a token (or a header value) cannot go in an HTTP header, naming what is wrong and where
     but never the value (requests' own error would quote the header); None when it can."""
+    if text.isascii() and text.isprintable():  # the usual case, checked at C speed on every request
+        return None
     for position, char in enumerate(text):
         if char in "\r\n":
             problem = "a line break"
