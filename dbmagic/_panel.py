@@ -265,10 +265,9 @@ class Panel:
         # a conversation is kept with chat endpoints only; the checkbox stays as the user left it
         kind = self._kinds.get(values["endpoint"] or "", _wire.CHAT)
         values["chat"] = values["chat"] and values["endpoint"] is not None and kind in _wire.CONVERSATIONAL
-        merged = settings.merge(self.defaults, values)
-        # an empty field means none, never the %config default it started from: the panel sends what it shows
-        merged.update((name, settings.coerce(name, None) if value is None else value) for name, value in values.items())
-        return merged
+        # %config fills only what the panel has no control for: an emptied field means none, never the
+        # default it started from, so the panel sends what it shows
+        return settings.merge({k: v for k, v in self.defaults.items() if k not in self.controls}, values)
 
     def spec(self) -> _cell.CallSpec:
         """The panel's settings as a call description (raises `SettingError` on bad values)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import functools
+import operator
 import threading
 import time
 from typing import Any
@@ -129,12 +130,16 @@ class _Budget(threading.local):
 _budget = _Budget()
 
 
+def _in_time() -> None:
+    if time.monotonic() > _budget.deadline:
+        raise Limited(f"it took longer than {LIMITS['seconds']:g} s to render")
+
+
 def _tick() -> None:
     _budget.items += 1
     if _budget.items > LIMITS["loop items"]:
         raise Limited(f"it loops over more than {LIMITS['loop items']:,} items")
-    if time.monotonic() > _budget.deadline:
-        raise Limited(f"it took longer than {LIMITS['seconds']:g} s to render")
+    _in_time()
 
 
 def _each(iterable: Any) -> Any:
@@ -149,25 +154,25 @@ def _concat(items: list[Any]) -> str:
     return "".join(map(str, items))
 
 
-def _binop(operator: str, left: Any, right: Any) -> Any:
+_OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+              "//": operator.floordiv, "%": operator.mod, "**": operator.pow}
+
+
+def _binop(operator_name: str, left: Any, right: Any) -> Any:
     numbers = all(isinstance(v, (int, float)) for v in (left, right))
-    if operator == "**":
+    if operator_name == "**":
         if not numbers or abs(right) > 64 or (isinstance(left, int) and left.bit_length() * abs(right) > 4096):
             raise Limited("it raises to a power past what a prompt needs")
-    elif operator == "*":
+    elif operator_name == "*":
         if isinstance(left, (str, list, tuple)) or isinstance(right, (str, list, tuple)):
             seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
             if not isinstance(n, int) or len(seq) * max(n, 0) > LIMITS["chars"]:
                 raise Limited(f"it repeats a value past {LIMITS['chars']:,} characters")
         elif isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > 4096:
             raise Limited("it multiplies numbers past what a prompt needs")
-    elif operator == "%" and not numbers:
+    elif operator_name == "%" and not numbers:
         raise Limited("it formats text with %, which registry prompts cannot use (write {{ }} instead)")
-    import operator as op
-
-    functions = {"+": op.add, "-": op.sub, "*": op.mul, "/": op.truediv, "//": op.floordiv, "%": op.mod,
-                 "**": op.pow}
-    return _bounded(functions[operator](left, right))
+    return _bounded(_OPERATORS[operator_name](left, right))
 
 
 def _estimate(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -294,15 +299,14 @@ def compile_untrusted(source: str) -> tuple[Any, frozenset[str]]:
 
 def render_untrusted(compiled: Any, values: dict[str, Any]) -> str:
     """Render with a budget: `Limited` past the output size, the loop items or the time of `LIMITS`."""
-    _budget.items, _budget.deadline = 0, time.monotonic() + LIMITS["seconds"]
-    pieces, size = [], 0
     from .templating import with_self
 
+    _budget.items, _budget.deadline = 0, time.monotonic() + LIMITS["seconds"]
+    pieces, size = [], 0
     for piece in compiled.generate(with_self(values)):
         size += len(piece)
         if size > LIMITS["chars"]:
             raise Limited(f"it renders more than {LIMITS['chars']:,} characters")
-        if time.monotonic() > _budget.deadline:
-            raise Limited(f"it took longer than {LIMITS['seconds']:g} s to render")
+        _in_time()
         pieces.append(piece)
     return "".join(pieces)

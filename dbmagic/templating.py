@@ -73,27 +73,25 @@ class Template:
     def render(self, values: Mapping[str, Any], *, where: str = "in the notebook") -> str:
         if self._compiled is None:
             return self.source
-        import jinja2
-
-        import jinja2.exceptions
-
         try:
             return self._compiled.render(with_self(values))  # a mapping, never **values: `self` is a name
-        except jinja2.UndefinedError as exc:
-            raise TemplateError(
-                f"The prompt template uses {_undefined_name(exc)}, which is not defined {where}. "
-                "Define it, or write {{ '{{' }} to keep literal braces."
-            ) from None
-        except jinja2.exceptions.SecurityError as exc:
-            raise TemplateError(f"The prompt template does something the sandbox refuses ({exc}).") from None
-        except RecursionError:
-            raise TemplateError("The prompt template recursed without end. Fix the {{ }} expression, or send "
-                                "the text as it is with --raw.") from None
-        except Exception as exc:  # a division by zero, a function that raises, {% include %} ...
-            raise TemplateError(
-                f"The prompt template failed at line {_template_line(exc)}: {exc.__class__.__name__}: "
-                f"{str(exc)[:300]}. Fix the {{{{ }}}} expression, or send the text as it is with --raw."
-            ) from None
+        except Exception as exc:  # an undefined name, a division by zero, a function that raises, {% include %} ...
+            raise render_error(exc, "The prompt template", where, define="Define it, or write {{ '{{' }} to keep "
+                               "literal braces.", fix="Fix the {{ }} expression, or send the text as it is with "
+                               "--raw.") from None
+
+
+def render_error(exc: Exception, what: str, where: str, *, define: str, fix: str) -> TemplateError:
+    """The one message for a template that failed while rendering: a name not defined ``where``,
+    endless recursion, or an error at a line of the template (``define`` and ``fix``: the next step)."""
+    import jinja2
+
+    if isinstance(exc, jinja2.UndefinedError):
+        return TemplateError(f"{what} uses {_undefined_name(exc)}, which is not defined {where}. {define}")
+    if isinstance(exc, RecursionError):
+        return TemplateError(f"{what} recursed without end. {fix}")
+    return TemplateError(f"{what} failed at line {_template_line(exc)}: {exc.__class__.__name__}: "
+                         f"{str(exc)[:300]}. {fix}")
 
 
 class RegistryTemplate(Template):
@@ -136,15 +134,13 @@ class RegistryTemplate(Template):
         except _untrusted.Limited as exc:
             raise self._refused(exc) from None
         except Exception as exc:  # an undefined name, a filter given the wrong type ...
-            import jinja2
+            import jinja2.exceptions
 
-            if isinstance(exc, jinja2.UndefinedError):
-                raise TemplateError(f"The registry prompt {self.uri} uses {_undefined_name(exc)}, which is not "
-                                    f"defined {where}. Define it (plain data: text, numbers, lists, dicts).") from None
             if isinstance(exc, jinja2.exceptions.SecurityError):
                 raise self._refused(exc) from None
-            raise TemplateError(f"The registry prompt {self.uri} failed at line {_template_line(exc)}: "
-                                f"{exc.__class__.__name__}: {str(exc)[:300]}.") from None
+            raise render_error(exc, f"The registry prompt {self.uri}", where,
+                               define="Define it (plain data: text, numbers, lists, dicts).",
+                               fix="To change the prompt, copy its text into the cell.") from None
         if self._body is None:
             return text
         return f"{text}\n\n{self._body.render(values, where=where)}"
