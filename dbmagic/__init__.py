@@ -23,32 +23,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import (
-    AuthenticationError,
-    BadRequest,
-    BadResponse,
-    ConfigurationError,
-    ConnectionFailed,
-    DbMagicError,
-    EndpointNotFound,
-    FormatError,
-    MissingValue,
-    PermissionDenied,
-    RateLimited,
-    RequestError,
-    RequestTimeout,
-    ServerError,
-    SettingError,
-    StreamInterrupted,
-    TemplateError,
-    TransformError,
-)
+from . import errors as _errors
+from .errors import *  # noqa: F403  (every error class: errors.__all__ is their one list)
 
 _LAZY = {
     "Client": "client",
     "CallOptions": "client",
     "Completion": "client",
     "Stream": "client",
+    "Call": "client",
+    "Usage": "_wire",
+    "subscribe": "hooks",
+    "Subscriber": "hooks",
     "PreparedRequest": "client",
     "EndpointInfo": "client",
     "get_client": "client",
@@ -69,24 +55,7 @@ __all__ = [
     *_LAZY,
     "__version__",
     "load_ipython_extension",
-    "DbMagicError",
-    "ConfigurationError",
-    "SettingError",
-    "TemplateError",
-    "MissingValue",
-    "TransformError",
-    "FormatError",
-    "RequestError",
-    "BadRequest",
-    "AuthenticationError",
-    "PermissionDenied",
-    "EndpointNotFound",
-    "RateLimited",
-    "ServerError",
-    "RequestTimeout",
-    "ConnectionFailed",
-    "BadResponse",
-    "StreamInterrupted",
+    *(name for name in _errors.__all__ if name not in ("error_from_response", "error_of")),
 ]
 
 

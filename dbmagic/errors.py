@@ -9,17 +9,21 @@
     │   └── MissingValue             a batch row's template value is missing: the row was not sent
     ├── TransformError               a transform_input/transform_output raised or returned the wrong type
     ├── FormatError                  the answer cannot be shown in the format asked for (-f json)
-    └── RequestError                 the workspace answered with an error, or could not be reached
-        ├── BadRequest               400: the request body was refused
-        ├── AuthenticationError      401: missing, wrong or expired token
-        ├── PermissionDenied         403: no CAN_QUERY on the endpoint
-        ├── EndpointNotFound         404: no such serving endpoint or proxy app
-        ├── RateLimited              429: too many requests (retried, bounded)
-        ├── ServerError              5xx: the endpoint failed or is scaling up (retried, bounded)
-        ├── RequestTimeout           504, or no answer within the read timeout
-        ├── ConnectionFailed         the host could not be reached
+    └── RequestError                 the workspace answered with an error, or did not answer
+        ├── StatusError              an answer that is an error: ``.status``, ``.error_code``, ``.request_id``
+        │   ├── BadRequest           400: the request body was refused
+        │   ├── AuthenticationError  401: missing, wrong or expired token
+        │   ├── PermissionDenied     403: no CAN_QUERY on the endpoint
+        │   ├── EndpointNotFound     404: no such serving endpoint or proxy app
+        │   ├── RateLimited          429: too many requests (retried, bounded)
+        │   ├── EndpointTimeout      408, 504 or DEADLINE_EXCEEDED: the endpoint ran out of time
+        │   └── ServerError          other 5xx: the endpoint failed (only a 503 is retried)
+        ├── TransportError           no answer (or no whole one): ``.sent`` says whether it may have run
+        │   ├── ConnectionFailed     the host could not be reached, or the connection dropped
+        │   ├── RequestTimeout       no answer within the read timeout
+        │   └── AnswerCut            the answer's body ended early; ``.partial`` keeps what arrived
+        │       └── StreamInterrupted  a streamed answer stopped before its end
         └── BadResponse              an answer dbmagic cannot read
-            └── StreamInterrupted    a stream stopped before its end; ``.partial`` keeps what arrived
 
 Every message says what happened, carries the server's own words, and ends with the next step.
 No message ever contains the token: `RequestError` scrubs the secrets it is given.
@@ -32,27 +36,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = [
-    "DbMagicError",
-    "ConfigurationError",
-    "SettingError",
-    "TemplateError",
-    "MissingValue",
-    "TransformError",
-    "FormatError",
-    "RequestError",
-    "BadRequest",
-    "AuthenticationError",
-    "PermissionDenied",
-    "EndpointNotFound",
-    "RateLimited",
-    "ServerError",
-    "RequestTimeout",
-    "ConnectionFailed",
-    "BadResponse",
-    "StreamInterrupted",
-    "error_from_response",
-]
+__all__: list[str] = []  # every error class, filled in below from the classes themselves (listed once)
 
 
 class DbMagicError(Exception):
@@ -148,68 +132,106 @@ class RequestError(DbMagicError):
         return f"{head}. {self.next_step}"
 
 
-class BadRequest(RequestError):
+class StatusError(RequestError):
+    """The workspace answered, with an error status: ``.status``, ``.error_code`` (Databricks'),
+    ``.server_message`` and ``.request_id`` say what it said. The request reached the endpoint."""
+
+
+class BadRequest(StatusError):
     next_step = "Fix the parameters named in the message (see the request with --dry-run)."
 
 
-class AuthenticationError(RequestError):
+class AuthenticationError(StatusError):
     next_step = (
         "The token is missing, wrong or expired: set DATABRICKS_TOKEN (or the profile's token) "
         "to a valid personal access token and reconnect with dbmagic.configure()."
     )
 
 
-class PermissionDenied(RequestError):
+class PermissionDenied(StatusError):
     next_step = "Ask the endpoint's owner for CAN_QUERY permission, or use another endpoint."
 
 
-class EndpointNotFound(RequestError):
+class EndpointNotFound(StatusError):
     next_step = "List the endpoints you can query with `%dbllm endpoints` or Client().endpoints()."
 
 
-class RateLimited(RequestError):
+class RateLimited(StatusError):
     next_step = "The endpoint is rate limited: wait a moment, lower the concurrency, or raise its limit."
 
 
-class ServerError(RequestError):
+class EndpointTimeout(StatusError):
+    """The endpoint (or a gateway before it) answered that it ran out of time: 504, 408 or
+    ``DEADLINE_EXCEEDED``. The model may have run; the call is not sent again by itself."""
+
+    next_step = (
+        "The endpoint ran out of time: ask for fewer tokens (--max-tokens), shorten the prompt, or try again."
+    )
+
+
+class ServerError(StatusError):
     next_step = (
         "The endpoint failed or is scaling up from zero: check its state with "
         "`%dbllm endpoints` and try again in a minute."
     )
 
 
-class RequestTimeout(RequestError):
+class TransportError(RequestError):
+    """No answer came, or no whole one. ``.sent`` is False when the request never left (the
+    connection was not made: it is safe to send again, and dbmagic does), True when it may have run."""
+
+    def __init__(self, what: str, *, sent: bool = True, **kwargs: Any):
+        self.sent = sent
+        super().__init__(what, **kwargs)
+
+
+class ConnectionFailed(TransportError):
+    next_step = "Check the host (`%dbllm whoami`) and your network, then try again."
+
+
+class RequestTimeout(TransportError):
     next_step = (
         "The endpoint did not answer in time: raise the timeout (--timeout / timeout=), "
         "ask for fewer tokens, or try again."
     )
 
 
-class ConnectionFailed(RequestError):
-    next_step = "Check the host (`%dbllm whoami`) and your network, then try again."
+class AnswerCut(TransportError):
+    """The answer's body ended before its end. ``.partial`` holds the text that did arrive (and
+    ``.completion``, when the client built one, the partial `Completion`)."""
+
+    next_step = "Run the cell again for a whole answer; the text that arrived is kept in .partial."
+
+    def __init__(self, what: str, *, partial: str = "", **kwargs: Any):
+        self.partial = partial
+        self.completion: Any = None
+        super().__init__(what, **kwargs)
+
+
+class StreamInterrupted(AnswerCut):
+    """A streamed answer stopped before its end. ``.partial`` holds the text that did arrive."""
+
+    next_step = "The text that arrived is kept in .partial; run the cell again for a whole answer."
 
 
 class BadResponse(RequestError):
+    """An answer dbmagic cannot read (not JSON, or not the endpoint kind's shape)."""
+
     next_step = (
         "The endpoint's answer has an unexpected shape: pass a transform_output that reads it, "
         "or set task= to the endpoint's real task."
     )
 
 
-class StreamInterrupted(BadResponse):
-    """The stream stopped before its end. ``.partial`` holds the text that did arrive."""
-
-    next_step = "The text that arrived is kept in .partial; run the cell again for a whole answer."
-
-    def __init__(self, what: str, *, partial: str = "", **kwargs: Any):
-        self.partial = partial
-        super().__init__(what, **kwargs)
+__all__ += [name for name, value in list(globals().items())
+            if isinstance(value, type) and issubclass(value, DbMagicError)]
+__all__ += ["error_from_response", "error_of"]
 
 
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;}]+")
 
 # The one table: Databricks error_code first (it is more specific), then HTTP status.
-_BY_CODE: dict[str, type[RequestError]] = {
+_BY_CODE: dict[str, type[StatusError]] = {
     "INVALID_PARAMETER_VALUE": BadRequest,
     "BAD_REQUEST": BadRequest,
     "MALFORMED_REQUEST": BadRequest,
@@ -221,30 +243,30 @@ _BY_CODE: dict[str, type[RequestError]] = {
     "RESOURCE_EXHAUSTED": RateLimited,
     "TEMPORARILY_UNAVAILABLE": ServerError,
     "INTERNAL_ERROR": ServerError,
-    "DEADLINE_EXCEEDED": RequestTimeout,
+    "DEADLINE_EXCEEDED": EndpointTimeout,
 }
-_BY_STATUS: dict[int, type[RequestError]] = {
+_BY_STATUS: dict[int, type[StatusError]] = {
     400: BadRequest,
     401: AuthenticationError,
     403: PermissionDenied,
     404: EndpointNotFound,
-    408: RequestTimeout,
+    408: EndpointTimeout,
     429: RateLimited,
-    504: RequestTimeout,
+    504: EndpointTimeout,
 }
-_WHAT: dict[type[RequestError], str] = {
+_WHAT: dict[type[StatusError], str] = {
     BadRequest: "{target} refused the request",
     AuthenticationError: "{host} did not accept the token for {target}",
     PermissionDenied: "No permission to query {target}",
     EndpointNotFound: "{target} was not found on {host}",
     RateLimited: "{target} is rate limited",
     ServerError: "{target} failed",
-    RequestTimeout: "{target} timed out",
-    RequestError: "{target} answered with an error",
+    EndpointTimeout: "{target} timed out",
+    StatusError: "{target} answered with an error",
 }
 
 
-def error_class(status: int | None, error_code: str | None) -> type[RequestError]:
+def error_class(status: int | None, error_code: str | None) -> type[StatusError]:
     """The error class for an HTTP status and a Databricks ``error_code``."""
     if error_code and error_code in _BY_CODE:
         return _BY_CODE[error_code]
@@ -252,7 +274,7 @@ def error_class(status: int | None, error_code: str | None) -> type[RequestError
         return _BY_STATUS[status]
     if status is not None and status >= 500:
         return ServerError
-    return RequestError
+    return StatusError
 
 
 def error_from_response(
@@ -264,11 +286,11 @@ def error_from_response(
     request_id: str | None = None,
     retry_after: float | None = None,
     secrets: Iterable[str] = (),
-) -> RequestError:
-    """Build the right `RequestError` from an error answer (any body: JSON, text, HTML, empty)."""
+) -> StatusError:
+    """Build the right `StatusError` from an error answer (any body: JSON, text, HTML, empty)."""
     error_code, message = parse_error_body(body, secrets)
     cls = error_class(status, error_code)
-    what = _WHAT.get(cls, _WHAT[RequestError]).format(target=target, host=host)
+    what = _WHAT.get(cls, _WHAT[StatusError]).format(target=target, host=host)
     return cls(
         what,
         target=target,
@@ -332,3 +354,16 @@ def scrub(text: str, secrets: Iterable[Any] = ()) -> str:
         if secret:
             text = text.replace(reveal(secret), "***")
     return _BEARER.sub(r"\1***", text)
+
+
+def error_of(outcome: Any) -> BaseException | None:
+    """The error a call's outcome carries: the error it failed with, or the one that cut a partial
+    answer (``completion.error``); None for an answer."""
+    return outcome if isinstance(outcome, BaseException) else getattr(outcome, "error", None)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its class name when it has none), bounded: how a
+    library's error is quoted inside a dbmagic message."""
+    text = str(exc).strip() or exc.__class__.__name__
+    return text.splitlines()[0][:limit]
