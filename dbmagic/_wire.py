@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 CHAT, COMPLETIONS, EMBEDDINGS, CUSTOM, PROXY = "chat", "completions", "embeddings", "custom", "proxy"
@@ -93,7 +93,7 @@ def build_body(
         if turns is None:
             turns = [{"role": "system", "content": system}] if system else []
             turns += [dict(turn) for turn in history]
-            turns.append({"role": "user", "content": _as_text(prompt)})
+            turns.append({"role": "user", "content": as_text(prompt)})
         body = {field: turns, **body}
     elif kind == EMBEDDINGS:
         if "input" not in body:
@@ -113,7 +113,83 @@ def user_turn(kind: str, body: dict[str, Any]) -> str:
     turns = body.get("input" if kind == RESPONSES else "messages")
     if kind in CONVERSATIONAL and isinstance(turns, list) and turns and isinstance(turns[-1], dict):
         return _content_text(turns[-1].get("content"))
-    return _as_text(body.get("prompt", ""))
+    return as_text(body.get("prompt", ""))
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one answer (or a sum of answers), whatever shape the endpoint reported them
+    in: ``input`` (prompt), ``output`` (completion), ``total``, and, when the endpoint says,
+    ``cache_read`` (prompt tokens served from a cache) and ``cache_creation`` (written to one).
+    A count the endpoint did not report is None; ``bool(usage)`` is False when none was reported.
+
+    >>> Usage.from_wire({"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11})
+    Usage(input=5, output=6, total=11)
+    """
+
+    input: int | None = None
+    output: int | None = None
+    total: int | None = None
+    cache_read: int | None = None
+    cache_creation: int | None = None
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Usage:
+        """Read a ``usage`` object of any shape Databricks endpoints send: chat and completions
+        (``prompt_tokens``/``completion_tokens``, ``prompt_tokens_details.cached_tokens``), the
+        Responses API and agents (``input_tokens``/``output_tokens``,
+        ``input_tokens_details.cached_tokens``) and Anthropic-style external models
+        (``cache_read_input_tokens``, ``cache_creation_input_tokens``)."""
+        if not isinstance(data, dict):
+            return cls()
+        details = data.get("prompt_tokens_details") or data.get("input_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        found = cls(
+            input=_count(data.get("prompt_tokens", data.get("input_tokens"))),
+            output=_count(data.get("completion_tokens", data.get("output_tokens"))),
+            total=_count(data.get("total_tokens")),
+            cache_read=_count(data.get("cache_read_input_tokens", cached)),
+            cache_creation=_count(data.get("cache_creation_input_tokens")),
+        )
+        if found.total is None and found.input is not None and found.output is not None:
+            return replace(found, total=found.input + found.output)
+        return found
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in self.as_dict().values())
+
+    def __add__(self, other: Usage) -> Usage:
+        def plus(a: int | None, b: int | None) -> int | None:
+            return b if a is None else a if b is None else a + b
+
+        return Usage(*(plus(getattr(self, f), getattr(other, f)) for f in _USAGE_FIELDS))
+
+    def as_dict(self) -> dict[str, int]:
+        """The reported counts, by name (``{"input": 5, "output": 6, "total": 11}``)."""
+        return {f: getattr(self, f) for f in _USAGE_FIELDS if getattr(self, f) is not None}
+
+    def __repr__(self) -> str:
+        return "Usage(" + ", ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ")"
+
+    def describe(self) -> str:
+        """``5 → 6 tokens`` (``?`` for a count not reported; ``""`` when none was), with the cache."""
+        if not self:
+            return ""
+        text = f"{_shown(self.input)} → {_shown(self.output)} tokens"
+        if self.cache_read:
+            text += f" ({self.cache_read} from cache)"
+        return text
+
+
+_USAGE_FIELDS = ("input", "output", "total", "cache_read", "cache_creation")
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _shown(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
 
 
 @dataclass
@@ -122,7 +198,7 @@ class Parsed:
 
     value: Any
     text: str
-    usage: dict[str, Any] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
     served_model: str | None = None
     finish_reason: str | None = None
 
@@ -136,37 +212,37 @@ def parse_response(kind: str, data: Any) -> Parsed:
                 text = _content_text(choice["message"].get("content"))
             else:
                 text = choice.get("text") or ""
-            return Parsed(text, text, data.get("usage") or {}, data.get("model"), choice.get("finish_reason"))
+            return Parsed(text, text, Usage.from_wire(data.get("usage")), data.get("model"), choice.get("finish_reason"))
         if kind == RESPONSES:
             text = "".join(_output_text(item) for item in data["output"])
-            return Parsed(text, text, data.get("usage") or {}, data.get("model"), data.get("status") or "stop")
+            return Parsed(text, text, Usage.from_wire(data.get("usage")), data.get("model"), data.get("status") or "stop")
         if kind == CHAT_AGENT:
             answers = [m for m in data["messages"] if m.get("role") == "assistant"]
             if not answers:
                 raise KeyError("no assistant message")
             text = _content_text(answers[-1].get("content"))
-            return Parsed(text, text, data.get("usage") or {}, data.get("model"), "stop")
+            return Parsed(text, text, Usage.from_wire(data.get("usage")), data.get("model"), "stop")
         if kind == EMBEDDINGS:
             vectors = [item["embedding"] for item in sorted(data["data"], key=lambda d: d.get("index", 0))]
             dim = len(vectors[0]) if vectors else 0
             text = f"{len(vectors)} embedding{'s' if len(vectors) != 1 else ''} of dimension {dim}"
-            return Parsed(vectors, text, data.get("usage") or {}, data.get("model"))
+            return Parsed(vectors, text, Usage.from_wire(data.get("usage")), data.get("model"))
         if kind == CUSTOM:
             if isinstance(data, dict):
                 predictions = data["predictions"] if "predictions" in data else data["outputs"]
             else:
                 predictions = data
             value = predictions[0] if isinstance(predictions, list) and predictions else predictions
-            return Parsed(value, _as_text(value))
+            return Parsed(value, as_text(value))
         if kind == PROXY:
-            return Parsed(data, _as_text(data))
+            return Parsed(data, as_text(data))
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise WireError(f"a {kind} answer without the expected fields ({exc.__class__.__name__}: {exc})") from exc
     raise WireError(f"unknown endpoint kind {kind!r}")
 
 
 class ChunkReader:
-    """Reads streamed events one by one: ``read(event) -> (text, usage, finish_reason)``.
+    """Reads streamed events one by one: ``read(event) -> (text, Usage or None, finish_reason)``.
 
     Chat and completion chunks (``choices[0].delta`` / ``.text``), ChatAgent chunks
     (``{"delta": {...}}``), and ResponsesAgent events: ``response.output_text.delta`` carries a
@@ -177,9 +253,10 @@ class ChunkReader:
     def __init__(self) -> None:
         self._items_with_deltas: set[Any] = set()
 
-    def read(self, data: dict[str, Any]) -> tuple[str, dict[str, Any] | None, str | None]:
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    def read(self, data: dict[str, Any]) -> tuple[str, Usage | None, str | None]:
         kind = data.get("type")
+        carrier = data.get("response") if kind == "response.completed" and isinstance(data.get("response"), dict) else data
+        usage = Usage.from_wire(carrier["usage"]) if isinstance(carrier.get("usage"), dict) else None
         if isinstance(kind, str) and kind.startswith("response."):
             return self._responses_event(kind, data), usage, "stop" if kind == "response.completed" else None
         choices = data.get("choices")
@@ -297,7 +374,7 @@ def _output_text(item: Any) -> str:
     return "".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and p.get("type") == "output_text")
 
 
-def _as_text(value: Any) -> str:
+def as_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, ensure_ascii=False, default=str)

@@ -671,8 +671,12 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(ws.chunk_delay)
             if fault is not None and fault.stall_after == i + 1:
                 time.sleep(fault.stall)
-        if shape == "responses":  # the whole item again, as MLflow's agent server sends it
+        if shape == "responses":  # the whole item again, as MLflow's agent server sends it; then, as the
+            # Responses API ends a stream, the whole response with its usage
             event({"type": "response.output_item.done", "item": _output_item(text)})
+            event({"type": "response.completed", "response": {"object": "response", "status": "completed",
+                                                              "output": [_output_item(text)],
+                                                              "usage": _responses_usage(usage)}})
         write(b"data: [DONE]\n\n")
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
