@@ -1,44 +1,49 @@
-"""The one HTTP session: timeouts, the retry policy and the clock seam.
+"""The one HTTP path: timeouts, the retry policy, the clock seam and the handler seam.
 
-`retry_reason` and `retry_delay` are pure functions; `Transport.request` is the only loop that
-sleeps, and it sleeps through an injectable `Clock`, so tests never wait for real. Ctrl-C
-(KeyboardInterrupt) is never caught: it stops a wait or a request at once.
+A `Transport` sends an `HttpRequest` through a *handler* (``handle_request(request) -> Response``,
+as httpx's transports): `RequestsHandler` (one ``requests.Session``, the default) or an in-memory
+one for tests (`dbmagic.testing.MemoryHandler`). Above the handler, and the same for both, it signs
+the request, retries what cannot have run, re-authenticates once on a 401 and maps an error answer
+to its `StatusError`. What comes back is dbmagic's own `Response` (status, headers, body, attempts,
+elapsed), so nothing above this module knows of ``requests``.
+
+`retry_reason` and `backoff` are pure functions; `Transport.request` is the only loop that sleeps,
+and it sleeps through an injectable `Clock`, so tests never wait for real. Ctrl-C
+(KeyboardInterrupt) is never caught: it stops a wait or a request at once. Each retry decision is
+logged at DEBUG on the ``dbmagic`` logger (``logging.getLogger("dbmagic").setLevel("DEBUG")``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
-import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import requests
-import requests.auth
-import urllib3
-from requests.adapters import HTTPAdapter
 
 from ._credentials import Credentials
 from .errors import (
+    AnswerCut,
     ConnectionFailed,
     RateLimited,
     RequestError,
     RequestTimeout,
-    StreamInterrupted,
+    StatusError,
+    TransportError,
     error_from_response,
 )
 
-__all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "Body", "retry_reason", "retry_delay"]
+__all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "Body", "HttpRequest", "Response",
+           "Handler", "TransportFailure", "retry_reason", "backoff"]
+
+log = logging.getLogger("dbmagic")
 
 # the statuses that say the request did not run: rate limited, or the endpoint unavailable (scaling
 # from zero). A 500/502/504 may come after the model ran: an invocation costs money and may not be
 # idempotent, so it is not sent again silently.
 RETRY_STATUSES = frozenset({429, 503})
-# plain http is allowed for loopback only, which no proxy should see: the token would cross it in clear
-# (None wins over the *_PROXY variables requests would otherwise merge in, ALL_PROXY's "all" included)
-_NO_PROXY = {"http": None, "https": None, "all": None}
 
 
 class Clock(Protocol):
@@ -79,11 +84,12 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded retries of 429, 500, 502, 503 and connection errors.
+    """Bounded retries of what cannot have run: a 429, a 503, and a connection that was never made.
 
-    ``attempts`` counts the first try. ``deadline`` bounds the whole call, waits included.
-    A ``Retry-After`` header is honoured up to ``max_retry_after``; without one the wait grows
-    exponentially from ``backoff`` to ``max_backoff`` with full jitter.
+    A 500, 502 or 504, a dropped connection and a read timeout are not retried: the model may have
+    run, and an invocation costs money. ``attempts`` counts the first try; ``deadline`` bounds the
+    whole call, waits included. A ``Retry-After`` header is honoured up to ``max_retry_after``;
+    without one the wait is `backoff`: exponential from ``backoff`` to ``max_backoff``, full jitter.
     """
 
     attempts: int = 5
@@ -96,35 +102,31 @@ class RetryPolicy:
     retry_rate_limited: bool = True
 
 
-def retry_reason(status: int | None, error: Exception | None = None) -> str | None:
+def retry_reason(status: int | None, failure: TransportFailure | None = None) -> str | None:
     """Why this outcome is worth another try, or None. Only what cannot have run is retried: a
     connection that was never made, a 429 or a 503. Not: a connection that dropped after the request
     was sent, a read timeout (the answer may still be running), 500/502/504 (the model may have run),
     TLS failures and other 4xx (they fail the same way again)."""
-    if error is not None:
-        return "could not connect" if _never_sent(error) else None
+    if failure is not None:
+        return "could not connect" if failure.kind in ("connect", "connect_timeout") else None
     if status in RETRY_STATUSES:
         return f"HTTP {status}"
     return None
 
 
-def _never_sent(error: Exception) -> bool:
-    """True for failures before the request left: the connection was not made (refused, DNS, timeout)."""
-    if isinstance(error, requests.ConnectTimeout):
-        return True
-    if isinstance(error, requests.exceptions.SSLError) or not isinstance(error, requests.ConnectionError):
-        return False
-    reason = error.args[0] if error.args else None
-    reason = getattr(reason, "reason", reason)  # requests wraps urllib3's MaxRetryError(reason=...)
-    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+def backoff(policy: RetryPolicy, n: int, rand: Callable[[], float]) -> float:
+    """The wait before the ``n``-th retry (from 1) when the server gave no ``Retry-After``:
+    exponential from ``policy.backoff`` to ``policy.max_backoff``, with full jitter. The one backoff
+    of dbmagic: the transport's retries and a batch's pacing (`dbmagic._pace`) both use it."""
+    return min(policy.backoff * 2 ** (max(n, 1) - 1), policy.max_backoff) * rand()
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, retry_after: float | None, rand: Callable[[], float]) -> float:
-    """Seconds to wait before try ``attempt + 1`` (attempt counts from 1)."""
+    """Seconds to wait before try ``attempt + 1`` (attempt counts from 1): ``Retry-After`` when the
+    server gave one (bounded by ``max_retry_after``), else `backoff`."""
     if retry_after is not None:
         return min(max(retry_after, 0.0), policy.max_retry_after)
-    ceiling = min(policy.backoff * 2 ** (attempt - 1), policy.max_backoff)
-    return ceiling * rand()
+    return backoff(policy, attempt, rand)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -139,8 +141,95 @@ def parse_retry_after(value: str | None) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
+# -- the handler seam ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One request as a handler sends it. ``sign()`` gives the headers that carry the credentials,
+    asked for as the request is built (tokens expire), so that no frame above the handler holds the
+    token. ``timeout`` is ``(connect, read)`` in seconds."""
+
+    method: str
+    url: str
+    json: Any = None
+    stream: bool = False
+    timeout: tuple[float, float] = (10.0, 300.0)
+    sign: Callable[[], Mapping[str, str]] = field(default=dict, repr=False)
+
+
+class Body(Protocol):
+    """A response body read as it arrives. `read` gives the bytes available now (so an event is
+    seen as soon as it is written), ``b""`` at the end, and raises ``ConnectionError`` when the
+    connection breaks; `read_all` the whole body (``ConnectionError`` when cut); `abort` wakes a
+    blocked `read` from another thread; `close` gives the connection back."""
+
+    def read(self, size: int = 65536) -> bytes: ...
+    def read_all(self) -> bytes: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Headers(dict):
+    """Response headers, looked up without regard to case (``headers.get("content-type")``)."""
+
+    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()):
+        pairs = items.items() if isinstance(items, Mapping) else items
+        super().__init__((k.lower(), v) for k, v in pairs)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+
+@dataclass
+class Response:
+    """An answer: ``status``, ``headers`` (case-insensitive), ``body`` (a `Body`), how many
+    ``attempts`` it took and the seconds ``elapsed`` until its headers came, waits included."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: Body
+    attempts: int = 1
+    elapsed: float = 0.0
+
+    def content(self) -> bytes:
+        """The whole body, read and closed."""
+        try:
+            return self.body.read_all()
+        finally:
+            self.body.close()
+
+
+class TransportFailure(Exception):
+    """What a handler raises when no answer came. ``kind``: ``connect`` (the connection was never
+    made: safe to send again), ``tls``, ``dropped`` (after the request was sent), ``read_timeout``,
+    or ``cut`` (the body ended before its length). ``detail`` names the cause, never a secret."""
+
+    KINDS = ("connect", "connect_timeout", "tls", "dropped", "read_timeout", "cut")
+
+    def __init__(self, kind: str, detail: str = ""):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}; got {kind!r}")
+        super().__init__(kind, detail)
+        self.kind, self.detail = kind, detail
+
+
+class Handler(Protocol):
+    """Sends one request, without retries: returns a `Response` (any status), or raises
+    `TransportFailure` when no answer came. `RequestsHandler` is the real one."""
+
+    def handle_request(self, request: HttpRequest) -> Response: ...
+    def close(self) -> None: ...
+
+
 class Transport:
-    """One ``requests.Session`` (a pool sized for batch concurrency) plus retries and timeouts."""
+    """Retries, timeouts, signing and error mapping over one `Handler` (by default
+    `RequestsHandler`: one ``requests.Session``, its pool sized for batch concurrency)."""
 
     def __init__(
         self,
@@ -148,21 +237,20 @@ class Transport:
         timeouts: Timeouts = Timeouts(),
         retry: RetryPolicy = RetryPolicy(),
         clock: Clock | None = None,
-        session: requests.Session | None = None,
+        session: Any = None,
         pool_size: int = 16,
         rand: Callable[[], float] = random.random,
+        handler: Handler | None = None,
     ):
         self.timeouts = timeouts
         self.retry = retry
         self.clock = clock or SystemClock()
         self.rand = rand
-        self.pool_size = 0
-        if session is None:
-            session = requests.Session()
-            self._mount(session, pool_size)
-        session.headers["User-Agent"] = f"dbmagic/{_version()} {session.headers.get('User-Agent', '')}".strip()
-        self.session = session
-        self.org_id: str | None = None  # the workspace's, from the x-databricks-org-id header of any answer
+        if handler is None:
+            from ._requests import RequestsHandler
+
+            handler = RequestsHandler(session=session, pool_size=pool_size)
+        self.handler = handler
 
     def request(
         self,
@@ -175,9 +263,11 @@ class Transport:
         stream: bool = False,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
-    ) -> requests.Response:
-        """Send with retries (``retry``, else the transport's policy); return a 2xx response or
-        raise the mapped `RequestError`.
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Response:
+        """Send with retries (``retry``, else the transport's policy); return a 2xx `Response` or
+        raise the mapped `RequestError`. ``cancelled()`` is asked before each retry: True ends the
+        call (`TransportError`, not sent again).
 
         A 401 with credentials that can be asked afresh (the notebook context's short-lived token,
         an OAuth token) is tried once more within the same attempt, after re-authenticating: the
@@ -190,63 +280,57 @@ class Transport:
         while True:
             attempt += 1
             response, error, reason = self._try(credentials, method, path, target, json, stream, read_timeout)
-            if response is not None and response.status_code == 401 and credentials.refreshes_token:
+            if response is not None and response.status == 401 and credentials.refreshes_token:
+                log.debug("%s: HTTP 401 with a token that can be asked afresh; signing in again", target)
                 credentials.reauthenticate()
                 response, error, reason = self._try(credentials, method, path, target, json, stream, read_timeout)
             if error is None:
-                response.dbmagic_attempts = attempt  # type: ignore[attr-defined]  # for the trace
+                response.attempts, response.elapsed = attempt, self.clock.monotonic() - start
                 return response
             response = None  # the error's traceback keeps this frame: it must not keep the connection
             if isinstance(error, RateLimited) and not policy.retry_rate_limited:
                 raise error
             if reason is None or attempt >= policy.attempts:
+                if reason is not None:
+                    log.debug("%s: %s on try %d of %d; giving up", target, reason, attempt, policy.attempts)
                 raise error.gave_up_after(attempt) from None
-            wait = retry_delay(policy, attempt, error.retry_after, self.rand)
+            wait = retry_delay(policy, attempt, getattr(error, "retry_after", None), self.rand)
             if self.clock.monotonic() - start + wait > policy.deadline:
+                log.debug("%s: %s on try %d; a wait of %.2f s would pass the %g s deadline; giving up",
+                          target, reason, attempt, wait, policy.deadline)
                 raise error.gave_up_after(attempt) from None
+            log.debug("%s: %s on try %d of %d; trying again in %.2f s (%s)", target, reason, attempt,
+                      policy.attempts, wait, "Retry-After" if getattr(error, "retry_after", None) is not None
+                      else "backoff")
             self.clock.sleep(wait)
+            if cancelled is not None and cancelled():
+                raise error.gave_up_after(attempt) from None
 
     def _try(self, credentials: Credentials, method: str, path: str, target: str, json: Any, stream: bool,
-             read_timeout: float) -> tuple[requests.Response | None, RequestError | None, str | None]:
+             read_timeout: float) -> tuple[Response | None, RequestError | None, str | None]:
         """One request: ``(response, error, retry reason)``; ``error`` is None for a 2xx answer."""
         host = credentials.host
-        interrupted = False
+        request = HttpRequest(method, host + path, json, stream, (self.timeouts.connect, read_timeout),
+                              credentials.headers)
         try:
-            response = self.session.request(
-                method,
-                host + path,
-                json=json,
-                auth=_Bearer(credentials),  # an auth object, so a ~/.netrc entry cannot replace it
-                stream=stream,
-                timeout=(self.timeouts.connect, read_timeout),
-                allow_redirects=False,  # never carry the token to another host
-                proxies=_NO_PROXY if host.startswith("http://") else None,
-            )
-        except requests.RequestException as exc:
-            return None, _transport_error(exc, target, host, read_timeout), retry_reason(None, exc)
-        except KeyboardInterrupt:
-            interrupted = True
-        if interrupted:
-            raise clean_interrupt()
-        org_id = response.headers.get("x-databricks-org-id")
-        if org_id and org_id.isdigit():
-            self.org_id = org_id
-        if response.status_code < 300:
+            response = self.handler.handle_request(request)
+        except TransportFailure as failure:
+            return None, _transport_error(failure, target, host, read_timeout), retry_reason(None, failure)
+        if response.status < 300:
             return response, None, None
-        body = response.content  # small error bodies
-        response.close()  # the connection goes back to the pool now, not when the error is collected
+        body = response.content()  # small error bodies; the connection goes back to the pool now
         secrets = credentials.secrets()
-        if response.status_code < 400:
-            return response, RequestError(
+        if response.status < 400:
+            return response, StatusError(
                 f"{host} redirected the request for {target} to "
                 f"{response.headers.get('Location', 'another address')}, which dbmagic does not follow",
                 target=target,
-                status=response.status_code,
+                status=response.status,
                 next_step="Set the host to the workspace URL itself (the one in your browser).",
                 secrets=secrets,
             ), None
         error = error_from_response(
-            response.status_code,
+            response.status,
             body,
             target=target,
             host=host,
@@ -254,64 +338,39 @@ class Transport:
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
             secrets=secrets,
         )
-        return response, error, retry_reason(response.status_code)
+        return response, error, retry_reason(response.status)
 
     def ensure_pool(self, size: int) -> None:
         """Keep at least ``size`` connections open per host (a batch's concurrency), so none is
         opened and dropped per request."""
-        if self.pool_size and size > self.pool_size:
-            self._mount(self.session, size)
-
-    def _mount(self, session: requests.Session, size: int) -> None:
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=size, max_retries=0)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        self.pool_size = size
+        ensure = getattr(self.handler, "ensure_pool", None)
+        if ensure is not None:
+            ensure(size)
 
     def close(self) -> None:
-        self.session.close()
+        self.handler.close()
 
 
-class Body:
-    """A response body read as it arrives: the one place that knows urllib3's streaming internals.
-
-    `read` gives the bytes available now (so an event is seen as soon as it is written), ``b""`` at
-    the end, and raises ``ConnectionError`` when the connection breaks; `abort` wakes a blocked
-    `read` from another thread. Tests may stand in any object with these methods.
-    """
-
-    def __init__(self, response: requests.Response):
-        self._response = response
-
-    def read(self, size: int = 65536) -> bytes:
-        try:
-            # read1, not iter_content: the latter waits for a full buffer on close-delimited bodies
-            return self._response.raw.read1(size)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ConnectionError(exc.__class__.__name__) from None
-        except KeyboardInterrupt:
-            pass  # raised afresh below, outside the handler (see clean_interrupt)
-        raise clean_interrupt()
-
-    def read_all(self) -> bytes:
-        try:
-            return self._response.content
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ConnectionError(exc.__class__.__name__) from None
-        except KeyboardInterrupt:
-            pass  # raised afresh below, outside the handler (see clean_interrupt)
-        raise clean_interrupt()
-
-    def abort(self) -> None:
-        sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # already closed
-                pass
-
-    def close(self) -> None:
-        self._response.close()
+def _transport_error(failure: TransportFailure, target: str, host: str, read_timeout: float) -> TransportError:
+    kind, detail = failure.kind, failure.detail
+    if kind == "read_timeout":
+        return RequestTimeout(f"{target} sent no answer within {read_timeout:g} s", target=target)
+    if kind == "tls":
+        return ConnectionFailed(
+            f"The TLS handshake with {host} failed ({detail})", target=target, sent=False,
+            next_step="If a corporate proxy re-signs HTTPS, point REQUESTS_CA_BUNDLE at its CA certificate; "
+                      "otherwise check the host (`%dbllm whoami`).",
+        )
+    if kind == "connect_timeout":
+        return ConnectionFailed(f"Could not connect to {host} in time", target=target, sent=False)
+    if kind == "cut":
+        return AnswerCut(f"The answer from {target} was cut: the body ended before its length "
+                         f"({detail}); the request ran, so it was not sent again", partial="", target=target)
+    if kind == "dropped":
+        return ConnectionFailed(
+            f"The connection to {host} dropped after the request for {target} was sent ({detail})", target=target,
+            next_step="It may have run: it was not sent again. Run the cell again if a second call is fine.")
+    return ConnectionFailed(f"Could not reach {host} ({detail})", target=target, sent=False)
 
 
 def clean_interrupt() -> KeyboardInterrupt:
@@ -319,47 +378,3 @@ def clean_interrupt() -> KeyboardInterrupt:
     its traceback starts at dbmagic's frame, so ``%xmode Verbose`` prints none of their locals (which
     hold the request's headers, the Authorization header among them)."""
     return KeyboardInterrupt()
-
-
-class _Bearer(requests.auth.AuthBase):
-    """Asks the credentials for their headers as the request is built (tokens expire), so no
-    frame of the retry loop holds the token as a local."""
-
-    def __init__(self, credentials: Credentials):
-        self._credentials = credentials
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers.update(self._credentials.headers())
-        return request
-
-    def __repr__(self) -> str:
-        return "_Bearer('***')"
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def _transport_error(exc: requests.RequestException, target: str, host: str, read_timeout: float) -> RequestError:
-    if isinstance(exc, requests.ReadTimeout):
-        return RequestTimeout(f"{target} sent no answer within {read_timeout:g} s", target=target)
-    if isinstance(exc, requests.exceptions.SSLError):
-        return ConnectionFailed(
-            f"The TLS handshake with {host} failed ({exc.__class__.__name__})", target=target,
-            next_step="If a corporate proxy re-signs HTTPS, point REQUESTS_CA_BUNDLE at its CA certificate; "
-                      "otherwise check the host (`%dbllm whoami`).",
-        )
-    if isinstance(exc, requests.ConnectTimeout):
-        return ConnectionFailed(f"Could not connect to {host} in time", target=target)
-    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
-        return StreamInterrupted(f"The answer from {target} was cut: the body ended before its length "
-                                 f"({exc.__class__.__name__}); the request ran, so it was not sent again",
-                                 partial="", target=target)
-    if not _never_sent(exc):
-        return ConnectionFailed(
-            f"The connection to {host} dropped after the request for {target} was sent "
-            f"({exc.__class__.__name__})", target=target,
-            next_step="It may have run: it was not sent again. Run the cell again if a second call is fine.")
-    return ConnectionFailed(f"Could not reach {host} ({exc.__class__.__name__})", target=target)

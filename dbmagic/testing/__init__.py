@@ -14,12 +14,17 @@ received and injects faults. Use it in your own tests::
             assert client.complete("Hi", endpoint="databricks-meta-llama-3-3-70b-instruct").text == "Echo: Hi"
             assert ws.requests[-1].json["messages"][-1]["content"] == "Hi"
 
+No socket at all: ``dbmagic.Client(..., handler=MemoryHandler(respond))`` answers each request
+with ``respond(sent)`` (`reply`, `events`), as httpx's ``MockTransport`` does.
+
 From a shell: ``python -m dbmagic.testing`` prints the two variables to export, then serves.
 dbmagic never falls back to it by itself.
 """
 
+from ._memory import MemoryBody, MemoryHandler, Sent, TransportFailure, events, reply
 from ._process import in_another_process
 from ._server import DEFAULT_ENDPOINTS, Endpoint, Fault, LocalWorkspace, RecordedRequest, echo_reply, secret_fingerprint
 
 __all__ = ["LocalWorkspace", "Endpoint", "Fault", "RecordedRequest", "echo_reply", "secret_fingerprint",
-           "in_another_process", "DEFAULT_ENDPOINTS"]
+           "in_another_process", "DEFAULT_ENDPOINTS", "MemoryHandler", "MemoryBody", "Sent", "TransportFailure",
+           "reply", "events"]

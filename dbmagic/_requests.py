@@ -1,0 +1,171 @@
+"""The real handler: one ``requests.Session`` behind `dbmagic._http.Transport`.
+
+The one module that knows requests and urllib3: how to send, how their failures map to a
+`TransportFailure` kind, and how to read a body as it arrives.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+import requests
+import requests.auth
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from ._http import HttpRequest, Response, TransportFailure, clean_interrupt
+
+__all__ = ["RequestsHandler"]
+
+# plain http is allowed for loopback only, which no proxy should see: the token would cross it in clear
+# (None wins over the *_PROXY variables requests would otherwise merge in, ALL_PROXY's "all" included)
+_NO_PROXY = {"http": None, "https": None, "all": None}
+
+
+class RequestsHandler:
+    """Sends each `HttpRequest` over one ``requests.Session`` (a pool sized for batch concurrency),
+    never following a redirect (the token must not reach another host)."""
+
+    def __init__(self, session: requests.Session | None = None, pool_size: int = 16):
+        self.pool_size = 0
+        if session is None:
+            session = requests.Session()
+            self._mount(session, pool_size)
+        session.headers["User-Agent"] = f"dbmagic/{_version()} {session.headers.get('User-Agent', '')}".strip()
+        self.session = session
+
+    def handle_request(self, request: HttpRequest) -> Response:
+        interrupted = False
+        try:
+            response = self.session.request(
+                request.method,
+                request.url,
+                json=request.json,
+                auth=_Signed(request),  # an auth object, so a ~/.netrc entry cannot replace it
+                stream=request.stream,
+                timeout=request.timeout,
+                allow_redirects=False,  # never carry the token to another host
+                proxies=_NO_PROXY if request.url.startswith("http://") else None,
+            )
+        except requests.RequestException as exc:
+            failure = _failure(exc)
+        except KeyboardInterrupt:
+            interrupted = True
+        else:
+            return Response(response.status_code, response.headers, _RequestsBody(response))  # case-insensitive
+        if interrupted:
+            raise clean_interrupt()
+        raise failure
+
+    def ensure_pool(self, size: int) -> None:
+        if self.pool_size and size > self.pool_size:
+            self._mount(self.session, size)
+
+    def _mount(self, session: requests.Session, size: int) -> None:
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=size, max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        self.pool_size = size
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _failure(exc: requests.RequestException) -> TransportFailure:
+    name = exc.__class__.__name__
+    if isinstance(exc, requests.ReadTimeout):
+        return TransportFailure("read_timeout", name)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return TransportFailure("tls", name)
+    if isinstance(exc, requests.ConnectTimeout):
+        return TransportFailure("connect_timeout", name)
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
+        return TransportFailure("cut", name)
+    return TransportFailure("connect" if _never_sent(exc) else "dropped", name)
+
+
+def _never_sent(error: Exception) -> bool:
+    """True for failures before the request left: the connection was not made (refused, DNS)."""
+    if not isinstance(error, requests.ConnectionError):
+        return False
+    reason = error.args[0] if error.args else None
+    reason = getattr(reason, "reason", reason)  # requests wraps urllib3's MaxRetryError(reason=...)
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+
+
+class _RequestsBody:
+    """A `dbmagic._http.Body` over a requests response: the one place that knows urllib3's streaming internals."""
+
+    def __init__(self, response: requests.Response):
+        self._response = response
+
+    def read(self, size: int = 65536) -> bytes:
+        raw = self._response.raw
+        if raw is None:
+            raise ConnectionError("the body was closed")
+        try:
+            # read1, not iter_content: the latter waits for a full buffer on close-delimited bodies
+            return raw.read1(size)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ConnectionError(exc.__class__.__name__) from None
+        except KeyboardInterrupt:
+            pass  # raised afresh below, outside the handler (see clean_interrupt)
+        raise clean_interrupt()
+
+    def read_all(self) -> bytes:
+        try:
+            return self._response.content
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
+            raise ConnectionError(f"the body ended before its length ({exc.__class__.__name__})") from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ConnectionError(exc.__class__.__name__) from None
+        except KeyboardInterrupt:
+            pass  # raised afresh below, outside the handler (see clean_interrupt)
+        raise clean_interrupt()
+
+    def abort(self) -> None:
+        sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+    def close(self) -> None:
+        # and let go of it: a Call kept in a result (or a traceback's frames) must not keep the connection
+        response, self._response = self._response, _CLOSED
+        response.close()
+
+
+class _Closed:
+    """What a body reads once closed: nothing."""
+
+    raw = None
+    content = b""
+
+    def close(self) -> None:
+        pass
+
+
+_CLOSED: Any = _Closed()
+
+
+class _Signed(requests.auth.AuthBase):
+    """Asks the request for its credential headers as it is built (tokens expire), so no frame of
+    the retry loop holds the token as a local."""
+
+    def __init__(self, request: HttpRequest):
+        self._sign = request.sign
+
+    def __call__(self, prepared: requests.PreparedRequest) -> requests.PreparedRequest:
+        prepared.headers.update(self._sign())
+        return prepared
+
+    def __repr__(self) -> str:
+        return "_Signed('***')"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
