@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import configparser
 import ipaddress
+import logging
 import os
 import re
 import sys
@@ -39,9 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from ._secret import Secret, reveal
-from .errors import ConfigurationError, scrub
+from .errors import ConfigurationError, first_line, scrub
 
 __all__ = ["Credentials", "resolve_credentials", "normalize_host", "org_id_from_host"]
+
+_log = logging.getLogger("dbmagic")
 
 _FIX = (
     "To fix: set DATABRICKS_HOST and DATABRICKS_TOKEN, or add a profile with `host` and `token` "
@@ -104,7 +107,7 @@ class Credentials:
         except ConfigurationError:
             raise
         except Exception as exc:  # the SDK or the notebook context failed to give a token now
-            failure = _first_line(exc)
+            failure = first_line(exc)
         # raised outside the handler: no __context__ keeps the SDK's frames (and their credentials) alive
         raise ConfigurationError(
             f"Could not get a token for {self.host} from {self.source} ({self.auth_type}): "
@@ -266,7 +269,10 @@ def resolve_credentials(
         if found is None:
             lines = "\n".join(f"  {i}. {t}" for i, t in enumerate(tried, 1))
             raise ConfigurationError(f"No Databricks credentials found. Tried, in order:\n{lines}\n{_FIX}")
-    return _with_environment_extras(found, env, tuple(tried[1:]))
+    credentials = _with_environment_extras(found, env, tuple(tried[1:]))
+    _log.debug("credentials: %s for %s (%s)%s", credentials.source, credentials.host, credentials.auth_type,
+               "; skipped: " + "; ".join(credentials.skipped) if credentials.skipped else "")
+    return credentials
 
 
 def _with_environment_extras(found: Credentials, env: Mapping[str, str], skipped: tuple[str, ...]) -> Credentials:
@@ -458,7 +464,7 @@ def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[S
             config = isolated(host=host, retry_timeout_seconds=30, http_timeout_seconds=10, **options)
             config.authenticate()  # fail here, with the source named, rather than at the first request
         except Exception as exc:
-            failure = f"{source}: {scrub(_first_line(exc), secrets)}"
+            failure = f"{source}: {scrub(first_line(exc), secrets)}"
         if failure is not None:  # raised outside the handler: no __context__ holds the SDK's credentials
             raise _Declined(failure)
         return config
@@ -535,11 +541,6 @@ def _sendable(headers: dict[str, str], source: str) -> dict[str, str] | str:
         if problem:
             return problem
     return headers
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip() or exc.__class__.__name__
-    return text.splitlines()[0][:300]
 
 
 def _option(ctx: Any, name: str) -> str | None:

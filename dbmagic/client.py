@@ -9,12 +9,19 @@
 A call goes: prompt + parameters -> the seed-shaped request ``{"prompt", "temperature", "stop", ...}``
 -> ``transform_input(**request)`` -> the wire body of the endpoint's kind -> one HTTP request (with
 bounded retries) -> the parsed answer -> ``transform_output(value)`` -> a `Completion`.
+
+Every call, whatever front end sends it (``%%dbllm``, the panel, compare, `dbmagic.batch`, your own
+code), is one `Call`: ``client.call(client.prepare(...))`` iterates for pieces or ``wait()``s, ends
+in a `Completion` (a partial one says why in ``finish_reason``), can be cancelled from another
+thread, and tells the subscribers (`dbmagic.hooks`) as it goes. `Client.complete` and
+`Client.stream` are the short ways to make one.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,18 +29,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import quote
 
-import requests
-
-from . import _wire, settings, tracing
+from . import _wire, hooks, settings
 from ._credentials import Credentials, org_id_from_host, resolve_credentials
-from ._http import Body, Clock, RetryPolicy, Timeouts, Transport
+from ._http import Clock, Handler, Response, RetryPolicy, Timeouts, Transport
 from ._secret import Secret
+from ._wire import Usage
 from .errors import (
+    AnswerCut,
     BadResponse,
     ConfigurationError,
     DbMagicError,
     RequestError,
-    SettingError,
     StreamInterrupted,
     TransformError,
     parse_error_body,
@@ -43,10 +49,13 @@ from .errors import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["Client", "CallOptions", "Conversations", "Completion", "Stream", "PreparedRequest", "EndpointInfo",
-           "get_client", "configure"]
+__all__ = ["Client", "CallOptions", "Call", "Completion", "Stream", "PreparedRequest", "EndpointInfo", "Usage",
+           "get_client", "configure", "PARTIAL"]
 
 Transform = Callable[..., Any]
+log = logging.getLogger("dbmagic")
+# why an answer ended early: the connection or the stream broke, a Stop (cancel), a Ctrl-C
+PARTIAL = ("cut", "stopped", "interrupted")
 
 
 class CallOptions(TypedDict, total=False):
@@ -88,19 +97,15 @@ def refuse_unknown_options(options: Mapping[str, Any], called: str) -> None:
                         + ", ".join(CallOptions.__annotations__) + " (request fields go in extra_params=).")
 
 
-def _checked_options(options: Mapping[str, Any], method: str) -> dict[str, Any]:
-    """Every `CallOptions` key, with the given values checked (see `refuse_unknown_options`)."""
-    refuse_unknown_options(options, f"Client.{method}")
-    checked: dict[str, Any] = {name: None for name in CallOptions.__annotations__}
+def _checked_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every `CallOptions` key, with the given values checked (unknown keys were refused before)."""
+    checked: dict[str, Any] = dict.fromkeys(CallOptions.__annotations__)
     for name, value in options.items():
         if name in settings.CLIENT_OPTIONS and value is not None:
             typed = settings.BY_NAME[name].type
             numeric_text = isinstance(value, str) and typed in (int, float)  # port="7777" from Python
             value = settings.from_text(name, value) if numeric_text else settings.coerce(name, value)
         checked[name] = value
-    n = checked["n"]
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise SettingError(f"n must be a whole number of at least 1; got {n!r}.")
     return checked
 
 
@@ -183,9 +188,14 @@ class Completion:
     completions, the vectors for embeddings, ``predictions[0]`` for custom models, the JSON value for
     proxy apps); ``text`` is the answer as text; ``raw`` the parsed JSON the server sent (for a
     streamed answer, the last event that carried data). ``endpoint`` is the endpoint's name
-    (``CLUSTER:PORT`` for a driver-proxy app) and ``kind`` its request kind. ``latency`` and
+    (``CLUSTER:PORT`` for a driver-proxy app) and ``kind`` its request kind. ``usage`` is a
+    `Usage` (``usage.input``, ``usage.output``, ``usage.total``). ``latency`` and
     ``time_to_first_token`` are in **seconds** (what is shown is in ms: ``latency_ms``).
-    ``finish_reason`` is ``length`` when ``max_tokens`` cut the answer.
+
+    ``finish_reason`` is ``length`` when ``max_tokens`` cut the answer, and for an answer that did
+    not end normally (``is_partial``): ``cut`` (the connection or stream broke; ``error`` says how),
+    ``stopped`` (cancelled, the panel's Stop) or ``interrupted`` (Ctrl-C). A partial answer's
+    ``text`` and ``value`` are what arrived.
     """
 
     text: str
@@ -193,7 +203,7 @@ class Completion:
     endpoint: str
     kind: str
     raw: Any = field(default=None, repr=False)
-    usage: dict[str, Any] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
     latency: float = 0.0
     request: dict[str, Any] = field(default_factory=dict, repr=False)
     request_id: str | None = None
@@ -201,39 +211,19 @@ class Completion:
     finish_reason: str | None = None
     time_to_first_token: float | None = None
     attempts: int = 1
+    error: BaseException | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_partial(self) -> bool:
+        """True for an answer that did not end normally (cut, stopped or interrupted)."""
+        return self.finish_reason in PARTIAL
+
+    @property
+    def latency_ms(self) -> float:
+        return round(self.latency * 1000, 1)
 
     def __str__(self) -> str:
         return self.text
-
-
-class Conversations:
-    """Chat turns per endpoint, kept for the kernel's life: ``%%dbllm --chat`` and the panel share them."""
-
-    def __init__(self) -> None:
-        self._turns: dict[str, list[dict[str, str]]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> list[dict[str, str]]:
-        """The conversation with ``key`` (an endpoint name, or ``cluster:port``), oldest first."""
-        with self._lock:
-            return list(self._turns.get(key, ()))
-
-    def add(self, key: str, user: str, assistant: str) -> None:
-        with self._lock:
-            self._turns.setdefault(key, []).extend(
-                [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
-
-    def reset(self, key: str | None = None) -> None:
-        """Forget one conversation, or all of them."""
-        with self._lock:
-            if key is None:
-                self._turns.clear()
-            else:
-                self._turns.pop(key, None)
-
-    def keys(self) -> list[str]:
-        with self._lock:
-            return [k for k, v in self._turns.items() if v]
 
 
 class Client:
@@ -243,7 +233,9 @@ class Client:
     notebook context, ``DATABRICKS_HOST``/``DATABRICKS_TOKEN``, then ``~/.databrickscfg``. They are
     resolved on first use; ``client.credentials.source`` says which one was used.
 
-    ``timeouts``, ``retry``, ``clock`` and ``session`` are seams for tuning and for tests.
+    ``timeouts``, ``retry``, ``clock``, ``session`` and ``handler`` (what sends one HTTP request:
+    `dbmagic.testing.MemoryHandler` answers from memory) are seams for tuning and for tests.
+    ``subscribe`` adds a subscriber to this client's calls (`dbmagic.hooks`).
     """
 
     def __init__(
@@ -256,8 +248,9 @@ class Client:
         timeouts: Timeouts = Timeouts(),
         retry: RetryPolicy = RetryPolicy(),
         clock: Clock | None = None,
-        session: requests.Session | None = None,
+        session: Any = None,
         pool_size: int = 16,
+        handler: Handler | None = None,
     ):
         token = Secret(token) if token else None  # from here on no frame holds it as a plain str
         self._explicit = (host, token, profile)
@@ -265,8 +258,10 @@ class Client:
         self._lock = threading.Lock()
         self._endpoints: dict[str, EndpointInfo] = {}
         self._lookups: dict[str, threading.Lock] = {}  # one look-up of an endpoint at a time
-        self.conversations = Conversations()
-        self.transport = Transport(timeouts=timeouts, retry=retry, clock=clock, session=session, pool_size=pool_size)
+        self._org: str | None = None
+        self.hooks = hooks.Hooks(parent=hooks.GLOBAL)
+        self.transport = Transport(timeouts=timeouts, retry=retry, clock=clock, session=session, pool_size=pool_size,
+                                   handler=handler)
 
     def __repr__(self) -> str:
         if self._credentials is None:
@@ -284,6 +279,29 @@ class Client:
                     host, token, profile = self._explicit
                     self._credentials = resolve_credentials(host, token, profile)
         return self._credentials
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The retry policy of every call (unless a call gives its own)."""
+        return self.transport.retry
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self.transport.timeouts
+
+    @property
+    def clock(self) -> Clock:
+        """The clock every wait goes through (a seam for tests)."""
+        return self.transport.clock
+
+    def ensure_pool(self, size: int) -> None:
+        """Keep ``size`` connections open to the workspace (a batch's concurrency)."""
+        self.transport.ensure_pool(size)
+
+    def subscribe(self, subscriber: Any) -> Callable[[], None]:
+        """Tell ``subscriber`` about this client's calls (`dbmagic.hooks`); returns the function that
+        unsubscribes it."""
+        return self.hooks.add(subscriber)
 
     def whoami(self) -> dict[str, str]:
         """Host, credential source and ``token: ***``."""
@@ -306,26 +324,33 @@ class Client:
         with lookup:
             if refresh or name not in self._endpoints:
                 data = self._get(f"/api/2.0/serving-endpoints/{quote(name, safe='')}", f"endpoint {name!r}")
-                self._endpoints[name] = EndpointInfo.from_json(data)
+                info = self._endpoints[name] = EndpointInfo.from_json(data)
+                log.debug("endpoint %r: task %s, so dbmagic sends %s requests", name, info.task or "none (a custom "
+                          "model)", info.kind)
             return self._endpoints[name]
 
     def _org_id(self) -> str:
-        """The workspace's org id, for driver-proxy URLs: from the ``x-databricks-org-id`` header of
-        an answer already received, else asked of ``/.well-known/databricks-config`` once; ``0``
+        """The workspace's org id, for driver-proxy URLs: asked of ``/.well-known/databricks-config``
+        once (its ``workspace_id``, else the ``x-databricks-org-id`` header of the answer); ``0``
         (what LangChain sends) if the workspace does not say."""
-        if self.transport.org_id is None:
+        if self._org is None:
             try:
-                data = self._get("/.well-known/databricks-config", "the workspace's configuration")
+                data, headers = self._get_with_headers("/.well-known/databricks-config",
+                                                       "the workspace's configuration")
             except RequestError:
-                data = None
-            if self.transport.org_id is None:
-                found = data.get("workspace_id") if isinstance(data, dict) else None
-                self.transport.org_id = str(found) if found else "0"
-        return self.transport.org_id
+                data, headers = None, {}
+            found = data.get("workspace_id") if isinstance(data, dict) else None
+            header = headers.get("x-databricks-org-id") or ""
+            self._org = str(found) if found else header if header.isdigit() else "0"
+            log.debug("driver-proxy org id: %s", self._org)
+        return self._org
 
     def _get(self, path: str, target: str) -> Any:
+        return self._get_with_headers(path, target)[0]
+
+    def _get_with_headers(self, path: str, target: str) -> tuple[Any, Mapping[str, str]]:
         response = self.transport.request(self.credentials, "GET", path, target=target)
-        return _json(response.content, target, response.status_code)
+        return _json(response.content(), target, response.status), response.headers
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -333,32 +358,61 @@ class Client:
     def prepare(self, prompt: Any, endpoint: str | None = None, *, stream: bool = False,
                 **options: Unpack[CallOptions]) -> PreparedRequest:
         """Build the request a call would send, without sending it (the dry run). See `CallOptions`.
-        A request that cannot be built is, with tracing on, an error span (see `tracing`)."""
+        A request that cannot be built is told to the subscribers (``on_refused``: with tracing on,
+        an error span)."""
+        return self._prepared(prompt, endpoint, stream, options, "Client.prepare")
+
+    def _prepared(self, prompt: Any, endpoint: str | None, stream: bool, options: Mapping[str, Any],
+                  called: str) -> PreparedRequest:
+        refuse_unknown_options(options, called)  # a TypeError, as any Python call: not a refused request
         try:
-            return self._prepare(prompt, endpoint, stream, options)
+            return self._build(endpoint, stream, options)(prompt)
         except DbMagicError as exc:
-            tracing.failed_before_request(endpoint if isinstance(endpoint, str) else None, prompt, exc)
+            if self.hooks:
+                self.hooks.fire("on_refused", endpoint if isinstance(endpoint, str) else None, prompt, exc)
             raise
 
-    def _prepare(self, prompt: Any, endpoint: str | None, stream: bool, options: Mapping[str, Any]) -> PreparedRequest:
-        o = _checked_options(options, "prepare")
+    @_with_call_options
+    def preparer(self, endpoint: str | None = None, *, stream: bool = False,
+                 **options: Unpack[CallOptions]) -> Callable[[Any], PreparedRequest]:
+        """`prepare` for many prompts with the same options (a batch): the options are checked and
+        the endpoint looked up once, here; the function returned builds each prompt's request."""
+        refuse_unknown_options(options, "Client.preparer")
+        build = self._build(endpoint, stream, options)
+
+        def prepare(prompt: Any) -> PreparedRequest:
+            try:
+                return build(prompt)
+            except DbMagicError as exc:
+                if self.hooks:
+                    self.hooks.fire("on_refused", endpoint if isinstance(endpoint, str) else None, prompt, exc)
+                raise
+
+        return prepare
+
+    def _build(self, endpoint: str | None, stream: bool, options: Mapping[str, Any]) -> Callable[[Any], PreparedRequest]:
+        o = _checked_options(options)
         if endpoint is not None:
             endpoint = settings.coerce("endpoint", endpoint)
         kind, path, target, name = self._target(endpoint, o["cluster_id"], o["port"], o["org_id"], o["task"])
-        request = _wire.seed_request(
-            prompt,
-            {"temperature": o["temperature"], "max_tokens": o["max_tokens"], "stop": o["stop"] or None, "n": o["n"],
-             **(o["extra_params"] or {})},
-        )
-        if o["transform_input"] is not None:
-            request = _apply_input_transform(o["transform_input"], request)
         problem = _wire.not_for_kind("--system", kind, target) if o["system"] else None
         if problem:  # never silently dropped
             raise ConfigurationError(problem)
-        body = _wire.build_body(kind, request, system=o["system"], history=o["history"] or (), stream=stream)
-        _check_json(body)
-        return PreparedRequest(kind, target, path, body, self.credentials.host,
-                               stream=stream and kind in _wire.STREAMING_KINDS, name=name)
+        params = {"temperature": o["temperature"], "max_tokens": o["max_tokens"], "stop": o["stop"] or None,
+                  "n": o["n"], **(o["extra_params"] or {})}
+        transform, system, history = o["transform_input"], o["system"], o["history"] or ()
+        host = self.credentials.host
+        streams = stream and kind in _wire.STREAMING_KINDS
+
+        def build(prompt: Any) -> PreparedRequest:
+            request = _wire.seed_request(prompt, params)
+            if transform is not None:
+                request = _apply_input_transform(transform, request)
+            body = _wire.build_body(kind, request, system=system, history=history, stream=stream)
+            _check_json(body)
+            return PreparedRequest(kind, target, path, body, host, stream=streams, name=name)
+
+        return build
 
     @_with_call_options
     def complete(self, prompt: Any, endpoint: str | None = None, *, transform_output: Transform | None = None,
@@ -367,72 +421,36 @@ class Client:
 
         ``endpoint`` names a serving endpoint; or give ``cluster_id`` and ``port`` for a driver-proxy
         app. ``transform_output(value) -> value`` reads the answer; ``timeout`` bounds the wait (seconds).
-        The other options are `CallOptions`.
+        The other options are `CallOptions`. A cut answer raises `AnswerCut` (its ``.completion`` is
+        what arrived).
         """
-        refuse_unknown_options(options, "Client.complete")
-        prepared = self.prepare(prompt, endpoint, **options)
-        return self.send(prepared, transform_output=transform_output, timeout=timeout)
-
-    def send(self, prepared: PreparedRequest, *, transform_output: Transform | None = None,
-             timeout: float | None = None, retry: RetryPolicy | None = None) -> Completion:
-        """Send a `PreparedRequest` and wait for the whole answer (``retry`` overrides the client's
-        retry policy for this call)."""
-        timeout = _timeout(timeout)
-        span = tracing.call_span(prepared)
-        started = time.perf_counter()
-        try:
-            response = self.transport.request(
-                self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body, timeout=timeout,
-                retry=retry,
-            )
-            # keep what is needed, not the response: an error's traceback keeps this frame alive
-            content, status, headers, attempts = response.content, response.status_code, response.headers, _attempts(
-                response)
-            response.close()
-            del response
-            secrets = self.credentials.secrets()
-            data = _json(content, prepared.target, status, secrets)
-            latency = time.perf_counter() - started
-            completion = _completion(prepared, _parse(prepared, data, secrets), data, headers, latency, transform_output,
-                                     attempts=attempts, secrets=secrets)
-        except BaseException as exc:
-            if span is not None:
-                span.failed(exc)
-            raise
-        if span is not None:
-            span.ok(completion)
-        return completion
+        prepared = self._prepared(prompt, endpoint, False, options, "Client.complete")
+        return self.call(prepared, transform_output=transform_output, timeout=timeout).wait()
 
     @_with_call_options
     def stream(self, prompt: Any, endpoint: str | None = None, *, transform_output: Transform | None = None,
-               timeout: float | None = None, **options: Unpack[CallOptions]) -> Stream:
+               timeout: float | None = None, **options: Unpack[CallOptions]) -> Call:
         """Send one prompt and iterate over the answer's text as it arrives (options as `complete`).
 
         Endpoints that do not stream (embeddings, custom models, proxy apps) give their whole text
         as one piece. After the loop, ``stream.completion`` holds the `Completion`. A cut stream
         raises `StreamInterrupted`, whose ``.partial`` (and ``stream.text``) keep what arrived.
+        The request is sent here: an error answer raises before the loop.
         """
-        refuse_unknown_options(options, "Client.stream")
-        prepared = self.prepare(prompt, endpoint, stream=True, **options)
-        return self.open_stream(prepared, transform_output=transform_output, timeout=timeout)
+        prepared = self._prepared(prompt, endpoint, True, options, "Client.stream")
+        return self.call(prepared, transform_output=transform_output, timeout=timeout).start()
 
-    def open_stream(self, prepared: PreparedRequest, *, transform_output: Transform | None = None,
-                    timeout: float | None = None) -> Stream:
-        """Send a `PreparedRequest` (built with ``stream=True``) and return its `Stream`."""
-        timeout = _timeout(timeout)
-        span = tracing.call_span(prepared)
-        started = time.perf_counter()
-        try:
-            response = self.transport.request(
-                self.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body,
-                stream=True, timeout=timeout,
-            )
-        except BaseException as exc:
-            if span is not None:
-                span.failed(exc)
-            raise
-        return Stream(prepared, Body(response), response.headers, started, transform_output, span=span,
-                      attempts=_attempts(response), secrets=self.credentials.secrets())
+    def call(self, prepared: PreparedRequest, *, transform_output: Transform | None = None,
+             timeout: float | None = None, retry: RetryPolicy | None = None,
+             tags: Mapping[str, Any] | None = None) -> Call:
+        """The `Call` that sends ``prepared`` (built by `prepare`; streamed when it was prepared with
+        ``stream=True`` and its kind streams). Nothing is sent until it is iterated, waited on or
+        started. ``retry`` overrides the client's policy for this call; ``tags`` are for the
+        subscribers (the notebook's history reads ``tags["conversation"]``)."""
+        call = Call(self, prepared, transform_output, _timeout(timeout), retry, dict(tags or {}))
+        if self.hooks:
+            self.hooks.fire("on_request", call)
+        return call
 
     def _target(self, endpoint: str | None, cluster_id: Any, port: Any, org_id: Any, task: str | None):
         if endpoint and (cluster_id or port):
@@ -464,111 +482,218 @@ class Client:
         """Close the HTTP session (its pooled connections)."""
         self.transport.close()
 
+    def __enter__(self) -> Client:
+        return self
 
-class Stream:
-    """An answer arriving piece by piece. Iterate for text chunks; then read ``.completion``.
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
-    ``text`` is everything that has arrived so far, also after an error or ``close()``. ``body`` is
-    the response body as the transport gives it (`dbmagic._http.Body`: ``read``, ``read_all``,
-    ``abort``, ``close``), ``headers`` the response's headers.
+
+class Call:
+    """One call: iterate it for the answer's text as it arrives, or `wait` for the whole answer.
+
+    It always ends in a `Completion` (``call.completion``), also when it does not end normally: a
+    partial one has ``finish_reason`` ``cut`` (the connection or stream broke: the iteration raises
+    `AnswerCut`/`StreamInterrupted`, whose ``.completion`` it is), ``stopped`` (`cancel` from any
+    thread: the iteration ends quietly) or ``interrupted`` (Ctrl-C, or ``cancel("interrupted")``).
+    A call that got no answer at all (an error status, no connection) raises, ``call.error`` is the
+    error, and ``completion`` stays None. ``text`` is everything that arrived so far.
+
+    Made by `Client.call` (and `Client.stream`, which is one already started).
     """
 
-    def __init__(self, prepared: PreparedRequest, body: Body, headers: Mapping[str, str], started: float,
-                 transform_output: Transform | None, *, span: tracing.CallSpan | None = None, attempts: int = 1,
-                 secrets: Sequence[Secret] = ()):
+    def __init__(self, client: Client, prepared: PreparedRequest, transform_output: Transform | None,
+                 timeout: float | None, retry: RetryPolicy | None, tags: dict[str, Any]):
         self.prepared = prepared
-        self._secrets = secrets  # what an error event from the server is scrubbed of
-        self._span = span
-        self._attempts = attempts
+        self.tags = tags
         self.text = ""
         self.completion: Completion | None = None
+        self.error: BaseException | None = None
+        self.response: Response | None = None
         self.cancelled = False
-        self._body = body
-        self._headers = headers
-        self._started = started
+        self._client = client
         self._transform_output = transform_output
-        self._iterator = self._iterate()
+        self._timeout = timeout
+        self._retry = retry
+        self._why = "stopped"
+        self._started = 0.0
+        self._ended = False
+        self._first: float | None = None
+        self._pieces: Iterator[str] | None = None
+
+    def __repr__(self) -> str:
+        state = ("cancelled" if self.cancelled else "answered" if self.completion is not None
+                 else "failed" if self.error is not None else "open" if self.response is not None else "not sent")
+        return f"Call({self.prepared.target}, {state}, {len(self.text)} characters)"
+
+    # -- what a caller uses ------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[str]:
-        return self._iterator
+        if self._pieces is None:
+            self._pieces = self._read()
+        return self._pieces
 
     def __next__(self) -> str:
-        return next(self._iterator)
+        return next(iter(self))
+
+    def start(self) -> Call:
+        """Send the request now and wait for the answer's headers (an error answer raises here)."""
+        if self.response is None and not self._ended:
+            try:
+                self._open()
+            except BaseException as exc:
+                raise self._ended_by(exc)
+        return self
+
+    def wait(self) -> Completion:
+        """Read the answer to its end and return its `Completion` (partial when stopped or
+        interrupted); raises what ended it otherwise (a cut answer's error carries ``.completion``)."""
+        for _ in self:
+            pass
+        assert self.completion is not None  # ended normally, stopped or interrupted
+        return self.completion
+
+    def outcome(self) -> Completion | DbMagicError:
+        """The call's end without raising a dbmagic error: its `Completion` (whole, or partial: a cut
+        one with its ``error``), or the error that left it without an answer. What a front end
+        keeps per call (compare's columns, a batch's rows). Ctrl-C still raises."""
+        try:
+            return self.wait()
+        except AnswerCut as exc:
+            return exc.completion if exc.completion is not None else exc
+        except DbMagicError as exc:
+            return exc
+
+    def cancel(self, why: str = "stopped") -> None:
+        """Stop from another thread (a Stop button; ``why="interrupted"`` for a Ctrl-C): the
+        iteration ends quietly, ``completion`` is the partial answer (``finish_reason == why``). A
+        read blocked on a silent endpoint wakes at once."""
+        self._why = why
+        self.cancelled = True
+        if self.response is not None:
+            self.response.body.abort()
 
     def close(self) -> None:
         """Stop reading (from the thread that iterates); ``text`` keeps what arrived."""
-        self._iterator.close()
-        self._body.close()
+        if self._pieces is not None:
+            self._pieces.close()
+        if self.response is not None:
+            self.response.body.close()
+        if not self._ended:
+            self._end(self.partial("stopped"))
 
-    def cancel(self) -> None:
-        """Stop from another thread (a Stop button): the iteration ends quietly, ``completion``
-        stays None and ``text`` keeps what arrived. A read blocked on a silent endpoint wakes at once."""
-        self.cancelled = True
-        self._body.abort()
-
-    def _iterate(self) -> Iterator[str]:
-        error: BaseException | None = None
-        try:
-            content_type = self._headers.get("Content-Type", "")
-            if not self.prepared.stream or "text/event-stream" not in content_type:
-                yield from self._whole_answer()
-                return
-            yield from self._events()
-        except GeneratorExit:  # the reader stopped early (close())
-            raise
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._body.close()
-            if self._span is not None:
-                self._end_span(error)
-
-    def _end_span(self, error: BaseException | None) -> None:
-        span, self._span = self._span, None
-        if self.completion is not None:
-            span.ok(self.completion)
-        elif error is not None and not isinstance(error, StreamInterrupted):
-            span.failed(error)
-        else:  # cut (what arrived is kept), cancelled or closed early
-            span.partial(self.partial("cut" if error is not None else "stopped"), error)
-
-    def partial(self, why: str) -> Completion:
+    def partial(self, why: str, error: BaseException | None = None) -> Completion:
         """A `Completion` of what arrived, for an answer that did not end normally (``why``:
         ``cut``, ``stopped`` or ``interrupted``)."""
-        return Completion(text=self.text, value=self.text, endpoint=self.prepared.name or self.prepared.target, kind=self.prepared.kind,
-                          latency=time.perf_counter() - self._started, request=self.prepared.body,
-                          finish_reason=why, attempts=self._attempts)
+        prepared = self.prepared
+        return Completion(text=self.text, value=self.text, endpoint=prepared.name or prepared.target,
+                          kind=prepared.kind, latency=time.perf_counter() - self._started if self._started else 0.0,
+                          request=prepared.body, finish_reason=why,
+                          attempts=self.response.attempts if self.response is not None else 1,
+                          time_to_first_token=self._first, error=error)
 
-    def _whole_answer(self) -> Iterator[str]:
+    # -- the one path ------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        client, prepared = self._client, self.prepared
+        self._started = time.perf_counter()
+        response = client.transport.request(
+            client.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body,
+            stream=prepared.stream, timeout=self._timeout, retry=self._retry, cancelled=lambda: self.cancelled)
+        self.response = response
+        if client.hooks:
+            client.hooks.fire("on_response", self, response)
+
+    def _read(self) -> Iterator[str]:
         try:
-            content = self._body.read_all()
+            if self.response is None and not self._ended:
+                if self.cancelled:  # stopped before it was sent
+                    self._end(self.partial(self._why))
+                    return
+                self._open()
+            if self._ended:
+                return
+            streamed = self.prepared.stream and "text/event-stream" in self.response.headers.get("Content-Type", "")
+            yield from (self._events() if streamed else self._whole())
+            if not self._ended:  # cancelled
+                self._end(self.partial(self._why))
+        except GeneratorExit:  # the reader stopped early (close())
+            if not self._ended:
+                self._end(self.completion or self.partial("stopped"))
+            raise
+        except BaseException as exc:
+            raise self._ended_by(exc)
+        finally:
+            if self.response is not None:
+                self.response.body.close()
+
+    def _ended_by(self, exc: BaseException) -> BaseException:
+        """Record how an exception ended the call, and return what to raise."""
+        if self._ended:
+            return exc
+        if isinstance(exc, KeyboardInterrupt):
+            self._end(self.partial("interrupted"))
+            return exc
+        if isinstance(exc, AnswerCut):
+            exc.partial = self.text
+            exc.completion = self.partial("cut", exc)
+            self._end(exc.completion)
+            return exc
+        self.error = exc
+        self._ended = True
+        if self._client.hooks:
+            self._client.hooks.fire("on_failed", self, exc)
+        return exc
+
+    def _end(self, completion: Completion) -> None:
+        self.completion, self._ended = completion, True
+        if self._client.hooks:
+            self._client.hooks.fire("on_done", self, completion)
+
+    def _piece(self, piece: str) -> str:
+        if self._first is None:
+            self._first = time.perf_counter() - self._started
+        self.text += piece
+        if self._client.hooks:
+            self._client.hooks.fire("on_piece", self, piece)
+        return piece
+
+    def _secrets(self) -> Sequence[Secret]:
+        return self._client.credentials.secrets()
+
+    def _whole(self) -> Iterator[str]:
+        response = self.response
+        try:
+            content = response.body.read_all()
         except ConnectionError as exc:
-            raise self._cut(f"the connection broke ({exc})") from None
-        data = _json(content, self.prepared.target, secrets=self._secrets)
-        latency = time.perf_counter() - self._started
-        parsed = _parse(self.prepared, data, self._secrets)
-        self.text = parsed.text
+            if self.cancelled:
+                return
+            raise AnswerCut(f"The answer from {self.prepared.target} was cut: {exc}; the request ran, so it was "
+                            "not sent again", target=self.prepared.target) from None
+        if self.cancelled:
+            return
+        secrets = self._secrets()
+        data = _json(content, self.prepared.target, response.status, secrets)
+        parsed = _parse(self.prepared, data, secrets)
+        completion = self._completion(parsed, data)
         if parsed.text:
-            yield parsed.text
-        self.completion = _completion(self.prepared, parsed, data, self._headers, latency,
-                                      self._transform_output, time_to_first_token=latency, attempts=self._attempts,
-                                      secrets=self._secrets)
+            yield self._piece(parsed.text)
+        self._end(completion)
 
     def _events(self) -> Iterator[str]:
+        body = self.response.body
         decoder = _wire.SSEDecoder()
         reader = _wire.ChunkReader()
-        usage: dict[str, Any] = {}
+        usage = Usage()
         finish: str | None = None
         model: str | None = None
-        first: float | None = None
         last: Any = None  # the last event, kept as the completion's raw (its usage, finish reason, ids)
         done = False
         while True:
             if self.cancelled:
                 return
             try:
-                chunk = self._body.read()
+                chunk = body.read()
             except ConnectionError as exc:
                 if self.cancelled:
                     return
@@ -591,7 +716,7 @@ class Stream:
                 if not isinstance(data, dict):
                     raise self._cut("an event that is not a JSON object")
                 if "error_code" in data or "error" in data or data.get("type") == "error":
-                    code, message = parse_error_body(event, self._secrets)
+                    code, message = parse_error_body(event, self._secrets())
                     raise self._cut(f"an error mid-stream: {message or code}")
                 piece, chunk_usage, chunk_finish = reader.read(data)
                 last = data
@@ -599,21 +724,38 @@ class Stream:
                 finish = chunk_finish or finish
                 model = data.get("model") or model
                 if piece:
-                    if first is None:
-                        first = time.perf_counter() - self._started
-                    self.text += piece
-                    yield piece
+                    yield self._piece(piece)
+                    if self.cancelled:  # a Stop between two events of one read
+                        return
             if not chunk:
                 if self.cancelled:
                     return
                 if not done and (decoder.truncated or finish is None):
                     raise self._cut("the connection closed before the end of the answer")
                 break
+        self._end(self._completion(_wire.Parsed(self.text, self.text, usage, model, finish), last))
+
+    def _completion(self, parsed: _wire.Parsed, data: Any) -> Completion:
+        value = parsed.value
+        if self._transform_output is not None:
+            value = _apply_output_transform(self._transform_output, value)
+        prepared, response, secrets = self.prepared, self.response, self._secrets()
         latency = time.perf_counter() - self._started
-        parsed = _wire.Parsed(self.text, self.text, usage, model, finish)
-        self.completion = _completion(self.prepared, parsed, last, self._headers, latency,
-                                      self._transform_output, time_to_first_token=first, attempts=self._attempts,
-                                      secrets=self._secrets)
+        return Completion(
+            text=value if isinstance(value, str) else parsed.text,
+            value=value,
+            endpoint=prepared.name or prepared.target,
+            kind=prepared.kind,
+            raw=data,
+            usage=parsed.usage,
+            latency=latency,
+            request=prepared.body,
+            request_id=_server_text(response.headers.get("x-request-id"), secrets),
+            served_model=_server_text(parsed.served_model or response.headers.get("served-model-name"), secrets),
+            finish_reason=parsed.finish_reason,
+            time_to_first_token=self._first if self._first is not None else latency,
+            attempts=response.attempts,
+        )
 
     def _cut(self, why: str) -> StreamInterrupted:
         return StreamInterrupted(
@@ -621,6 +763,9 @@ class Stream:
             partial=self.text,
             target=self.prepared.target,
         )
+
+
+Stream = Call  # the name `Client.stream` returned before every call was a `Call`
 
 
 def _apply_input_transform(transform: Transform, request: dict[str, Any]) -> dict[str, Any]:
@@ -693,33 +838,6 @@ def _check_json(body: Any) -> None:
     if problem:
         raise ConfigurationError(f"Cannot send: {problem}, which JSON cannot carry. Fix the transform_input "
                                  "or the -p value that put it there.")
-
-
-def _attempts(response: requests.Response) -> int:
-    return getattr(response, "dbmagic_attempts", 1)
-
-
-def _completion(prepared: PreparedRequest, parsed: _wire.Parsed, data: Any, headers: Mapping[str, str],
-                latency: float, transform_output: Transform | None, time_to_first_token: float | None = None,
-                attempts: int = 1, secrets: Sequence[Secret] = ()) -> Completion:
-    value = parsed.value
-    if transform_output is not None:
-        value = _apply_output_transform(transform_output, value)
-    return Completion(
-        text=value if isinstance(value, str) else parsed.text,
-        value=value,
-        endpoint=prepared.name or prepared.target,
-        kind=prepared.kind,
-        raw=data,
-        usage=parsed.usage,
-        latency=latency,
-        request=prepared.body,
-        request_id=_server_text(headers.get("x-request-id"), secrets),
-        served_model=_server_text(parsed.served_model or headers.get("served-model-name"), secrets),
-        finish_reason=parsed.finish_reason,
-        time_to_first_token=time_to_first_token,
-        attempts=attempts,
-    )
 
 
 _default: Client | None = None

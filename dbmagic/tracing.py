@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _wire
-from .errors import ConfigurationError
+from . import _wire, hooks
+from .errors import ConfigurationError, first_line
 
 if TYPE_CHECKING:
-    from .client import Completion, PreparedRequest
+    from .client import Call, Completion, PreparedRequest
 
 __all__ = ["autolog", "enabled", "register_prompt", "load_prompt", "list_prompts"]
 
@@ -44,10 +46,14 @@ _PARAMS = ("temperature", "max_tokens", "stop", "n")
 
 def autolog(disable: bool = False) -> None:
     """Trace every dbmagic call to MLflow (``disable=True`` stops). Fails at once, naming the
-    package to install, when MLflow is missing."""
+    package to install, when MLflow is missing. Tracing is a subscriber of every client's calls
+    (`dbmagic.hooks`): the client itself knows nothing of MLflow."""
     global _enabled
     if not disable:
         _mlflow()
+        hooks.GLOBAL.add(_TRACER)
+    else:
+        hooks.GLOBAL.remove(_TRACER)
     _enabled = not disable
 
 
@@ -97,11 +103,10 @@ class CallSpan:
 
     def ok(self, completion: Completion) -> None:
         attributes = _outcome(completion)
-        usage = completion.usage or {}
-        tokens = {"input_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
-                  "output_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
-                  "total_tokens": usage.get("total_tokens")}
-        if any(v is not None for v in tokens.values()):
+        usage = completion.usage
+        tokens = {"input_tokens": usage.input, "output_tokens": usage.output, "total_tokens": usage.total,
+                  "cache_read_input_tokens": usage.cache_read, "cache_creation_input_tokens": usage.cache_creation}
+        if usage:
             attributes["mlflow.chat.tokenUsage"] = {k: v for k, v in tokens.items() if v is not None}
         # a whole answer's JSON; for a stream the text it made (its raw is only the last event)
         outputs = completion.raw if completion.raw is not None and not self.prepared.stream else completion.text
@@ -126,9 +131,42 @@ def _end_failed(span: Any, error: BaseException) -> None:
              status=SpanStatus("ERROR", description=f"{error.__class__.__name__}: {error}"[:1000]))
 
 
-def call_span(prepared: PreparedRequest) -> CallSpan | None:
-    """A span for this call when tracing is on, else None (and MLflow stays unloaded)."""
-    return CallSpan(prepared) if _enabled else None
+class _Tracer(hooks.Subscriber):
+    """The subscriber `autolog` registers: a span opens with each call's request and closes with
+    its end (an error span for a failed call, the partial text for a cut or stopped one)."""
+
+    def __init__(self) -> None:
+        self._spans: weakref.WeakKeyDictionary[Call, CallSpan] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def on_request(self, call: Call) -> None:
+        span = CallSpan(call.prepared)
+        with self._lock:
+            self._spans[call] = span
+
+    def _span(self, call: Call) -> CallSpan | None:
+        with self._lock:
+            return self._spans.pop(call, None)
+
+    def on_done(self, call: Call, completion: Completion) -> None:
+        span = self._span(call)
+        if span is None:
+            return
+        if completion.is_partial:
+            span.partial(completion, completion.error)
+        else:
+            span.ok(completion)
+
+    def on_failed(self, call: Call, error: BaseException) -> None:
+        span = self._span(call)
+        if span is not None:
+            span.failed(error)
+
+    def on_refused(self, endpoint: str | None, prompt: Any, error: BaseException) -> None:
+        failed_before_request(endpoint, prompt, error)
+
+
+_TRACER = _Tracer()
 
 
 _dry = contextvars.ContextVar("dbmagic_dry_run", default=False)
@@ -213,7 +251,7 @@ def load_prompt(uri: str) -> Any:
         return mlflow.genai.load_prompt(uri)
     except Exception as exc:
         raise ConfigurationError(
-            f"Could not load {uri} from the MLflow Prompt Registry ({_first_line(exc)}). "
+            f"Could not load {uri} from the MLflow Prompt Registry ({first_line(exc)}). "
             "`%dbllm prompts` lists the registered prompts (mlflow.genai.search_prompts())."
         ) from None
 
@@ -226,7 +264,7 @@ def register_prompt(name: str, template: str, commit_message: str | None = None,
     try:
         return mlflow.genai.register_prompt(name=name, template=template, commit_message=commit_message, tags=tags)
     except Exception as exc:
-        raise ConfigurationError(f"Could not register prompt {name!r} ({_first_line(exc)}).") from None
+        raise ConfigurationError(f"Could not register prompt {name!r} ({first_line(exc)}).") from None
 
 
 def list_prompts() -> list[tuple[str, str, str]]:
@@ -238,10 +276,5 @@ def list_prompts() -> list[tuple[str, str, str]]:
             latest = mlflow.genai.load_prompt(f"prompts:/{prompt.name}@latest")
             rows.append((prompt.name, str(latest.version), latest.uri))
     except Exception as exc:
-        raise ConfigurationError(f"Could not list the MLflow prompts ({_first_line(exc)}).") from None
+        raise ConfigurationError(f"Could not list the MLflow prompts ({first_line(exc)}).") from None
     return rows
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip() or exc.__class__.__name__
-    return text.splitlines()[0][:300]
