@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from .errors import FormatError
+from .settings import FORMATS
 
 __all__ = ["FORMATS", "bundle", "output_metadata", "extract_code", "parse_json", "LiveOutput"]
 
-FORMATS = ("markdown", "text", "code", "json", "html")
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
 
@@ -87,7 +87,7 @@ def output_metadata(completion: Any) -> dict[str, Any]:
         "endpoint": completion.endpoint,
         "kind": completion.kind,
         "served_model": completion.served_model,
-        "usage": completion.usage,
+        "usage": completion.usage.as_dict(),
         "latency_ms": round(completion.latency * 1000, 1),
         "request_id": completion.request_id,
     }}

@@ -6,8 +6,10 @@ spelling and panel control. Everything else derives from this table:
 - the ``%config DbLLM.<name>`` traits and their validation (`dbmagic.magic`),
 - the ``%%dbllm`` flags and ``%%dbllm?`` (`dbmagic.magic`),
 - the panel's controls and its "Copy as cell" (`dbmagic._panel`),
-- `CallSpec`, what every front end hands to the cell runner (`dbmagic._cell`),
-- the checks `dbmagic.Client` makes of the same values from Python.
+- `CallSpec`, what every front end hands to the cell runner (`dbmagic._cell`): a declared
+  dataclass whose every field carries its `Setting` (``fields(CallSpec)[i].metadata["setting"]``),
+- `CLIENT_OPTIONS`, the `Client.prepare` keywords among them, and the checks `dbmagic.Client`
+  makes of the same values from Python.
 
 So a value refused on the command line is refused by ``%config``, the panel and the Python API,
 with the same message, and a new option is one entry here (plus its tests).
@@ -21,17 +23,17 @@ import json
 import keyword
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import _wire
 from .errors import SettingError
-from .render import FORMATS
 
-__all__ = ["Setting", "SETTINGS", "BY_NAME", "CALL", "CLIENT_OPTIONS", "TARGET", "CallSpec", "coerce", "from_text",
+__all__ = ["FORMATS", "Setting", "SETTINGS", "BY_NAME", "CALL", "CLIENT_OPTIONS", "TARGET", "CallSpec", "coerce", "from_text",
            "unescape", "escape", "parse_param", "merge", "to_argv", "cell_argv", "spec_from"]
 
-TARGET = ("endpoint", "cluster_id", "port")  # where a call goes: named together, overridden together
+TARGET = ("endpoint", "cluster_id", "port")
+FORMATS = ("markdown", "text", "code", "json", "html")  # how an answer is shown (dbmagic.render)  # where a call goes: named together, overridden together
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,8 @@ class Setting:
     ``text``, ``number``, ``textarea``, ``tags``, ``choice``, ``json``, ``checkbox``, ``function``,
     or None for an option of the magic only. ``rule`` returns a message when a (typed) value is
     refused. ``escapes``: ``\\n`` and ``\\t`` typed on the command line become the characters.
-    ``scope`` is ``call`` (part of `CallSpec`) or ``cell`` (what the magic does with the answer).
-    A ``sweep`` setting given several times (``-e A -e B``, ``-t 0 -t 0.8``) makes the cell compare.
+    ``scope`` is ``call`` (a field of `CallSpec`) or ``cell`` (what the magic does with the answer);
+    ``api``: a `Client.prepare` keyword as it is (`CLIENT_OPTIONS`). A ``sweep`` setting given several times (``-e A -e B``, ``-t 0 -t 0.8``) makes the cell compare.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Setting:
     label: str = ""
     flag_help: str | None = None  # when the flag does the opposite of the setting (--no-stream)
     sweep: bool = False  # given more than once on the line, the cell compares the values side by side
+    api: bool = False  # a keyword of Client.prepare as it is (the others the cell runner applies itself)
 
     @property
     def flag(self) -> str:
@@ -160,25 +163,27 @@ def _json_fields(value: dict[str, Any]) -> str | None:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("endpoint", str, None, "serving endpoint to query (default: %config DbLLM.endpoint); repeat it "
-            "to compare endpoints", ("-e", "--endpoint"), "endpoint", _segment, sweep=True),
+            "to compare endpoints", ("-e", "--endpoint"), "endpoint", _segment, sweep=True, api=True),
     Setting("cluster_id", str, None, "cluster of a driver-proxy app (found by itself inside Databricks)",
-            ("--cluster-id",), "text", _segment, label="Cluster"),
-    Setting("port", int, None, "port of a driver-proxy app", ("--port",), "number", _between(1, 65535)),
+            ("--cluster-id",), "text", _segment, label="Cluster", api=True),
+    Setting("port", int, None, "port of a driver-proxy app", ("--port",), "number", _between(1, 65535), api=True),
     Setting("org_id", str, None, "org id for the driver-proxy URL (default: from the workspace)",
-            ("--org-id",), "text", _segment),
+            ("--org-id",), "text", _segment, api=True),
     Setting("temperature", float, None, "sampling temperature", ("-t", "--temperature"), "number", _between(0),
-            sweep=True),
+            sweep=True, api=True),
     Setting("max_tokens", int, None, "largest number of tokens to generate", ("--max-tokens",), "number",
-            _between(1), sweep=True),
+            _between(1), sweep=True, api=True),
     Setting("stop", list, [], r'stop sequence, repeatable; escapes like "\n" work', ("--stop",), "tags",
-            escapes=True),
+            escapes=True, api=True),
     Setting("extra_params", dict, {}, "extra request field, repeatable; VALUE is parsed as JSON when it parses",
-            ("-p", "--param"), "json", _json_fields, metavar="KEY=VALUE", label="Extra fields"),
+            ("-p", "--param"), "json", _json_fields, metavar="KEY=VALUE", label="Extra fields", api=True),
     Setting("system", str, None, r'system prompt (chat endpoints); escapes like "\n" work', ("--system",),
-            "textarea", escapes=True, label="System prompt", sweep=True),
+            "textarea", escapes=True, label="System prompt", sweep=True, api=True),
     Setting("task", str, None, "override the endpoint's task: chat, completions, embeddings, responses, "
                                "chat_agent, custom",
-            ("--task",), "text", _task, sweep=True),
+            ("--task",), "text", _task, sweep=True, api=True),
+    Setting("n", int, None, "number of answers to ask for (chat and completions; the first is shown)",
+            ("-n", "--n"), "number", _between(1, 16), label="Answers (n)", api=True),
     Setting("timeout", float, None, "seconds to wait for the answer, or for each streamed chunk",
             ("--timeout",), "number", _between(0, MAX_TIMEOUT, low_open=True), label="Timeout (s)"),
     Setting("transform_input", str, None, "function(**request) -> request from the notebook",
@@ -214,11 +219,6 @@ SETTINGS: tuple[Setting, ...] = (
             label="Keep conversation"),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
-CALL: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.scope == "call")
-# the call settings that are `Client.prepare` keywords as they are (the others: transforms, which
-# the cell runner finds by name, and timeout, format, stream and chat, which it applies itself)
-CLIENT_OPTIONS = ("endpoint", "cluster_id", "port", "org_id", "task", "system", "temperature", "max_tokens", "stop",
-                  "extra_params")
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -415,21 +415,47 @@ def sweeps(overrides: dict[str, Any]) -> dict[str, list[Any]]:
 
 # -- the description of one call --------------------------------------------------------------
 
-class _CallSpecMethods:
+def _field(name: str) -> Any:
+    """A `CallSpec` field: setting ``name``'s default, the setting in its metadata."""
+    setting = BY_NAME[name]
+    return field(default_factory=lambda: _default(setting), metadata={"setting": setting})
+
+
+@dataclass
+class CallSpec:
+    """Everything that decides one call, as the options and ``%config`` defaults resolve (each
+    field's `Setting` is in its metadata). Every front end hands one to the cell runner."""
+
+    endpoint: str | None = _field("endpoint")
+    cluster_id: str | None = _field("cluster_id")
+    port: int | None = _field("port")
+    org_id: str | None = _field("org_id")
+    temperature: float | None = _field("temperature")
+    max_tokens: int | None = _field("max_tokens")
+    stop: list[str] = _field("stop")
+    extra_params: dict[str, Any] = _field("extra_params")
+    system: str | None = _field("system")
+    task: str | None = _field("task")
+    n: int | None = _field("n")
+    timeout: float | None = _field("timeout")
+    transform_input: str | None = _field("transform_input")
+    transform_output: str | None = _field("transform_output")
+    format: str = _field("format")
+    stream: bool = _field("stream")
+    chat: bool = _field("chat")
+
     @property
     def target_key(self) -> str:
         """The conversation key: the endpoint name or ``cluster:port``."""
-        return self.endpoint or f"{self.cluster_id}:{self.port}"  # type: ignore[attr-defined]
+        return self.endpoint or f"{self.cluster_id}:{self.port}"
 
 
-CallSpec = make_dataclass(
-    "CallSpec",
-    [(s.name, Any, field(default_factory=lambda s=s: _default(s))) for s in CALL],
-    bases=(_CallSpecMethods,),
-    namespace={"__doc__": "Everything that decides one call, as the options and %config defaults resolve: "
-                          + ", ".join(s.name for s in CALL) + "."},
-)
-CallSpec.__module__ = __name__
+CALL: tuple[Setting, ...] = tuple(f.metadata["setting"] for f in fields(CallSpec))
+# the call settings that are `Client.prepare` keywords as they are (the others: transforms, which
+# the cell runner finds by name, and timeout, format, stream and chat, which it applies itself)
+CLIENT_OPTIONS: tuple[str, ...] = tuple(s.name for s in CALL if s.api)
+if {s.name for s in SETTINGS if s.scope == "call"} != {s.name for s in CALL}:  # a new call setting is a field too
+    raise RuntimeError("dbmagic.settings: a setting of scope 'call' must be a CallSpec field, and only those are")
 
 
 def spec_from(values: Mapping[str, Any]) -> Any:

@@ -15,7 +15,10 @@ from typing import Any
 
 from .errors import TemplateError
 
-__all__ = ["Template", "RegistryTemplate", "render_prompt"]
+__all__ = ["Template", "RegistryTemplate", "render_prompt", "JINJA_GLOBALS"]
+
+# names Jinja2 itself defines: a template may use them without a column or variable of that name
+JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"})
 
 _MARKERS = ("{{", "{%", "{#")
 # Jinja2 reserves `self` (a template's own blocks); a variable or column of that name is renamed in
