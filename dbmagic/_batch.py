@@ -8,19 +8,21 @@
 row's columns fill the template). Answers come back in input order: for a DataFrame, a copy with an
 answer column and an error column; otherwise a `BatchResult`.
 
-- Concurrency adapts to the endpoint: it starts at ``concurrency``, halves on a 429 (the whole
-  batch then waits for ``Retry-After``, or a backoff), and grows back by one after a run of
-  successes, never above ``concurrency``. A rate limit slows the batch down; it does not fail rows.
-  Other failures are retried per row by the client's retry policy, with its timeouts.
+- At most ``concurrency`` requests are in flight, paced at the endpoint's own rate
+  (`dbmagic._pace`): a 429 with ``Retry-After`` pauses the whole batch until then; one without it
+  (as Databricks often answers) makes the batch learn the rate the endpoint accepts and keep just
+  under it. A rate limit slows the batch down; it does not fail rows. Other failures are retried
+  per row by the client's retry policy, with its timeouts.
 - A 429 is retried per row up to the client's ``attempts`` and ``deadline``; when nothing in the
   batch has been answered for that deadline, the rows not yet sent fail with the rate-limit error.
 - A row whose template value is missing (None, NaN, ``pd.NA``) gets no call, a null answer and an
   error naming the column, as ``ai_query`` does; ``send_missing=True`` sends it anyway.
-- Nothing is lost: a row that fails keeps its place and its error (the batch does not raise);
-  Ctrl-C stops sending and returns what finished; ``resume=`` the previous result sends only the
-  rows that are missing or failed.
-- A progress bar shows done and failed rows, rows per second and the current concurrency
-  (``progress=False`` hides it).
+- Nothing is lost: a row that fails keeps its place and its error (the batch does not raise; a
+  cut answer is a partial `Completion` with its ``error``); Ctrl-C stops sending and returns what
+  finished, the rows in flight as partial (``interrupted``) answers; ``resume=`` the previous
+  result sends only the rows that are missing, partial or failed.
+- A progress bar shows done and failed rows, rows per second and, once the endpoint rate limits,
+  the pace (``progress=False`` hides it).
 
 In a notebook: ``%%dbllm -e ENDPOINT --over df [--column answer] [-o result]``.
 """
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import contextvars
 import math
-import random
 import threading
 import time
 from collections import deque
@@ -37,35 +38,40 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from . import tracing
-from .errors import ConfigurationError, DbMagicError, MissingValue, RateLimited, TemplateError
-from .templating import Template
+from . import _deps, tracing
+from ._pace import Limiter
+from ._wire import Usage
+from .errors import ConfigurationError, DbMagicError, MissingValue, RateLimited, TemplateError, error_of
+from .templating import JINJA_GLOBALS, Template
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from .client import CallOptions, Client, Completion
+    from .client import Call, CallOptions, Client
 
-__all__ = ["batch", "BatchResult"]
-
-_JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"})
+__all__ = ["batch", "BatchResult", "is_frame", "row_contexts", "is_missing", "refuse_collisions"]
 
 
 class BatchResult(list):
-    """One entry per input row, in input order: the row's `Completion`, the `DbMagicError` it
-    failed with, or None for a row that was not sent (the batch was interrupted).
+    """One entry per input row, in input order: the row's `Completion` (partial when its answer
+    was cut, or interrupted by Ctrl-C), the `DbMagicError` it failed with, or None for a row that
+    was not sent (the batch was interrupted).
 
-    ``texts``, ``values`` and ``errors`` are per row; ``failed`` and ``missing`` are row indices;
-    ``usage`` sums the token counts; ``wall_time`` is in seconds. `to_pandas` gives a DataFrame.
+    ``texts``, ``values`` and ``errors`` are per row (a cut row's error is the cut); ``failed``
+    (an error, or a cut answer) and ``missing`` (not sent, or interrupted) are row indices;
+    ``usage`` sums the token counts (a `Usage`); ``wall_time`` is in seconds; ``rate`` the pace
+    the endpoint's rate limit set (requests per second; None when it never limited). `to_pandas`
+    gives a DataFrame.
     """
 
     def __init__(self, items: Iterable[Any], *, rows: Sequence[Any], wall_time: float = 0.0,
-                 interrupted: bool = False, concurrency: int = 0):
+                 interrupted: bool = False, concurrency: int = 0, rate: float | None = None):
         super().__init__(items)
         self.rows = list(rows)
         self.wall_time = wall_time
         self.interrupted = interrupted
         self.concurrency = concurrency
+        self.rate = rate
 
     @property
     def texts(self) -> list[str | None]:
@@ -77,24 +83,22 @@ class BatchResult(list):
 
     @property
     def errors(self) -> list[str | None]:
-        return [str(item) if isinstance(item, Exception) else None for item in self]
+        return [None if (error := error_of(item)) is None else str(error) for item in self]
 
     @property
     def failed(self) -> list[int]:
-        return [i for i, item in enumerate(self) if isinstance(item, Exception)]
+        return [i for i, item in enumerate(self) if error_of(item) is not None]
 
     @property
     def missing(self) -> list[int]:
-        return [i for i, item in enumerate(self) if item is None]
+        return [i for i, item in enumerate(self) if item is None or (error_of(item) is None and not _answered(item))]
 
     @property
-    def usage(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+    def usage(self) -> Usage:
+        total = Usage()
         for item in self:
             if _answered(item):
-                for key, value in (item.usage or {}).items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        total[key] = total.get(key, 0) + value
+                total += item.usage
         return total
 
     def summary(self) -> str:
@@ -105,14 +109,15 @@ class BatchResult(list):
                  f"{len(self.failed)} failed"]
         if self.missing:
             parts.append(f"{len(self.missing)} not sent{' (interrupted)' if self.interrupted else ''}")
-        usage = self.usage
-        if usage:
-            parts.append(" / ".join(f"{v:,} {k.split('_')[0]}" for k, v in usage.items()) + " tokens")
+        if self.usage:
+            parts.append(self.usage.describe())
+        if self.rate is not None:
+            parts.append(f"paced at {self.rate:.1f} requests/s by the endpoint's rate limit")
         return ", ".join(parts) + "."
 
     def to_pandas(self, column: str = "answer", error_column: str = "error") -> Any:
         """The rows (their columns, or ``row``) with the answer and error columns."""
-        pd = _pandas()
+        pd = _deps.pandas("to_pandas()")
 
         frame = pd.DataFrame([row if isinstance(row, Mapping) else {"row": row} for row in self.rows])
         frame[column] = self.values
@@ -124,7 +129,8 @@ class BatchResult(list):
 
 
 def _answered(item: Any) -> bool:
-    return item is not None and not isinstance(item, Exception)
+    """A whole answer (a resumed one included), not an error nor a partial answer."""
+    return item is not None and not isinstance(item, Exception) and not getattr(item, "is_partial", False)
 
 
 def batch(
@@ -155,7 +161,7 @@ def batch(
     result = run(template, rows, endpoint, concurrency=concurrency, resume=resume, progress=progress,
                  namespace=namespace, client=client, transform_output=transform_output, timeout=timeout,
                  column=column, error_column=error_column, send_missing=send_missing, **options)
-    return with_answers(rows, result, column, error_column) if _is_frame(rows) else result
+    return with_answers(rows, result, column, error_column) if is_frame(rows) else result
 
 
 def with_answers(frame: Any, result: BatchResult, column: str = "answer", error_column: str = "error") -> Any:
@@ -180,11 +186,11 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     refuse_unknown_options(options, "dbmagic.batch")
     client = client or get_client()
     namespace = dict(namespace or {})
-    contexts, columns, originals = _contexts(rows)
+    contexts, columns, originals = row_contexts(rows)
     tpl = template if isinstance(template, Template) else Template(template)
     if columns is not None:
-        _refuse_collisions(columns, column, error_column)
-        unknown = sorted(tpl.names - set(columns) - set(namespace) - _JINJA_GLOBALS)
+        refuse_collisions(columns, column, error_column)
+        unknown = sorted(tpl.names - set(columns) - set(namespace) - JINJA_GLOBALS)
         if unknown:
             raise TemplateError(
                 f"The template uses {', '.join(unknown)}, which is not a column of the DataFrame "
@@ -208,26 +214,25 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         todo = [i for i in todo if i not in skipped]
     if timeout is not None:
         timeout = settings.coerce("timeout", timeout)
-    policy = replace(client.transport.retry, retry_rate_limited=False)
-    client.transport.ensure_pool(concurrency)
-    prepare_options = dict(options)
+    policy = replace(client.retry, retry_rate_limited=False)  # a 429 slows the whole batch instead
+    client.ensure_pool(concurrency)
+    prepare = client.preparer(endpoint, **options)  # options checked, the endpoint looked up: once
 
-    def send(i: int) -> Completion:
+    def call(i: int) -> Call:
         values = {**namespace, **contexts[i]}
         prompt = tpl.render(values, where=f"in row {i} (its values: {', '.join(map(str, contexts[i])) or 'none'})")
-        prepared = client.prepare(prompt.strip(), endpoint, **prepare_options)
-        return client.send(prepared, transform_output=transform_output, timeout=timeout, retry=policy)
+        return client.call(prepare(prompt.strip()), transform_output=transform_output, timeout=timeout, retry=policy)
 
     started = time.perf_counter()
-    pace = _Pace(concurrency, todo, policy)
+    rows_run = _Rows(concurrency, todo, items, policy, client.clock)
     with tracing.batch_span(tpl.source, len(todo), endpoint) as span:
-        interrupted = pace.run(send, items, progress=progress)
+        interrupted = rows_run.run(call, progress=progress)
         if span is not None:
-            span.set_outputs({"answered": len(todo) - sum(1 for i in todo if not _answered(items[i])),
-                              "failed": sum(1 for i in todo if isinstance(items[i], Exception)),
+            span.set_outputs({"answered": sum(1 for i in todo if _answered(items[i])),
+                              "failed": sum(1 for i in todo if error_of(items[i]) is not None),
                               "interrupted": interrupted})
     return BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
-                       concurrency=pace.limit)
+                       concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate)
 
 
 def is_missing(value: Any) -> bool:
@@ -240,7 +245,7 @@ def is_missing(value: Any) -> bool:
     return kind in ("NAType", "NaTType") or (kind in ("datetime64", "timedelta64") and str(value) == "NaT")
 
 
-def _refuse_collisions(columns: list[Any], column: str, error_column: str,
+def refuse_collisions(columns: list[Any], column: str, error_column: str,
                        options: tuple[str, str] = ("column= (--column)", "error_column=")) -> None:
     """Output columns never overwrite input columns, nor each other (``options``: how to rename them)."""
     if column == error_column:
@@ -253,14 +258,14 @@ def _refuse_collisions(columns: list[Any], column: str, error_column: str,
             )
 
 
-def _is_frame(rows: Any) -> bool:
+def is_frame(rows: Any) -> bool:
     return hasattr(rows, "columns") and hasattr(rows, "to_dict") and hasattr(rows, "copy")
 
 
-def _contexts(rows: Any) -> tuple[list[dict[str, Any]], list[Any] | None, list[Any]]:
+def row_contexts(rows: Any) -> tuple[list[dict[str, Any]], list[Any] | None, list[Any]]:
     """The values each row fills the template with, the DataFrame's columns (None otherwise), and
     the rows as given (what the result keeps)."""
-    if _is_frame(rows):
+    if is_frame(rows):
         names = [str(c) for c in rows.columns]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -284,7 +289,7 @@ def _resumed(previous: Any, n: int, column: str, error_column: str) -> list[Any]
     """What a previous result already has: answers kept, failed and missing rows to send again."""
     if isinstance(previous, BatchResult):
         items = list(previous)
-    elif _is_frame(previous) and column in previous.columns:
+    elif is_frame(previous) and column in previous.columns:
         errors = previous[error_column].tolist() if error_column in previous.columns else [None] * len(previous)
         items = [_Kept(v) if not is_missing(v) and is_missing(e) else None
                  for v, e in zip(previous[column].tolist(), errors, strict=True)]
@@ -304,41 +309,38 @@ class _Kept:
     def __init__(self, value: Any):
         self.value = value
         self.text = value if isinstance(value, str) else str(value)
-        self.usage: dict[str, Any] = {}
+        self.usage = Usage()
 
 
-class _Pace:
-    """Sends rows from ``todo`` with at most ``limit`` in flight: additive increase (one more after
-    ``limit`` successes in a row), multiplicative decrease (halved on a 429, once per window), and
-    a pause of the whole batch for the 429's ``Retry-After`` (else a growing backoff)."""
+class _Rows:
+    """The worker loop: ``cap`` threads take rows from ``todo`` when the `Limiter` allows a start,
+    and store each row's outcome (`Call.outcome`) in ``items``. A 429 puts the row back first in
+    line (until its attempts or the deadline are spent); Ctrl-C cancels the calls in flight (each
+    keeps what arrived, as an ``interrupted`` answer) and sends nothing more."""
 
-    def __init__(self, cap: int, todo: list[int], policy: Any):
-        self.cap = self.limit = min(cap, max(len(todo), 1))
+    def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any):
+        self.limiter = Limiter(min(cap, max(len(todo), 1)), policy, clock)
         self.todo = deque(todo)
+        self.items = items
         self.policy = policy
-        self.in_flight = 0
         self.remaining = len(todo)
-        self.successes = 0
         self.failed = 0
         self.done = 0
-        self.epoch = 0  # a decrease only counts once per window of requests started at one limit
-        self.backoffs = 0  # decreases since the last success: how long a pause without Retry-After is
-        self.pause_until = 0.0
-        self.first_try: dict[int, float] = {}
-        self.tries: dict[int, int] = {}  # requests sent per row: the policy's attempts hold per row
-        self.last_answer = time.monotonic()  # a 429 storm ends the batch once nothing answered for a deadline
-        self.items: list[Any] = []
+        self.answers = 0  # rows answered so far: a 429 after one of them starts the row's count afresh
+        # per row: 429s in a row with no answer in the batch between them, since when, at which answer count:
+        # the policy's attempts and deadline hold per row while the endpoint accepts nothing
+        self.limited: dict[int, tuple[int, float, int]] = {}
+        self.calls: dict[int, Call] = {}  # in flight, for Ctrl-C
         self.stopped = False
         self.fatal: BaseException | None = None  # what stopped the batch from within (SystemExit ...)
         self.cond = threading.Condition()
 
-    def run(self, send: Callable[[int], Any], items: list[Any], *, progress: bool) -> bool:
-        """Send every row, storing outcomes in ``items``; True when interrupted (Ctrl-C)."""
-        self.items = items
+    def run(self, call: Callable[[int], Call], *, progress: bool) -> bool:
+        """Send every row; True when interrupted (Ctrl-C)."""
         bar = _bar(self.remaining) if progress and self.remaining else None
         # each worker runs in a copy of this thread's context, so a trace's batch span is its rows' parent
-        workers = [threading.Thread(target=contextvars.copy_context().run, args=(self._work, send, items),
-                                    name=f"dbmagic-batch-{i}", daemon=True) for i in range(self.cap)]
+        workers = [threading.Thread(target=contextvars.copy_context().run, args=(self._work, call),
+                                    name=f"dbmagic-batch-{i}", daemon=True) for i in range(self.limiter.cap)]
         for worker in workers:
             worker.start()
         try:
@@ -349,8 +351,18 @@ class _Pace:
                         _show(bar, self)
         except KeyboardInterrupt:
             with self.cond:
-                self.stopped = True  # in-flight answers are dropped; nothing more is sent
+                self.stopped = True  # nothing more is sent; the calls in flight keep what arrived
+                in_flight = list(self.calls.values())
                 self.cond.notify_all()
+            for c in in_flight:
+                c.cancel("interrupted")
+            until = time.monotonic() + 0.1  # a streamed call ends at once; a blocked one is not waited for
+            for worker in workers:
+                worker.join(max(until - time.monotonic(), 0))
+            with self.cond:  # a call still on its way keeps what arrived, as every other
+                for index, c in self.calls.items():
+                    if self.items[index] is None:
+                        self.items[index] = c.completion or c.partial("interrupted")
             return True
         finally:
             if bar is not None:
@@ -360,91 +372,79 @@ class _Pace:
             raise self.fatal
         return False
 
-    def _work(self, send: Callable[[int], Any], items: list[Any]) -> None:
+    def _work(self, call: Callable[[int], Call]) -> None:
+        limiter = self.limiter
         while True:
             with self.cond:
-                index = self._next()
+                index, permit = self._next()
                 if index is None:
                     return
-                epoch = self.epoch
             try:
-                outcome: Any = send(index)
-            except RateLimited as exc:
-                if self._wait_again(index, exc, epoch):
-                    continue
-                outcome = exc
-            except DbMagicError as exc:
+                c = call(index)
+                with self.cond:
+                    self.calls[index] = c
+                    if self.stopped:
+                        c.cancel("interrupted")
+                outcome: Any = c.outcome()
+            except DbMagicError as exc:  # the row's request could not be built
                 outcome = exc
             except Exception as exc:  # a bug of ours or a library's: the row keeps it, the batch goes on
                 outcome = DbMagicError(f"Unexpected {exc.__class__.__name__}: {exc}")
             except BaseException as exc:  # SystemExit from a transform: it stops the whole batch
                 with self.cond:
                     self.fatal, self.stopped = exc, True
+                    limiter.release(permit)
                     self.cond.notify_all()
                 return
             with self.cond:
-                self.in_flight -= 1
-                if self.stopped:
-                    return
-                items[index] = outcome
+                self.calls.pop(index, None)
+                if isinstance(outcome, RateLimited) and not self.stopped and self._again(index, outcome, permit):
+                    continue
+                if isinstance(outcome, Exception) or getattr(outcome, "is_partial", False):
+                    limiter.release(permit)
+                else:
+                    limiter.on_success(permit)
+                    self.answers += 1
+                self.items[index] = outcome
                 self.remaining -= 1
                 self.done += 1
-                if isinstance(outcome, Exception):
+                if error_of(outcome) is not None:
                     self.failed += 1
-                else:
-                    self.backoffs = 0  # decreases since the last success: how long a pause without Retry-After is
-                    self.last_answer = time.monotonic()
-                    self.successes += 1
-                    if self.successes >= self.limit and self.limit < self.cap:
-                        self.limit += 1
-                        self.successes = 0
                 self.cond.notify_all()
 
-    def _next(self) -> int | None:
-        """The next row to send, once the limit and any pause allow (called holding the lock)."""
+    def _next(self) -> tuple[int | None, Any]:
+        """The next row to send and its permit, once the limiter allows (called holding the lock)."""
+        limiter = self.limiter
         while not self.stopped and self.todo:
-            wait = self.pause_until - time.monotonic()
+            wait = limiter.delay()
             if wait > 0:
-                self.cond.wait(wait)
-            elif self.in_flight >= self.limit:
-                self.cond.wait(0.5)
-            else:
-                self.in_flight += 1
-                index = self.todo.popleft()
-                self.first_try.setdefault(index, time.monotonic())
-                self.tries[index] = self.tries.get(index, 0) + 1
-                return index
-        return None
+                self.cond.wait(min(wait, 0.5))
+                continue
+            permit = limiter.acquire()
+            index = self.todo.popleft()
+            return index, permit
+        return None, None
 
-    def _wait_again(self, index: int, exc: RateLimited, epoch: int) -> bool:
-        """A 429: slow the batch down and put the row back first in line; False when the row's
-        attempts or time are up (it then fails with the 429, as any call past its retry policy). When
-        nothing has answered for the policy's deadline, the rows not yet sent fail with it too."""
-        with self.cond:
-            if self.stopped:
-                self.in_flight -= 1
-                return True
-            now = time.monotonic()
-            if epoch == self.epoch:  # the first 429 of requests sent at this limit: one decrease
-                self.limit = max(1, self.limit // 2)
-                self.successes = 0
-                self.epoch += 1
-                self.backoffs += 1
-            if exc.retry_after is not None and math.isfinite(exc.retry_after) and exc.retry_after >= 0:
-                wait = min(exc.retry_after, self.policy.max_retry_after)
-            else:  # grows with each decrease, not with each of the requests that were in flight together
-                wait = min(self.policy.backoff * 2 ** (self.backoffs - 1), self.policy.max_backoff)
-                wait *= 0.5 + random.random() / 2
-            if now - self.last_answer > self.policy.deadline:
-                self._give_up_all(exc, now - self.last_answer)
-            if self.tries[index] >= self.policy.attempts or now + wait - self.first_try[index] > self.policy.deadline:
-                exc.gave_up_after(self.tries[index])
-                return False
-            self.in_flight -= 1
-            self.pause_until = max(self.pause_until, now + wait)
-            self.todo.appendleft(index)
-            self.cond.notify_all()
-            return True
+    def _again(self, index: int, exc: RateLimited, permit: Any) -> bool:
+        """A 429: tell the limiter, put the row back first in line; False when the row's attempts or
+        time are up (it then fails with the 429, as any call past its retry policy). When nothing has
+        answered for the policy's deadline, the rows not yet sent fail with it too (holding the lock)."""
+        limiter, policy = self.limiter, self.policy
+        limiter.on_rate_limited(permit, exc.retry_after)
+        now = limiter.clock.monotonic()
+        if limiter.quiet_for() > policy.deadline:
+            self._give_up_all(exc, limiter.quiet_for())
+        count, since, answers = self.limited.get(index, (0, now, self.answers))
+        if answers != self.answers:  # the batch moved on since this row's last 429: the pace is working
+            count, since = 0, now
+        count += 1
+        self.limited[index] = (count, since, self.answers)
+        if count >= policy.attempts or now - since > policy.deadline:
+            exc.gave_up_after(count)
+            return False
+        self.todo.appendleft(index)
+        self.cond.notify_all()
+        return True
 
     def _give_up_all(self, exc: RateLimited, quiet: float) -> None:
         """A 429 storm: every row still waiting fails with the rate-limit error, unsent (holding the lock)."""
@@ -468,15 +468,8 @@ def _bar(total: int) -> Any:
     return tqdm(total=total, unit="row", desc="dbmagic.batch", leave=True)
 
 
-def _show(bar: Any, pace: _Pace) -> None:
-    bar.n = pace.done
-    bar.set_postfix(failed=pace.failed, concurrency=pace.limit, refresh=False)
+def _show(bar: Any, rows: _Rows) -> None:
+    bar.n = rows.done
+    rate = rows.limiter.rate
+    bar.set_postfix(failed=rows.failed, **({"pace": f"{rate:.1f}/s"} if rate is not None else {}), refresh=False)
     bar.refresh()
-
-
-def _pandas() -> Any:
-    try:
-        import pandas
-    except ImportError:
-        raise ConfigurationError("to_pandas() needs pandas: pip install pandas.") from None
-    return pandas

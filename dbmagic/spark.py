@@ -33,12 +33,11 @@ PySpark is imported here only: ``import dbmagic`` never loads it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, TemplateError
-from .templating import Template
+from .templating import JINJA_GLOBALS, Template
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -68,17 +67,17 @@ def complete(
     ``send_missing=True``."""
     from pyspark.sql.types import StringType, StructField, StructType
 
-    from ._batch import _JINJA_GLOBALS, _refuse_collisions
+    from ._batch import refuse_collisions
     from .client import get_client
 
     if not isinstance(concurrency_per_task, int) or isinstance(concurrency_per_task, bool) or concurrency_per_task < 1:
         raise ConfigurationError(f"concurrency_per_task must be a whole number of at least 1; got {concurrency_per_task!r}.")
     columns = list(sdf.columns)
-    unknown = sorted(Template(template).names - set(columns) - _JINJA_GLOBALS)
+    unknown = sorted(Template(template).names - set(columns) - JINJA_GLOBALS)
     if unknown:
         raise TemplateError(f"The template uses {', '.join(unknown)}, which is not a column of the DataFrame "
                             f"(its columns: {', '.join(columns)}). Rename the {{{{ }}}} names, or add the columns.")
-    _refuse_collisions(columns, output_col, error_col, ("output_col=", "error_col="))
+    refuse_collisions(columns, output_col, error_col, ("output_col=", "error_col="))
     client = client or get_client()
     # on the driver: options checked, the endpoint's kind found once (executors then skip the lookup)
     probe = client.prepare("", endpoint, **{k: v for k, v in options.items() if k != "transform_input"})
@@ -86,12 +85,13 @@ def complete(
     credentials = client.credentials
     secret = credentials.token  # a Secret: masked wherever it could show
     host, extra_headers = credentials.host, credentials.extra_headers
-    retry, timeouts = client.transport.retry, client.transport.timeouts
+    retry, timeouts = client.retry, client.timeouts
     schema = StructType([*sdf.schema.fields, StructField(output_col, StringType()), StructField(error_col, StringType())])
 
     def dbmagic_complete(batches: Iterator[Any]) -> Iterator[Any]:
         # runs on an executor: imports here, one client per task
         from dbmagic._batch import run
+        from dbmagic._wire import as_text
         from dbmagic._credentials import Credentials
         from dbmagic.client import Client
 
@@ -103,14 +103,10 @@ def complete(
                              transform_output=transform_output, timeout=timeout, column=output_col,
                              error_column=error_col, send_missing=send_missing, **options)
                 out = frame.copy()
-                out[output_col] = [None if v is None else _as_text(v) for v in result.values]
+                out[output_col] = [None if v is None else as_text(v) for v in result.values]
                 out[error_col] = result.errors
                 yield out
         finally:
             worker.close()
 
     return sdf.mapInPandas(dbmagic_complete, schema)
-
-
-def _as_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)

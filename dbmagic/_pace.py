@@ -1,0 +1,132 @@
+"""A batch's pacing: how many requests may be in flight, and how fast they may start.
+
+`Limiter` is a pure state machine on the clock seam (`dbmagic._http.Clock`): the batch's workers
+ask it for a start (`delay`, then `acquire`), and tell it how each request went (`on_success`,
+`on_rate_limited`, `release`). Its unit tests drive it with a fake clock, without sleeping.
+
+- At most ``cap`` requests are in flight (the batch's ``concurrency``).
+- A 429 **with** ``Retry-After`` pauses every start until then: the endpoint said when.
+- A 429 **without** one (as Databricks often answers) sets a start rate learned from what the
+  endpoint has been accepting: the requests answered, or still in flight, that started in the
+  last second, times 0.95. Starts are then spaced at that rate (a token bucket of one), and the rate
+  grows again with each answer (by at least one request per second each second, or 5% of
+  itself), so it settles just under the endpoint's limit instead of halving and pausing the whole
+  batch. A 429 again before any answer at the learned rate says the endpoint's window is full:
+  starts wait until the oldest request it accepted in that window is a second old. When nothing
+  has been answered lately there is nothing to learn from: every start waits a
+  `dbmagic._http.backoff` (the transport's own) that grows with each such 429.
+- A decrease counts once per *epoch*: the 429s of requests that started before the last decrease
+  were sent at the old rate and say nothing new.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._http import Clock, RetryPolicy, SystemClock, backoff
+
+__all__ = ["Limiter", "Permit"]
+
+WINDOW = 1.0  # seconds: Databricks' limits are per second (QPS) or coarser
+SHARE = 0.95  # of the accepted rate, after a 429 without Retry-After
+GROWTH = 0.05  # per second, of the rate itself (and at least one request per second per second)
+
+
+@dataclass(frozen=True, eq=False)  # each start is its own, even two at the same instant
+class Permit:
+    """One started request: when it started, and in which epoch."""
+
+    started: float
+    epoch: int
+
+
+class Limiter:
+    def __init__(self, cap: int, policy: RetryPolicy = RetryPolicy(), clock: Clock | None = None,
+                 rand: Callable[[], float] = random.random):
+        self.cap = cap
+        self.policy = policy
+        self.clock = clock or SystemClock()
+        self.rand = rand
+        self.in_flight = 0
+        self.rate: float | None = None  # starts per second; None: only the cap limits
+        self.pause_until = 0.0
+        self.epoch = 0
+        self.backoffs = 0  # 429s with nothing to learn from since the last answer: how long a pause is
+        self.limited = 0  # 429s seen
+        self._next_start = 0.0
+        self._answered: deque[float] = deque()  # start times of answered requests, last WINDOW
+        self._answered_since = 0  # answers since the last decrease
+        self._open: dict[Permit, None] = {}  # requests in flight, oldest first
+        self.last_answer = self.clock.monotonic()
+
+    def delay(self) -> float:
+        """Seconds until a request may start (0: now; ``inf``: when one in flight ends)."""
+        if self.in_flight >= self.cap:
+            return math.inf
+        now = self.clock.monotonic()
+        wait = self.pause_until - now
+        if self.rate is not None:
+            wait = max(wait, self._next_start - now)
+        return max(wait, 0.0)
+
+    def acquire(self) -> Permit:
+        """Start a request now (after `delay` said 0)."""
+        now = self.clock.monotonic()
+        permit = Permit(now, self.epoch)
+        self.in_flight += 1
+        self._open[permit] = None
+        if self.rate is not None:
+            self._next_start = max(self._next_start, now - 1.0 / self.rate) + 1.0 / self.rate
+        return permit
+
+    def release(self, permit: Permit) -> None:
+        """The request ended with neither an answer nor a 429 (an error, a stop)."""
+        if self._open.pop(permit, 0) is None:
+            self.in_flight -= 1
+
+    def on_success(self, permit: Permit) -> None:
+        """The request was answered: the endpoint accepted it."""
+        self.release(permit)
+        now = self.clock.monotonic()
+        self.last_answer = now
+        self.backoffs = 0
+        self._answered.append(permit.started)
+        self._answered_since += 1
+        self._forget(now)
+        if self.rate is not None:
+            self.rate += max(GROWTH, 1.0 / self.rate)  # one answer of `rate` per second
+
+    def on_rate_limited(self, permit: Permit, retry_after: float | None) -> None:
+        """The request was answered 429 (with the server's ``Retry-After`` in seconds, or None)."""
+        self.release(permit)
+        self.limited += 1
+        now = self.clock.monotonic()
+        if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
+            self.pause_until = max(self.pause_until, now + min(retry_after, self.policy.max_retry_after))
+            return
+        if permit.epoch != self.epoch:  # sent at the old rate: nothing new
+            return
+        self.epoch += 1
+        self._forget(now)
+        answered_since, self._answered_since = self._answered_since, 0
+        accepted = len(self._answered) + sum(1 for p in self._open if p.started > now - WINDOW)
+        if self._answered:
+            self.rate = max(SHARE * accepted / WINDOW, 1.0 / self.policy.max_backoff)
+            self._next_start = now + 1.0 / self.rate
+            if not answered_since:  # refused again at the learned rate: the window is full until its oldest ages out
+                self.pause_until = max(self.pause_until, self._answered[0] + WINDOW)
+        else:  # nothing answered lately to learn a rate from: the transport's backoff, growing
+            self.backoffs += 1
+            self.pause_until = max(self.pause_until, now + backoff(self.policy, self.backoffs, self.rand))
+
+    def quiet_for(self) -> float:
+        """Seconds since the last answer (a 429 storm ends the batch once it passes the deadline)."""
+        return self.clock.monotonic() - self.last_answer
+
+    def _forget(self, now: float) -> None:
+        while self._answered and self._answered[0] <= now - WINDOW:
+            self._answered.popleft()
