@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from . import _cell, settings
-from .errors import ConfigurationError, DbMagicError, StreamInterrupted
+from . import _cell, _deps, settings
+from .errors import DbMagicError, error_of
 
 if TYPE_CHECKING:
-    from .client import Client, Stream
+    from .client import Call, Client
 
 __all__ = ["Comparison", "cells", "run"]
 
@@ -30,16 +30,17 @@ _SHORT = {"temperature": "t", "max_tokens": "max_tokens", "system": "system", "t
 
 
 class Comparison(dict):
-    """Label (``endpoint``, ``t=0.8``, ``endpoint · t=0.8``) -> that call's `Completion`, or the
-    error it failed with, in the order compared. ``runs`` holds every repeat; `to_pandas` a table."""
+    """Label (``endpoint``, ``t=0.8``, ``endpoint · t=0.8``) -> that call's `Completion` (partial
+    when it was cut, stopped or interrupted), or the error it failed with, in the order compared.
+    ``runs`` holds every repeat, ``settings`` each label's call values; `to_pandas` a table."""
 
     def __init__(self, first: Mapping[str, Any], runs: Mapping[str, list[Any]], values: Mapping[str, dict[str, Any]]):
         super().__init__(first)
         self.runs = dict(runs)
-        self.values = dict(values)
+        self.settings = dict(values)
 
     def to_pandas(self) -> Any:
-        pd = _pandas()
+        pd = _deps.pandas("to_pandas()")
 
         return pd.DataFrame({label: _metrics(runs) for label, runs in self.runs.items()})
 
@@ -85,19 +86,22 @@ def _unique(compared: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[
 
 class _Column:
     def __init__(self) -> None:
-        self.text = ""
         self.runs: list[Any] = []
-        self.stream: Stream | None = None
+        self.call: Call | None = None
         self.done = False
+
+    @property
+    def text(self) -> str:
+        """What arrived so far of the running call."""
+        return self.call.text if self.call is not None else ""
 
 
 def run(compared: list[tuple[str, dict[str, Any]]], template: Any, namespace: MutableMapping[str, Any],
         client: Client, *, repeat: int = 1, rich: bool = True,
         sink: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
-        on_stream: Callable[[Stream], None] | None = None) -> Comparison:
+        on_call: Callable[[Call], None] | None = None) -> Comparison:
     """Send every compared call at once and show one table, updated as answers stream in."""
     columns = {label: _Column() for label, _ in compared}
-    lock = threading.Lock()
     show = sink or _display_sink(rich)
 
     def work(label: str, values: dict[str, Any]) -> None:
@@ -105,8 +109,7 @@ def run(compared: list[tuple[str, dict[str, Any]]], template: Any, namespace: Mu
         spec = settings.spec_from(values)
         try:
             for _ in range(repeat):
-                column.text = ""
-                column.runs.append(_one(spec, template, namespace, client, column, lock, on_stream))
+                column.runs.append(_one(spec, template, namespace, client, column, on_call))
         finally:
             column.done = True
 
@@ -124,36 +127,33 @@ def run(compared: list[tuple[str, dict[str, Any]]], template: Any, namespace: Mu
     except KeyboardInterrupt:
         interrupted = True
         for column in columns.values():
-            if column.stream is not None:
-                column.stream.cancel()
+            if column.call is not None:
+                column.call.cancel("interrupted")
+        until = time.monotonic() + 0.5  # a streamed call ends at once; one blocked on its answer is not waited for
         for thread in threads:
-            thread.join(5)
+            thread.join(max(until - time.monotonic(), 0))
+        for column in columns.values():  # a call still on its way keeps what arrived, as every other
+            call = column.call
+            if not column.done and call is not None and len(column.runs) < repeat:
+                column.runs.append(call.completion or call.partial("interrupted"))
     show(*_table(columns, repeat, final=True))
     result = Comparison({label: (c.runs[0] if c.runs else None) for label, c in columns.items()},
-                        {label: c.runs for label, c in columns.items()}, dict(compared))
+                        {label: list(c.runs) for label, c in columns.items()}, dict(compared))
     namespace[_cell.LAST] = result
     if interrupted:
         raise KeyboardInterrupt
     return result
 
 
-def _one(spec: Any, template: Any, namespace: Any, client: Client, column: _Column, lock: threading.Lock,
-         on_stream: Callable[[Stream], None] | None) -> Any:
-    """One call of one column: its `Completion` (partial if stopped) or its error."""
+def _one(spec: Any, template: Any, namespace: Any, client: Client, column: _Column,
+         on_call: Callable[[Call], None] | None) -> Any:
+    """One call of one column: its `Completion` (partial if cut, stopped or interrupted) or its error."""
     try:
-        prepared, t_out = _cell.prepare(spec, template, namespace, client, stream=spec.stream)
-        if not prepared.stream:
-            return client.send(prepared, transform_output=t_out, timeout=spec.timeout)
-        stream = client.open_stream(prepared, transform_output=t_out, timeout=spec.timeout)
-        column.stream = stream
-        if on_stream is not None:
-            on_stream(stream)
-        for piece in stream:
-            with lock:
-                column.text += piece
-        return stream.completion if stream.completion is not None else stream.partial("stopped")
-    except StreamInterrupted as exc:
-        return exc
+        call = _cell.start(spec, template, namespace, client)
+        column.call = call
+        if on_call is not None:
+            on_call(call)
+        return call.outcome()
     except DbMagicError as exc:
         return exc
     except Exception as exc:  # a bug of ours: shown in its column, the others go on
@@ -162,16 +162,15 @@ def _one(spec: Any, template: Any, namespace: Any, client: Client, column: _Colu
 
 def _metrics(runs: list[Any]) -> dict[str, Any]:
     answers = [r for r in runs if r is not None and not isinstance(r, Exception)]
-    errors = [str(r) for r in runs if isinstance(r, Exception)]
+    errors = [str(e) for e in map(error_of, runs) if e is not None]
     first = answers[0] if answers else None
-    usage = (first.usage or {}) if first is not None else {}
     row = {
         "answer": first.text if first is not None else None,
         "latency_ms": round(statistics.median(a.latency for a in answers) * 1000, 1) if answers else None,
         "time_to_first_token_ms": (round(first.time_to_first_token * 1000, 1)
                                    if first is not None and first.time_to_first_token is not None else None),
-        "input_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
-        "output_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
+        "input_tokens": first.usage.input if first is not None else None,
+        "output_tokens": first.usage.output if first is not None else None,
         "served_model": first.served_model if first is not None else None,
         "error": errors[0] if errors else None,
     }
@@ -198,8 +197,11 @@ def _table(columns: Mapping[str, _Column], repeat: int, *, final: bool) -> tuple
         cells_html = []
         for label in columns:
             metrics = shown[label]
-            if name == "answer" and metrics.get("error") and not metrics.get("answer"):
-                cells_html.append(f"<td style='color:var(--jp-error-color1,#c62828)'>⚠ {html.escape(metrics['error'])}</td>")
+            if name == "answer" and metrics.get("error"):  # the error, under what arrived of a cut answer
+                kept = html.escape(metrics.get("answer") or "")
+                cells_html.append(f"<td style='white-space:pre-wrap;vertical-align:top;text-align:left'>{kept}"
+                                  f"<div style='color:var(--jp-error-color1,#c62828)'>⚠ "
+                                  f"{html.escape(metrics['error'])}</div></td>")
                 continue
             value = metrics.get(name)
             text = "" if value is None else str(value)
@@ -208,7 +210,8 @@ def _table(columns: Mapping[str, _Column], repeat: int, *, final: bool) -> tuple
         body.append(f"<tr><th>{name.replace('_', ' ')}</th>{''.join(cells_html)}</tr>")
     table = f"<table class='dbmagic-compare'><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     text = "\n\n".join(
-        f"--- {label}\n" + (f"⚠ {m['error']}" if m.get("error") and not m.get("answer") else str(m.get("answer") or ""))
+        f"--- {label}\n" + str(m.get("answer") or "") + (("\n" if m.get("answer") else "") + f"⚠ {m['error']}"
+                                                          if m.get("error") else "")
         + "".join(f"\n{n}: {m[n]}" for n in names[1:] if m.get(n) is not None)
         for label, m in shown.items())
     metadata = {"dbmagic": {"compare": [
@@ -237,11 +240,3 @@ def _display_sink(rich: bool) -> Callable[[dict[str, Any], dict[str, Any]], None
             state["handle"].update(data, raw=True, metadata=metadata)
 
     return show
-
-
-def _pandas() -> Any:
-    try:
-        import pandas
-    except ImportError:
-        raise ConfigurationError("to_pandas() needs pandas: pip install pandas.") from None
-    return pandas

@@ -20,14 +20,14 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _cell, _wire, settings
-from .errors import ConfigurationError, DbMagicError, TransformError
+from . import _cell, _history, _wire, settings
+from .errors import ConfigurationError, DbMagicError, TransformError, error_of
 from .render import LiveOutput
 from .settings import SETTINGS, Setting
 from .transforms import callables_in
 
 if TYPE_CHECKING:
-    from .client import Client, Completion, Stream
+    from .client import Call, Client, Completion
 
 __all__ = ["Panel", "panel", "panel_result"]
 
@@ -130,7 +130,7 @@ class Panel:
         self.result: Completion | None = None
         self.running = False
         self._thread: threading.Thread | None = None
-        self._streams: list[Stream] = []
+        self._calls: list[Call] = []
         self._stop_requested = False
         self._generation = 0  # one per Send: a call stopped (or replaced) never writes to the panel again
         self._kinds: dict[str, str] = {}
@@ -288,7 +288,7 @@ class Panel:
         except DbMagicError as exc:
             self._set_status(str(exc), error=True)
             return
-        self.running, self._stop_requested, self._streams = True, False, []
+        self.running, self._stop_requested, self._calls = True, False, []
         self._generation += 1
         self._buttons()
         self.output.outputs = ()
@@ -317,9 +317,9 @@ class Panel:
         """Stop the running answer(s) and free the panel at once, whether or not a byte has arrived:
         what arrived stays shown; the call itself may still end on the server, unseen."""
         self._stop_requested = True
-        for stream in list(self._streams):
-            stream.cancel()
-        if self.running and self._streams and self._thread is not None:
+        for call in list(self._calls):
+            call.cancel()
+        if self.running and self._calls and self._thread is not None:
             self._thread.join(0.5)  # a cancelled stream ends its call at once, keeping what arrived
         if not self.running:
             return
@@ -341,20 +341,30 @@ class Panel:
         self.cell_text.layout.display = "none"
 
     def reset_conversation(self) -> None:
-        self.client.conversations.reset(self._target_key())
+        _history.of(self.client).reset(self._target_key())
         self._show_history()
 
     def _work(self, spec: _cell.CallSpec, template: str, generation: int) -> None:
         live = LiveOutput(spec.format, sink=self._sink(generation))
         self._in_worker(lambda: _cell.run_prompt(spec, template, self.namespace, self.client, live=live,
-                                                 on_stream=self._opened), self._answered, generation)
+                                                 on_call=self._opened, keep=self._keeper(generation)),
+                        self._answered, generation)
 
     def _work_compare(self, compared: list[tuple[str, dict[str, Any]]], template: str, generation: int) -> None:
         from . import _compare
 
         self._in_worker(lambda: _compare.run(compared, template, self.namespace, self.client,
-                                             sink=self._sink(generation), on_stream=self._opened),
+                                             sink=self._sink(generation), on_call=self._opened),
                         self._compared_all, generation)
+
+    def _keeper(self, generation: int) -> Callable[[Completion], None]:
+        """Where one Send's answer is kept (``_dbllm``): the notebook, until that Send is stopped
+        (a late answer to a stopped call is not the last answer any more)."""
+        def keep(completion: Completion) -> None:
+            if generation == self._generation:
+                self.namespace[_cell.LAST] = completion
+
+        return keep
 
     def _sink(self, generation: int) -> Callable[[dict[str, Any], dict[str, Any] | None], None]:
         """Where one Send's output goes: the panel, until that Send is stopped."""
@@ -405,7 +415,7 @@ class Panel:
         self._show_history()
 
     def _compared_all(self, result: Any) -> None:
-        failed = [label for label, value in result.items() if isinstance(value, Exception)]
+        failed = [label for label, value in result.items() if error_of(value) is not None]
         self._set_status(f"Compared {len(result)} endpoints" + (f"; failed: {', '.join(failed)}" if failed else "")
                          + ". The Comparison is in _dbllm.", error=bool(failed))
 
@@ -413,10 +423,10 @@ class Panel:
         if content.get("type") == "submit":  # Ctrl/Cmd+Enter in the prompt
             self.send()
 
-    def _opened(self, stream: Stream) -> None:
-        self._streams.append(stream)
+    def _opened(self, call: Call) -> None:
+        self._calls.append(call)
         if self._stop_requested:  # Stop was pressed while the request was on its way
-            stream.cancel()
+            call.cancel()
 
     def _show(self, data: dict[str, Any], metadata: dict[str, Any] | None) -> None:
         # replacing the outputs (rather than `with output:`) works from the worker thread
@@ -439,7 +449,7 @@ class Panel:
         return str(self.endpoint.value)
 
     def _show_history(self) -> None:
-        turns = self.client.conversations.get(self._target_key())
+        turns = _history.of(self.client).get(self._target_key())
         if not turns:
             self.history.value = "<i>No conversation with this endpoint yet.</i>"
             return
@@ -521,9 +531,7 @@ def _read(s: Setting, control: Any) -> Any:
 
 
 def _summary(completion: Completion) -> str:
-    usage = completion.usage or {}
-    tokens = (f" · {usage.get('prompt_tokens', '?')} → {usage.get('completion_tokens', '?')} tokens"
-              if usage else "")
+    tokens = f" · {completion.usage.describe()}" if completion.usage else ""
     model = f" ({completion.served_model})" if completion.served_model else ""
     cut = " · cut at the token limit: raise Max tokens" if completion.finish_reason == "length" else ""
     return f"{completion.endpoint}{model} · {completion.latency * 1000:.0f} ms{tokens}{cut}"

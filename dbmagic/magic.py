@@ -82,6 +82,13 @@ def get_client() -> Any:
     return get_client()
 
 
+def _conversations() -> Any:
+    """The kernel's conversations (kept with the shared client)."""
+    from . import _history
+
+    return _history.of(get_client())
+
+
 class SettingTrait(TraitType):
     """A ``%config DbLLM.<name>`` trait that takes what the setting takes, with its words."""
 
@@ -254,12 +261,12 @@ class DbLLM(_Options):
         rich = type(self.shell).__name__ != "TerminalInteractiveShell"
         compared = _compare.cells(values, axes)
         if values["over"]:  # one answer column (and one error column) per compared call
-            from ._batch import _is_frame
+            from ._batch import is_frame
 
             results = {label: self._over(cell_values, settings.spec_from(cell_values), template, client, rich,
                                          store=False) for label, cell_values in compared}
             rows, output = namespace[values["over"]], results
-            if _is_frame(rows):
+            if is_frame(rows):
                 output = rows.copy()
                 for label, result in results.items():
                     output[f"{values['column']}:{label}"] = result.values
@@ -323,9 +330,9 @@ class DbLLM(_Options):
             raise UsageError("--over sends each row on its own, so there is no conversation: drop --chat.")
         rows = namespace[name]
         if values["dry_run"]:  # the first row's request
-            from ._batch import _contexts
+            from ._batch import row_contexts
 
-            contexts = _contexts(rows)[0]
+            contexts = row_contexts(rows)[0]
             if not contexts:
                 raise UsageError(f"--over {name}: it has no rows.")
             _cell.dry_run(spec, template, {**namespace, **contexts[0]}, client, rich=rich)
@@ -362,7 +369,7 @@ class DbLLM(_Options):
         _show_table(["name", "task", "state", "type", "serves"], rows)
 
     def _cmd_history(self, args: list[str]) -> None:
-        conversations = get_client().conversations
+        conversations = _conversations()
         keys = args or conversations.keys()
         if not keys:
             print("No conversation yet: add --chat to %%dbllm to keep one.")
@@ -373,7 +380,7 @@ class DbLLM(_Options):
                 print(f"{turn['role']}: {turn['content']}")
 
     def _cmd_reset(self, args: list[str]) -> None:
-        conversations = get_client().conversations
+        conversations = _conversations()
         if args:
             for key in args:
                 conversations.reset(key)
@@ -431,9 +438,9 @@ def _last_row(item: Any) -> list[str]:
         return [getattr(item, "target", "") or "", "", "", "", "", str(item)]
     if item is None:
         return ["", "", "", "", "", "not run"]
-    usage = item.usage or {}
+    error = getattr(item, "error", None)  # a cut answer's
     return [item.endpoint, item.served_model or "", item.finish_reason or "", f"{item.latency * 1000:.0f} ms",
-            " / ".join(f"{k.split('_')[0]} {v}" for k, v in usage.items()), ""]
+            " / ".join(f"{k} {v}" for k, v in item.usage.as_dict().items()), str(error) if error is not None else ""]
 
 
 def _subcommand(line: str) -> tuple[str, list[str]] | None:
@@ -455,7 +462,7 @@ def _subcommand(line: str) -> tuple[str, list[str]] | None:
             raise UsageError(f"{name!r} is not a subcommand of %dbllm. {listed} {as_prompt}.")
         return None
     if rule == "conversations":
-        kept = get_client().conversations.keys()
+        kept = _conversations().keys()
         unknown = [a for a in args if a not in kept]
         if unknown:
             raise UsageError(f"%dbllm {name} takes the names of kept conversations ({', '.join(kept) or 'none yet'}), "
