@@ -143,7 +143,7 @@ def parse_retry_after(value: str | None) -> float | None:
 
 # -- the handler seam ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HttpRequest:
     """One request as a handler sends it. ``sign()`` gives the headers that carry the credentials,
     asked for as the request is built (tokens expire), so that no frame above the handler holds the
@@ -186,7 +186,7 @@ class Headers(dict):
         return isinstance(key, str) and super().__contains__(key.lower())
 
 
-@dataclass
+@dataclass(slots=True)
 class Response:
     """An answer: ``status``, ``headers`` (case-insensitive), ``body`` (a `Body`), how many
     ``attempts`` it took and the seconds ``elapsed`` until its headers came, waits included."""

@@ -567,7 +567,8 @@ class Call:
     def cancel(self, why: str = "stopped") -> None:
         """Stop from another thread (a Stop button; ``why="interrupted"`` for a Ctrl-C): the
         iteration ends quietly, ``completion`` is the partial answer (``finish_reason == why``). A
-        read blocked on a silent endpoint wakes at once."""
+        read blocked on a silent stream wakes at once; a request still waiting for its answer's
+        headers ends when they come (the answer is then dropped), and no retry is sent after it."""
         self._why = why
         self.cancelled = True
         if self.response is not None:
@@ -675,7 +676,7 @@ class Call:
         secrets = self._secrets()
         data = _json(content, self.prepared.target, response.status, secrets)
         parsed = _parse(self.prepared, data, secrets)
-        completion = self._completion(parsed, data)
+        completion = self._completion(parsed, data, secrets)
         if parsed.text:
             yield self._piece(parsed.text)
         self._end(completion)
@@ -733,13 +734,13 @@ class Call:
                 if not done and (decoder.truncated or finish is None):
                     raise self._cut("the connection closed before the end of the answer")
                 break
-        self._end(self._completion(_wire.Parsed(self.text, self.text, usage, model, finish), last))
+        self._end(self._completion(_wire.Parsed(self.text, self.text, usage, model, finish), last, self._secrets()))
 
-    def _completion(self, parsed: _wire.Parsed, data: Any) -> Completion:
+    def _completion(self, parsed: _wire.Parsed, data: Any, secrets: Sequence[Secret]) -> Completion:
         value = parsed.value
         if self._transform_output is not None:
             value = _apply_output_transform(self._transform_output, value)
-        prepared, response, secrets = self.prepared, self.response, self._secrets()
+        prepared, response = self.prepared, self.response
         latency = time.perf_counter() - self._started
         return Completion(
             text=value if isinstance(value, str) else parsed.text,

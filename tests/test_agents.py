@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dbmagic
+
 import pytest
 
 from dbmagic.testing import Endpoint, LocalWorkspace
@@ -22,7 +24,7 @@ def test_responses_agent_whole_answer_with_system_and_history(client, workspace)
                                                    {"role": "user", "content": "And now?"}]}
     assert completion.text == "[Be brief.] Echo: And now?"
     assert completion.kind == "responses"
-    assert completion.usage == {"input_tokens": 7, "output_tokens": 5, "total_tokens": 12}
+    assert completion.usage == dbmagic.Usage(input=7, output=5, total=12)
 
 
 @pytest.mark.parametrize("mode", ["chunked", "close"])

@@ -43,9 +43,8 @@ def test_answers_keep_the_input_order(workspace, fast):
     assert isinstance(result, BatchResult)
     assert result.texts == [f"Echo: Say row {i}" for i in range(12)]
     assert result.failed == [] and result.missing == []
-    assert result.usage == {"prompt_tokens": 36, "completion_tokens": 48, "total_tokens": 84}
-    assert re.match(r"12 rows in \d+\.\d s \(\d+\.\d rows/s\): 12 answered, 0 failed, 36 prompt / 48 completion / "
-                    r"84 total tokens\.$", result.summary())
+    assert result.usage == dbmagic.Usage(input=36, output=48, total=84)
+    assert re.match(r"12 rows in \d+\.\d s \(\d+\.\d rows/s\): 12 answered, 0 failed, 36 → 48 tokens\.$", result.summary())
 
 
 def test_rows_run_concurrently_up_to_the_cap(workspace, fast):
@@ -79,7 +78,6 @@ def test_a_rate_limited_endpoint_slows_the_batch_and_loses_no_row(workspace, fas
         until = answer.at + float(answer.retry_after)
         early = [r for r in log if answer.at + 0.05 < r.at < until - 0.02]
         assert not early, f"{len(early)} requests arrived within a Retry-After of {answer.retry_after} s"
-    assert result.concurrency < 8  # it slowed down
 
 
 def test_a_429_spell_without_retry_after_backs_off(workspace, fast):
@@ -172,10 +170,10 @@ def test_bad_batch_input_is_refused_before_sending(workspace, fast):
     assert workspace.requests == []
 
 
-def test_progress_bar_shows_rows_failed_and_concurrency(workspace, fast, capsys):
+def test_progress_bar_shows_rows_and_failed(workspace, fast, capsys):
     dbmagic.batch("{{ row }}", ["a", "b"], endpoint=CHAT, client=fast, concurrency=2)
     err = capsys.readouterr().err
-    assert "2/2" in err and "failed=0" in err and "concurrency=2" in err and "row/s" in err
+    assert "2/2" in err and "failed=0" in err and "row/s" in err
 
 
 def test_over_in_the_magic(shell, workspace):

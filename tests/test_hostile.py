@@ -99,7 +99,7 @@ def test_an_answer_with_a_lone_surrogate_renders(shell, workspace):
 
 def test_a_body_cut_short_is_a_cut_answer_and_a_dropped_request_is_not_sent_again(client, workspace):
     workspace.fail(CHAT, short_body=True)
-    with pytest.raises(dbmagic.StreamInterrupted, match="was cut: the body ended before its length"):
+    with pytest.raises(dbmagic.AnswerCut, match="was cut: the body ended before its length"):
         client.complete("x", endpoint=CHAT)
     workspace.fail(CHAT, drop=True)
     with pytest.raises(dbmagic.ConnectionFailed, match="dropped after the request .* was sent"):

@@ -16,12 +16,13 @@ from dbmagic import (
     PermissionDenied,
     RateLimited,
     RequestError,
+    EndpointTimeout,
     RequestTimeout,
     RetryPolicy,
     ServerError,
     Timeouts,
 )
-from dbmagic._http import parse_retry_after, retry_delay, retry_reason
+from dbmagic._http import TransportFailure, parse_retry_after, retry_delay, retry_reason
 
 from .conftest import CHAT
 
@@ -37,14 +38,19 @@ def test_retry_reason_table():
 
     assert [retry_reason(s) for s in (429, 503)] == ["HTTP 429", "HTTP 503"]
     assert [retry_reason(s) for s in (400, 401, 403, 404, 500, 502, 504)] == [None] * 7  # may have run, or will fail
+    # the requests handler's failures as kinds (the transport decides on the kind alone)
+    from dbmagic._requests import _failure
+
     refused = urllib3.exceptions.NewConnectionError(None, "Connection refused")
-    assert retry_reason(None, requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/", refused))) == (
-        "could not connect")
-    assert retry_reason(None, requests.ConnectTimeout("no connection in time")) == "could not connect"
-    dropped = urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError())
-    assert retry_reason(None, requests.ConnectionError(dropped)) is None  # after the send: it may have run
-    assert retry_reason(None, requests.ReadTimeout("slow")) is None
-    assert retry_reason(None, requests.exceptions.SSLError("bad certificate")) is None
+    kinds = [_failure(e).kind for e in (requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/", refused)),
+                                        requests.ConnectTimeout("no connection in time"),
+                                        requests.ConnectionError(urllib3.exceptions.ProtocolError(
+                                            "Connection aborted.", ConnectionResetError())),
+                                        requests.ReadTimeout("slow"), requests.exceptions.SSLError("bad certificate"),
+                                        requests.exceptions.ChunkedEncodingError("short"))]
+    assert kinds == ["connect", "connect_timeout", "dropped", "read_timeout", "tls", "cut"]
+    assert [retry_reason(None, TransportFailure(k)) for k in kinds] == [
+        "could not connect", "could not connect", None, None, None, None]  # after the send: it may have run
     assert [parse_retry_after(v) for v in ("7", "0.25", "nan", "inf", "-1", "soon", "")] == [7.0, 0.25, None, None,
                                                                                            None, None, None]
 
@@ -117,7 +123,7 @@ def test_total_deadline_bounds_the_waits(workspace, clock):
 
 
 @pytest.mark.parametrize("status, cls", [(400, BadRequest), (401, AuthenticationError), (403, PermissionDenied),
-                                         (404, EndpointNotFound), (504, RequestTimeout)])
+                                         (404, EndpointNotFound), (504, EndpointTimeout)])
 def test_no_retry_for_4xx_and_504(client, workspace, clock, status, cls):
     workspace.fail(CHAT, status)
     with pytest.raises(cls):

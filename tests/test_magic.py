@@ -54,7 +54,7 @@ def test_chat_prompt_with_every_call_option(shell, workspace):
     meta = shell.display_pub.outputs[-1]["metadata"]["dbmagic"]
     assert meta["endpoint"] == CHAT and meta["kind"] == "chat"  # the name and kind as data, not a label
     assert meta["served_model"] == "meta-llama-3.3-70b-instruct"
-    assert meta["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    assert meta["usage"] == {"input": 4, "output": 5, "total": 9}
     assert meta["latency_ms"] == round(shell.user_ns[LAST].latency * 1000, 1)
 
 
@@ -135,7 +135,7 @@ def test_langchain_transforms_by_name(shell, workspace):
     assert shown(shell)["text/markdown"] == shell.user_ns["answer"]
     completion = shell.user_ns[LAST]
     assert completion.text == shell.user_ns["answer"]
-    assert completion.usage["completion_tokens"] == 6  # the raw answer's usage is kept
+    assert completion.usage.output == 6  # the raw answer's usage is kept
 
 
 def test_transform_from_config_and_dotted_names(shell, workspace):
@@ -241,7 +241,7 @@ def test_cut_stream_keeps_what_arrived_and_fails_the_cell(shell, workspace):
         cell(shell, f"-e {CHAT}", "one two three four")
     assert shell.user_ns[LAST].text == "Echo: one"
     assert shell.user_ns[LAST].finish_reason == "cut"
-    assert shown(shell)["text/markdown"].startswith("Echo: one\n\n*The stream was cut: 9 characters kept")
+    assert shown(shell)["text/markdown"].startswith("Echo: one\n\n*The answer was cut: 9 characters kept")
 
 
 def test_interrupt_stops_the_stream_and_keeps_what_arrived(shell, workspace):
@@ -332,7 +332,7 @@ def test_whoami_endpoints_last(shell, workspace):
     assert f"| {CUSTOM} | (custom model) | READY | CUSTOM_MODEL |" in table
     cell(shell, f"-e {CHAT} --no-stream", "x y")
     shell.run_line_magic("dbllm", "last")
-    assert "tokens        prompt 2 / completion 3 / total 5" in shown(shell)["text/plain"]
+    assert "tokens        input 2 / output 3 / total 5" in shown(shell)["text/plain"]
 
 
 def test_last_after_a_batch_a_comparison_and_both(shell, workspace, capsys):
@@ -372,7 +372,7 @@ def test_last_after_a_batch_a_comparison_and_both(shell, workspace, capsys):
     (f"-e {CHAT} stray words", "Unexpected words after the options: 'stray words'"),
     ("", "No endpoint given: pass endpoint= (--endpoint NAME"),
     (f"-e {CHAT} -p max_tokens=5", "-p max_tokens=... is a setting, not a request field: use --max-tokens."),
-    (f"-e {CHAT} --task chat -p n=\"x\"", "Invalid value for 'n'"),  # the endpoint's own 400
+    (f"-e {CHAT} --task chat -p n=\"x\"", "-p n=... is a setting, not a request field: use --n."),
 ])
 def test_bad_option_values(shell, line, message):
     with pytest.raises(UsageError) as info:

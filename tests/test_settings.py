@@ -12,7 +12,7 @@ import pytest
 from IPython.core.error import UsageError
 from traitlets import TraitError
 
-from dbmagic import ConfigurationError, settings
+from dbmagic import ConfigurationError, _history, settings
 from dbmagic._panel import PROXY, Panel
 from dbmagic.magic import DbLLM, split_options
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # test below checks it.
 SAMPLES = {
     "endpoint": CHAT, "cluster_id": CLUSTER, "port": PORT, "org_id": "42", "temperature": 0.25,
-    "max_tokens": 20, "stop": ["\n\n", "END"], "extra_params": {"top_p": 0.9, "tags": ["a"], "style": "terse"},
+    "max_tokens": 20, "n": 2, "stop": ["\n\n", "END"], "extra_params": {"top_p": 0.9, "tags": ["a"], "style": "terse"},
     "system": "Line one\nline two", "task": "completions", "timeout": 30.0, "transform_input": "concise",
     "transform_output": "shout", "dry_run": True, "output": "answer", "format": "text", "insert": True,
     "stream": False, "chat": True, "raw": True, "over": "tickets", "column": "summary", "send_missing": True, "concurrency": 4,
@@ -86,7 +86,7 @@ def test_panel_to_cell_to_request_round_trip(shell, workspace):
                           "tags": ["a"], "style": "terse"}
     cell = p.as_cell()
     assert "--no-config" not in cell  # nothing set by %config
-    p.client.conversations.reset()  # the cell's turn must start the conversation as the panel's did
+    _history.of(p.client).reset()  # the cell's turn must start the conversation as the panel's did
     assert shell.run_cell(cell).success
     assert posts(workspace)[-1].json == from_panel
     assert shell.user_ns["_dbllm"].text == "[LINE ONE\nLINE TWO] ECHO: HI 2 BE CONCISE."

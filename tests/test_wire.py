@@ -60,7 +60,11 @@ def test_chunk_shapes():
     reader = _wire.ChunkReader()
     assert reader.read({"choices": [{"delta": {"content": "x"}, "finish_reason": None}]}) == ("x", None, None)
     assert reader.read({"choices": [{"text": "y", "finish_reason": "stop"}], "usage": {"t": 1}}) == (
-        "y", {"t": 1}, "stop")
+        "y", _wire.Usage(), "stop")  # a usage with no count dbmagic knows
+    assert reader.read({"choices": [{"text": "z"}], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}) == (
+        "z", _wire.Usage(2, 1, 3), None)
+    assert reader.read({"type": "response.completed", "response": {"usage": {"input_tokens": 4, "output_tokens": 2}}}
+                       ) == ("", _wire.Usage(4, 2, 6), "stop")  # the Responses API's last event
     assert reader.read({"delta": {"role": "assistant", "content": "agent", "id": "m1"}}) == ("agent", None, None)
     assert reader.read({"trace_id": "tr-1"}) == ("", None, None)
 

@@ -1,0 +1,103 @@
+"""The batch's limiter (`dbmagic._pace`) on a fake clock: no sleeping, every decision checked."""
+
+from __future__ import annotations
+
+import math
+
+from dbmagic._http import RetryPolicy, backoff
+from dbmagic._pace import SHARE, Limiter
+
+from .conftest import FakeClock
+
+
+def limiter(cap=16, **policy):
+    clock = FakeClock()
+    return Limiter(cap, RetryPolicy(**policy), clock, rand=lambda: 1.0), clock
+
+
+def answer(lim, clock, n, every):
+    """``n`` requests, one after another, each answered ``every`` seconds after it started."""
+    for _ in range(n):
+        permit = lim.acquire()
+        clock.now += every
+        lim.on_success(permit)
+
+
+def test_the_cap_bounds_what_is_in_flight_and_nothing_else_limits_until_a_429():
+    lim, clock = limiter(cap=2)
+    a, b = lim.acquire(), lim.acquire()
+    assert lim.delay() == math.inf  # two in flight: wait for one to end
+    lim.on_success(a)
+    assert lim.delay() == 0 and lim.rate is None
+    lim.release(b)
+    assert lim.in_flight == 0
+
+
+def test_a_429_with_retry_after_pauses_every_start_until_then():
+    lim, clock = limiter()
+    permit = lim.acquire()
+    lim.on_rate_limited(permit, 2.5)
+    assert lim.delay() == 2.5 and lim.rate is None  # the server said when: no rate is guessed
+    clock.now += 2.5
+    assert lim.delay() == 0
+    lim.on_rate_limited(lim.acquire(), 999.0)
+    assert lim.delay() == 60.0  # bounded by the policy's max_retry_after
+
+
+def test_a_429_without_retry_after_sets_the_rate_the_endpoint_accepted():
+    lim, clock = limiter(cap=16)
+    answer(lim, clock, 20, 0.05)  # 20 requests answered over the last second, then one refused
+    refused = lim.acquire()
+    lim.on_rate_limited(refused, None)
+    assert lim.rate == SHARE * 20  # 19 requests per second
+    assert math.isclose(lim.delay(), 1 / lim.rate)
+    # starts are spaced at that rate, one at a time
+    clock.now += lim.delay()
+    lim.acquire()
+    assert math.isclose(lim.delay(), 1 / lim.rate)
+
+
+def test_the_429s_of_requests_sent_at_the_old_rate_count_once():
+    lim, clock = limiter()
+    answer(lim, clock, 10, 0.1)
+    in_flight = [lim.acquire() for _ in range(8)]  # all sent before the endpoint said no
+    lim.on_rate_limited(in_flight[0], None)
+    rate = lim.rate
+    for permit in in_flight[1:]:
+        lim.on_rate_limited(permit, None)
+    assert lim.rate == rate and lim.epoch == 1 and lim.limited == 8
+
+
+def test_refused_again_before_any_answer_waits_for_the_window_to_free():
+    lim, clock = limiter()
+    answer(lim, clock, 20, 0.0025)  # the endpoint accepted 20 within 50 ms: its window is full for a second
+    first_answered = clock.now - 20 * 0.0025
+    lim.on_rate_limited(lim.acquire(), None)
+    clock.now += lim.delay()
+    lim.on_rate_limited(lim.acquire(), None)  # still refused, nothing answered since
+    assert math.isclose(lim.pause_until, first_answered + 1.0)
+
+
+def test_a_storm_with_nothing_answered_backs_off_as_the_transport_does():
+    lim, clock = limiter(backoff=1.0, max_backoff=8.0)
+    waits = []
+    for _ in range(5):
+        lim.on_rate_limited(lim.acquire(), None)
+        waits.append(lim.delay())
+        clock.now += lim.delay()
+    policy = RetryPolicy(backoff=1.0, max_backoff=8.0)
+    assert waits == [backoff(policy, n, lambda: 1.0) for n in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert lim.quiet_for() == sum(waits)  # what ends a storm at the deadline
+
+
+def test_the_rate_recovers_with_each_answer():
+    lim, clock = limiter()
+    answer(lim, clock, 10, 0.1)
+    lim.on_rate_limited(lim.acquire(), None)
+    low = lim.rate
+    start = clock.now
+    while clock.now - start < 3:  # three seconds of answers, as fast as the rate lets them start
+        clock.now += lim.delay()
+        lim.on_success(lim.acquire())
+    assert lim.rate >= low + 3  # at least one more request per second each second
+    assert lim.backoffs == 0
