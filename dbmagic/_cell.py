@@ -107,8 +107,7 @@ def run_prompt(spec: CallSpec, template: str | Template, namespace: MutableMappi
         if call.error is None:  # a cut answer or a Ctrl-C: what arrived is kept
             _keep_partial(call.completion or call.partial("interrupted"), live, keep)
         raise
-    completion = call.completion
-    assert completion is not None
+    completion = call.wait()  # read to its end above: its Completion
     if completion.is_partial:  # stopped
         return _keep_partial(completion, live, keep)
     keep(completion)

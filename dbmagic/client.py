@@ -550,7 +550,8 @@ class Call:
         interrupted); raises what ended it otherwise (a cut answer's error carries ``.completion``)."""
         for _ in self:
             pass
-        assert self.completion is not None  # ended normally, stopped or interrupted
+        if self.completion is None:  # it had failed already (start() raised): the same error
+            raise self.error if self.error is not None else RuntimeError("the call ended without an outcome")
         return self.completion
 
     def outcome(self) -> Completion | DbMagicError:

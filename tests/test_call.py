@@ -436,3 +436,14 @@ def test_the_call_options_are_the_call_settings_the_client_takes_plus_history_an
     assert set(CallOptions.__annotations__) == {*settings.CLIENT_OPTIONS, "history", "transform_input"} - {"endpoint"}
     declared = {f.name: f.metadata["setting"] for f in dataclasses.fields(settings.CallSpec)}
     assert list(declared) == [s.name for s in settings.CALL] and all(declared[n].name == n for n in declared)
+
+
+def test_waiting_on_a_call_that_failed_to_start_raises_its_error_again(workspace):
+    client = Client(host=workspace.host, token=workspace.token)
+    workspace.fail(CHAT, 400)
+    call = client.call(client.prepare("x", CHAT, stream=True))
+    with pytest.raises(dbmagic.BadRequest):
+        call.start()
+    with pytest.raises(dbmagic.BadRequest):
+        call.wait()
+    assert isinstance(call.outcome(), dbmagic.BadRequest) and call.completion is None
