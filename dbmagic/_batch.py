@@ -398,7 +398,8 @@ class _Rows:
                 return
             with self.cond:
                 self.calls.pop(index, None)
-                if isinstance(outcome, RateLimited) and not self.stopped and self._again(index, outcome, permit):
+                if isinstance(outcome, RateLimited) and (self.stopped or self._again(index, outcome, permit)):
+                    limiter.release(permit)  # stopped: the row stays not sent (resume sends it)
                     continue
                 if isinstance(outcome, Exception) or getattr(outcome, "is_partial", False):
                     limiter.release(permit)
