@@ -314,3 +314,5 @@ def test_stop_frees_the_panel_at_once_before_any_byte(panel, workspace, mode):
     assert "Stopped" in status(panel) and "The panel is free" in status(panel)
     panel.wait(5)  # the stopped call ends on the server later: it does not write over the panel
     assert "Stopped" in status(panel)
+    if mode == "call":  # nor over the notebook's last answer, which may be a newer Send's by then
+        assert LAST not in panel.namespace
