@@ -365,8 +365,12 @@ class Client:
     def _prepared(self, prompt: Any, endpoint: str | None, stream: bool, options: Mapping[str, Any],
                   called: str) -> PreparedRequest:
         refuse_unknown_options(options, called)  # a TypeError, as any Python call: not a refused request
+        return self._told(endpoint, prompt, lambda: self._build(endpoint, stream, options)(prompt))
+
+    def _told(self, endpoint: Any, prompt: Any, build: Callable[[], PreparedRequest]) -> PreparedRequest:
+        """``build()``, telling the subscribers (``on_refused``) when the request cannot be built."""
         try:
-            return self._build(endpoint, stream, options)(prompt)
+            return build()
         except DbMagicError as exc:
             if self.hooks:
                 self.hooks.fire("on_refused", endpoint if isinstance(endpoint, str) else None, prompt, exc)
@@ -380,15 +384,7 @@ class Client:
         refuse_unknown_options(options, "Client.preparer")
         build = self._build(endpoint, stream, options)
 
-        def prepare(prompt: Any) -> PreparedRequest:
-            try:
-                return build(prompt)
-            except DbMagicError as exc:
-                if self.hooks:
-                    self.hooks.fire("on_refused", endpoint if isinstance(endpoint, str) else None, prompt, exc)
-                raise
-
-        return prepare
+        return lambda prompt: self._told(endpoint, prompt, lambda: build(prompt))
 
     def _build(self, endpoint: str | None, stream: bool, options: Mapping[str, Any]) -> Callable[[Any], PreparedRequest]:
         o = _checked_options(options)

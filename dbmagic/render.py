@@ -88,7 +88,7 @@ def output_metadata(completion: Any) -> dict[str, Any]:
         "kind": completion.kind,
         "served_model": completion.served_model,
         "usage": completion.usage.as_dict(),
-        "latency_ms": round(completion.latency * 1000, 1),
+        "latency_ms": completion.latency_ms,
         "request_id": completion.request_id,
     }}
 

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["autolog", "enabled", "register_prompt", "load_prompt", "list_prompts"]
 
-_enabled = False
 _INSTALL = "Tracing and the prompt registry need MLflow: pip install 'dbmagic[mlflow]' (or mlflow-skinny)."
 _SPAN_TYPES = {_wire.CHAT: "CHAT_MODEL", _wire.RESPONSES: "CHAT_MODEL", _wire.CHAT_AGENT: "CHAT_MODEL",
                _wire.EMBEDDINGS: "EMBEDDING"}
@@ -48,22 +47,21 @@ def autolog(disable: bool = False) -> None:
     """Trace every dbmagic call to MLflow (``disable=True`` stops). Fails at once, naming the
     package to install, when MLflow is missing. Tracing is a subscriber of every client's calls
     (`dbmagic.hooks`): the client itself knows nothing of MLflow."""
-    global _enabled
     if not disable:
         _mlflow()
         hooks.GLOBAL.add(_TRACER)
     else:
         hooks.GLOBAL.remove(_TRACER)
-    _enabled = not disable
 
 
 def enabled() -> bool:
-    return _enabled
+    """Whether every call is traced: the tracing subscriber is subscribed."""
+    return _TRACER in hooks.GLOBAL.all()
 
 
 def describe() -> str:
     """Whether tracing is on, and where the traces go."""
-    if not _enabled:
+    if not enabled():
         return "Tracing is off. `%dbllm trace on` (or dbmagic.autolog()) records every call to MLflow."
     mlflow = _mlflow()
     where = mlflow.get_tracking_uri()
@@ -185,7 +183,7 @@ def dry_run() -> Iterator[None]:
 def failed_before_request(endpoint: str | None, prompt: Any, error: BaseException) -> None:
     """With tracing on, the error span of a call that failed before its request was built (the
     endpoint not found, an option its kind cannot use): every failed call leaves a trace."""
-    if not _enabled or _dry.get():
+    if not enabled() or _dry.get():
         return
     mlflow = _mlflow()
     span = mlflow.start_span_no_context(
@@ -218,7 +216,7 @@ def _exception_event(error: BaseException) -> Any:
 @contextlib.contextmanager
 def batch_span(template: str, rows: int, endpoint: str | None) -> Iterator[Any]:
     """The parent span of a batch (rows run in threads that copy its context)."""
-    if not _enabled:
+    if not enabled():
         yield None
         return
     mlflow = _mlflow()
@@ -230,7 +228,7 @@ def batch_span(template: str, rows: int, endpoint: str | None) -> Iterator[Any]:
 @contextlib.contextmanager
 def prompt_span(uri: str) -> Iterator[None]:
     """With tracing on, a span around a cell that uses a registered prompt, linked to its version."""
-    if not _enabled:
+    if not enabled():
         yield
         return
     mlflow = _mlflow()
