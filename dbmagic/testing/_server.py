@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["LocalWorkspace", "Endpoint", "Fault", "RecordedRequest", "echo_reply", "DEFAULT_ENDPOINTS"]
+__all__ = ["LocalWorkspace", "Endpoint", "Fault", "RecordedRequest", "echo_reply", "schema_reply", "DEFAULT_ENDPOINTS"]
 
 _INVOCATIONS = re.compile(r"^/serving-endpoints/([^/]+)/invocations/?$")
 _ENDPOINT = re.compile(r"^/api/2\.0/serving-endpoints/([^/]+)/?$")
@@ -37,6 +37,19 @@ class Endpoint:
     answer; ``rate_limit`` admits that many invocations in any one second and answers the rest
     429 ``REQUEST_LIMIT_EXCEEDED`` with ``Retry-After`` (seconds, fractional) until a slot frees,
     or with no ``Retry-After`` when ``retry_after`` is False.
+
+    Structured output and tools, as Databricks chat and Responses endpoints take them: a
+    ``response_format`` (chat) or ``text.format`` (Responses) of type ``json_schema`` is answered
+    with `schema_reply` (a ``json_schema`` without a ``name`` is refused with 400, as Databricks
+    refuses it); ``json_style="fenced"`` wraps the JSON in prose and a code fence, as some models
+    do. A prompt carrying dbmagic's schema instruction (completions, custom models, proxy apps) is
+    answered the same way, fenced. With ``tools`` in the request the endpoint asks for a call of the
+    tool the prompt names (else the first), with `schema_reply` arguments; after the tool results
+    it answers their summary as text, or (``tool_loop=True``) asks for another call, forever. Its
+    quirks are Databricks': ``strict`` in a tool definition is refused unless the served model is a
+    GPT, an assistant message with tool calls and empty ``content`` is refused by Claude models,
+    and a Responses input item id longer than 64 characters is refused (while its own function
+    call ids are longer, as the Foundation Model APIs' are).
     """
 
     name: str
@@ -49,6 +62,8 @@ class Endpoint:
     latency: float = 0.0
     rate_limit: float | None = None
     retry_after: bool = True
+    json_style: str = "plain"
+    tool_loop: bool = False
 
     def describe(self) -> dict[str, Any]:
         entity: dict[str, Any] = {"name": f"{self.name}-entity"}
@@ -93,7 +108,9 @@ class Fault:
     streams that many chunks (then ``body`` as an event, when it is a dict) and drops the connection; ``stall_after`` pauses ``stall`` seconds
     after that many chunks; ``malformed`` sends a body that is not JSON; ``short_body`` a body
     that ends before its Content-Length; ``drop`` closes the connection after reading the request,
-    with no answer (the request may have run). ``gather`` holds each request
+    with no answer (the request may have run). ``off_schema`` answers a schema with JSON whose first
+    field has the wrong type; ``tool_call`` (``{"name": ..., "arguments": {...}}``) asks for that call
+    whatever tools were given. ``gather`` holds each request
     until that many have arrived (proof that a client sends them at the same time; give ``times``
     as many): if they do not all arrive within ``gather_timeout`` seconds, each answers 409.
     """
@@ -108,6 +125,8 @@ class Fault:
     malformed: bool = False
     short_body: bool = False  # a 200 whose body ends before its Content-Length, then the connection drops
     drop: bool = False  # the request is read, then the connection closes with no answer at all
+    off_schema: bool = False  # answer JSON whose first field has the wrong type (a schema is not followed)
+    tool_call: dict[str, Any] | None = None  # ask for this call ({"name", "arguments"}) instead of the scripted one
     headers: dict[str, str] = field(default_factory=dict)
     times: int = 1
     gather: int = 0
@@ -363,7 +382,7 @@ class LocalWorkspace:
 def _echo_app(body: Any) -> Any:
     if not isinstance(body, dict) or "prompt" not in body:
         raise ValueError("the app expects a JSON object with a 'prompt'")
-    return echo_reply(str(body["prompt"]), stop=body.get("stop"))[0]
+    return _reply_text(str(body["prompt"]), stop=body.get("stop"))[0]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -591,30 +610,43 @@ class _Handler(BaseHTTPRequestHandler):
         for name, kind in (("temperature", (int, float)), ("max_tokens", int), ("n", int)):
             if name in body and not isinstance(body[name], kind):
                 return self._error(400, f"Invalid value for '{name}': {body[name]!r}.", "INVALID_PARAMETER_VALUE")
-        text, finish = echo_reply(str(prompt), system=system, stop=body.get("stop"), max_tokens=body.get("max_tokens"))
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(_pieces(text)),
-                 "total_tokens": prompt_tokens + len(_pieces(text))}
+        turns = body.get("input" if shape == "responses" else "messages") if shape != "completions" else []
+        refused = _refused_by_quirks(endpoint, body, shape, turns if isinstance(turns, list) else [])
+        if refused:
+            return self._error(400, refused, "INVALID_PARAMETER_VALUE")
+        try:
+            reply = _reply(endpoint, body, shape, turns if isinstance(turns, list) else [], str(prompt), system, fault)
+        except ValueError as exc:
+            return self._error(400, str(exc), "INVALID_PARAMETER_VALUE")
+        text, finish, calls = reply["text"], reply["finish"], reply.get("tool_calls")
+        completion_tokens = len(_pieces(text)) + sum(len(c["arguments"]) // 4 + 1 for c in calls or ())
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
         if body.get("stream"):
-            return self._stream(endpoint, text, finish, usage, shape, fault)
+            return self._stream(endpoint, text, finish, usage, shape, fault, calls)
         n = body.get("n") or 1
         answer: dict[str, Any]
         if shape == "responses":
+            output = [_function_call_item(c) for c in calls] if calls else [_output_item(text)]
             answer = {"object": "response", "id": f"resp_{_count(self)}", "status": "completed",
-                      "output": [_output_item(text)], "usage": _responses_usage(usage)}
+                      "output": output, "usage": _responses_usage(usage)}
         elif shape == "chat_agent":
             answer = {"messages": [{"role": "assistant", "content": text, "id": "msg_1"}]}
         elif shape == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:
+                message = {"role": "assistant", "content": None, "tool_calls": [_chat_tool_call(c) for c in calls]}
             answer = {"id": f"chatcmpl-{_count(self)}", "object": "chat.completion", "created": 1700000000,
                       "model": endpoint.model, "usage": usage,
-                      "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                                   "finish_reason": finish} for i in range(n)]}
+                      "choices": [{"index": i, "message": message, "finish_reason": finish} for i in range(n)]}
         else:
             answer = {"id": f"cmpl-{_count(self)}", "object": "text_completion", "created": 1700000000,
                       "model": endpoint.model, "usage": usage,
                       "choices": [{"index": i, "text": text, "finish_reason": finish} for i in range(n)]}
         self._json(200, answer)
 
-    def _stream(self, endpoint: Endpoint, text: str, finish: str, usage: dict, shape: str, fault: Fault | None) -> None:
+    def _stream(self, endpoint: Endpoint, text: str, finish: str, usage: dict, shape: str, fault: Fault | None,
+                calls: list[dict[str, Any]] | None = None) -> None:
         ws = self.workspace
         chunked = ws.stream_mode == "chunked"
         self._record.status = 200
@@ -639,6 +671,8 @@ class _Handler(BaseHTTPRequestHandler):
         def event(data: dict[str, Any]) -> None:
             write(b"data: " + json.dumps(data).encode() + b"\n\n")
 
+        if calls:
+            return self._stream_calls(endpoint, usage, shape, calls, event, write, chunked)
         pieces = _pieces(text)
         for i, piece in enumerate(pieces):
             if fault is not None and fault.cut_after is not None and i >= fault.cut_after:
@@ -677,6 +711,43 @@ class _Handler(BaseHTTPRequestHandler):
             event({"type": "response.completed", "response": {"object": "response", "status": "completed",
                                                               "output": [_output_item(text)],
                                                               "usage": _responses_usage(usage)}})
+        write(b"data: [DONE]\n\n")
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+    def _stream_calls(self, endpoint: Endpoint, usage: dict, shape: str, calls: list[dict[str, Any]],
+                      event: Callable[[dict[str, Any]], None], write: Callable[[bytes], None], chunked: bool) -> None:
+        """Tool calls streamed as the APIs stream them: the arguments in pieces to concatenate."""
+        for index, call in enumerate(calls):
+            arguments = call["arguments"]
+            pieces = [arguments[i:i + 7] for i in range(0, len(arguments), 7)] or [""]
+            if shape == "responses":
+                item = _function_call_item(call)
+                event({"type": "response.output_item.added", "output_index": index, "item": {**item, "arguments": ""}})
+                for piece in pieces:
+                    event({"type": "response.function_call_arguments.delta", "item_id": item["id"],
+                           "output_index": index, "delta": piece})
+                event({"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": index,
+                       "arguments": arguments})
+                event({"type": "response.output_item.done", "output_index": index, "item": item})
+                continue
+            head = {"index": index, "id": call["id"], "type": "function",
+                    "function": {"name": call["name"], "arguments": ""}}
+            first = {"role": "assistant", "content": None, "tool_calls": [head]} if index == 0 else {"tool_calls": [head]}
+            event({"object": "chat.completion.chunk", "model": endpoint.model,
+                   "choices": [{"index": 0, "delta": first, "finish_reason": None}]})
+            for piece in pieces:
+                event({"object": "chat.completion.chunk", "model": endpoint.model,
+                       "choices": [{"index": 0, "delta": {"tool_calls": [{"index": index, "function": {"arguments": piece}}]},
+                                    "finish_reason": None}]})
+        if shape == "responses":
+            event({"type": "response.completed", "response": {
+                "object": "response", "status": "completed", "output": [_function_call_item(c) for c in calls],
+                "usage": _responses_usage(usage)}})
+        else:
+            event({"object": "chat.completion.chunk", "model": endpoint.model, "usage": usage,
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
         write(b"data: [DONE]\n\n")
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
@@ -734,6 +805,226 @@ def _responses_usage(usage: dict[str, int]) -> dict[str, int]:
             "total_tokens": usage["total_tokens"]}
 
 
+# -- structured output and tools -------------------------------------------------------------------
+
+def schema_reply(schema: dict[str, Any], prompt: str) -> Any:
+    """The local workspace's deterministic JSON answer that fits ``schema`` (a JSON Schema), made
+    from ``prompt``: a string is the prompt itself, an integer the number of words in it, a number
+    that number / 10, a boolean whether it is even, a list the first three words (as the list's item
+    type makes them), a choice (``enum``) the one at (number of words modulo the number of choices),
+    an object every property filled so; where only null fits, null."""
+    words = prompt.split()
+    root = schema
+
+    def make(node: Any, depth: int = 0) -> Any:
+        node = _followed(root, node)
+        if depth > 12 or not isinstance(node, dict):
+            return None
+        if "const" in node:
+            return node["const"]
+        if node.get("enum"):
+            choices = [c for c in node["enum"] if c is not None] or [None]
+            return choices[len(words) % len(choices)]
+        typed = node.get("type")
+        if isinstance(typed, list):
+            typed = next((t for t in typed if t != "null"), "null")
+        if typed is None:
+            for key in ("anyOf", "oneOf", "allOf"):
+                options = [o for o in node.get(key) or () if _followed(root, o).get("type") != "null"]
+                if options:
+                    return make(options[0], depth + 1)
+            typed = "object" if "properties" in node else "string"
+        if typed == "object":
+            return {name: make(sub, depth + 1) for name, sub in (node.get("properties") or {}).items()}
+        if typed == "array":
+            items = node.get("items") or {"type": "string"}
+            if _followed(root, items).get("type") == "string" and not _followed(root, items).get("enum"):
+                return words[:3]
+            return [make(items, depth + 1) for _ in words[:2]]
+        if typed == "integer":
+            return len(words)
+        if typed == "number":
+            return len(words) / 10
+        if typed == "boolean":
+            return len(words) % 2 == 0
+        if typed == "null":
+            return None
+        return prompt
+
+    return make(schema)
+
+
+def _followed(root: Any, node: Any) -> dict[str, Any]:
+    """``node`` with a local ``$ref`` followed (pydantic writes nested models so)."""
+    for _ in range(16):
+        if not (isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/")):
+            break
+        target = root
+        for part in node["$ref"][2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        node = target
+    return node if isinstance(node, dict) else {}
+
+
+def _off_schema(value: Any) -> Any:
+    """``value`` with its first field given a value of the wrong type (a model that did not follow)."""
+    if isinstance(value, dict) and value:
+        first = next(iter(value))
+        wrong = {str: 12345, bool: "maybe", int: "many", float: "high", list: "not a list", dict: "not an object"}
+        return {**value, first: wrong.get(type(value[first]), "unexpected")}
+    return {"unexpected": value}
+
+
+def _wanted_schema(shape: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON Schema the request asks the answer to fit, or None; ValueError for a malformed one."""
+    if shape == "responses":
+        fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            return None
+        holder, where = fmt, "text.format"
+    else:
+        fmt = body.get("response_format")
+        if not isinstance(fmt, dict):
+            return None
+        if fmt.get("type") == "json_object":
+            return {"type": "object", "properties": {"answer": {"type": "string"}}}
+        if fmt.get("type") != "json_schema":
+            raise ValueError(f"response_format.type must be json_schema or json_object; got {fmt.get('type')!r}.")
+        holder, where = fmt.get("json_schema"), "response_format.json_schema"
+        if not isinstance(holder, dict):
+            raise ValueError("response_format.json_schema is required when the type is json_schema.")
+    if not holder.get("name"):
+        raise ValueError(f"{where}.name is required.")
+    if not isinstance(holder.get("schema"), dict):
+        raise ValueError(f"{where}.schema must be a JSON Schema object.")
+    return holder["schema"]
+
+
+def _instructed(prompt: str) -> tuple[str, dict[str, Any] | None]:
+    """A prompt that carries dbmagic's schema instruction: ``(the prompt before it, the schema)``."""
+    from dbmagic.schema import INSTRUCTION
+
+    before, found, after = prompt.partition(INSTRUCTION)
+    if not found:
+        return prompt, None
+    try:
+        schema, _ = json.JSONDecoder().raw_decode(after.lstrip())
+    except ValueError:
+        return prompt, None
+    return before.strip(), schema if isinstance(schema, dict) else None
+
+
+def _json_text(value: Any, fenced: bool) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return f"Here is the JSON you asked for:\n```json\n{text}\n```" if fenced else text
+
+
+def _reply_text(prompt: str, *, system: str | None = None, stop: list[str] | None = None,
+                max_tokens: int | None = None, fault: Fault | None = None) -> tuple[str, str]:
+    """What a model that follows instructions answers a plain prompt: JSON (fenced, as such models
+    write it) when the prompt carries dbmagic's schema instruction, else `echo_reply`."""
+    before, schema = _instructed(prompt)
+    if schema is None:
+        return echo_reply(prompt, system=system, stop=stop, max_tokens=max_tokens)
+    value = schema_reply(schema, before)
+    return _json_text(_off_schema(value) if fault is not None and fault.off_schema else value, True), "stop"
+
+
+def _reply(endpoint: Endpoint, body: dict[str, Any], shape: str, turns: list[Any], prompt: str,
+           system: str | None, fault: Fault | None) -> dict[str, Any]:
+    """The answer to a chat, agent or completions request: text, finish reason and tool calls."""
+    tools = body.get("tools") if shape in ("chat", "responses") else None
+    if tools and body.get("tool_choice") != "none":
+        results = _tool_results(shape, turns)
+        if not results or endpoint.tool_loop:
+            if fault is not None and fault.tool_call:
+                wanted = fault.tool_call
+                call = {"name": str(wanted.get("name")), "arguments": json.dumps(wanted.get("arguments", {}))}
+            else:
+                call = _scripted_call(tools, shape, prompt)
+            number = sum(1 for _ in results) + 1
+            call["id"] = f"call_{number}_{hashlib.md5(prompt.encode()).hexdigest()[:8]}"
+            return {"text": "", "finish": "tool_calls", "tool_calls": [call]}
+        return {"text": f"Echo: {prompt}" + "".join(f" | {name} -> {content}" for name, content in results),
+                "finish": "stop"}
+    schema = _wanted_schema(shape, body) if shape in ("chat", "responses") else None
+    if schema is not None:
+        value = schema_reply(schema, prompt)
+        return {"text": _json_text(_off_schema(value) if fault is not None and fault.off_schema else value,
+                                   endpoint.json_style == "fenced"), "finish": "stop"}
+    text, finish = _reply_text(prompt, system=system, stop=body.get("stop"), max_tokens=body.get("max_tokens"),
+                               fault=fault)
+    return {"text": text, "finish": finish}
+
+
+def _tool_definition(tool: Any, shape: str) -> dict[str, Any]:
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        raise ValueError("Each tool must be {\"type\": \"function\", ...}.")
+    definition = tool if shape == "responses" else tool.get("function")
+    if not isinstance(definition, dict) or not isinstance(definition.get("name"), str):
+        where = "tools[i].name" if shape == "responses" else "tools[i].function.name"
+        raise ValueError(f"{where} is required.")
+    return definition
+
+
+def _scripted_call(tools: list[Any], shape: str, prompt: str) -> dict[str, Any]:
+    definitions = [_tool_definition(t, shape) for t in tools]
+    chosen = next((d for d in definitions if d["name"] in prompt), definitions[0])
+    parameters = chosen.get("parameters") or {"type": "object", "properties": {}}
+    return {"name": chosen["name"], "arguments": json.dumps(schema_reply(parameters, prompt), ensure_ascii=False)}
+
+
+def _tool_results(shape: str, turns: list[Any]) -> list[tuple[str, str]]:
+    """``(tool name, result)`` of each tool result after the last user turn."""
+    last_user = max((i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("role") == "user"), default=-1)
+    names: dict[str, str] = {}
+    results = []
+    for turn in turns[last_user + 1:]:
+        if not isinstance(turn, dict):
+            continue
+        if shape == "responses":
+            if turn.get("type") == "function_call":
+                names[str(turn.get("call_id"))] = str(turn.get("name"))
+            elif turn.get("type") == "function_call_output":
+                results.append((names.get(str(turn.get("call_id")), "?"), _text(turn.get("output"))))
+        else:
+            for call in turn.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    names[str(call.get("id"))] = str((call.get("function") or {}).get("name"))
+            if turn.get("role") == "tool":
+                results.append((names.get(str(turn.get("tool_call_id")), "?"), _text(turn.get("content"))))
+    return results
+
+
+def _refused_by_quirks(endpoint: Endpoint, body: dict[str, Any], shape: str, turns: list[Any]) -> str | None:
+    """What Databricks refuses that the OpenAI API takes (the quirks databricks_openai works around)."""
+    model = endpoint.model.lower()
+    for i, tool in enumerate(body.get("tools") or () if shape in ("chat", "responses") else ()):
+        definition = tool.get("function") if shape == "chat" and isinstance(tool, dict) else tool
+        if isinstance(definition, dict) and "strict" in definition and "gpt" not in model:
+            return f"tools[{i}]: 'strict' is not supported by {endpoint.model}."
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            continue
+        empty = turn.get("content") in (None, "", [])  # a space is what databricks_openai sends, and is taken
+        if "claude" in model and turn.get("role") == "assistant" and turn.get("tool_calls") and empty:
+            return f"messages[{i}]: an assistant message with tool calls must have non-empty content."
+        if shape == "responses" and isinstance(turn.get("id"), str) and len(turn["id"]) > 64:
+            return f"input[{i}].id: string too long, at most 64 characters (got {len(turn['id'])})."
+    return None
+
+
+def _chat_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    return {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
+
+
+def _function_call_item(call: dict[str, Any]) -> dict[str, Any]:
+    # the Foundation Model APIs' item ids are longer than the 64 characters they take back as input
+    item_id = "fc_" + hashlib.sha256(call["id"].encode()).hexdigest()[:67]
+    return {"type": "function_call", "id": item_id, "call_id": call["id"], "name": call["name"],
+            "arguments": call["arguments"], "status": "completed"}
+
+
 def _records(body: dict[str, Any]) -> list[Any] | None:
     if "dataframe_records" in body:
         return list(body["dataframe_records"])
@@ -752,7 +1043,7 @@ def _echo_predictions(records: list[Any]) -> list[Any]:
     out = []
     for record in records:
         if isinstance(record, dict) and "prompt" in record:
-            out.append(echo_reply(str(record["prompt"]), stop=record.get("stop"))[0])
+            out.append(_reply_text(str(record["prompt"]), stop=record.get("stop"))[0])
         else:
             out.append(record)
     return out
