@@ -9,6 +9,7 @@
     │   └── MissingValue             a batch row's template value is missing: the row was not sent
     ├── TransformError               a transform_input/transform_output raised or returned the wrong type
     ├── FormatError                  the answer cannot be shown in the format asked for (-f json)
+    ├── SchemaError                  the answer does not fit the schema asked for: ``.text`` keeps it
     └── RequestError                 the workspace answered with an error, or did not answer
         ├── StatusError              an answer that is an error: ``.status``, ``.error_code``, ``.request_id``
         │   ├── BadRequest           400: the request body was refused
@@ -61,6 +62,25 @@ class MissingValue(ConfigurationError):
 
 class FormatError(DbMagicError):
     """The answer cannot be shown in the requested format (e.g. ``json`` that does not parse)."""
+
+
+class SchemaError(DbMagicError):
+    """An answer that holds no JSON, or JSON that does not fit the schema asked for (``--schema``).
+
+    ``.text`` is the answer's raw text (kept: nothing is lost), ``.field`` the path of the first
+    field that failed (``score``, ``tags[1]``; None when no JSON was found), ``.problem`` what was
+    wrong with it, and ``.completion`` the `Completion` of the answer (its usage, latency, raw),
+    when there was one. ``.attempts`` counts the answers asked for (``--schema-retries``).
+    """
+
+    def __init__(self, message: str, *, text: str = "", field: str | None = None, problem: str = "",
+                 attempts: int = 1):
+        super().__init__(message)
+        self.text = text
+        self.field = field
+        self.problem = problem
+        self.attempts = attempts
+        self.completion: Any = None
 
 
 class TransformError(DbMagicError):
