@@ -53,7 +53,7 @@ class Conversations(Subscriber):
 
     def on_done(self, call: Call, completion: Completion) -> None:
         key = call.tags.get("conversation")
-        if key and not completion.is_partial:  # a cut or stopped answer is not a turn
+        if key and not completion.is_partial and completion.error is None:  # a cut or refused answer is not a turn
             self.add(key, _wire.user_turn(call.prepared.kind, call.prepared.body), completion.text)
 
 

@@ -116,6 +116,123 @@ def user_turn(kind: str, body: dict[str, Any]) -> str:
     return as_text(body.get("prompt", ""))
 
 
+# -- structured output and tools (`dbmagic.schema`, `dbmagic.tools`) -------------------------------
+
+# the kinds that take a schema on the wire; the others get it as an instruction after the prompt
+SCHEMA_ON_WIRE = frozenset({CHAT, RESPONSES})
+# the kinds that take tool definitions and answer with tool calls
+TOOL_KINDS = frozenset({CHAT, RESPONSES})
+MAX_ITEM_ID = 64  # the Foundation Model APIs refuse a longer Responses input item id
+
+
+def with_schema(kind: str, body: dict[str, Any], wire: dict[str, Any]) -> dict[str, Any]:
+    """``body`` asking for an answer that fits ``wire`` (``{"name", "schema", "strict"}``): chat's
+    ``response_format``, the Responses API's ``text.format``."""
+    if kind == CHAT:
+        return {**body, "response_format": {"type": "json_schema", "json_schema": wire}}
+    if kind == RESPONSES:
+        text = body.get("text") if isinstance(body.get("text"), dict) else {}
+        return {**body, "text": {**text, "format": {"type": "json_schema", **wire}}}
+    return body
+
+
+def with_tools(kind: str, body: dict[str, Any], definitions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``body`` with tool definitions (``{"name", "description", "parameters"}``), in the kind's shape."""
+    if kind == CHAT:
+        tools = [{"type": "function", "function": dict(d)} for d in definitions]
+    else:
+        tools = [{"type": "function", **d} for d in definitions]
+    return {**body, "tools": [*(body.get("tools") or ()), *tools]}
+
+
+def databricks_quirks(kind: str, body: dict[str, Any], model: str) -> dict[str, Any]:
+    """What Databricks refuses that the OpenAI API takes, fixed as databricks_openai fixes it
+    (``model``: the endpoint and served model names, lower case): ``strict`` taken out of tool
+    definitions unless the model is a GPT, an empty ``content`` of an assistant message with tool
+    calls filled for Claude, Responses input item ids cut to 64 characters."""
+    tools = body.get("tools")
+    if isinstance(tools, list) and "gpt" not in model:
+        fixed = []
+        for tool in tools:
+            if isinstance(tool, dict) and isinstance(tool.get("function"), dict) and "strict" in tool["function"]:
+                tool = {**tool, "function": {k: v for k, v in tool["function"].items() if k != "strict"}}
+            elif isinstance(tool, dict) and kind == RESPONSES and "strict" in tool:
+                tool = {k: v for k, v in tool.items() if k != "strict"}
+            fixed.append(tool)
+        body = {**body, "tools": fixed}
+    turns_key = "input" if kind == RESPONSES else "messages"
+    turns = body.get(turns_key)
+    if isinstance(turns, list):
+        fixed_turns = []
+        for turn in turns:
+            if isinstance(turn, dict):
+                if kind == RESPONSES and isinstance(turn.get("id"), str) and len(turn["id"]) > MAX_ITEM_ID:
+                    turn = {**turn, "id": turn["id"][:MAX_ITEM_ID]}
+                if ("claude" in model and turn.get("role") == "assistant" and turn.get("tool_calls")
+                        and not _content_text(turn.get("content")).strip()):
+                    turn = {**turn, "content": " "}
+            fixed_turns.append(turn)
+        body = {**body, turns_key: fixed_turns}
+    return body
+
+
+def follow_up(kind: str, body: dict[str, Any], reply: Any, added: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The next request of a call that goes on (a tool's results, an answer asked again): ``body``'s
+    turns, then the answer (``reply``, `Parsed.reply`), then ``added`` (tool results, or a user turn
+    ``{"role": "user", "content": ...}``). For kinds without turns, a user turn's text goes after
+    the prompt, with the answer before it; None when the body holds no prompt to extend (a
+    ``transform_input`` that reshaped it)."""
+    if kind in CONVERSATIONAL:
+        key = "input" if kind == RESPONSES else "messages"
+        turns = body.get(key)
+        if not isinstance(turns, list):
+            return None
+        answer = list(reply) if kind == RESPONSES and isinstance(reply, list) else [reply] if reply else []
+        return {**body, key: [*turns, *answer, *added]}
+    note = "\n\n".join(str(a.get("content") or "") for a in added if a.get("role") == "user")
+    said = reply if isinstance(reply, str) else ""
+    extended = f"\n\nYour answer was:\n{said}\n\n{note}" if said else f"\n\n{note}"
+    if isinstance(body.get("prompt"), str):
+        return {**body, "prompt": body["prompt"] + extended}
+    records = body.get("dataframe_records")
+    if isinstance(records, list) and len(records) == 1 and isinstance(records[0], dict) \
+            and isinstance(records[0].get("prompt"), str):
+        return {**body, "dataframe_records": [{**records[0], "prompt": records[0]["prompt"] + extended}]}
+    return None
+
+
+def tool_results(kind: str, calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """The turns that send the results of ``calls`` back (chat ``tool`` messages, Responses
+    ``function_call_output`` items)."""
+    if kind == RESPONSES:
+        return [{"type": "function_call_output", "call_id": c.id, "output": as_text(c.output)} for c in calls]
+    return [{"role": "tool", "tool_call_id": c.id, "content": as_text(c.output)} for c in calls]
+
+
+def _chat_tool_calls(calls: Any) -> list[ToolCall]:
+    out = []
+    for call in calls if isinstance(calls, list) else ():
+        if isinstance(call, dict):
+            function = call.get("function") if isinstance(call.get("function"), dict) else {}
+            out.append(ToolCall.read(call.get("id"), function.get("name"), function.get("arguments")))
+    return out
+
+
+def responses_tool_calls(output: Any) -> list[ToolCall]:
+    """The ``function_call`` items of a Responses output; a call whose ``function_call_output`` is
+    in the output too (an agent that ran its own tool) carries that output, ``ran`` True."""
+    items = [i for i in output if isinstance(i, dict)] if isinstance(output, list) else []
+    outputs = {i.get("call_id"): i.get("output") for i in items if i.get("type") == "function_call_output"}
+    calls = []
+    for item in items:
+        if item.get("type") == "function_call":
+            call = ToolCall.read(item.get("call_id") or item.get("id"), item.get("name"), item.get("arguments"))
+            if item.get("call_id") in outputs:
+                call.output, call.ran = outputs[item.get("call_id")], True
+            calls.append(call)
+    return calls
+
+
 @dataclass(frozen=True)
 class Usage:
     """Token counts of one answer (or a sum of answers), whatever shape the endpoint reported them
@@ -193,14 +310,54 @@ def _shown(value: int | None) -> str:
 
 
 @dataclass
+class ToolCall:
+    """A call of a tool the model asked for: ``id``, ``name`` and ``arguments`` (parsed from the JSON
+    the model wrote; None when it is not a JSON object, and ``problem`` says why). Once run (``--run-tools``),
+    ``output`` is what the function returned (as sent back) and ``error`` what it raised, if it did.
+    For an agent that runs its own tools, a call it already ran has its ``output`` from the answer."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] | None
+    raw_arguments: str = ""
+    problem: str | None = None
+    output: Any = None
+    error: str | None = None
+    ran: bool = False
+
+    @classmethod
+    def read(cls, call_id: Any, name: Any, arguments: Any) -> ToolCall:
+        raw = arguments if isinstance(arguments, str) else json.dumps(arguments) if arguments is not None else ""
+        parsed: Any
+        problem = None
+        try:
+            parsed = json.loads(raw) if raw.strip() else {}
+        except ValueError as exc:
+            parsed, problem = None, f"the arguments are not JSON ({exc})"
+        if parsed is not None and not isinstance(parsed, dict):
+            parsed, problem = None, "the arguments are not a JSON object"
+        return cls(str(call_id or ""), str(name or ""), parsed, raw, problem)
+
+    def describe(self) -> str:
+        """``name(city='Paris')``, as the cell shows it."""
+        if self.arguments is None:
+            return f"{self.name}({self.raw_arguments[:80]})"
+        return f"{self.name}(" + ", ".join(f"{k}={v!r}" for k, v in self.arguments.items()) + ")"
+
+
+@dataclass
 class Parsed:
-    """What one answer means: the natural value, its display text, usage and model."""
+    """What one answer means: the natural value, its display text, usage and model; the tool calls
+    it asks for, and ``reply``: the answer as the next turn's input takes it back (the assistant
+    message of a chat answer, the output items of a Responses answer)."""
 
     value: Any
     text: str
     usage: Usage = field(default_factory=Usage)
     served_model: str | None = None
     finish_reason: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    reply: Any = None
 
 
 def parse_response(kind: str, data: Any) -> Parsed:
@@ -208,14 +365,23 @@ def parse_response(kind: str, data: Any) -> Parsed:
     try:
         if kind in (CHAT, COMPLETIONS):
             choice = data["choices"][0]
+            calls: list[ToolCall] = []
+            reply = None
             if kind == CHAT:
-                text = _content_text(choice["message"].get("content"))
+                message = choice["message"]
+                text = _content_text(message.get("content"))
+                calls = _chat_tool_calls(message.get("tool_calls"))
+                reply = {"role": "assistant", "content": message.get("content"),
+                         **({"tool_calls": message["tool_calls"]} if calls else {})}
             else:
                 text = choice.get("text") or ""
-            return Parsed(text, text, Usage.from_wire(data.get("usage")), data.get("model"), choice.get("finish_reason"))
+            return Parsed(text, text, Usage.from_wire(data.get("usage")), data.get("model"), choice.get("finish_reason"),
+                          calls, reply)
         if kind == RESPONSES:
-            text = "".join(_output_text(item) for item in data["output"])
-            return Parsed(text, text, Usage.from_wire(data.get("usage")), data.get("model"), data.get("status") or "stop")
+            output = data["output"]
+            text = "".join(_output_text(item) for item in output)
+            return Parsed(text, text, Usage.from_wire(data.get("usage")), data.get("model"), data.get("status") or "stop",
+                          responses_tool_calls(output), [i for i in output if isinstance(i, dict)])
         if kind == CHAT_AGENT:
             answers = [m for m in data["messages"] if m.get("role") == "assistant"]
             if not answers:
@@ -252,6 +418,31 @@ class ChunkReader:
 
     def __init__(self) -> None:
         self._items_with_deltas: set[Any] = set()
+        self._chat_calls: dict[int, dict[str, Any]] = {}  # index -> {"id", "type", "function": {"name", "arguments"}}
+        self._items: list[dict[str, Any]] = []  # Responses output items, whole (output_item.done)
+        self._completed: list[Any] | None = None  # response.completed's output
+
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls the streamed answer asked for (chat deltas joined; Responses items)."""
+        if self._chat_calls:
+            return _chat_tool_calls(self.chat_tool_calls())
+        return responses_tool_calls(self._output())
+
+    def chat_tool_calls(self) -> list[dict[str, Any]]:
+        return [self._chat_calls[i] for i in sorted(self._chat_calls)]
+
+    def reply(self, kind: str, text: str) -> Any:
+        """The streamed answer as the next turn takes it back (see `Parsed.reply`)."""
+        if kind == RESPONSES:
+            return self._output() or [{"type": "message", "role": "assistant",
+                                        "content": [{"type": "output_text", "text": text}]}]
+        calls = self.chat_tool_calls()
+        return {"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}
+
+    def _output(self) -> list[dict[str, Any]]:
+        if self._items:
+            return list(self._items)
+        return [i for i in self._completed or () if isinstance(i, dict)]
 
     def read(self, data: dict[str, Any]) -> tuple[str, Usage | None, str | None]:
         kind = data.get("type")
@@ -265,6 +456,8 @@ class ChunkReader:
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 text = _content_text(delta.get("content"))
+                if isinstance(delta.get("tool_calls"), list):
+                    self._tool_call_deltas(delta["tool_calls"])
             else:
                 text = choice.get("text") or ""
             return (text if isinstance(text, str) else ""), usage, choice.get("finish_reason")
@@ -273,7 +466,27 @@ class ChunkReader:
             return _content_text(delta.get("content")), usage, None
         return "", usage, None
 
+    def _tool_call_deltas(self, deltas: list[Any]) -> None:
+        for position, delta in enumerate(deltas):
+            if not isinstance(delta, dict):
+                continue
+            index = delta.get("index") if isinstance(delta.get("index"), int) else position
+            call = self._chat_calls.setdefault(index, {"id": "", "type": "function",
+                                                       "function": {"name": "", "arguments": ""}})
+            if delta.get("id"):
+                call["id"] = str(delta["id"])
+            function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+            if function.get("name"):
+                call["function"]["name"] = str(function["name"])
+            if isinstance(function.get("arguments"), str):
+                call["function"]["arguments"] += function["arguments"]
+
     def _responses_event(self, kind: str, data: dict[str, Any]) -> str:
+        if kind == "response.completed" and isinstance(data.get("response"), dict):
+            output = data["response"].get("output")
+            self._completed = output if isinstance(output, list) else None
+        if kind == "response.output_item.done" and isinstance(data.get("item"), dict):
+            self._items.append(data["item"])
         if kind == "response.output_text.delta":
             self._items_with_deltas.add(data.get("item_id"))
             delta = data.get("delta")

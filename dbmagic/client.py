@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import quote
 
@@ -40,6 +40,7 @@ from .errors import (
     ConfigurationError,
     DbMagicError,
     RequestError,
+    SchemaError,
     StreamInterrupted,
     TransformError,
     parse_error_body,
@@ -49,7 +50,7 @@ from .errors import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["Client", "CallOptions", "Call", "Completion", "Stream", "PreparedRequest", "EndpointInfo", "Usage",
+__all__ = ["Client", "CallOptions", "Call", "Completion", "Step", "Stream", "PreparedRequest", "EndpointInfo", "Usage",
            "get_client", "configure", "PARTIAL"]
 
 Transform = Callable[..., Any]
@@ -70,7 +71,12 @@ class CallOptions(TypedDict, total=False):
     - ``temperature``, ``max_tokens``, ``stop`` (a string or a list), ``n``: the usual parameters;
     - ``extra_params``: more request fields, merged into the request as they are
       (``{"top_p": 0.9}``), as LangChain's ``extra_params``; JSON values only;
-    - ``transform_input``: ``f(**request) -> request``, applied before the endpoint's body is built.
+    - ``transform_input``: ``f(**request) -> request``, applied before the endpoint's body is built;
+    - ``schema``: the answer as data (`dbmagic.schema`): a pydantic model class, a JSON Schema dict
+      or the short form ``"label: str, score: float"``; ``schema_retries`` (default 1): how many
+      times an answer that does not fit is asked for again, with the problem appended;
+    - ``tools``: functions the model may ask to call (`dbmagic.tools`); ``run_tools`` runs them and
+      sends the results back, in at most ``max_steps`` (default 5) requests.
 
     Values are checked as ``%%dbllm`` checks its options (`dbmagic.settings`), before anything is sent.
     """
@@ -87,6 +93,11 @@ class CallOptions(TypedDict, total=False):
     n: int | None
     extra_params: Mapping[str, Any] | None
     transform_input: Transform | None
+    schema: Any
+    schema_retries: int | None
+    tools: Any
+    run_tools: bool | None
+    max_steps: int | None
 
 
 def refuse_unknown_options(options: Mapping[str, Any], called: str) -> None:
@@ -165,6 +176,12 @@ class PreparedRequest:
     host: str
     stream: bool = False
     name: str = ""
+    schema: Any = field(default=None, compare=False)  # a dbmagic.schema.Schema
+    tools: Any = field(default=None, compare=False)  # a dbmagic.tools.Toolbox
+    schema_retries: int = 1
+    run_tools: bool = False
+    max_steps: int = 5
+    model: str = field(default="", compare=False, repr=False)  # endpoint and served model names, lower case
 
     @property
     def url(self) -> str:
@@ -192,6 +209,12 @@ class Completion:
     `Usage` (``usage.input``, ``usage.output``, ``usage.total``). ``latency`` and
     ``time_to_first_token`` are in **seconds** (what is shown is in ms: ``latency_ms``).
 
+    With a ``schema``, ``value`` is the parsed answer (a model instance or the JSON value) and
+    ``text`` the raw answer; one that does not fit raises `SchemaError`, which keeps this
+    Completion (``error`` is the SchemaError). ``tool_calls`` are the tools the answer asks for
+    (`dbmagic._wire.ToolCall`: id, name, arguments); ``steps`` the earlier round trips of a call
+    that went on (schema retries, tools run), and ``usage`` sums every round trip.
+
     ``finish_reason`` is ``length`` when ``max_tokens`` cut the answer, and for an answer that did
     not end normally (``is_partial``): ``cut`` (the connection or stream broke; ``error`` says how),
     ``stopped`` (cancelled, the panel's Stop) or ``interrupted`` (Ctrl-C). A partial answer's
@@ -212,6 +235,14 @@ class Completion:
     time_to_first_token: float | None = None
     attempts: int = 1
     error: BaseException | None = field(default=None, repr=False, compare=False)
+    tool_calls: list[Any] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list, repr=False)
+    schema: Any = field(default=None, repr=False, compare=False)  # the dbmagic.schema.Schema the value fits
+
+    @property
+    def pending_tool_calls(self) -> list[Any]:
+        """The tool calls asked for and not run (by dbmagic, or by the agent itself)."""
+        return [c for c in self.tool_calls if not c.ran]
 
     @property
     def is_partial(self) -> bool:
@@ -224,6 +255,31 @@ class Completion:
 
     def __str__(self) -> str:
         return self.text
+
+
+@dataclass
+class Step:
+    """An earlier round trip of a call that went on: ``why`` it went on (``retry``: the answer did
+    not fit the schema, ``error`` says how; ``tools``: the tools it asked for ran, ``tool_calls``
+    hold their outputs), the ``request`` body sent and the `Completion` that came back."""
+
+    why: str
+    request: dict[str, Any] = field(repr=False)
+    completion: Completion = field(repr=False)
+    error: BaseException | None = None
+    tool_calls: list[Any] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line, as the cell shows it."""
+        if self.why == "retry":
+            return f"asked again: {getattr(self.error, 'problem', '') or self.error}"
+        return "; ".join(f"ran {c.describe()} → " + (f"error: {c.error}" if c.error else _brief(c.output))
+                         for c in self.tool_calls)
+
+
+def _brief(value: Any, limit: int = 120) -> str:
+    text = _wire.as_text(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 class Client:
@@ -399,14 +455,29 @@ class Client:
         transform, system, history = o["transform_input"], o["system"], o["history"] or ()
         host = self.credentials.host
         streams = stream and kind in _wire.STREAMING_KINDS
+        schema, toolbox = _answer_shape(o, kind, target)
+        info = self._endpoints.get(endpoint) if endpoint else None
+        model = " ".join([name, *(info.served if info is not None else ())]).lower()
+        instruction = schema.instruction() if schema is not None and kind not in _wire.SCHEMA_ON_WIRE else None
+        rules = {"schema_retries": 1 if o["schema_retries"] is None else o["schema_retries"],
+                 "run_tools": bool(o["run_tools"]), "max_steps": o["max_steps"] or 5}
 
         def build(prompt: Any) -> PreparedRequest:
+            if instruction is not None:  # a kind that cannot take the schema on the wire reads it in the prompt
+                prompt = f"{_wire.as_text(prompt)}\n\n{instruction}"
             request = _wire.seed_request(prompt, params)
             if transform is not None:
                 request = _apply_input_transform(transform, request)
             body = _wire.build_body(kind, request, system=system, history=history, stream=stream)
+            if schema is not None and kind in _wire.SCHEMA_ON_WIRE:
+                body = _wire.with_schema(kind, body, schema.wire())
+            if toolbox is not None:
+                body = _wire.with_tools(kind, body, toolbox.definitions())
+            if "tools" in body:
+                body = _wire.databricks_quirks(kind, body, model)
             _check_json(body)
-            return PreparedRequest(kind, target, path, body, host, stream=streams, name=name)
+            return PreparedRequest(kind, target, path, body, host, stream=streams, name=name, schema=schema,
+                                   tools=toolbox, model=model, **rules)
 
         return build
 
@@ -495,18 +566,27 @@ class Call:
     A call that got no answer at all (an error status, no connection) raises, ``call.error`` is the
     error, and ``completion`` stays None. ``text`` is everything that arrived so far.
 
+    A call may take more than one round trip: an answer that does not fit the ``schema`` is asked
+    for again (``schema_retries``), and with ``run_tools`` the tools it asks for run and their
+    results go back (at most ``max_steps`` requests). ``steps`` lists the round trips done,
+    ``step`` counts them, ``sending`` is the request of the current one, and ``text`` is the
+    current one's answer. An answer that never fits raises `SchemaError` (its Completion kept).
+
     Made by `Client.call` (and `Client.stream`, which is one already started).
     """
 
     def __init__(self, client: Client, prepared: PreparedRequest, transform_output: Transform | None,
                  timeout: float | None, retry: RetryPolicy | None, tags: dict[str, Any]):
         self.prepared = prepared
+        self.sending = prepared
         self.tags = tags
         self.text = ""
         self.completion: Completion | None = None
         self.error: BaseException | None = None
         self.response: Response | None = None
         self.cancelled = False
+        self.steps: list[Step] = []
+        self.step = 0
         self._client = client
         self._transform_output = transform_output
         self._timeout = timeout
@@ -516,6 +596,8 @@ class Call:
         self._ended = False
         self._first: float | None = None
         self._pieces: Iterator[str] | None = None
+        self._answer: tuple[_wire.Parsed, Any] | None = None
+        self._retries_left = prepared.schema_retries
 
     def __repr__(self) -> str:
         state = ("cancelled" if self.cancelled else "answered" if self.completion is not None
@@ -546,14 +628,15 @@ class Call:
         interrupted); raises what ended it otherwise (a cut answer's error carries ``.completion``)."""
         for _ in self:
             pass
-        if self.completion is None:  # it had failed already (start() raised): the same error
+        if self.completion is None or self.error is not None:  # it had failed already: the same error
             raise self.error if self.error is not None else RuntimeError("the call ended without an outcome")
         return self.completion
 
     def outcome(self) -> Completion | DbMagicError:
         """The call's end without raising a dbmagic error: its `Completion` (whole, or partial: a cut
-        one with its ``error``), or the error that left it without an answer. What a front end
-        keeps per call (compare's columns, a batch's rows). Ctrl-C still raises."""
+        one with its ``error``), or the error that left it without an answer (a `SchemaError` keeps
+        the answer in ``.completion``). What a front end keeps per call (compare's columns, a
+        batch's rows). Ctrl-C still raises."""
         try:
             return self.wait()
         except AnswerCut as exc:
@@ -583,18 +666,20 @@ class Call:
     def partial(self, why: str, error: BaseException | None = None) -> Completion:
         """A `Completion` of what arrived, for an answer that did not end normally (``why``:
         ``cut``, ``stopped`` or ``interrupted``)."""
-        prepared = self.prepared
+        prepared = self.sending
         return Completion(text=self.text, value=self.text, endpoint=prepared.name or prepared.target,
                           kind=prepared.kind, latency=time.perf_counter() - self._started if self._started else 0.0,
                           request=prepared.body, finish_reason=why,
                           attempts=self.response.attempts if self.response is not None else 1,
-                          time_to_first_token=self._first, error=error)
+                          time_to_first_token=self._first, error=error, steps=list(self.steps),
+                          usage=self._usage_so_far())
 
     # -- the one path ------------------------------------------------------------------------
 
     def _open(self) -> None:
-        client, prepared = self._client, self.prepared
-        self._started = time.perf_counter()
+        client, prepared = self._client, self.sending
+        if not self._started:
+            self._started = time.perf_counter()
         response = client.transport.request(
             client.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body,
             stream=prepared.stream, timeout=self._timeout, retry=self._retry, cancelled=lambda: self.cancelled)
@@ -604,17 +689,29 @@ class Call:
 
     def _read(self) -> Iterator[str]:
         try:
-            if self.response is None and not self._ended:
-                if self.cancelled:  # stopped before it was sent
-                    self._end(self.partial(self._why))
+            while True:
+                if self.response is None and not self._ended:
+                    if self.cancelled:  # stopped before it was sent
+                        self._end(self.partial(self._why))
+                        return
+                    self._open()
+                if self._ended:
                     return
-                self._open()
-            if self._ended:
-                return
-            streamed = self.prepared.stream and "text/event-stream" in self.response.headers.get("Content-Type", "")
-            yield from (self._events() if streamed else self._whole())
-            if not self._ended:  # cancelled
-                self._end(self.partial(self._why))
+                self._answer = None
+                streamed = self.sending.stream and "text/event-stream" in self.response.headers.get("Content-Type", "")
+                yield from (self._events() if streamed else self._whole())
+                if self._answer is None:  # cancelled
+                    if not self._ended:
+                        self._end(self.partial(self._why))
+                    return
+                completion, refused = self._completion(*self._answer)
+                following = self._following(completion, refused)
+                if following is None:
+                    self._end(completion)
+                    if refused is not None:
+                        raise refused
+                    return
+                self._go_on(*following)
         except GeneratorExit:  # the reader stopped early (close())
             if not self._ended:
                 self._end(self.completion or self.partial("stopped"))
@@ -625,9 +722,57 @@ class Call:
             if self.response is not None:
                 self.response.body.close()
 
+    def _following(self, completion: Completion, refused: SchemaError | None) -> tuple[Any, ...] | None:
+        """How the call goes on after this answer, ``(why, next body, completion, error)``, or None
+        when this answer ends it."""
+        sending, parsed = self.sending, self._answer[0] if self._answer else None
+        reply = parsed.reply if parsed is not None and parsed.reply is not None else (
+            {"role": "assistant", "content": completion.text} if sending.kind in (_wire.CHAT, _wire.CHAT_AGENT)
+            else completion.text)
+        if refused is not None:
+            if self._retries_left <= 0:
+                return None
+            where = f"{refused.field}: " if refused.field else ""
+            note = (f"Your answer did not fit the JSON Schema ({where}{refused.problem}). Answer again with only JSON "
+                    "that fits the schema.")
+            body = _wire.follow_up(sending.kind, sending.body, reply, [{"role": "user", "content": note}])
+            if body is None:  # a transform_input reshaped the body: there is no prompt to extend
+                return None
+            self._retries_left -= 1
+            return "retry", body, completion, refused
+        pending = completion.pending_tool_calls
+        if not pending or not sending.run_tools or sending.tools is None:
+            return None
+        if self.step + 1 >= sending.max_steps:  # the last request allowed: the calls are shown, not run
+            return None
+        for tool_call in pending:
+            if self.cancelled:
+                return None
+            sending.tools.run(tool_call)
+        body = _wire.follow_up(sending.kind, sending.body, reply, _wire.tool_results(sending.kind, pending))
+        return ("tools", body, completion, None) if body is not None else None
+
+    def _go_on(self, why: str, body: dict[str, Any], completion: Completion, error: SchemaError | None) -> None:
+        """Record this round trip and make the next request the one to send."""
+        step = Step(why, self.sending.body, completion, error, list(completion.pending_tool_calls
+                                                                   if why != "tools" else completion.tool_calls))
+        self.steps.append(step)
+        if self.response is not None:
+            self.response.body.close()
+        if self.cancelled:
+            return
+        body = _wire.databricks_quirks(self.sending.kind, body, self.sending.model)
+        _check_json(body)
+        self.sending = replace(self.sending, body=body)
+        self.response, self.text, self.step = None, "", self.step + 1
+        if self._client.hooks:
+            self._client.hooks.fire("on_step", self, step)
+
     def _ended_by(self, exc: BaseException) -> BaseException:
         """Record how an exception ended the call, and return what to raise."""
         if self._ended:
+            if isinstance(exc, SchemaError):
+                self.error = exc
             return exc
         if isinstance(exc, KeyboardInterrupt):
             self._end(self.partial("interrupted"))
@@ -659,6 +804,12 @@ class Call:
     def _secrets(self) -> Sequence[Secret]:
         return self._client.credentials.secrets()
 
+    def _usage_so_far(self, last: Usage | None = None) -> Usage:
+        total = Usage()
+        for step in self.steps:
+            total += step.completion.usage
+        return total + last if last is not None else total
+
     def _whole(self) -> Iterator[str]:
         response = self.response
         try:
@@ -672,11 +823,10 @@ class Call:
             return
         secrets = self._secrets()
         data = _json(content, self.prepared.target, response.status, secrets)
-        parsed = _parse(self.prepared, data, secrets)
-        completion = self._completion(parsed, data, secrets)
+        parsed = _parse(self.sending, data, secrets)
         if parsed.text:
             yield self._piece(parsed.text)
-        self._end(completion)
+        self._answer = parsed, data
 
     def _events(self) -> Iterator[str]:
         body = self.response.body
@@ -731,21 +881,33 @@ class Call:
                 if not done and (decoder.truncated or finish is None):
                     raise self._cut("the connection closed before the end of the answer")
                 break
-        self._end(self._completion(_wire.Parsed(self.text, self.text, usage, model, finish), last, self._secrets()))
+        kind = self.sending.kind
+        self._answer = (_wire.Parsed(self.text, self.text, usage, model, finish, reader.tool_calls(),
+                                     reader.reply(kind, self.text) if kind in _wire.CONVERSATIONAL else None), last)
 
-    def _completion(self, parsed: _wire.Parsed, data: Any, secrets: Sequence[Secret]) -> Completion:
-        value = parsed.value
-        if self._transform_output is not None:
+    def _completion(self, parsed: _wire.Parsed, data: Any) -> tuple[Completion, SchemaError | None]:
+        """This round trip's `Completion`, its value read by the schema (and ``transform_output``),
+        and the `SchemaError` of an answer that does not fit."""
+        secrets = self._secrets()
+        prepared, response = self.sending, self.response
+        value, refused = parsed.value, None
+        calls = parsed.tool_calls
+        if prepared.schema is not None and not any(not c.ran for c in calls):
+            try:
+                value = prepared.schema.parse(parsed.text, target=prepared.target)
+            except SchemaError as exc:
+                value, refused = None, exc
+                exc.attempts = len([s for s in self.steps if s.why == "retry"]) + 1
+        if self._transform_output is not None and refused is None:
             value = _apply_output_transform(self._transform_output, value)
-        prepared, response = self.prepared, self.response
         latency = time.perf_counter() - self._started
-        return Completion(
+        completion = Completion(
             text=value if isinstance(value, str) else parsed.text,
             value=value,
             endpoint=prepared.name or prepared.target,
             kind=prepared.kind,
             raw=data,
-            usage=parsed.usage,
+            usage=self._usage_so_far(parsed.usage),
             latency=latency,
             request=prepared.body,
             request_id=_server_text(response.headers.get("x-request-id"), secrets),
@@ -753,7 +915,14 @@ class Call:
             finish_reason=parsed.finish_reason,
             time_to_first_token=self._first if self._first is not None else latency,
             attempts=response.attempts,
+            error=refused,
+            tool_calls=list(calls),
+            steps=list(self.steps),
+            schema=prepared.schema,
         )
+        if refused is not None:
+            refused.completion = completion
+        return completion, refused
 
     def _cut(self, why: str) -> StreamInterrupted:
         return StreamInterrupted(
@@ -764,6 +933,29 @@ class Call:
 
 
 Stream = Call  # the name `Client.stream` returned before every call was a `Call`
+
+
+def _answer_shape(options: Mapping[str, Any], kind: str, target: str) -> tuple[Any, Any]:
+    """The call's `Schema` and `Toolbox` (None when not asked for), refused for a kind that cannot
+    use them, before anything is sent."""
+    from .schema import schema_of
+
+    schema = schema_of(options["schema"]) if options["schema"] is not None else None
+    toolbox = None
+    if options["tools"] is not None:
+        from .tools import toolbox_of
+
+        toolbox = toolbox_of(options["tools"])
+    if schema is not None and kind == _wire.EMBEDDINGS:
+        raise ConfigurationError(f"--schema asks for an answer as data, and {target} answers embeddings (vectors). "
+                                 "Drop --schema, or use a chat endpoint.")
+    if toolbox is not None and kind not in _wire.TOOL_KINDS:
+        raise ConfigurationError(f"--tools needs a chat endpoint or a Responses agent, and {target} takes {kind} "
+                                 "requests. Drop --tools, or use a chat endpoint.")
+    if options["run_tools"] and toolbox is None:
+        raise ConfigurationError("--run-tools runs the functions named in --tools (tools=): name them, e.g. "
+                                 "--tools weather,lookup.")
+    return schema, toolbox
 
 
 def _apply_input_transform(transform: Transform, request: dict[str, Any]) -> dict[str, Any]:

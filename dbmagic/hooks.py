@@ -14,6 +14,9 @@ conversation history are subscribers too. ``subscribe(s)`` hears every client's 
 ...         calls.append((call.prepared.name, None, repr(error)))
 >>> unsubscribe = dbmagic.subscribe(Log())
 
+A call that goes on for more than one round trip (a schema retry, tools run with ``run_tools``)
+gets ``on_step`` between them; ``call.steps`` lists them.
+
 A subscriber that raises is logged (``logging.getLogger("dbmagic")``) and left out of that event;
 the call goes on. Keep the methods quick: ``on_piece`` runs once per streamed piece.
 """
@@ -27,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._http import Response
-    from .client import Call, Completion
+    from .client import Call, Completion, Step
 
 __all__ = ["Subscriber", "subscribe", "Hooks", "EVENTS"]
 
 log = logging.getLogger("dbmagic")
 
-EVENTS = ("on_request", "on_response", "on_piece", "on_done", "on_failed", "on_refused")
+EVENTS = ("on_request", "on_response", "on_piece", "on_step", "on_done", "on_failed", "on_refused")
 
 
 class Subscriber:
@@ -53,6 +56,11 @@ class Subscriber:
 
     def on_piece(self, call: Call, piece: str) -> None:
         """A piece of the answer's text arrived (the whole text, once, for an answer not streamed)."""
+
+    def on_step(self, call: Call, step: Step) -> None:
+        """A round trip ended and the call goes on with another (``step.why``: ``retry``, the answer
+        did not fit the schema; ``tools``, the tools it asked for ran and their results go back).
+        ``step.request`` was sent, ``step.completion`` came back; ``call.sending`` is the next request."""
 
     def on_done(self, call: Call, completion: Completion) -> None:
         """The call ended with an answer, whole or partial (``completion.is_partial``)."""
