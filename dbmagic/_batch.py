@@ -17,6 +17,10 @@ answer column and an error column; otherwise a `BatchResult`.
   batch has been answered for that deadline, the rows not yet sent fail with the rate-limit error.
 - A row whose template value is missing (None, NaN, ``pd.NA``) gets no call, a null answer and an
   error naming the column, as ``ai_query`` does; ``send_missing=True`` sends it anyway.
+- With ``schema=`` (`dbmagic.schema`), a DataFrame comes back with one typed column per field of
+  the answer (``Int64``, ``Float64``, ``boolean``, ``string``; ``object`` for lists and nested
+  objects), then the error column and ``{column}_raw``, the raw text of an answer that did not fit
+  (asked again ``schema_retries`` times first).
 - Nothing is lost: a row that fails keeps its place and its error (the batch does not raise; a
   cut answer is a partial `Completion` with its ``error``); Ctrl-C stops sending and returns what
   finished, the rows in flight as partial (``interrupted``) answers; ``resume=`` the previous
@@ -41,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from . import _deps, tracing
 from ._pace import Limiter
 from ._wire import Usage
-from .errors import ConfigurationError, DbMagicError, MissingValue, RateLimited, TemplateError, error_of
+from .errors import ConfigurationError, DbMagicError, MissingValue, RateLimited, SchemaError, TemplateError, error_of
 from .templating import JINJA_GLOBALS, Template
 
 if TYPE_CHECKING:
@@ -49,7 +53,8 @@ if TYPE_CHECKING:
 
     from .client import Call, CallOptions, Client
 
-__all__ = ["batch", "BatchResult", "is_frame", "row_contexts", "is_missing", "refuse_collisions"]
+__all__ = ["batch", "BatchResult", "answer_columns", "is_frame", "row_contexts", "is_missing", "refuse_collisions",
+           "refuse_field_collisions"]
 
 
 class BatchResult(list):
@@ -65,13 +70,19 @@ class BatchResult(list):
     """
 
     def __init__(self, items: Iterable[Any], *, rows: Sequence[Any], wall_time: float = 0.0,
-                 interrupted: bool = False, concurrency: int = 0, rate: float | None = None):
+                 interrupted: bool = False, concurrency: int = 0, rate: float | None = None, schema: Any = None):
         super().__init__(items)
         self.rows = list(rows)
         self.wall_time = wall_time
         self.interrupted = interrupted
         self.concurrency = concurrency
         self.rate = rate
+        self.schema = schema
+
+    @property
+    def raw_texts(self) -> list[str | None]:
+        """Per row, the raw text of an answer that did not fit the schema (else None)."""
+        return [item.text if isinstance(item, SchemaError) else None for item in self]
 
     @property
     def texts(self) -> list[str | None]:
@@ -95,10 +106,13 @@ class BatchResult(list):
 
     @property
     def usage(self) -> Usage:
+        """Every round trip's tokens, the answers that did not fit the schema's included (they were paid for)."""
         total = Usage()
         for item in self:
             if _answered(item):
                 total += item.usage
+            elif isinstance(item, SchemaError) and item.completion is not None:
+                total += item.completion.usage
         return total
 
     def summary(self) -> str:
@@ -116,13 +130,12 @@ class BatchResult(list):
         return ", ".join(parts) + "."
 
     def to_pandas(self, column: str = "answer", error_column: str = "error") -> Any:
-        """The rows (their columns, or ``row``) with the answer and error columns."""
+        """The rows (their columns, or ``row``) with the answer and error columns (with a schema:
+        a typed column per field, the error column, and ``{column}_raw``)."""
         pd = _deps.pandas("to_pandas()")
 
         frame = pd.DataFrame([row if isinstance(row, Mapping) else {"row": row} for row in self.rows])
-        frame[column] = self.values
-        frame[error_column] = self.errors
-        return frame
+        return with_answers(frame, self, column, error_column)
 
     def __repr__(self) -> str:
         return f"BatchResult({self.summary()})"
@@ -165,11 +178,57 @@ def batch(
 
 
 def with_answers(frame: Any, result: BatchResult, column: str = "answer", error_column: str = "error") -> Any:
-    """A copy of ``frame`` with the batch's answer and error columns."""
+    """A copy of ``frame`` with the batch's answer and error columns; with a schema whose answer
+    is an object, one typed column per field instead of the answer column (see `answer_columns`)."""
     out = frame.copy()
-    out[column] = result.values
-    out[error_column] = result.errors
+    for name, values in answer_columns(result, column, error_column).items():
+        out[name] = values
     return out
+
+
+def answer_columns(result: BatchResult, column: str = "answer", error_column: str = "error") -> dict[str, Any]:
+    """The columns a batch adds, in order. Without a schema (or with one whose answer is not an
+    object): ``column`` and ``error_column``. With an object schema: one column per top-level field
+    with a fitting pandas dtype (``Int64``, ``Float64``, ``boolean``, ``string``; ``object`` for
+    lists, nested objects and values of more than one type), null for rows without an answer, then
+    ``error_column`` and ``{column}_raw``: the raw text of a row whose answer did not fit."""
+    fields = result.schema.fields() if result.schema is not None else {}
+    if not fields:
+        return {column: result.values, error_column: result.errors}
+    pd = _deps.pandas("a batch with a schema")
+    records = [result.schema.record(v) if v is not None else {} for v in result.values]
+    out: dict[str, Any] = {}
+    for name, node in fields.items():
+        out[name] = _typed(pd, [r.get(name) for r in records], node)
+    out[error_column] = result.errors
+    out[f"{column}_raw"] = result.raw_texts
+    return out
+
+
+_DTYPES = {"integer": "Int64", "number": "Float64", "boolean": "boolean", "string": "string"}
+
+
+def _typed(pd: Any, values: list[Any], node: Mapping[str, Any]) -> Any:
+    from .schema import kind_of
+
+    dtype = _DTYPES.get(kind_of(node)[0] or "")
+    if dtype is not None:
+        try:
+            return pd.array(values, dtype=dtype)
+        except (TypeError, ValueError):  # a value pydantic took in its own way: kept as it is
+            pass
+    return pd.Series(values, dtype=object).array
+
+
+def refuse_field_collisions(columns: Sequence[Any], schema: Any, column: str, error_column: str) -> None:
+    """A schema's fields become columns: none may overwrite an input column or the error column."""
+    fields = list(schema.fields()) if schema is not None else []
+    taken = {str(c) for c in columns} | {error_column, f"{column}_raw"}
+    clash = [f for f in fields if f in taken]
+    if clash:
+        raise ConfigurationError(
+            f"The schema's field {clash[0]!r} would be a column, and the DataFrame already has it (or it is the "
+            f"error or raw-text column): rename the field, or the input column.")
 
 
 def run(template: str | Template, rows: Any, endpoint: str | None = None, *, concurrency: int = 8, resume: Any = None,
@@ -180,6 +239,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``)."""
     from . import settings
     from .client import get_client, refuse_unknown_options
+    from .schema import schema_of
 
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be a whole number of at least 1; got {concurrency!r}.")
@@ -188,8 +248,10 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     namespace = dict(namespace or {})
     contexts, columns, originals = row_contexts(rows)
     tpl = template if isinstance(template, Template) else Template(template)
+    schema = options["schema"] = schema_of(options.get("schema"))
     if columns is not None:
         refuse_collisions(columns, column, error_column)
+        refuse_field_collisions(columns, schema, column, error_column)
         unknown = sorted(tpl.names - set(columns) - set(namespace) - JINJA_GLOBALS)
         if unknown:
             raise TemplateError(
@@ -232,7 +294,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                               "failed": sum(1 for i in todo if error_of(items[i]) is not None),
                               "interrupted": interrupted})
     return BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
-                       concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate)
+                       concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate, schema=schema)
 
 
 def is_missing(value: Any) -> bool:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from . import _history, _wire, tracing
-from .errors import ConfigurationError
-from .render import LiveOutput, output_metadata
+from .errors import ConfigurationError, SchemaError
+from .render import LiveOutput, answer_bundle, bundle, output_metadata
 from .settings import CLIENT_OPTIONS, CallSpec
 from .templating import Template, render_prompt
 from .transforms import resolve_transform
@@ -33,15 +33,28 @@ CUT_AT_LIMIT = ("The answer was cut at the token limit (finish_reason=length): r
                 "(max_tokens=) for the rest.")
 
 
+def call_options(spec: CallSpec, namespace: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The `Client.prepare` keywords a spec means, with the names it holds found in the notebook
+    (the transforms, the schema, the tools), and the output transform."""
+    from .schema import schema_named
+
+    options = {name: getattr(spec, name) for name in CLIENT_OPTIONS}
+    options["transform_input"] = resolve_transform(spec.transform_input, namespace, "transform_input")
+    options["schema"] = schema_named(spec.schema, namespace)
+    if spec.tools:
+        from .tools import toolbox_named
+
+        options["tools"] = toolbox_named(spec.tools, namespace)
+    return options, resolve_transform(spec.transform_output, namespace, "transform_output")
+
+
 def prepare(spec: CallSpec, template: str | Template, namespace: MutableMapping[str, Any], client: Client,
             *, stream: bool = False) -> tuple[PreparedRequest, Any]:
     """Render the prompt and build the request; returns it and the output transform."""
     prompt = render_prompt(template, namespace).strip()
-    t_in = resolve_transform(spec.transform_input, namespace, "transform_input")
-    t_out = resolve_transform(spec.transform_output, namespace, "transform_output")
+    options, t_out = call_options(spec, namespace)
     history = _history.of(client).get(spec.target_key) if spec.chat else ()
-    options = {name: getattr(spec, name) for name in CLIENT_OPTIONS}
-    prepared = client.prepare(prompt, history=history, transform_input=t_in, stream=stream, **options)
+    prepared = client.prepare(prompt, history=history, stream=stream, **options)
     problem = _wire.not_for_kind("--chat", prepared.kind, prepared.target) if spec.chat else None
     if problem:
         raise ConfigurationError(problem)
@@ -61,9 +74,8 @@ def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: Mu
     and error columns, or None for a list)``."""
     from ._batch import is_frame, run, with_answers
 
-    options = {name: getattr(spec, name) for name in CLIENT_OPTIONS if name != "endpoint"}
-    options["transform_input"] = resolve_transform(spec.transform_input, namespace, "transform_input")
-    t_out = resolve_transform(spec.transform_output, namespace, "transform_output")
+    options, t_out = call_options(spec, namespace)
+    options.pop("endpoint")
     result = run(template, rows, spec.endpoint, concurrency=concurrency, namespace=namespace, client=client,
                  transform_output=t_out, timeout=spec.timeout, column=column, send_missing=send_missing, **options)
     return result, (with_answers(rows, result, column) if is_frame(rows) else None)
@@ -97,12 +109,25 @@ def run_prompt(spec: CallSpec, template: str | Template, namespace: MutableMappi
         on_call(call)
     live = live or LiveOutput(spec.format, rich=rich)
     keep = keep or (lambda completion: namespace.__setitem__(LAST, completion))
+    step = 0
     try:
-        for piece in _pumped(call, tick=live.interval):
-            if piece is None:
+        for item in _pumped(call, tick=live.interval):
+            if item is None:
                 live.flush()  # the endpoint paused: show what the throttle held back
-            elif call.prepared.stream:  # a whole answer is shown once, below
+                continue
+            piece_step, piece = item
+            if piece_step != step:  # the call went on (a schema retry, tool results): its new answer
+                step = piece_step
+                live.restart()
+            if call.prepared.stream:  # a whole answer is shown once, below
                 live.append(piece)
+    except SchemaError as exc:  # an answer that never fit: it is kept and shown as text, and the cell fails
+        if exc.completion is not None:
+            keep(exc.completion)
+            live.restart()
+            live.finish(exc.text, output_metadata(exc.completion), data=bundle(exc.text, "text", rich=live.rich),
+                        note=f"This answer does not fit the schema; it is kept in {LAST}.text.")
+        raise
     except BaseException:
         if call.error is None:  # a cut answer or a Ctrl-C: what arrived is kept
             _keep_partial(call.completion or call.partial("interrupted"), live, keep)
@@ -111,22 +136,24 @@ def run_prompt(spec: CallSpec, template: str | Template, namespace: MutableMappi
     if completion.is_partial:  # stopped
         return _keep_partial(completion, live, keep)
     keep(completion)
-    live.finish(completion.value, output_metadata(completion))
+    stopped_at = spec.max_steps if spec.run_tools and completion.pending_tool_calls else None
+    live.finish(completion.value, output_metadata(completion),
+                data=answer_bundle(completion, spec.format, rich=live.rich, max_steps=stopped_at))
     if completion.finish_reason == "length":
         print(CUT_AT_LIMIT)
     return completion
 
 
-def _pumped(call: Call, *, tick: float) -> Iterator[str | None]:
+def _pumped(call: Call, *, tick: float) -> Iterator[tuple[int, str] | None]:
     """The call's pieces, read in a helper thread so that this one can wake every ``tick``
-    seconds (yielding None) while the endpoint is quiet. Display calls stay on the caller's thread,
+    seconds (yielding None) while the endpoint is quiet; each piece comes as ``(round trip, piece)``. Display calls stay on the caller's thread,
     where the kernel routes output to the right cell; Ctrl-C lands here and cancels the call."""
     box: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
     def read() -> None:
         try:
             for piece in call:
-                box.put(("piece", piece))
+                box.put(("piece", (call.step, piece)))
             box.put(("end", None))
         except BaseException as exc:  # handed to the caller's thread, which raises it
             box.put(("error", exc))

@@ -10,6 +10,7 @@ latency, time to first token, tokens and the served model; an error stays in its
 from __future__ import annotations
 
 import html
+import json
 import itertools
 import statistics
 import threading
@@ -160,12 +161,22 @@ def _one(spec: Any, template: Any, namespace: Any, client: Client, column: _Colu
         return DbMagicError(f"Unexpected {exc.__class__.__name__}: {exc}")
 
 
+def _shown(completion: Any) -> str:
+    """An answer as its column shows it: the text, or a schema's value as JSON, then any tool calls."""
+    value = completion.value
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    text = completion.text if isinstance(value, str) or value is None else json.dumps(value, ensure_ascii=False)
+    calls = "\n".join(f"→ {c.describe()}" for c in completion.pending_tool_calls)
+    return "\n".join(t for t in (text, calls) if t)
+
+
 def _metrics(runs: list[Any]) -> dict[str, Any]:
     answers = [r for r in runs if r is not None and not isinstance(r, Exception)]
     errors = [str(e) for e in map(error_of, runs) if e is not None]
     first = answers[0] if answers else None
     row = {
-        "answer": first.text if first is not None else None,
+        "answer": _shown(first) if first is not None else None,
         "latency_ms": round(statistics.median(a.latency for a in answers) * 1000, 1) if answers else None,
         "time_to_first_token_ms": (round(first.time_to_first_token * 1000, 1)
                                    if first is not None and first.time_to_first_token is not None else None),

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from .errors import FormatError
 from .settings import FORMATS
 
-__all__ = ["FORMATS", "bundle", "output_metadata", "extract_code", "parse_json", "LiveOutput"]
+__all__ = ["FORMATS", "bundle", "answer_bundle", "output_metadata", "extract_code", "parse_json", "LiveOutput"]
 
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
@@ -66,6 +66,89 @@ def bundle(value: Any, fmt: str, *, rich: bool = True) -> dict[str, Any]:
     if fmt == "html":
         return {"text/html": value, "text/plain": value}
     raise FormatError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+
+
+def answer_bundle(completion: Any, fmt: str, *, rich: bool = True,
+                  max_steps: int | None = None) -> dict[str, Any] | None:
+    """How a whole answer is shown when it is more than its value in ``fmt``: a schema's value as a
+    small table, the tool calls it asks for (a table), the earlier steps of a call that went on (a
+    list). None for a plain answer (`bundle` shows it)."""
+    value = completion.value
+    if not (completion.steps or completion.tool_calls or (completion.schema is not None and _is_data(value))):
+        return None
+    data = _data(value)
+    if data is not None:
+        text, md = _table(data)
+        parts_md, parts_text = [md], [text]
+    elif completion.tool_calls and not completion.text:
+        parts_md, parts_text = [], []
+    else:
+        try:
+            shown = bundle(value, fmt, rich=rich)
+        except FormatError:  # -f json of an answer that is not JSON, after steps: its text, and the steps
+            shown = bundle(value, "text", rich=rich)
+        parts_md = [shown.get("text/markdown") or f"```\n{shown['text/plain']}\n```"]
+        parts_text = [shown["text/plain"]]
+    pending = completion.pending_tool_calls
+    if pending:
+        rows = [[c.name, c.raw_arguments if c.arguments is None else json.dumps(c.arguments, ensure_ascii=False), c.id]
+                for c in pending]
+        text, md = _grid(["tool", "arguments", "id"], rows)
+        said = "The model asks for " + ("this tool call" if len(pending) == 1 else f"{len(pending)} tool calls")
+        if max_steps is not None:
+            said += f" (not run: the call stopped at --max-steps {max_steps})"
+        parts_md.append(f"**{said}:**\n\n{md}")
+        parts_text.append(f"{said}:\n{text}")
+    if completion.steps:
+        lines = [f"{i}. {step.describe()}" for i, step in enumerate(completion.steps, 1)]
+        parts_md.append("**Steps:**\n\n" + "\n".join(_md_cell(line) for line in lines))
+        parts_text.append("Steps:\n" + "\n".join(lines))
+    plain = "\n\n".join(p for p in parts_text if p)
+    if not rich:
+        return {"text/plain": plain}
+    out = {"text/markdown": "\n\n".join(p for p in parts_md if p), "text/plain": plain}
+    if data is not None:
+        out["application/json"] = _jsonable(data)
+    return out
+
+
+def _is_data(value: Any) -> bool:
+    return hasattr(value, "model_dump") or isinstance(value, (dict, list))
+
+
+def _data(value: Any) -> Any:
+    """A schema's value as plain JSON data (a pydantic model dumped)."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return value if isinstance(value, (dict, list)) else None
+
+
+def _table(data: Any) -> tuple[str, str]:
+    """``(text, markdown)``: an object as field | value rows, a list of objects as a table."""
+    if isinstance(data, list) and data and all(isinstance(d, dict) for d in data):
+        names = list(dict.fromkeys(k for d in data for k in d))
+        return _grid(names, [[_cell(d.get(n)) for n in names] for d in data])
+    if isinstance(data, dict):
+        return _grid(["field", "value"], [[k, _cell(v)] for k, v in data.items()])
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    return text, f"```json\n{text}\n```"
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _grid(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
+    md = ["| " + " | ".join(_md_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(_md_cell(str(v)) for v in row) + " |" for row in rows]
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    text = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [headers, *rows])
+    return text, "\n".join(md)
 
 
 def _encodable(text: str) -> str:
@@ -141,11 +224,23 @@ class LiveOutput:
             self._show(bundle(self._text, self.fmt if self.fmt in ("markdown", "code", "html") else "text"))
             self._shown, self._last = self._text, now
 
-    def finish(self, value: Any, metadata: dict[str, Any] | None = None, note: str | None = None) -> None:
-        """Show the final value (and an optional note, e.g. that the stream was cut)."""
+    def restart(self) -> None:
+        """A new round trip of the same call began (a schema retry, tool results sent back): its
+        text replaces what was shown."""
+        if not self.rich and self._text:
+            out = self._stdout or sys.stdout
+            out.write("\n")
+        self._text = self._shown = ""
+
+    def finish(self, value: Any, metadata: dict[str, Any] | None = None, note: str | None = None,
+               data: dict[str, Any] | None = None) -> None:
+        """Show the final value (and an optional note, e.g. that the stream was cut); ``data``: the
+        bundle to show, made already (`answer_bundle`)."""
         if not self.rich:
             out = self._stdout or sys.stdout
-            if self._text:
+            if data is not None and (self._text != data["text/plain"]):
+                out.write(("\n" if self._text else "") + data["text/plain"] + "\n")
+            elif self._text:
                 out.write("\n")
             else:
                 out.write(bundle(value, self.fmt, rich=False)["text/plain"] + "\n")
@@ -154,7 +249,7 @@ class LiveOutput:
             out.flush()
             return
         try:
-            data = bundle(value, self.fmt)
+            data = data if data is not None else bundle(value, self.fmt)
         except FormatError:  # show the answer as text, then say why it is not what was asked for
             self._show(bundle(value, "text"), metadata)
             raise

@@ -151,6 +151,18 @@ def _dotted_name(value: str) -> str | None:
     return None
 
 
+def _schema_text(value: str) -> str | None:
+    return None if value.strip() else ("must be a pydantic model or JSON Schema dict in the notebook (its name), a JSON "
+                                       "Schema, or the short form, e.g. 'label: str, score: float'")
+
+
+def _dotted_names(value: str) -> str | None:
+    names = [n.strip() for n in value.split(",")]
+    if not all(names) or not all(_dotted_name(n) is None for n in names):
+        return "must name functions in the notebook, comma-separated (e.g. weather,lookup)"
+    return None
+
+
 def _json_fields(value: dict[str, Any]) -> str | None:
     try:
         problem = _wire.json_problem(value, "extra_params")
@@ -184,6 +196,17 @@ SETTINGS: tuple[Setting, ...] = (
             ("--task",), "text", _task, sweep=True, api=True),
     Setting("n", int, None, "number of answers to ask for (chat and completions; the first is shown)",
             ("-n", "--n"), "number", _between(1, 16), label="Answers (n)", api=True),
+    Setting("schema", str, None, "the answer as data: a pydantic model or JSON Schema dict in the notebook (its "
+            "name), a JSON Schema, or the short form 'label: str, score: float, tags: list[str], reason: str?'",
+            ("--schema",), "text", _schema_text, metavar="SCHEMA", label="Schema"),
+    Setting("schema_retries", int, 1, "times an answer that does not fit the schema is asked for again, with "
+            "the problem appended", ("--schema-retries",), "number", _between(0, 5), metavar="N", api=True),
+    Setting("tools", list, [], "functions in the notebook the model may ask to call, comma-separated; the calls "
+            "are shown, and run with --run-tools", ("--tools",), "tags", _dotted_names, metavar="F,G", label="Tools"),
+    Setting("run_tools", bool, False, "run the tool calls the model asks for and send the results back",
+            ("--run-tools",), "checkbox", label="Run tools", api=True),
+    Setting("max_steps", int, 5, "with --run-tools, at most this many requests to the endpoint in one call",
+            ("--max-steps",), "number", _between(1, 50), metavar="N", api=True),
     Setting("timeout", float, None, "seconds to wait for the answer, or for each streamed chunk",
             ("--timeout",), "number", _between(0, MAX_TIMEOUT, low_open=True), label="Timeout (s)"),
     Setting("transform_input", str, None, "function(**request) -> request from the notebook",
@@ -437,6 +460,11 @@ class CallSpec:
     system: str | None = _field("system")
     task: str | None = _field("task")
     n: int | None = _field("n")
+    schema: str | None = _field("schema")
+    schema_retries: int = _field("schema_retries")
+    tools: list[str] = _field("tools")
+    run_tools: bool = _field("run_tools")
+    max_steps: int = _field("max_steps")
     timeout: float | None = _field("timeout")
     transform_input: str | None = _field("transform_input")
     transform_output: str | None = _field("transform_output")

@@ -25,6 +25,24 @@ scheduling the calls, and needs no Python on the executors. The equivalent of th
     FROM tickets
     -- result.response is the answer, result.errorMessage the error
 
+**Answers as data.** With ``schema=`` (a pydantic model, a JSON Schema dict or the short form
+``"label: str, score: float"``), the answer comes back as real typed columns, one per field of the
+schema (string, long, double, boolean, array, struct), then ``error_col`` and ``{output_col}_raw``
+(the raw text of an answer that did not fit), as ``ai_query(..., responseFormat => ...)`` gives::
+
+    SELECT *, from_json(result.response, 'label STRING, score DOUBLE') AS answer,
+           result.errorMessage AS error
+    FROM (SELECT *, ai_query('databricks-meta-llama-3-3-70b-instruct',
+                             CONCAT('Classify the ticket: ', text),
+                             responseFormat => '{"type": "json_schema", "json_schema": {"name": "answer",
+                               "schema": {"type": "object", "properties": {"label": {"type": "string"},
+                               "score": {"type": "number"}}, "required": ["label", "score"]}, "strict": true}}',
+                             failOnError => false) AS result
+          FROM tickets)
+
+`struct_type` gives the Spark schema of a dbmagic schema (``struct_type(S).simpleString()`` is
+the DDL ``from_json`` takes).
+
 Use `complete` when you need what ``ai_query`` does not give: transforms, driver-proxy apps, custom
 request fields, an endpoint in another workspace, or a Spark outside Databricks.
 
@@ -44,7 +62,7 @@ if TYPE_CHECKING:
 
     from .client import CallOptions, Client
 
-__all__ = ["complete"]
+__all__ = ["complete", "struct_type"]
 
 
 def complete(
@@ -67,8 +85,9 @@ def complete(
     ``send_missing=True``."""
     from pyspark.sql.types import StringType, StructField, StructType
 
-    from ._batch import refuse_collisions
+    from ._batch import refuse_collisions, refuse_field_collisions
     from .client import get_client
+    from .schema import schema_of
 
     if not isinstance(concurrency_per_task, int) or isinstance(concurrency_per_task, bool) or concurrency_per_task < 1:
         raise ConfigurationError(f"concurrency_per_task must be a whole number of at least 1; got {concurrency_per_task!r}.")
@@ -78,6 +97,8 @@ def complete(
         raise TemplateError(f"The template uses {', '.join(unknown)}, which is not a column of the DataFrame "
                             f"(its columns: {', '.join(columns)}). Rename the {{{{ }}}} names, or add the columns.")
     refuse_collisions(columns, output_col, error_col, ("output_col=", "error_col="))
+    answer_schema = options["schema"] = schema_of(options.get("schema"))
+    refuse_field_collisions(columns, answer_schema, output_col, error_col)
     client = client or get_client()
     # on the driver: options checked, the endpoint's kind found once (executors then skip the lookup)
     probe = client.prepare("", endpoint, **{k: v for k, v in options.items() if k != "transform_input"})
@@ -86,12 +107,19 @@ def complete(
     secret = credentials.token  # a Secret: masked wherever it could show
     host, extra_headers = credentials.host, credentials.extra_headers
     retry, timeouts = client.retry, client.timeouts
-    schema = StructType([*sdf.schema.fields, StructField(output_col, StringType()), StructField(error_col, StringType())])
+    typed = answer_schema is not None and bool(answer_schema.fields())
+    if typed:
+        added = [*struct_type(answer_schema).fields, StructField(error_col, StringType()),
+                 StructField(f"{output_col}_raw", StringType())]
+    else:
+        added = [StructField(output_col, StringType()), StructField(error_col, StringType())]
+    schema = StructType([*sdf.schema.fields, *added])
 
     def dbmagic_complete(batches: Iterator[Any]) -> Iterator[Any]:
         # runs on an executor: imports here, one client per task
-        from dbmagic._batch import run
+        from dbmagic._batch import answer_columns, run
         from dbmagic._wire import as_text
+        from dbmagic.spark import _for_spark
         from dbmagic._credentials import Credentials
         from dbmagic.client import Client
 
@@ -103,10 +131,64 @@ def complete(
                              transform_output=transform_output, timeout=timeout, column=output_col,
                              error_column=error_col, send_missing=send_missing, **options)
                 out = frame.copy()
-                out[output_col] = [None if v is None else as_text(v) for v in result.values]
-                out[error_col] = result.errors
+                if typed:
+                    fields = answer_schema.fields()
+                    for name, values in answer_columns(result, output_col, error_col).items():
+                        out[name] = [_for_spark(answer_schema, fields[name], v) for v in values] if name in fields \
+                            else values
+                else:
+                    out[output_col] = [None if v is None else as_text(v) for v in result.values]
+                    out[error_col] = result.errors
                 yield out
         finally:
             worker.close()
 
     return sdf.mapInPandas(dbmagic_complete, schema)
+
+
+def struct_type(schema: Any) -> Any:
+    """The Spark ``StructType`` of a dbmagic schema's answer (`dbmagic.schema`): string, long,
+    double, boolean, array and struct fields, every one nullable; a field of no single type is a
+    string holding its JSON."""
+    from .schema import schema_of
+
+    found = schema_of(schema)
+    if found is None or not found.fields():
+        raise ConfigurationError("struct_type takes a schema whose answer is a JSON object (fields).")
+    return _spark_type(found, {"type": "object", "properties": found.fields()})
+
+
+def _spark_type(schema: Any, node: Any, depth: int = 0) -> Any:
+    from pyspark.sql import types as T
+
+    from .schema import kind_of
+
+    kind, typed = kind_of(schema.resolve(node))
+    if depth > 16:
+        return T.StringType()
+    if kind == "object" and typed.get("properties"):
+        return T.StructType([T.StructField(name, _spark_type(schema, sub, depth + 1), True)
+                             for name, sub in typed["properties"].items()])
+    if kind == "array":
+        return T.ArrayType(_spark_type(schema, typed.get("items") or {}, depth + 1), True)
+    return {"string": T.StringType(), "integer": T.LongType(), "number": T.DoubleType(),
+            "boolean": T.BooleanType()}.get(kind or "", T.StringType())
+
+
+def _for_spark(schema: Any, node: Any, value: Any, depth: int = 0) -> Any:
+    """``value`` as the Spark type of ``node`` takes it (`_spark_type`): a field of no single type
+    (or an object without properties) as its JSON text."""
+    from ._batch import is_missing
+    from ._wire import as_text
+    from .schema import kind_of
+
+    if value is None or (not isinstance(value, (list, dict)) and is_missing(value)):
+        return None
+    kind, typed = kind_of(schema.resolve(node))
+    if kind == "object" and typed.get("properties") and isinstance(value, dict) and depth <= 16:
+        return {name: _for_spark(schema, sub, value.get(name), depth + 1) for name, sub in typed["properties"].items()}
+    if kind == "array" and isinstance(value, list) and depth <= 16:
+        return [_for_spark(schema, typed.get("items") or {}, v, depth + 1) for v in value]
+    if kind in ("string", "integer", "number", "boolean"):
+        return float(value) if kind == "number" and isinstance(value, int) else value
+    return as_text(value)

@@ -98,17 +98,42 @@ class CallSpan:
             attributes={"dbmagic.endpoint": prepared.name or prepared.target, "dbmagic.task": prepared.kind,
                         "dbmagic.host": prepared.host, "dbmagic.params": params, "dbmagic.stream": prepared.stream},
         )
+        self.children: list[Any] = []
 
     def ok(self, completion: Completion) -> None:
         attributes = _outcome(completion)
-        usage = completion.usage
-        tokens = {"input_tokens": usage.input, "output_tokens": usage.output, "total_tokens": usage.total,
-                  "cache_read_input_tokens": usage.cache_read, "cache_creation_input_tokens": usage.cache_creation}
-        if usage:
-            attributes["mlflow.chat.tokenUsage"] = {k: v for k, v in tokens.items() if v is not None}
-        # a whole answer's JSON; for a stream the text it made (its raw is only the last event)
-        outputs = completion.raw if completion.raw is not None and not self.prepared.stream else completion.text
+        outputs = _outputs(completion, self.prepared.stream)
+        if completion.error is not None:  # an answer that did not fit the schema
+            self.span.add_event(_exception_event(completion.error))
+            self.span.end(outputs=outputs, attributes=attributes, status=_error_status(completion.error))
+            return
         self.span.end(outputs=outputs, attributes=attributes, status="OK")
+
+    def step(self, request: dict[str, Any], completion: Completion, error: BaseException | None,
+             tool_calls: list[Any] = ()) -> None:
+        """One round trip of a call that went on: a child span with what was sent and what came
+        back (an error span for an answer that did not fit the schema), and a TOOL span per tool run."""
+        mlflow = _mlflow()
+        child = mlflow.start_span_no_context(
+            name=f"{self.prepared.target} · step {len(self.children) + 1}",
+            span_type=_SPAN_TYPES.get(self.prepared.kind, "LLM"), parent_span=self.span, inputs=request,
+            attributes={"dbmagic.endpoint": self.prepared.name or self.prepared.target, "dbmagic.task": self.prepared.kind})
+        self.children.append(child)
+        attributes = _outcome(completion)
+        if error is not None:
+            child.add_event(_exception_event(error))
+        child.end(outputs=_outputs(completion, self.prepared.stream), attributes=attributes,
+                  status=_error_status(error) if error is not None else "OK")
+        for call in tool_calls:
+            tool = mlflow.start_span_no_context(name=call.name, span_type="TOOL", parent_span=self.span,
+                                                inputs=call.arguments if call.arguments is not None else
+                                                {"arguments": call.raw_arguments},
+                                                attributes={"dbmagic.tool_call_id": call.id})
+            if call.error:
+                tool.end(outputs=call.output, attributes={"dbmagic.error": call.error},
+                         status=_error_status(call.error))
+            else:
+                tool.end(outputs=call.output, status="OK")
 
     def partial(self, completion: Completion, error: BaseException | None = None) -> None:
         """A stream that was cut or stopped: what arrived; an error span when cut."""
@@ -119,6 +144,18 @@ class CallSpan:
 
     def failed(self, error: BaseException) -> None:
         _end_failed(self.span, error)
+
+
+def _outputs(completion: Completion, streamed: bool) -> Any:
+    # a whole answer's JSON; for a stream the text it made (its raw is only the last event)
+    return completion.raw if completion.raw is not None and not streamed else completion.text
+
+
+def _error_status(error: Any) -> Any:
+    from mlflow.entities import SpanStatus
+
+    described = f"{error.__class__.__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    return SpanStatus("ERROR", description=described[:1000])
 
 
 def _end_failed(span: Any, error: BaseException) -> None:
@@ -146,10 +183,18 @@ class _Tracer(hooks.Subscriber):
         with self._lock:
             return self._spans.pop(call, None)
 
+    def on_step(self, call: Call, step: Any) -> None:
+        with self._lock:
+            span = self._spans.get(call)
+        if span is not None:
+            span.step(step.request, step.completion, step.error, step.tool_calls if step.why == "tools" else [])
+
     def on_done(self, call: Call, completion: Completion) -> None:
         span = self._span(call)
         if span is None:
             return
+        if call.steps:  # the last round trip is a step too, beside the earlier ones
+            span.step(call.sending.body, completion, completion.error if not completion.is_partial else None)
         if completion.is_partial:
             span.partial(completion, completion.error)
         else:
@@ -195,7 +240,9 @@ def failed_before_request(endpoint: str | None, prompt: Any, error: BaseExceptio
 
 def _outcome(completion: Completion) -> dict[str, Any]:
     value = completion.value
-    return {
+    if hasattr(value, "model_dump"):  # a schema's pydantic value
+        value = value.model_dump(mode="json")
+    attributes = {
         "dbmagic.output": value if isinstance(value, (str, int, float, bool, list, dict)) or value is None else str(value),
         "dbmagic.latency_ms": round(completion.latency * 1000, 3),
         "dbmagic.attempts": completion.attempts,
@@ -203,6 +250,15 @@ def _outcome(completion: Completion) -> dict[str, Any]:
         "dbmagic.served_model": completion.served_model,
         "dbmagic.finish_reason": completion.finish_reason,
     }
+    usage = completion.usage
+    tokens = {"input_tokens": usage.input, "output_tokens": usage.output, "total_tokens": usage.total,
+              "cache_read_input_tokens": usage.cache_read, "cache_creation_input_tokens": usage.cache_creation}
+    if usage:
+        attributes["mlflow.chat.tokenUsage"] = {k: v for k, v in tokens.items() if v is not None}
+    if completion.tool_calls:
+        attributes["dbmagic.tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in
+                                            completion.tool_calls]
+    return attributes
 
 
 def _exception_event(error: BaseException) -> Any:

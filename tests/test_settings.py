@@ -29,6 +29,8 @@ SAMPLES = {
     "transform_output": "shout", "dry_run": True, "output": "answer", "format": "text", "insert": True,
     "stream": False, "chat": True, "raw": True, "over": "tickets", "column": "summary", "send_missing": True, "concurrency": 4,
     "prompt": "prompts:/summarise/2", "compare": f"{CHAT},local-completions", "repeat": 3,
+    "schema": "label: 'pos'|'neg', score: float", "schema_retries": 2, "tools": ["weather,lookup"], "run_tools": True,
+    "max_steps": 3,
 }
 TRANSFORMS = ("def shout(value):\n    return value.upper()\n"
               "def concise(**request):\n    request['prompt'] += ' Be concise.'\n    return request\n")
