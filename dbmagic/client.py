@@ -268,6 +268,7 @@ class Step:
     completion: Completion = field(repr=False)
     error: BaseException | None = None
     tool_calls: list[Any] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)  # this round trip's own (the completion's sums the call's so far)
 
     def describe(self) -> str:
         """One line, as the cell shows it."""
@@ -587,6 +588,7 @@ class Call:
         self.cancelled = False
         self.steps: list[Step] = []
         self.step = 0
+        self.round_usage = Usage()  # the usage of the last round trip alone
         self._client = client
         self._transform_output = transform_output
         self._timeout = timeout
@@ -755,7 +757,8 @@ class Call:
     def _go_on(self, why: str, body: dict[str, Any], completion: Completion, error: SchemaError | None) -> None:
         """Record this round trip and make the next request the one to send."""
         step = Step(why, self.sending.body, completion, error, list(completion.pending_tool_calls
-                                                                   if why != "tools" else completion.tool_calls))
+                                                                   if why != "tools" else completion.tool_calls),
+                    self.round_usage)
         self.steps.append(step)
         if self.response is not None:
             self.response.body.close()
@@ -764,7 +767,7 @@ class Call:
         body = _wire.databricks_quirks(self.sending.kind, body, self.sending.model)
         _check_json(body)
         self.sending = replace(self.sending, body=body)
-        self.response, self.text, self.step = None, "", self.step + 1
+        self.response, self.text, self.step, self.round_usage = None, "", self.step + 1, Usage()
         if self._client.hooks:
             self._client.hooks.fire("on_step", self, step)
 
@@ -807,7 +810,7 @@ class Call:
     def _usage_so_far(self, last: Usage | None = None) -> Usage:
         total = Usage()
         for step in self.steps:
-            total += step.completion.usage
+            total += step.usage
         return total + last if last is not None else total
 
     def _whole(self) -> Iterator[str]:
@@ -890,6 +893,7 @@ class Call:
         and the `SchemaError` of an answer that does not fit."""
         secrets = self._secrets()
         prepared, response = self.sending, self.response
+        self.round_usage = parsed.usage
         value, refused = parsed.value, None
         calls = parsed.tool_calls
         if prepared.schema is not None and not any(not c.ran for c in calls):

@@ -60,6 +60,12 @@ class Schema:
     def __repr__(self) -> str:
         return f"Schema({self.source or self.name})"
 
+    def portable(self) -> Schema:
+        """The same schema checked by its JSON Schema alone (no pydantic class): what travels to a
+        Spark executor, where a notebook's class may not unpickle (pydantic keeps the namespace it
+        was defined in, a SparkSession included)."""
+        return Schema(self.json_schema, self.name, None, self.source, self.strict) if self.model is not None else self
+
     def __getstate__(self) -> dict[str, Any]:  # to a Spark executor: the validator is made again there
         return {**self.__dict__, "_validator": None}
 

@@ -28,7 +28,9 @@ scheduling the calls, and needs no Python on the executors. The equivalent of th
 **Answers as data.** With ``schema=`` (a pydantic model, a JSON Schema dict or the short form
 ``"label: str, score: float"``), the answer comes back as real typed columns, one per field of the
 schema (string, long, double, boolean, array, struct), then ``error_col`` and ``{output_col}_raw``
-(the raw text of an answer that did not fit), as ``ai_query(..., responseFormat => ...)`` gives::
+(the raw text of an answer that did not fit), as ``ai_query(..., responseFormat => ...)`` gives.
+On the executors a pydantic model's answer is checked against the model's JSON Schema (the class
+itself stays on the driver). The equivalent in SQL::
 
     SELECT *, from_json(result.response, 'label STRING, score DOUBLE') AS answer,
            result.errorMessage AS error
@@ -97,7 +99,9 @@ def complete(
         raise TemplateError(f"The template uses {', '.join(unknown)}, which is not a column of the DataFrame "
                             f"(its columns: {', '.join(columns)}). Rename the {{{{ }}}} names, or add the columns.")
     refuse_collisions(columns, output_col, error_col, ("output_col=", "error_col="))
-    answer_schema = options["schema"] = schema_of(options.get("schema"))
+    answer_schema = schema_of(options.get("schema"))
+    if answer_schema is not None:  # the executors check the answer against its JSON Schema (`Schema.portable`)
+        answer_schema = options["schema"] = answer_schema.portable()
     refuse_field_collisions(columns, answer_schema, output_col, error_col)
     client = client or get_client()
     # on the driver: options checked, the endpoint's kind found once (executors then skip the lookup)

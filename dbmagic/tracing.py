@@ -110,7 +110,7 @@ class CallSpan:
         self.span.end(outputs=outputs, attributes=attributes, status="OK")
 
     def step(self, request: dict[str, Any], completion: Completion, error: BaseException | None,
-             tool_calls: list[Any] = ()) -> None:
+             tool_calls: list[Any] = (), usage: Any = None) -> None:
         """One round trip of a call that went on: a child span with what was sent and what came
         back (an error span for an answer that did not fit the schema), and a TOOL span per tool run."""
         mlflow = _mlflow()
@@ -119,7 +119,7 @@ class CallSpan:
             span_type=_SPAN_TYPES.get(self.prepared.kind, "LLM"), parent_span=self.span, inputs=request,
             attributes={"dbmagic.endpoint": self.prepared.name or self.prepared.target, "dbmagic.task": self.prepared.kind})
         self.children.append(child)
-        attributes = _outcome(completion)
+        attributes = _outcome(completion, usage)
         if error is not None:
             child.add_event(_exception_event(error))
         child.end(outputs=_outputs(completion, self.prepared.stream), attributes=attributes,
@@ -187,14 +187,16 @@ class _Tracer(hooks.Subscriber):
         with self._lock:
             span = self._spans.get(call)
         if span is not None:
-            span.step(step.request, step.completion, step.error, step.tool_calls if step.why == "tools" else [])
+            span.step(step.request, step.completion, step.error, step.tool_calls if step.why == "tools" else [],
+                      step.usage)
 
     def on_done(self, call: Call, completion: Completion) -> None:
         span = self._span(call)
         if span is None:
             return
         if call.steps:  # the last round trip is a step too, beside the earlier ones
-            span.step(call.sending.body, completion, completion.error if not completion.is_partial else None)
+            span.step(call.sending.body, completion, completion.error if not completion.is_partial else None,
+                      usage=call.round_usage)
         if completion.is_partial:
             span.partial(completion, completion.error)
         else:
@@ -238,7 +240,7 @@ def failed_before_request(endpoint: str | None, prompt: Any, error: BaseExceptio
     _end_failed(span, error)
 
 
-def _outcome(completion: Completion) -> dict[str, Any]:
+def _outcome(completion: Completion, usage: Any = None) -> dict[str, Any]:
     value = completion.value
     if hasattr(value, "model_dump"):  # a schema's pydantic value
         value = value.model_dump(mode="json")
@@ -250,7 +252,7 @@ def _outcome(completion: Completion) -> dict[str, Any]:
         "dbmagic.served_model": completion.served_model,
         "dbmagic.finish_reason": completion.finish_reason,
     }
-    usage = completion.usage
+    usage = completion.usage if usage is None else usage
     tokens = {"input_tokens": usage.input, "output_tokens": usage.output, "total_tokens": usage.total,
               "cache_read_input_tokens": usage.cache_read, "cache_creation_input_tokens": usage.cache_creation}
     if usage:

@@ -110,3 +110,46 @@ def test_a_failed_job_does_not_show_the_token(spark, workspace):
                                transform_output=stop_everything).collect()
     text = str(info.value)
     assert "stopped on Echo: a" in text and workspace.token not in text
+
+
+def test_a_schema_gives_real_typed_columns(spark, workspace):
+    import dbmagic.spark
+    from pyspark.sql import types as T
+
+    client = Client(host=workspace.host, token=workspace.token)
+    sdf = spark.createDataFrame([(i, f"ticket number {i}") for i in range(40)], "id INT, text STRING").coalesce(1)
+    workspace.fail(CHAT, off_schema=True, times=2)  # one row's two answers do not fit: it keeps its place
+    out = dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client, concurrency_per_task=1,
+                                 schema="label: 'pos'|'neg', n: int, score: float, ok: bool?, tags: list[str]")
+    assert out.schema == T.StructType([
+        T.StructField("id", T.IntegerType()), T.StructField("text", T.StringType()),
+        T.StructField("label", T.StringType()), T.StructField("n", T.LongType()), T.StructField("score", T.DoubleType()),
+        T.StructField("ok", T.BooleanType()), T.StructField("tags", T.ArrayType(T.StringType())),
+        T.StructField("error", T.StringType()), T.StructField("answer_raw", T.StringType())])
+    rows = sorted(out.collect(), key=lambda r: r.id)
+    answered = [r for r in rows if r.error is None]
+    failed = [r for r in rows if r.error is not None]
+    assert len(answered) == 39 and len(failed) == 1
+    assert {(r.label, r.n, r.score, r.ok) for r in answered} == {("neg", 3, 0.3, False)}
+    assert answered[0].tags == answered[0].text.split()
+    assert failed[0].label is None and "label: 12345 is not of type 'string'" in failed[0].error
+    assert '"label": 12345' in failed[0].answer_raw
+
+
+def test_a_model_with_a_nested_object_is_a_struct(spark, workspace):
+    import dbmagic.spark
+    from pydantic import BaseModel
+
+    class Place(BaseModel):
+        city: str
+        zip: int
+
+    class Order(BaseModel):
+        item: str
+        place: Place
+
+    client = Client(host=workspace.host, token=workspace.token)
+    sdf = spark.createDataFrame([("a b",)], "text STRING")
+    assert dbmagic.spark.struct_type(Order).simpleString() == "struct<item:string,place:struct<city:string,zip:bigint>>"
+    [row] = dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client, schema=Order).collect()
+    assert (row.item, row.place.city, row.place.zip, row.error) == ("a b", "a b", 2, None)

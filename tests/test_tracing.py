@@ -281,3 +281,43 @@ def test_import_and_load_ext_do_not_load_mlflow():
             "InteractiveShell.instance().run_line_magic('load_ext', 'dbmagic'); print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_schema_retry_records_both_attempts_and_a_tool_run_its_tool_span(store, workspace):
+    client = Client(host=workspace.host, token=workspace.token)
+    workspace.fail(CHAT, off_schema=True)
+    completion = client.complete("I love it", endpoint=CHAT, schema="label: str, n: int")
+    [trace] = traces(store)
+    parent, first, second = sorted(trace.data.spans, key=lambda s: s.start_time_ns)
+    assert first.parent_id == second.parent_id == parent.span_id
+    assert first.status.status_code == "ERROR" and "label: 12345 is not of type 'string'" in first.status.description
+    assert first.inputs["messages"] == [{"role": "user", "content": "I love it"}]
+    assert second.status.status_code == parent.status.status_code == "OK"
+    assert second.inputs["messages"][-1]["content"].startswith("Your answer did not fit the JSON Schema")
+    assert parent.attributes["dbmagic.output"] == completion.value
+    # the parent's usage is both attempts' (MLflow counts it once: it skips the children of a span with usage)
+    assert parent.attributes["mlflow.chat.tokenUsage"]["total_tokens"] == completion.usage.total == sum(
+        s.attributes["mlflow.chat.tokenUsage"]["total_tokens"] for s in (first, second))
+
+    def weather(city: str) -> str:
+        """The weather."""
+        return f"sunny in {city}"
+
+    client.complete("weather in Paris", endpoint=CHAT, tools=[weather], run_tools=True)
+    latest = traces(store)[-1]
+    kinds = sorted((s.span_type, s.name) for s in latest.data.spans)
+    assert ("TOOL", "weather") in kinds and len(kinds) == 4  # the call, two round trips, the tool run
+    tool = next(s for s in latest.data.spans if s.span_type == "TOOL")
+    assert tool.inputs == {"city": "weather in Paris"} and tool.outputs == "sunny in weather in Paris"
+    no_token_in(traces(store), workspace.token)
+
+
+def test_a_schema_that_never_fits_is_an_error_span_with_the_answer(store, workspace):
+    client = Client(host=workspace.host, token=workspace.token)
+    workspace.fail(CHAT, off_schema=True)
+    with pytest.raises(dbmagic.SchemaError):
+        client.complete("I love it", endpoint=CHAT, schema="n: int", schema_retries=0)
+    [trace] = traces(store)
+    [span] = trace.data.spans
+    assert span.status.status_code == "ERROR" and "does not fit the schema" in span.status.description
+    assert span.outputs["choices"][0]["message"]["content"] == '{"n": "many"}'
