@@ -273,7 +273,8 @@ class Step:
     def describe(self) -> str:
         """One line, as the cell shows it."""
         if self.why == "retry":
-            return f"asked again: {getattr(self.error, 'problem', '') or self.error}"
+            field_name = getattr(self.error, "field", None)
+            return f"asked again: {f'{field_name}: ' if field_name else ''}{getattr(self.error, 'problem', '') or self.error}"
         return "; ".join(f"ran {c.describe()} → " + (f"error: {c.error}" if c.error else _brief(c.output))
                          for c in self.tool_calls)
 
@@ -734,9 +735,9 @@ class Call:
         if refused is not None:
             if self._retries_left <= 0:
                 return None
-            where = f"{refused.field}: " if refused.field else ""
-            note = (f"Your answer did not fit the JSON Schema ({where}{refused.problem}). Answer again with only JSON "
-                    "that fits the schema.")
+            from .schema import retry_note
+
+            note = retry_note(refused)
             body = _wire.follow_up(sending.kind, sending.body, reply, [{"role": "user", "content": note}])
             if body is None:  # a transform_input reshaped the body: there is no prompt to extend
                 return None

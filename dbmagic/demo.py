@@ -4,8 +4,9 @@ The main job of the README: from any folder, it executes the quickstart notebook
 package (``dbmagic/notebooks/quickstart.ipynb``; the notebook starts its own local workspace) in a
 fresh kernel, prints each cell with the text of its outputs, and saves the executed notebook
 (default ``artifacts/quickstart.ipynb`` under the current folder). A failing cell fails the run.
-``python -m dbmagic.demo panel`` runs the shipped panel notebook, ``batch`` the batch and Spark one
-(which also needs the ``spark`` extra); a path runs any other notebook. Only what ran is shown and
+``python -m dbmagic.demo panel`` runs the shipped panel notebook, ``batch`` the batch and Spark one,
+``data`` the answers-as-data one (schemas, typed columns, tool calls; these two also need the
+``spark`` extra); a path runs any other notebook. Only what ran is shown and
 saved: the outputs stored in the notebook are cleared first. Needs the ``demo`` extra:
 ``pip install 'dbmagic[demo]'``.
 """
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent / "notebooks"
-NOTEBOOKS = ("quickstart", "panel", "batch")
+NOTEBOOKS = ("quickstart", "panel", "batch", "data")
 # a package a shipped notebook imports -> the extra that installs it
 _EXTRAS = {"pyspark": "spark", "pyarrow": "spark", "pandas": "spark", "mlflow": "mlflow"}
 

@@ -33,11 +33,14 @@ from typing import Any
 
 from .errors import SchemaError, SettingError
 
-__all__ = ["Schema", "schema_of", "schema_named", "extract_json", "INSTRUCTION", "SHORT_FORM_EXAMPLE"]
+__all__ = ["Schema", "schema_of", "schema_named", "extract_json", "retry_note", "INSTRUCTION", "RETRY_NOTE",
+           "SHORT_FORM_EXAMPLE"]
 
 SHORT_FORM_EXAMPLE = "label: str, score: float, tags: list[str], reason: str?"
 # what a kind that cannot take a schema on the wire gets after its prompt (the local workspace reads it too)
 INSTRUCTION = "Answer with only a JSON value that fits this JSON Schema, and no other text:"
+# what an answer that did not fit gets as the next turn (the local workspace answers the question before it)
+RETRY_NOTE = "Your answer did not fit the JSON Schema"
 _SHORT_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
 _NAME = re.compile(r"[^A-Za-z0-9_-]+")
 _SHORT_HELP = ("the short form is NAME: TYPE, comma-separated, with TYPE one of str, int, float, bool, list[T] or "
@@ -218,6 +221,12 @@ def _validator_for(json_schema: dict[str, Any], shown: str) -> Any:
         raise SettingError(f"The schema {shown} is not valid JSON Schema: {exc.message[:200]}. Fix it, or use the "
                            f"short form ({SHORT_FORM_EXAMPLE!r}).") from None
     return cls(json_schema)
+
+
+def retry_note(error: SchemaError) -> str:
+    """The turn that asks again for an answer that did not fit (``--schema-retries``)."""
+    where = f"{error.field}: " if error.field else ""
+    return f"{RETRY_NOTE} ({where}{error.problem}). Answer again with only JSON that fits the schema."
 
 
 # -- finding the JSON in an answer ----------------------------------------------------------------

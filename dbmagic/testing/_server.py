@@ -44,7 +44,7 @@ class Endpoint:
     refuses it); ``json_style="fenced"`` wraps the JSON in prose and a code fence, as some models
     do. A prompt carrying dbmagic's schema instruction (completions, custom models, proxy apps) is
     answered the same way, fenced. With ``tools`` in the request the endpoint asks for a call of the
-    tool the prompt names (else the first), with `schema_reply` arguments; after the tool results
+    tool the prompt names (else the first), with `schema_reply` arguments (the required ones); after the tool results
     it answers their summary as text, or (``tool_loop=True``) asks for another call, forever. Its
     quirks are Databricks': ``strict`` in a tool definition is refused unless the served model is a
     GPT, an assistant message with tool calls and empty ``content`` is refused by Claude models,
@@ -600,7 +600,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
                 return self._error(400, f"Missing required field '{field}'.", "INVALID_PARAMETER_VALUE")
             system = next((_text(m.get("content")) for m in turns if m.get("role") == "system"), None)
-            prompt = next((_text(m.get("content")) for m in reversed(turns) if m.get("role") == "user"), "")
+            prompt = _asked(turns)
             prompt_tokens = sum(len(_pieces(_text(m.get("content")))) for m in turns)
         else:
             if "prompt" not in body:
@@ -809,11 +809,13 @@ def _responses_usage(usage: dict[str, int]) -> dict[str, int]:
 
 def schema_reply(schema: dict[str, Any], prompt: str) -> Any:
     """The local workspace's deterministic JSON answer that fits ``schema`` (a JSON Schema), made
-    from ``prompt``: a string is the prompt itself, an integer the number of words in it, a number
+    from ``prompt``: a string is the first phrase in double quotes of the prompt, or the prompt itself, an integer the number of words in it, a number
     that number / 10, a boolean whether it is even, a list the first three words (as the list's item
     type makes them), a choice (``enum``) the one at (number of words modulo the number of choices),
     an object every property filled so; where only null fits, null."""
     words = prompt.split()
+    quoted = re.search(r'"([^"]+)"', prompt)
+    phrase = quoted.group(1) if quoted else prompt
     root = schema
 
     def make(node: Any, depth: int = 0) -> Any:
@@ -849,7 +851,7 @@ def schema_reply(schema: dict[str, Any], prompt: str) -> Any:
             return len(words) % 2 == 0
         if typed == "null":
             return None
-        return prompt
+        return phrase
 
     return make(schema)
 
@@ -864,6 +866,16 @@ def _followed(root: Any, node: Any) -> dict[str, Any]:
             target = target.get(part, {}) if isinstance(target, dict) else {}
         node = target
     return node if isinstance(node, dict) else {}
+
+
+def _asked(turns: list[Any]) -> str:
+    """The prompt a conversation asks about: the last user turn, or, when it asks again for an answer
+    that did not fit a schema (dbmagic's retry), the question before it."""
+    from dbmagic.schema import RETRY_NOTE
+
+    users = [_text(m.get("content")) for m in turns if isinstance(m, dict) and m.get("role") == "user"]
+    asked = [u for u in users if not u.startswith(RETRY_NOTE)]
+    return (asked or users or [""])[-1]
 
 
 def _off_schema(value: Any) -> Any:
@@ -971,7 +983,11 @@ def _scripted_call(tools: list[Any], shape: str, prompt: str) -> dict[str, Any]:
     definitions = [_tool_definition(t, shape) for t in tools]
     chosen = next((d for d in definitions if d["name"] in prompt), definitions[0])
     parameters = chosen.get("parameters") or {"type": "object", "properties": {}}
-    return {"name": chosen["name"], "arguments": json.dumps(schema_reply(parameters, prompt), ensure_ascii=False)}
+    arguments = schema_reply(parameters, prompt)  # a model leaves out the parameters that have defaults
+    required = parameters.get("required")
+    if isinstance(arguments, dict) and isinstance(required, list):
+        arguments = {k: v for k, v in arguments.items() if k in required}
+    return {"name": chosen["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}
 
 
 def _tool_results(shape: str, turns: list[Any]) -> list[tuple[str, str]]:
