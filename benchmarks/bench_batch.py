@@ -10,6 +10,9 @@ Prints rows per second for:
 - an endpoint limited to 20 requests/s (the local workspace answers 429 past it, with
   ``Retry-After`` and then without): dbmagic.batch (adaptive) next to a fixed concurrency of 16
   threads calling ``Client.complete`` (target: >= 90% of the limit with zero failed rows);
+- the same 500 rows with a schema (``"label: str, n: int, score: float, tags: list[str], reason: str?"``,
+  then a pydantic model) next to the same batch without one (target: >= 0.95x: parsing and validating
+  each answer must not become the bottleneck);
 - Spark local[2], 1,000 rows at 50 ms, two partitions and one (needs the spark extra).
 
 The workspace runs in its own process (``python -m dbmagic.testing``) unless the line says
@@ -125,6 +128,41 @@ def throughput(rows: int) -> None:
     print(f"  sequential Client.complete      {sequential:6.1f} rows/s")
 
 
+def with_a_schema(rows: int) -> None:
+    """dbmagic.batch with a schema next to the same batch without one, interleaved (medians of 3)."""
+    from pydantic import BaseModel
+
+    class Ticket(BaseModel):
+        label: str
+        n: int
+        score: float
+        tags: list[str]
+        reason: str | None = None
+
+    prompts = [f"ticket number {i} about the printer" for i in range(rows)]
+    schemas = (("the short form", "label: str, n: int, score: float, tags: list[str], reason: str?"),
+               ("a pydantic model", Ticket))
+    print(f"{rows} prompts at 50 ms, concurrency 16, with a schema and without (medians of 3 interleaved runs; "
+          "workspace in another process):")
+    with served("--latency", "0.05") as client:
+        client.endpoint(CHAT)
+        for label, schema in schemas:
+            plain, typed = [], []
+            for _ in range(3):
+                started = time.perf_counter()
+                result = dbmagic.batch("{{ row }}", prompts, endpoint=CHAT, concurrency=16, client=client,
+                                       progress=False)
+                plain.append(rows / (time.perf_counter() - started))
+                assert not result.failed
+                started = time.perf_counter()
+                result = dbmagic.batch("{{ row }}", prompts, endpoint=CHAT, concurrency=16, client=client,
+                                       progress=False, schema=schema)
+                typed.append(rows / (time.perf_counter() - started))
+                assert not result.failed and result.values[0] is not None
+            a, b = statistics.median(typed), statistics.median(plain)
+            print(f"  {label:18s} with {a:6.1f} rows/s, without {b:6.1f} rows/s: {a / b:5.2f}x")
+
+
 def rate_limited(rows: int) -> None:
     prompts = [f"row {i}" for i in range(rows)]
     for label, extra in (("with Retry-After", ()), ("without Retry-After", ("--no-retry-after",))):
@@ -192,8 +230,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=500)
     parser.add_argument("--no-spark", action="store_true")
+    parser.add_argument("--only-schema", action="store_true", help="run only the schema comparison")
     args = parser.parse_args()
+    if args.only_schema:
+        return with_a_schema(args.rows)
     throughput(args.rows)
+    with_a_schema(args.rows)
     rate_limited(200)
     if not args.no_spark:
         spark()

@@ -70,7 +70,7 @@ class Schema:
         return Schema(self.json_schema, self.name, None, self.source, self.strict) if self.model is not None else self
 
     def __getstate__(self) -> dict[str, Any]:  # to a Spark executor: the validator is made again there
-        return {**self.__dict__, "_validator": None}
+        return {k: v for k, v in self.__dict__.items() if k != "_fields"} | {"_validator": None}
 
     # -- the wire ------------------------------------------------------------------------------
 
@@ -137,6 +137,13 @@ class Schema:
     def fields(self) -> dict[str, dict[str, Any]]:
         """The top-level fields and their (resolved) schemas, in order; empty when the answer is
         not an object."""
+        found = self.__dict__.get("_fields")
+        if found is None:
+            found = self._fields_of()
+            object.__setattr__(self, "_fields", found)
+        return found
+
+    def _fields_of(self) -> dict[str, dict[str, Any]]:
         root = self.resolve(self.json_schema)
         if root.get("type") != "object" and "properties" not in root:
             return {}
@@ -203,6 +210,8 @@ def _path(parts: Any) -> str:
 
 
 def _best_error(validator: Any, data: Any) -> tuple[str | None, str] | None:
+    if validator.is_valid(data):  # the common case, without collecting errors
+        return None
     from jsonschema.exceptions import best_match
 
     error = best_match(validator.iter_errors(data))
