@@ -463,7 +463,8 @@ class _Rows:
                 if isinstance(outcome, RateLimited) and (self.stopped or self._again(index, outcome, permit)):
                     limiter.release(permit)  # stopped: the row stays not sent (resume sends it)
                     continue
-                if isinstance(outcome, Exception) or getattr(outcome, "is_partial", False):
+                answered = isinstance(outcome, SchemaError) and outcome.completion is not None  # an answer, unfit
+                if (isinstance(outcome, Exception) and not answered) or getattr(outcome, "is_partial", False):
                     limiter.release(permit)
                 else:
                     limiter.on_success(permit)

@@ -900,7 +900,8 @@ class Call:
         if prepared.schema is not None and not any(not c.ran for c in calls):
             try:
                 value = prepared.schema.parse(parsed.text, target=prepared.target)
-            except SchemaError as exc:
+            except SchemaError as exc:  # its message quotes the answer: scrubbed as any server text
+                exc.args, exc.problem = (scrub(str(exc), secrets),), scrub(exc.problem, secrets)
                 value, refused = None, exc
                 exc.attempts = len([s for s in self.steps if s.why == "retry"]) + 1
         if self._transform_output is not None and refused is None:

@@ -238,8 +238,11 @@ class LiveOutput:
         bundle to show, made already (`answer_bundle`)."""
         if not self.rich:
             out = self._stdout or sys.stdout
-            if data is not None and (self._text != data["text/plain"]):
-                out.write(("\n" if self._text else "") + data["text/plain"] + "\n")
+            if data is not None and self._text != data["text/plain"]:
+                plain = data["text/plain"]
+                shown = plain[len(self._text):] if self._text and plain.startswith(self._text) else \
+                    ("\n" if self._text else "") + plain
+                out.write(shown + "\n")
             elif self._text:
                 out.write("\n")
             else:

@@ -430,3 +430,19 @@ def test_an_agent_s_own_tool_calls_are_read_as_already_run():
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Done"}]}]})
     [call] = parsed.tool_calls
     assert (call.name, call.arguments, call.ran, call.output, parsed.text) == ("search", {"q": "x"}, True, "found", "Done")
+
+
+def test_a_schema_error_that_quotes_a_hostile_answer_holds_no_secret():
+    from dbmagic.testing import MemoryHandler, reply
+
+    token = "dapi-schema-secret-0123456789"
+
+    def echo_the_token(sent):
+        return reply(200, {"choices": [{"message": {"role": "assistant", "content": json.dumps({"n": token})},
+                                        "finish_reason": "stop"}]})
+
+    client = Client(host="https://example.cloud.databricks.com", token=token, handler=MemoryHandler(echo_the_token))
+    with pytest.raises(SchemaError) as refused:
+        client.complete("x", endpoint="e", task="chat", schema="n: int", schema_retries=0)
+    assert token not in str(refused.value) and token not in refused.value.problem
+    assert "'***' is not of type 'integer'" in str(refused.value)

@@ -389,9 +389,12 @@ def test_no_front_end_chooses_a_client_method_or_reads_usage_keys():
 
 
 CORE = ("dbmagic.client", "dbmagic._http", "dbmagic._requests", "dbmagic._wire", "dbmagic.errors",
-        "dbmagic._credentials", "dbmagic.settings", "dbmagic.hooks", "dbmagic._pace")
+        "dbmagic._credentials", "dbmagic.settings", "dbmagic.hooks", "dbmagic._pace", "dbmagic.schema",
+        "dbmagic.tools")
+# pydantic and jsonschema load with the first schema or tool, not with the modules that use them
 NOT_IN_CORE = ("dbmagic.tracing", "dbmagic.magic", "dbmagic._cell", "dbmagic._panel", "dbmagic._compare",
-               "dbmagic._batch", "dbmagic._history", "dbmagic.render", "IPython", "mlflow", "ipywidgets", "pandas")
+               "dbmagic._batch", "dbmagic._history", "dbmagic.render", "IPython", "mlflow", "ipywidgets", "pandas",
+               "pydantic", "jsonschema")
 
 
 @pytest.mark.parametrize("module", CORE)
