@@ -763,7 +763,8 @@ class Call:
         self.steps.append(step)
         if self.response is not None:
             self.response.body.close()
-        if self.cancelled:
+        if self.cancelled:  # stopped between two round trips: this answer is what arrived
+            self._end(self.partial(self._why))
             return
         body = _wire.databricks_quirks(self.sending.kind, body, self.sending.model)
         _check_json(body)

@@ -446,3 +446,20 @@ def test_a_schema_error_that_quotes_a_hostile_answer_holds_no_secret():
         client.complete("x", endpoint="e", task="chat", schema="n: int", schema_retries=0)
     assert token not in str(refused.value) and token not in refused.value.problem
     assert "'***' is not of type 'integer'" in str(refused.value)
+
+
+def test_a_stop_while_a_tool_runs_sends_nothing_more_and_keeps_the_steps(workspace):
+    client = Client(host=workspace.host, token=workspace.token)
+    calls = []
+
+    def slow(q: str) -> str:
+        """Stops the call that runs it (as the panel's Stop would, from another thread)."""
+        calls[0].cancel()
+        return "late"
+
+    call = client.call(client.prepare("q", CHAT, tools=[slow], run_tools=True))
+    calls.append(call)
+    completion = call.wait()
+    assert completion.finish_reason == "stopped" and completion.is_partial
+    assert [s.why for s in completion.steps] == ["tools"] and completion.steps[0].tool_calls[0].output == "late"
+    assert len(posts(workspace)) == 1
