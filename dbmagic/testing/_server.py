@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["LocalWorkspace", "Endpoint", "Fault", "RecordedRequest", "echo_reply", "schema_reply", "DEFAULT_ENDPOINTS"]
+__all__ = ["LocalWorkspace", "Endpoint", "Fault", "App", "RecordedRequest", "echo_reply", "schema_reply",
+           "LIMIT_MESSAGES", "DEFAULT_ENDPOINTS"]
 
 _INVOCATIONS = re.compile(r"^/serving-endpoints/([^/]+)/invocations/?$")
 _ENDPOINT = re.compile(r"^/api/2\.0/serving-endpoints/([^/]+)/?$")
+_APP = re.compile(r"^/api/2\.0/apps/([^/]+)/?$")
 _PROXY = re.compile(r"^/driver-proxy-api/o/([^/]+)/([^/]+)/(\d+)(/.*)?$")
 
 
@@ -34,9 +36,12 @@ class Endpoint:
     custom model). ``predict`` replaces a custom model's behaviour: it gets the input records (a
     list of dicts or values) and returns the predictions list, answered under ``output_key``
     (``predictions``, or ``outputs`` as some models answer). ``latency`` seconds pass before each
-    answer; ``rate_limit`` admits that many invocations in any one second and answers the rest
-    429 ``REQUEST_LIMIT_EXCEEDED`` with ``Retry-After`` (seconds, fractional) until a slot frees,
-    or with no ``Retry-After`` when ``retry_after`` is False.
+    answer; ``rate_limit`` admits that many invocations in any one ``rate_window`` (``second``,
+    ``minute`` or ``hour``) and answers the rest 429 ``REQUEST_LIMIT_EXCEEDED``, its message naming
+    the limit as Databricks does (`LIMIT_MESSAGES`), with ``Retry-After`` (seconds, fractional)
+    until a slot frees, or with no ``Retry-After`` when ``retry_after`` is False. An
+    ``EXTERNAL_MODEL`` chat endpoint (and a model service) streams usage only when asked
+    (``stream_options.include_usage``), in a last chunk with no choices, as OpenAI does.
 
     Structured output and tools, as Databricks chat and Responses endpoints take them: a
     ``response_format`` (chat) or ``text.format`` (Responses) of type ``json_schema`` is answered
@@ -64,6 +69,7 @@ class Endpoint:
     retry_after: bool = True
     json_style: str = "plain"
     tool_loop: bool = False
+    rate_window: str = "second"  # the window of rate_limit: second (QPS), minute (QPM) or hour
 
     def describe(self) -> dict[str, Any]:
         entity: dict[str, Any] = {"name": f"{self.name}-entity"}
@@ -126,6 +132,7 @@ class Fault:
     short_body: bool = False  # a 200 whose body ends before its Content-Length, then the connection drops
     drop: bool = False  # the request is read, then the connection closes with no answer at all
     off_schema: bool = False  # answer JSON whose first field has the wrong type (a schema is not followed)
+    limit: str | None = None  # answer 429 naming this limit (LIMIT_MESSAGES: qps, qpm, tpm, qph), no Retry-After
     tool_call: dict[str, Any] | None = None  # ask for this call ({"name", "arguments"}) instead of the scripted one
     headers: dict[str, str] = field(default_factory=dict)
     times: int = 1
@@ -153,7 +160,20 @@ class RecordedRequest:
     status: int | None = None
     retry_after: str | None = None
     chunks_sent_at: list[float] = field(default_factory=list, repr=False)  # perf_counter of each SSE write
+    credential: str = ""  # at an app: "oauth", "personal access token", "other" or "none" (never the token)
 
+
+# the 429 messages of Databricks' limits (Foundation Model APIs, AI Gateway), by limit
+LIMIT_MESSAGES = {
+    "qps": "REQUEST_LIMIT_EXCEEDED: Exceeded workspace QPS rate limit for this endpoint. Please retry later.",
+    "qpm": "REQUEST_LIMIT_EXCEEDED: Exceeded the queries per minute (QPM) rate limit of this endpoint's AI Gateway.",
+    "tpm": "REQUEST_LIMIT_EXCEEDED: Exceeded the input tokens per minute rate limit for this endpoint.",
+    "qph": "REQUEST_LIMIT_EXCEEDED: Exceeded the queries per hour rate limit for this endpoint.",
+}
+_WINDOWS = {"second": (1.0, "qps"), "minute": (60.0, "qpm"), "hour": (3600.0, "qph")}
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+PAT_TOKEN_TYPE = "urn:databricks:params:oauth:token-type:personal-access-token"
 
 _CODES = {400: "BAD_REQUEST", 401: "401", 403: "PERMISSION_DENIED", 404: "RESOURCE_DOES_NOT_EXIST",
           429: "REQUEST_LIMIT_EXCEEDED", 500: "INTERNAL_ERROR", 503: "TEMPORARILY_UNAVAILABLE"}
@@ -231,6 +251,13 @@ class LocalWorkspace:
         self.chunk_delay = chunk_delay
         self.requests: list[RecordedRequest] = []
         self.connections = 0
+        # Unity AI Gateway model services, by their Unity Catalog name (chat behaviours)
+        self.model_services: dict[str, Endpoint] = {
+            "system.ai.claude-sonnet-4-5": Endpoint("system.ai.claude-sonnet-4-5", "llm/v1/chat",
+                                                    model="databricks-claude-sonnet-4-5")}
+        self.apps: dict[str, App] = {}
+        self.page_size = 50  # items a page of the apps and model services lists
+        self.token_exchanges = 0  # notebook tokens exchanged for OAuth tokens (RFC 8693)
         self.workspace_id = "1234567890123456"
         self.token_lifetime = 3600.0
         self.service_principals: dict[str, str] = {}
@@ -249,6 +276,9 @@ class LocalWorkspace:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> LocalWorkspace:
+        for app in self.apps.values():
+            if app.wanted:
+                app.start()
         if self._server is None:
             handler = type("Handler", (_Handler,), {"workspace": self})
             self._server = ThreadingHTTPServer(("127.0.0.1", self._port), handler)
@@ -260,6 +290,8 @@ class LocalWorkspace:
         return self
 
     def stop(self) -> None:
+        for app in self.apps.values():
+            app.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -294,6 +326,26 @@ class LocalWorkspace:
     def add_endpoint(self, endpoint: Endpoint) -> None:
         self.endpoints[endpoint.name] = endpoint
 
+    def add_model_service(self, name: str, model: str = "local-echo", **behaviour: Any) -> Endpoint:
+        """Serve a Unity AI Gateway model service ``catalog.schema.name`` (a chat behaviour, as `Endpoint`)."""
+        service = Endpoint(name, "llm/v1/chat", model=model, **behaviour)
+        self.model_services[name] = service
+        return service
+
+    def add_app(self, name: str, *, host: str = "127.0.0.2", running: bool = True, **behaviour: Any) -> App:
+        """Deploy an agent on Databricks Apps: the Apps API names it, and it answers the Responses API
+        at ``{url}/responses`` from its own server on ``host`` (another loopback address: another
+        host, for real), accepting OAuth tokens only. ``running=False``: the app is stopped (its URL
+        refuses connections)."""
+        app = App(self, name, Endpoint(name, "agent/v1/responses", "CUSTOM_MODEL", model=f"app-{name}", **behaviour),
+                  host)
+        self.apps[name] = app
+        if running and self._server is not None:
+            app.start()
+        elif running:
+            app.wanted = True
+        return app
+
     def add_proxy_app(self, cluster_id: str, port: int, app: Callable[[Any], Any] | None = None) -> None:
         """Serve a driver-proxy app: ``app(body) -> JSON value`` (default: echo the prompt)."""
         self.proxy_apps[(cluster_id, int(port))] = app or _echo_app
@@ -305,10 +357,19 @@ class LocalWorkspace:
         return secret
 
     def issue_token(self, lifetime: float | None = None) -> str:
-        """A new OAuth access token this workspace accepts for ``lifetime`` seconds."""
-        token = "dbmagic-local-oauth-" + secrets.token_hex(12)
+        """A new OAuth access token this workspace accepts for ``lifetime`` seconds: a JWT, as
+        Databricks' OAuth tokens are (``eyJ...``: header, claims and a signature nobody checks here)."""
+        expires = time.time() + (self.token_lifetime if lifetime is None else lifetime)
+
+        def part(data: dict[str, Any]) -> str:
+            return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+        token = ".".join((part({"alg": "RS256", "typ": "JWT", "kid": "dbmagic-local"}),
+                          part({"iss": f"{self.host}/oidc", "exp": int(expires), "scope": "all-apis",
+                                "jti": secrets.token_hex(8)}),
+                          secrets.token_urlsafe(24)))
         with self._lock:
-            self._issued[token] = time.time() + (self.token_lifetime if lifetime is None else lifetime)
+            self._issued[token] = expires
         return token
 
     def revoke_tokens(self) -> None:
@@ -325,15 +386,16 @@ class LocalWorkspace:
         """0 when ``endpoint`` may answer now, else the seconds until its rate limit frees a slot."""
         if not endpoint.rate_limit:
             return 0.0
+        span = _WINDOWS[endpoint.rate_window][0]
         now = time.monotonic()
         with self._lock:
             window = self._admitted.setdefault(endpoint.name, deque())
-            while window and window[0] <= now - 1.0:
+            while window and window[0] <= now - span:
                 window.popleft()
             if len(window) < endpoint.rate_limit:
                 window.append(now)
                 return 0.0
-            return max(window[0] + 1.0 - now, 0.001)
+            return max(window[0] + span - now, 0.001)
 
     def _accepts(self, authorization: str) -> bool:
         if secrets.compare_digest(authorization, f"Bearer {self.token}"):
@@ -383,6 +445,60 @@ def _echo_app(body: Any) -> Any:
     if not isinstance(body, dict) or "prompt" not in body:
         raise ValueError("the app expects a JSON object with a 'prompt'")
     return _reply_text(str(body["prompt"]), stop=body.get("stop"))[0]
+
+
+class App:
+    """An agent deployed on Databricks Apps (`LocalWorkspace.add_app`): its own server on another
+    loopback address, answering the Responses API at ``/responses`` (the ``endpoint`` behaviour,
+    streamed or not) to OAuth tokens the workspace issued, and 401 to anything else, a personal
+    access token included. ``requests`` logs what reached it (``credential`` says which kind of
+    token came, never the token)."""
+
+    def __init__(self, workspace: LocalWorkspace, name: str, endpoint: Endpoint, host: str):
+        self.workspace, self.name, self.endpoint, self.bind = workspace, name, endpoint, host
+        self.requests: list[RecordedRequest] = []
+        self.wanted = False
+        self._server: ThreadingHTTPServer | None = None
+        self._port = 0
+
+    def start(self) -> None:
+        if self._server is None:
+            handler = type("AppHandler", (_AppHandler,), {"workspace": self.workspace, "app": self})
+            self._server = ThreadingHTTPServer((self.bind, self._port), handler)
+            self._server.daemon_threads = True
+            self._server.block_on_close = False
+            self._port = self._server.server_address[1]
+            threading.Thread(target=self._server.serve_forever, args=(0.02,), name=f"dbmagic-local-app-{self.name}",
+                             daemon=True).start()
+        self.wanted = True
+
+    def stop(self) -> None:
+        """Stop the app: its URL refuses connections (as a stopped app's does)."""
+        self.wanted = False
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def url(self) -> str:
+        if not self._port:  # never started: a port nothing listens on
+            with socket.socket() as probe:
+                probe.bind((self.bind, 0))
+                self._port = probe.getsockname()[1]
+        return f"http://{self.bind}:{self._port}"
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /api/2.0/apps/{name}`` answers."""
+        state = "RUNNING" if self.running else "STOPPED"
+        return {"name": self.name, "url": self.url, "description": f"agent {self.name}",
+                "app_status": {"state": state, "message": f"App is {state.lower()}."},
+                "compute_status": {"state": "ACTIVE" if self.running else "STOPPED"},
+                "creator": "local@dbmagic.test"}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -446,6 +562,39 @@ class _Handler(BaseHTTPRequestHandler):
         if raw and body is None:
             return self._error(400, "Malformed JSON in the request body.", "MALFORMED_REQUEST")
 
+        if method == "GET" and path.rstrip("/") == "/api/2.0/apps":
+            return self._json(200, self._page("apps", [a.describe() for a in ws.apps.values()]))
+        match = _APP.match(path)
+        if method == "GET" and match:
+            found = ws.apps.get(urllib.parse.unquote(match.group(1)))
+            if found is None:
+                return self._error(404, f"App with name {match.group(1)} does not exist.", "RESOURCE_DOES_NOT_EXIST")
+            return self._json(200, found.describe())
+        if method == "GET" and path.rstrip("/") == "/api/2.1/unity-catalog/model-services":
+            return self._json(200, self._page("model_services", [
+                {"name": f"model-services/{name}", "owner": "local@dbmagic.test",
+                 "supported_api_types": ["CHAT_COMPLETIONS"], "comment": f"serves {e.model}"}
+                for name, e in ws.model_services.items()]))
+        if method == "POST" and path in ("/ai-gateway/mlflow/v1/chat/completions", "/ai-gateway/mlflow/v1/responses"):
+            model = body.get("model") if isinstance(body, dict) else None
+            service = ws.model_services.get(model) if isinstance(model, str) else None
+            if service is None:
+                return self._error(404, f"Model service '{model}' does not exist, or you lack EXECUTE on it.",
+                                   "RESOURCE_DOES_NOT_EXIST")
+            wait = ws._admit(service)
+            if wait:
+                return self._error(429, LIMIT_MESSAGES[_WINDOWS[service.rate_window][1]], "REQUEST_LIMIT_EXCEEDED",
+                                   extra={"Retry-After": f"{wait:.3f}"} if service.retry_after else None)
+            fault = self._fault(model, path)
+            if fault is True:
+                return
+            if service.latency:
+                time.sleep(service.latency)
+            if path.endswith("/responses"):  # the same service through the Responses API
+                from dataclasses import replace as _replace
+
+                service = _replace(service, task="agent/v1/responses")
+            return self._invoke(service, {k: v for k, v in body.items() if k != "model"}, fault, usage_when_asked=True)
         if method == "GET" and path.rstrip("/") == "/api/2.0/serving-endpoints":
             if self._fault(path) is True:
                 return
@@ -465,8 +614,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._not_found(match.group(1))
             wait = ws._admit(endpoint)
             if wait:
-                return self._error(429, f"Exceeded the endpoint's limit of {endpoint.rate_limit:g} requests per second.",
-                                   "REQUEST_LIMIT_EXCEEDED",
+                return self._error(429, LIMIT_MESSAGES[_WINDOWS[endpoint.rate_window][1]], "REQUEST_LIMIT_EXCEEDED",
                                    extra={"Retry-After": f"{wait:.3f}"} if endpoint.retry_after else None)
             fault = self._fault(endpoint.name, path)
             if fault is True:
@@ -502,6 +650,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return True
         if fault.delay:
             time.sleep(fault.delay)
+        if fault.limit is not None:
+            self._error(429, LIMIT_MESSAGES[fault.limit], "REQUEST_LIMIT_EXCEEDED", extra=dict(fault.headers))
+            return True
         if fault.status is not None:
             extra = dict(fault.headers)
             if fault.retry_after is not None:
@@ -548,6 +699,16 @@ class _Handler(BaseHTTPRequestHandler):
         with ws._lock:
             ws.client_credentials_seen.append((urllib.parse.unquote(client_id),
                                                secret_fingerprint(urllib.parse.unquote(secret))))
+        if form.get("grant_type") == TOKEN_EXCHANGE:  # RFC 8693: a notebook token for an OAuth token
+            subject = form.get("subject_token", "")
+            if form.get("subject_token_type") != PAT_TOKEN_TYPE or not ws._accepts(f"Bearer {subject}"):
+                return self._json(400, {"error": "invalid_request", "error_description": "The subject token is not "
+                                                                                         "a valid token."})
+            with ws._lock:
+                ws.token_exchanges += 1
+            return self._json(200, {"access_token": ws.issue_token(), "token_type": "Bearer",
+                                    "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                                    "expires_in": int(ws.token_lifetime), "scope": form.get("scope", "all-apis")})
         if form.get("grant_type") != "client_credentials":
             return self._json(400, {"error": "unsupported_grant_type", "error_description": "client_credentials only"})
         expected = ws.service_principals.get(urllib.parse.unquote(client_id))
@@ -564,9 +725,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"access_token": ws.issue_token(), "token_type": "Bearer",
                          "expires_on": int(time.time() + ws.token_lifetime)})
 
+    def _page(self, key: str, items: list[Any]) -> dict[str, Any]:
+        """One page of a list API (``page_size`` of the workspace a page), with ``next_page_token``
+        while more remain, as Databricks' list APIs page."""
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        start = int((query.get("page_token") or ["0"])[0] or 0)
+        size = self.workspace.page_size
+        page: dict[str, Any] = {key: items[start:start + size]}
+        if start + size < len(items):
+            page["next_page_token"] = str(start + size)
+        return page
+
     # -- endpoint behaviours --------------------------------------------------------------------
 
-    def _invoke(self, endpoint: Endpoint, body: Any, fault: Fault | None) -> None:
+    def _invoke(self, endpoint: Endpoint, body: Any, fault: Fault | None, usage_when_asked: bool = False) -> None:
         if not isinstance(body, dict):
             return self._error(400, "The request body must be a JSON object.")
         task = endpoint.task
@@ -623,7 +795,10 @@ class _Handler(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
         if body.get("stream"):
-            return self._stream(endpoint, text, finish, usage, shape, fault, calls)
+            asked = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True
+            only_when_asked = usage_when_asked or endpoint.endpoint_type == "EXTERNAL_MODEL"
+            return self._stream(endpoint, text, finish, usage, shape, fault, calls,
+                                usage_chunk=asked if only_when_asked else None)
         n = body.get("n") or 1
         answer: dict[str, Any]
         if shape == "responses":
@@ -646,7 +821,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, answer)
 
     def _stream(self, endpoint: Endpoint, text: str, finish: str, usage: dict, shape: str, fault: Fault | None,
-                calls: list[dict[str, Any]] | None = None) -> None:
+                calls: list[dict[str, Any]] | None = None, usage_chunk: bool | None = None) -> None:
+        """``usage_chunk`` None: usage in the last chunk (as the Foundation Model APIs send it); True:
+        in a chunk of its own after it, with no choices (OpenAI's ``include_usage``); False: none."""
         ws = self.workspace
         chunked = ws.stream_mode == "chunked"
         self._record.status = 200
@@ -698,9 +875,11 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     choice = {"index": 0, "text": piece, "finish_reason": finish if last else None}
                     chunk = {"object": "text_completion", "model": endpoint.model, "choices": [choice]}
-                if last:
+                if last and usage_chunk is None:
                     chunk["usage"] = usage
                 event(chunk)
+                if last and usage_chunk:
+                    event({"object": chunk["object"], "model": endpoint.model, "choices": [], "usage": usage})
             if ws.chunk_delay:
                 time.sleep(ws.chunk_delay)
             if fault is not None and fault.stall_after == i + 1:
@@ -1063,3 +1242,42 @@ def _echo_predictions(records: list[Any]) -> list[Any]:
         else:
             out.append(record)
     return out
+
+
+class _AppHandler(_Handler):
+    """An app's own server: ``POST /responses`` to OAuth tokens only."""
+
+    app: App
+
+    def _dispatch(self, method: str) -> None:
+        ws, app = self.workspace, self.app
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        headers = dict(self.headers.items())
+        sent = headers.get("Authorization", "")
+        token = sent[len("Bearer "):] if sent.startswith("Bearer ") else ""
+        with ws._lock:
+            oauth = ws._issued.get(token, 0) > time.time()
+        credential = ("oauth" if oauth else "personal access token" if token and secrets.compare_digest(token, ws.token)
+                      else "other" if sent else "none")
+        if "Authorization" in headers:
+            headers["Authorization"] = sent.split(" ", 1)[0] + " ***"
+        path = self.path.split("?", 1)[0]
+        if not app.running:  # stopped while a connection stayed open: as a stopped app, no answer
+            self.close_connection = True
+            self.request.shutdown(socket.SHUT_RDWR)
+            return
+        self._record = RecordedRequest(method, path, headers, body, oauth, at=time.monotonic(), credential=credential)
+        app.requests.append(self._record)
+        if not oauth:
+            return self._json(401, {"error": "unauthorized", "message": "Databricks Apps accept OAuth tokens only."})
+        if method != "POST" or path.rstrip("/") != "/responses":
+            return self._json(404 if method == "POST" else 405, {"error": f"Not Found: {method} {path}"})
+        fault = self._fault(f"apps/{app.name}", path)
+        if fault is True:
+            return
+        return self._invoke(app.endpoint, body, fault)
