@@ -86,6 +86,8 @@ class Credentials:
     skipped: tuple[str, ...] = ()
     # what signs in (a client secret, a password): never sent as such, but scrubbed like the token
     _sign_in_secrets: tuple[Secret, ...] = field(default=(), repr=False, compare=False)
+    # databricks-sdk's ``Config.oauth_token`` for an SDK login: raises where the login gives no OAuth token
+    _oauth_token: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self._token, Secret):  # a plain string given: kept as a Secret all the same
@@ -106,8 +108,8 @@ class Credentials:
             return checked
         except ConfigurationError:
             raise
-        except Exception as exc:  # the SDK or the notebook context failed to give a token now
-            failure = first_line(exc)
+        except Exception as exc:  # the SDK, the notebook context or a token exchange failed to give a token now
+            failure = scrub(first_line(exc), self._sign_in_secrets)  # it may quote a server's answer
         # raised outside the handler: no __context__ keeps the SDK's frames (and their credentials) alive
         raise ConfigurationError(
             f"Could not get a token for {self.host} from {self.source} ({self.auth_type}): "
@@ -489,7 +491,7 @@ def _sdk(source: str, host: str | None, options: dict[str, Any], secrets: list[S
     return Credentials(
         normalize_host(config.host), source, auth_type=config.auth_type or "unknown",
         _header_factory=lambda: box[0].authenticate(), _reauthenticate=reauthenticate,
-        _sign_in_secrets=tuple(secrets),
+        _sign_in_secrets=tuple(secrets), _oauth_token=lambda: box[0].oauth_token(),
         workspace_id=_str_or_none(getattr(config, "workspace_id", None)),
         cluster_id=_str_or_none(getattr(config, "cluster_id", None)),
     )

@@ -288,8 +288,9 @@ class Transport:
                 response.attempts, response.elapsed = attempt, self.clock.monotonic() - start
                 return response
             response = None  # the error's traceback keeps this frame: it must not keep the connection
-            if isinstance(error, RateLimited) and not policy.retry_rate_limited:
-                raise error
+            if isinstance(error, RateLimited) and (not policy.retry_rate_limited or
+                                                   (error.outlasts or 0) > policy.deadline):
+                raise error  # a batch paces itself; a limit that resets in an hour is not waited for
             if reason is None or attempt >= policy.attempts:
                 if reason is not None:
                     log.debug("%s: %s on try %d of %d; giving up", target, reason, attempt, policy.attempts)

@@ -211,13 +211,13 @@ class Panel:
         current = self.endpoint.value
         options: list[tuple[str, str]] = []
         try:
-            endpoints = self.client.endpoints()
+            endpoints, _ = self.client.targets()  # serving endpoints, model services, apps
         except DbMagicError as exc:
             endpoints = []
             self._set_status(f"Could not list the endpoints: {exc}", error=True)
         for e in endpoints:
             self._kinds[e.name] = e.kind
-            options.append((f"{e.name} · {e.task or 'custom model'} · {e.state}", e.name))
+            options.append((f"{e.name} · {e.described} · {e.state}", e.name))
         default = self.defaults["endpoint"]
         if default and default not in self._kinds:
             options.insert(0, (default, default))

@@ -24,6 +24,24 @@ _TASKS = {"llm/v1/chat": CHAT, "llm/v1/completions": COMPLETIONS, "llm/v1/embedd
           "agent/v1/responses": RESPONSES, "agent/v2/chat": CHAT_AGENT, "agent/v1/chat": CHAT}
 
 
+# where a call goes: the one rule that reads a target's name (`target_of`)
+SERVING, MODEL_SERVICE, APP, DRIVER_PROXY = "serving endpoint", "model service", "app", "driver-proxy app"
+APPS_PREFIX = "apps/"
+MODEL_SERVICES_PATH = "/ai-gateway/mlflow/v1"
+
+
+def target_of(name: str) -> tuple[str, str]:
+    """What a name given as ``-e NAME`` means, and the bare name: ``apps/NAME`` is an agent on
+    Databricks Apps (``("app", "NAME")``); a three-part Unity Catalog name ``catalog.schema.name``
+    is a Unity AI Gateway model service; anything else is a Model Serving endpoint (their names
+    have no dots)."""
+    if name.startswith(APPS_PREFIX):
+        return APP, name[len(APPS_PREFIX):]
+    if name.count(".") == 2 and all(name.split(".")):
+        return MODEL_SERVICE, name
+    return SERVING, name
+
+
 class WireError(ValueError):
     """An answer whose shape does not fit its endpoint kind (the client turns it into BadResponse)."""
 

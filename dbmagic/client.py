@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -147,6 +148,18 @@ class EndpointInfo:
         responses, chat_agent or custom."""
         return _wire.kind_for(self.task)
 
+    @property
+    def where(self) -> str:
+        """serving endpoint, model service or app (`dbmagic._wire.target_of` of its name)."""
+        return _wire.target_of(self.name)[0]
+
+    @property
+    def described(self) -> str:
+        """What it is, in a word or two: its task for a serving endpoint, else what it is."""
+        if self.where == _wire.SERVING:
+            return self.task or "custom model"
+        return "app (Responses API)" if self.where == _wire.APP else self.where
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EndpointInfo:
         served = []
@@ -182,6 +195,7 @@ class PreparedRequest:
     run_tools: bool = False
     max_steps: int = 5
     model: str = field(default="", compare=False, repr=False)  # endpoint and served model names, lower case
+    where: str = _wire.SERVING  # serving endpoint, model service, app or driver-proxy app (`_wire.target_of`)
 
     @property
     def url(self) -> str:
@@ -238,6 +252,7 @@ class Completion:
     tool_calls: list[Any] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list, repr=False)
     schema: Any = field(default=None, repr=False, compare=False)  # the dbmagic.schema.Schema the value fits
+    where: str = _wire.SERVING  # serving endpoint, model service, app or driver-proxy app
 
     @property
     def pending_tool_calls(self) -> list[Any]:
@@ -317,6 +332,8 @@ class Client:
         self._endpoints: dict[str, EndpointInfo] = {}
         self._lookups: dict[str, threading.Lock] = {}  # one look-up of an endpoint at a time
         self._org: str | None = None
+        self._app_urls: dict[str, str] = {}  # app name -> the URL the workspace's Apps API gave, per kernel
+        self._app_credentials: dict[str, Credentials] = {}  # app URL -> OAuth credentials for it
         self.hooks = hooks.Hooks(parent=hooks.GLOBAL)
         self.transport = Transport(timeouts=timeouts, retry=retry, clock=clock, session=session, pool_size=pool_size,
                                    handler=handler)
@@ -362,8 +379,12 @@ class Client:
         return self.hooks.add(subscriber)
 
     def whoami(self) -> dict[str, str]:
-        """Host, credential source and ``token: ***``."""
-        return self.credentials.describe()
+        """Host, credential source, ``token: ***``, and what Databricks Apps would get (`_apps_login`)."""
+        creds = self.credentials
+        info = creds.describe()
+        factory, how = _apps_login(creds)
+        info["databricks apps"] = how if factory is not None else f"not reachable: {how} (Apps take OAuth only)"
+        return info
 
     def endpoints(self) -> list[EndpointInfo]:
         """The workspace's serving endpoints (``GET /api/2.0/serving-endpoints``), fetched afresh."""
@@ -448,17 +469,24 @@ class Client:
         o = _checked_options(options)
         if endpoint is not None:
             endpoint = settings.coerce("endpoint", endpoint)
-        kind, path, target, name = self._target(endpoint, o["cluster_id"], o["port"], o["org_id"], o["task"])
+        kind, path, target, name, where, app_url = self._target(endpoint, o["cluster_id"], o["port"], o["org_id"],
+                                                                o["task"])
         problem = _wire.not_for_kind("--system", kind, target) if o["system"] else None
         if problem:  # never silently dropped
             raise ConfigurationError(problem)
         params = {"temperature": o["temperature"], "max_tokens": o["max_tokens"], "stop": o["stop"] or None,
                   "n": o["n"], **(o["extra_params"] or {})}
         transform, system, history = o["transform_input"], o["system"], o["history"] or ()
-        host = self.credentials.host
+        host = app_url or self.credentials.host
         streams = stream and kind in _wire.STREAMING_KINDS
         schema, toolbox = _answer_shape(o, kind, target)
         info = self._endpoints.get(endpoint) if endpoint else None
+        # the model field: a model service is named in it, as an app is (what databricks_openai sends)
+        named = {"model": endpoint} if where in (_wire.MODEL_SERVICE, _wire.APP) else {}
+        # usage in a stream: external models (and model services) send it only when asked (OpenAI's
+        # stream_options, for chat and completions alike)
+        usage_asked = streams and kind in (_wire.CHAT, _wire.COMPLETIONS) and (
+            where == _wire.MODEL_SERVICE or (info is not None and info.endpoint_type == "EXTERNAL_MODEL"))
         model = " ".join([name, *(info.served if info is not None else ())]).lower()
         instruction = schema.instruction() if schema is not None and kind not in _wire.SCHEMA_ON_WIRE else None
         rules = {"schema_retries": 1 if o["schema_retries"] is None else o["schema_retries"],
@@ -471,6 +499,10 @@ class Client:
             if transform is not None:
                 request = _apply_input_transform(transform, request)
             body = _wire.build_body(kind, request, system=system, history=history, stream=stream)
+            if named:
+                body = {**named, **body}
+            if usage_asked and "stream_options" not in body:
+                body["stream_options"] = {"include_usage": True}
             if schema is not None and kind in _wire.SCHEMA_ON_WIRE:
                 body = _wire.with_schema(kind, body, schema.wire())
             if toolbox is not None:
@@ -479,7 +511,7 @@ class Client:
                 body = _wire.databricks_quirks(kind, body, model)
             _check_json(body)
             return PreparedRequest(kind, target, path, body, host, stream=streams, name=name, schema=schema,
-                                   tools=toolbox, model=model, **rules)
+                                   tools=toolbox, model=model, where=where, **rules)
 
         return build
 
@@ -522,14 +554,25 @@ class Client:
         return call
 
     def _target(self, endpoint: str | None, cluster_id: Any, port: Any, org_id: Any, task: str | None):
+        """``(kind, path, target label, name, where, app URL or None)`` of a call (see `_wire.target_of`)."""
         if endpoint and (cluster_id or port):
             raise ConfigurationError(
                 "Give either an endpoint or a driver-proxy app (cluster id and port), not both."
             )
         if endpoint:
+            where, bare = _wire.target_of(endpoint)
+            if where == _wire.APP:
+                url = self.app_url(bare)
+                self._credentials_for_app(url)  # a personal access token is refused here, before anything is sent
+                kind = _wire.kind_for(task) if task else _wire.RESPONSES
+                return kind, "/responses", f"app {bare!r}", endpoint, where, url
+            if where == _wire.MODEL_SERVICE:
+                kind = _wire.kind_for(task) if task else _wire.CHAT
+                route = "/responses" if kind == _wire.RESPONSES else "/chat/completions"
+                return kind, _wire.MODEL_SERVICES_PATH + route, f"model service {endpoint!r}", endpoint, where, None
             kind = _wire.kind_for(task) if task else self.endpoint(endpoint).kind
             return (kind, f"/serving-endpoints/{quote(endpoint, safe='')}/invocations", f"endpoint {endpoint!r}",
-                    endpoint)
+                    endpoint, where, None)
         if port:
             creds = self.credentials
             cluster_id = cluster_id or creds.cluster_id
@@ -541,11 +584,110 @@ class Client:
             org_id = org_id or creds.workspace_id or org_id_from_host(creds.host) or self._org_id()
             cluster_id, org_id = settings.coerce("cluster_id", cluster_id), settings.coerce("org_id", org_id)
             path = f"/driver-proxy-api/o/{quote(str(org_id), safe='')}/{quote(cluster_id, safe='')}/{int(port)}"
-            return _wire.PROXY, path, f"proxy app on cluster {cluster_id} port {port}", f"{cluster_id}:{port}"
+            return (_wire.PROXY, path, f"proxy app on cluster {cluster_id} port {port}", f"{cluster_id}:{port}",
+                    _wire.DRIVER_PROXY, None)
         raise ConfigurationError(
             "No endpoint given: pass endpoint= (--endpoint NAME, or %config DbLLM.endpoint = NAME), "
             "or cluster_id= and port= for a driver-proxy app. `%dbllm endpoints` lists the endpoints."
         )
+
+    # -- Databricks Apps and model services ---------------------------------------------------
+
+    def targets(self) -> tuple[list[EndpointInfo], list[str]]:
+        """Everything ``-e`` takes, as `EndpointInfo`: the serving endpoints, the model services
+        (``catalog.schema.name``) and the apps (``apps/NAME``); and notes on what could not be
+        listed (the model services API is a Beta: a workspace without it answers 404)."""
+        found = list(self.endpoints())
+        notes = []
+        try:
+            found += [EndpointInfo(s["name"], "llm/v1/chat", "READY", "UNITY_AI_GATEWAY",
+                                   tuple(s.get("supported_api_types") or ()), s) for s in self.model_services()]
+        except RequestError as exc:
+            notes.append(f"Model services (catalog.schema.name) could not be listed ({exc.status or 'no answer'} from "
+                         "/api/2.1/unity-catalog/model-services); query one by its name all the same, e.g. "
+                         "-e system.ai.claude-sonnet-4-5.")
+        try:
+            found += [EndpointInfo(f"apps/{a.get('name')}", "agent/v1/responses",
+                                   (a.get("app_status") or {}).get("state") or "UNKNOWN", "DATABRICKS_APP",
+                                   (str(a.get("url") or ""),), a) for a in self.apps()]
+        except RequestError as exc:
+            notes.append(f"Apps could not be listed ({exc.status or 'no answer'} from /api/2.0/apps).")
+        return found, notes
+
+    def apps(self) -> list[dict[str, Any]]:
+        """The workspace's apps (``GET /api/2.0/apps``, every page): name, url and state of each."""
+        found = self._listed("/api/2.0/apps", "apps", "the apps list")
+        for app in found:
+            url = _app_url_or_none(app.get("url"), self.credentials.host)
+            if url and isinstance(app.get("name"), str):
+                self._app_urls.setdefault(app["name"], url)
+        return found
+
+    def model_services(self) -> list[dict[str, Any]]:
+        """The Unity AI Gateway model services you can query (``GET /api/2.1/unity-catalog/model-services``,
+        a Beta API, every page): each with ``name`` (``catalog.schema.name``, as ``-e`` takes it)."""
+        return [{**s, "name": s["name"].removeprefix("model-services/")} for s in
+                self._listed("/api/2.1/unity-catalog/model-services", "model_services", "the model services list")
+                if isinstance(s.get("name"), str)]
+
+    def _listed(self, path: str, key: str, what: str, pages: int = 50) -> list[dict[str, Any]]:
+        """The objects under ``key`` of a workspace list API, following ``next_page_token``."""
+        out: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(pages):
+            data = self._get(path + (f"?page_token={quote(token, safe='')}" if token else ""), what)
+            if not isinstance(data, dict):
+                break
+            out += [item for item in data.get(key) or [] if isinstance(item, dict)]
+            token = data.get("next_page_token")
+            if not isinstance(token, str) or not token:
+                break
+        return out
+
+    def app_url(self, name: str, *, refresh: bool = False) -> str:
+        """The URL of app ``name``, as the workspace's Apps API gives it (``GET /api/2.0/apps/{name}``),
+        asked once per kernel. Only that URL ever gets a token for the app: it must be https on a
+        Databricks Apps domain (plain http only on loopback, for the local workspace)."""
+        if not refresh and name in self._app_urls:
+            return self._app_urls[name]
+        data = self._get(f"/api/2.0/apps/{quote(name, safe='')}", f"app {name!r}")
+        raw = data.get("url") if isinstance(data, dict) else None
+        state = ((data.get("app_status") or {}).get("state") if isinstance(data, dict) else None) or "unknown"
+        if not raw:
+            raise ConfigurationError(f"App {name!r} has no URL yet (its state: {state}): deploy it, then run the cell "
+                                     "again.")
+        url = _app_url_or_none(raw, self.credentials.host)
+        if url is None:
+            raise ConfigurationError(
+                f"App {name!r}: the workspace gave the URL {scrub(str(raw), self.credentials.secrets())[:120]!r}, "
+                "which is not https on a Databricks Apps domain (*.databricksapps.com), so no token is sent to it.")
+        self._app_urls[name] = url
+        log.debug("app %r: %s (state %s)", name, url, state)
+        return url
+
+    def _credentials_for(self, prepared: PreparedRequest) -> Credentials:
+        """The credentials a request carries: the workspace's, or the OAuth ones of an app's URL."""
+        if prepared.where == _wire.APP:
+            return self._credentials_for_app(prepared.host)
+        return self.credentials
+
+    def _credentials_for_app(self, url: str) -> Credentials:
+        found = self._app_credentials.get(url)
+        if found is not None:
+            return found
+        base = self.credentials
+        factory, how = _apps_login(base)
+        if factory is None:
+            raise ConfigurationError(
+                f"Databricks Apps accept OAuth tokens only, and dbmagic signed in to {base.host} with {how} "
+                f"({base.source}). Sign in with OAuth: `databricks auth login --host {base.host}` "
+                "(then DATABRICKS_CONFIG_PROFILE=<profile>, or dbmagic.configure(profile=...)), or as a service "
+                "principal (DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET). Inside a Databricks notebook this "
+                "works by itself.")
+        found = Credentials(url, f"{base.source}, {how}", auth_type="oauth (Databricks Apps)", _header_factory=factory,
+                            _sign_in_secrets=tuple(base.secrets()))
+        with self._lock:
+            return self._app_credentials.setdefault(url, found)
 
     def close(self) -> None:
         """Close the HTTP session (its pooled connections)."""
@@ -675,7 +817,7 @@ class Call:
                           request=prepared.body, finish_reason=why,
                           attempts=self.response.attempts if self.response is not None else 1,
                           time_to_first_token=self._first, error=error, steps=list(self.steps),
-                          usage=self._usage_so_far())
+                          usage=self._usage_so_far(), where=prepared.where)
 
     # -- the one path ------------------------------------------------------------------------
 
@@ -683,9 +825,14 @@ class Call:
         client, prepared = self._client, self.sending
         if not self._started:
             self._started = time.perf_counter()
-        response = client.transport.request(
-            client.credentials, "POST", prepared.path, target=prepared.target, json=prepared.body,
-            stream=prepared.stream, timeout=self._timeout, retry=self._retry, cancelled=lambda: self.cancelled)
+        try:
+            response = client.transport.request(
+                client._credentials_for(prepared), "POST", prepared.path, target=prepared.target, json=prepared.body,
+                stream=prepared.stream, timeout=self._timeout, retry=self._retry, cancelled=lambda: self.cancelled)
+        except RequestError as exc:
+            if prepared.where == _wire.APP:
+                _hint_for_app(exc, prepared)
+            raise
         self.response = response
         if client.hooks:
             client.hooks.fire("on_response", self, response)
@@ -807,7 +954,7 @@ class Call:
         return piece
 
     def _secrets(self) -> Sequence[Secret]:
-        return self._client.credentials.secrets()
+        return self._client._credentials_for(self.sending).secrets()
 
     def _usage_so_far(self, last: Usage | None = None) -> Usage:
         total = Usage()
@@ -926,6 +1073,7 @@ class Call:
             tool_calls=list(calls),
             steps=list(self.steps),
             schema=prepared.schema,
+            where=prepared.where,
         )
         if refused is not None:
             refused.completion = completion
@@ -940,6 +1088,97 @@ class Call:
 
 
 Stream = Call  # the name `Client.stream` returned before every call was a `Call`
+
+
+def _hint_for_app(error: RequestError, prepared: PreparedRequest) -> None:
+    """What an app's failure usually means (as databricks_openai hints it), added to the message."""
+    status = getattr(error, "status", None)
+    name = prepared.name.removeprefix(_wire.APPS_PREFIX)
+    if status in (404, 405):
+        hint = (f"App {name!r} does not answer POST /responses: it must serve the OpenAI Responses API (as an MLflow "
+                "AgentServer does).")
+    elif status == 403:
+        hint = f"You need the CAN USE permission on app {name!r}: ask its owner."
+    elif status == 401:
+        hint = "The app refused the token: Databricks Apps accept OAuth tokens only; sign in again with OAuth."
+    elif status is None:
+        hint = (f"App {name!r} did not answer: it may be stopped or starting. Check its state (`%dbllm endpoints`) "
+                "and start it in the workspace.")
+    elif status >= 500:
+        hint = f"App {name!r} failed: see its logs in the workspace."
+    else:
+        return
+    error.next_step = hint
+    error.args = (error._compose(),)
+
+
+# where Databricks serves apps (AWS, Azure, GCP): a token goes to an app only at a URL on one of them
+APPS_DOMAINS = ("databricksapps.com",)
+
+
+def _app_url_or_none(raw: Any, workspace_host: str) -> str | None:
+    """The app URL the Apps API gave, normalized, when a token may go there: https on a Databricks
+    Apps domain; plain http on loopback only when the workspace itself is on loopback (the local
+    workspace). None otherwise."""
+    from urllib3.util import parse_url
+
+    from ._credentials import normalize_host
+
+    if not isinstance(raw, str):
+        return None
+    try:
+        url = normalize_host(raw.rstrip("/"))
+        host = parse_url(url).host or ""
+    except (ConfigurationError, ValueError):
+        return None
+    if url.startswith("https://") and any(host == d or host.endswith("." + d) for d in APPS_DOMAINS):
+        return url
+    local = parse_url(workspace_host).host or ""
+    if url.startswith("http://") and _loopback(host) and _loopback(local):
+        return url
+    return None
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+_NOTEBOOK_LOGINS = ("notebook token", "runtime")  # the notebook's own short-lived token (context or SDK runtime)
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+def _apps_login(base: Credentials) -> tuple[Callable[[], Mapping[str, str]] | None, str]:
+    """How a login reaches Databricks Apps, which accept OAuth tokens only: ``(header factory, how)``,
+    or ``(None, what the login is)`` when it gives no OAuth token (databricks_openai's check too:
+    the SDK's ``oauth_token()`` must give one). In a notebook, the notebook token is exchanged."""
+    if base.auth_type in _NOTEBOOK_LOGINS:  # exchanged for an OAuth token, as the SDK's runtime-oauth does
+        return _token_exchange(base), "the notebook token exchanged for OAuth"
+    if base.auth_type == "pat":
+        if _JWT.fullmatch(base.token.reveal()):  # an OAuth access token given as the token (`databricks auth token`)
+            return base.headers, "the OAuth access token given as the token"
+        return None, "a personal access token"
+    if base._oauth_token is None:
+        return None, f"a {base.auth_type} login"
+    try:
+        base._oauth_token()  # databricks-sdk raises for a login that is not OAuth (basic, Azure CLI, ...)
+    except Exception:  # what it says may quote a secret: the auth type says enough
+        return None, f"a {base.auth_type} login, which gives no OAuth token"
+    return base.headers, f"its {base.auth_type} OAuth token"
+
+
+def _token_exchange(base: Credentials) -> Callable[[], dict[str, str]]:
+    """Headers with an OAuth token for Databricks Apps, exchanged for the notebook's own token
+    (RFC 8693 at ``{host}/oidc/v1/token``, databricks-sdk's ``PATOAuthTokenExchange``: what its
+    ``runtime-oauth`` strategy does), refreshed before it expires."""
+    from databricks.sdk.oauth import PATOAuthTokenExchange
+
+    exchange = PATOAuthTokenExchange(get_original_token=lambda: base.token.reveal(), host=base.host, scopes="all-apis")
+    return lambda: {"Authorization": "Bearer " + exchange.token().access_token}
 
 
 def _answer_shape(options: Mapping[str, Any], kind: str, target: str) -> tuple[Any, Any]:

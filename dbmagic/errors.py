@@ -176,8 +176,41 @@ class EndpointNotFound(StatusError):
     next_step = "List the endpoints you can query with `%dbllm endpoints` or Client().endpoints()."
 
 
+# the limits Databricks names in a 429 (Foundation Model APIs, AI Gateway): what a message says -> (window, name)
+_LIMITS = ((re.compile(r"\bQPS\b|per second", re.I), 1.0, "queries per second"),
+           (re.compile(r"\bTPM\b|tokens per minute", re.I), 60.0, "tokens per minute"),
+           (re.compile(r"\bQPM\b|per minute", re.I), 60.0, "queries per minute"),
+           (re.compile(r"\bQPH\b|per hour", re.I), 3600.0, "queries per hour"),
+           (re.compile(r"per day|daily|budget", re.I), 86400.0, "daily budget"))
+
+
 class RateLimited(StatusError):
+    """429. ``limit`` names the limit the server's message names (``queries per second``, ``tokens
+    per minute``, ``queries per minute``, ``queries per hour``, ``daily budget``; None when it names
+    none) and ``window`` its length in seconds: a limit that resets within seconds or a minute is
+    waited out (a batch slows down to it); a longer one fails at once, saying when to come back."""
+
     next_step = "The endpoint is rate limited: wait a moment, lower the concurrency, or raise its limit."
+
+    def __init__(self, what: str, **kwargs: Any):
+        found = next(((w, n) for pattern, w, n in _LIMITS if pattern.search(kwargs.get("server_message") or "")),
+                     (None, None))
+        self.window, self.limit = found
+        if self.window is not None and "next_step" not in kwargs:
+            if self.window <= 60:
+                kwargs["next_step"] = (f"The endpoint's {self.limit} limit was reached: a batch slows down to it by "
+                                       "itself; lower --concurrency, or wait a moment and run the cell again.")
+            else:
+                resets = "within the hour" if self.window <= 3600 else "within the day"
+                kwargs["next_step"] = (f"The endpoint's {self.limit} limit was reached; it resets only {resets}, so "
+                                       "dbmagic does not wait for it. Run the rest later (resume= sends only what is "
+                                       "missing), or ask a workspace admin for a higher limit (AI Gateway rate limits).")
+        super().__init__(what, **kwargs)
+
+    @property
+    def outlasts(self) -> float | None:
+        """The limit's window when it is longer than a minute (waiting is pointless), else None."""
+        return self.window if self.window is not None and self.window > 60 else None
 
 
 class EndpointTimeout(StatusError):

@@ -362,11 +362,15 @@ class DbLLM(_Options):
         _show_table(["", ""], [[k, v] for k, v in info.items()], header=False)
 
     def _cmd_endpoints(self, args: list[str]) -> None:
-        rows = [[e.name, e.task or "(custom model)", e.state, e.endpoint_type or "", ", ".join(e.served)]
-                for e in get_client().endpoints()]
+        """Every target -e takes: serving endpoints, model services (catalog.schema.name) and apps (apps/NAME)."""
+        found, notes = get_client().targets()
+        rows = [[e.name, e.described if e.where != "serving endpoint" else e.task or "(custom model)", e.state,
+                 e.endpoint_type or "", ", ".join(e.served)] for e in found]
         if not rows:
-            raise UsageError("The workspace has no serving endpoints you can see.")
+            raise UsageError("The workspace has no serving endpoints, model services or apps you can see.")
         _show_table(["name", "task", "state", "type", "serves"], rows)
+        for note in notes:
+            print(note)
 
     def _cmd_history(self, args: list[str]) -> None:
         conversations = _conversations()
@@ -427,7 +431,8 @@ class DbLLM(_Options):
             _show_table(["compared", "endpoint", "served model", "finish", "latency", "tokens", "error"], rows)
         else:
             endpoint, model, finish, latency, tokens, _ = _last_row(last)
-            rows = [["endpoint", endpoint], ["served model", model], ["finish", finish], ["latency", latency],
+            rows = [["endpoint", endpoint], ["where", getattr(last, "where", "")], ["served model", model],
+                    ["finish", finish], ["latency", latency],
                     ["tokens", tokens], ["request id", last.request_id or ""]]
             _show_table(["", ""], rows, header=False)
 

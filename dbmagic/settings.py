@@ -102,6 +102,18 @@ def _segment(value: str) -> str | None:
 MAX_TIMEOUT = 3600.0
 
 
+def _target_name(value: str) -> str | None:
+    # a serving endpoint (one URL segment), apps/NAME (an app), or catalog.schema.name (a model service)
+    kind, bare = _wire.target_of(value)
+    if kind == _wire.APP:
+        why = _segment(bare)
+        return f"names an app after apps/, and its name {why}" if why else None
+    if kind == _wire.MODEL_SERVICE:
+        return next((f"is a catalog.schema.name whose part {part!r} {why}" for part in bare.split(".")
+                     if (why := _segment(part))), None)
+    return _segment(value)
+
+
 def _between(low: float, high: float | None = None, *, low_open: bool = False) -> Callable[[Any], str | None]:
     def rule(value: float) -> str | None:
         if not math.isfinite(value):
@@ -133,7 +145,7 @@ def _endpoint_list(value: str) -> str | None:
     names = [n.strip() for n in value.split(",")]
     if not all(names):
         return "must name endpoints separated by commas, e.g. a,b,c"
-    return next((f"has {n!r}, which {why}" for n in names if (why := _segment(n))), None)
+    return next((f"has {n!r}, which {why}" for n in names if (why := _target_name(n))), None)
 
 
 def _prompt_uri(value: str) -> str | None:
@@ -174,8 +186,9 @@ def _json_fields(value: dict[str, Any]) -> str | None:
 # -- the table ------------------------------------------------------------------------------------
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("endpoint", str, None, "serving endpoint to query (default: %config DbLLM.endpoint); repeat it "
-            "to compare endpoints", ("-e", "--endpoint"), "endpoint", _segment, sweep=True, api=True),
+    Setting("endpoint", str, None, "what to query (default: %config DbLLM.endpoint): a serving endpoint, "
+            "apps/NAME (an agent on Databricks Apps) or catalog.schema.name (a model service); repeat it to compare",
+            ("-e", "--endpoint"), "endpoint", _target_name, sweep=True, api=True),
     Setting("cluster_id", str, None, "cluster of a driver-proxy app (found by itself inside Databricks)",
             ("--cluster-id",), "text", _segment, label="Cluster", api=True),
     Setting("port", int, None, "port of a driver-proxy app", ("--port",), "number", _between(1, 65535), api=True),

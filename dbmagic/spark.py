@@ -45,8 +45,10 @@ itself stays on the driver). The equivalent in SQL::
 `struct_type` gives the Spark schema of a dbmagic schema (``struct_type(S).simpleString()`` is
 the DDL ``from_json`` takes).
 
-Use `complete` when you need what ``ai_query`` does not give: transforms, driver-proxy apps, custom
-request fields, an endpoint in another workspace, or a Spark outside Databricks.
+Use `complete` when you need what ``ai_query`` does not give: transforms, driver-proxy apps and
+agents on Databricks Apps (``endpoint="apps/NAME"``: the app's URL and the driver's current OAuth
+token for it travel with the task), custom request fields, an endpoint in another workspace, or a
+Spark outside Databricks. A model service is named ``catalog.schema.name``.
 
 PySpark is imported here only: ``import dbmagic`` never loads it.
 """
@@ -56,6 +58,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._wire import APP
 from .errors import ConfigurationError, TemplateError
 from .templating import JINJA_GLOBALS, Template
 
@@ -110,6 +113,8 @@ def complete(
     credentials = client.credentials
     secret = credentials.token  # a Secret: masked wherever it could show
     host, extra_headers = credentials.host, credentials.extra_headers
+    # an app (apps/NAME): its URL and the current OAuth token for it travel too (the executors cannot exchange one)
+    app = (probe.host, client._credentials_for(probe).token) if probe.where == APP else None
     retry, timeouts = client.retry, client.timeouts
     typed = answer_schema is not None and bool(answer_schema.fields())
     if typed:
@@ -129,6 +134,10 @@ def complete(
 
         worker = Client(credentials=Credentials(host, "the Spark driver", _token=secret,
                                                 extra_headers=extra_headers), retry=retry, timeouts=timeouts)
+        if app is not None:
+            worker._app_urls[endpoint.removeprefix("apps/")] = app[0]
+            worker._app_credentials[app[0]] = Credentials(app[0], "the Spark driver (OAuth, for Databricks Apps)",
+                                                          auth_type="oauth (Databricks Apps)", _token=app[1])
         try:
             for frame in batches:
                 result = run(template, frame, endpoint, concurrency=concurrency_per_task, progress=False, client=worker,

@@ -309,7 +309,7 @@ def test_stream_chat_token_by_token(mode):
 def test_stream_completions(client, workspace):
     stream = client.stream("a b", endpoint=COMPLETIONS)
     assert "".join(stream) == "Echo: a b"
-    assert last(workspace).json == {"prompt": "a b", "stream": True}
+    assert last(workspace).json == {"prompt": "a b", "stream": True, "stream_options": {"include_usage": True}}
 
 
 def test_stream_of_a_non_streaming_kind_gives_one_piece(client, workspace):

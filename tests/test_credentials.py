@@ -120,7 +120,8 @@ def test_repr_hides_the_token(workspace):
         assert workspace.token not in text
     assert "token='***'" in repr(creds)
     assert client.whoami() == {"host": workspace.host, "source": "explicit arguments", "auth type": "pat",
-                               "token": "***"}
+                               "token": "***",
+                               "databricks apps": "not reachable: a personal access token (Apps take OAuth only)"}
 
 
 # -- the notebook context, with stand-ins shaped as WIRE.md says ----------------------------------

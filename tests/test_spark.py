@@ -153,3 +153,22 @@ def test_a_model_with_a_nested_object_is_a_struct(spark, workspace):
     assert dbmagic.spark.struct_type(Order).simpleString() == "struct<item:string,place:struct<city:string,zip:bigint>>"
     [row] = dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client, schema=Order).collect()
     assert (row.item, row.place.city, row.place.zip, row.error) == ("a b", "a b", 2, None)
+
+
+def test_a_model_service_and_an_app_on_the_executors(spark, workspace, monkeypatch):
+    import dbmagic.spark
+
+    from .test_credentials import RotatingContext, install_dbruntime
+
+    sdf = spark.createDataFrame([(i, f"t{i}") for i in range(6)], "id INT, text STRING").repartition(2)
+    client = Client(host=workspace.host, token=workspace.token)
+    rows = sorted(dbmagic.spark.complete(sdf, "{{ text }}", endpoint="system.ai.claude-sonnet-4-5",
+                                         client=client).collect(), key=lambda r: r.id)
+    assert [r.answer for r in rows] == [f"Echo: t{i}" for i in range(6)]
+    app = workspace.add_app("support-agent")
+    install_dbruntime(monkeypatch, RotatingContext(workspace.host, [workspace.token]))
+    rows = sorted(dbmagic.spark.complete(sdf, "{{ text }}", endpoint="apps/support-agent", client=Client()).collect(),
+                  key=lambda r: r.id)
+    assert [r.answer for r in rows] == [f"Echo: t{i}" for i in range(6)] and all(r.error is None for r in rows)
+    assert len(app.requests) == 6 and {r.credential for r in app.requests} == {"oauth"}
+    assert workspace.token_exchanges == 1  # on the driver; the executors use the token it got
