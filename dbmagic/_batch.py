@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from . import _deps, tracing
 from ._pace import Limiter
 from ._wire import Usage
-from .errors import ConfigurationError, DbMagicError, MissingValue, RateLimited, SchemaError, TemplateError, error_of
+from .errors import AuthenticationError, ConfigurationError, DbMagicError, MissingValue, RateLimited, SchemaError, TemplateError, error_of
 from .templating import JINJA_GLOBALS, Template
 
 if TYPE_CHECKING:
@@ -235,8 +235,10 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         progress: bool = True, namespace: Mapping[str, Any] | None = None, client: Client | None = None,
         transform_output: Callable[[Any], Any] | None = None, timeout: float | None = None,
         column: str = "answer", error_column: str = "error", send_missing: bool = False,
-        **options: Any) -> BatchResult:
-    """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``)."""
+        signed_in: bool = False, **options: Any) -> BatchResult:
+    """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``).
+    ``signed_in``: the token was accepted before this batch (a Spark task's, by the driver), so a
+    401 means that it expired or was revoked since."""
     from . import settings
     from .client import get_client, refuse_unknown_options
     from .schema import schema_of
@@ -286,7 +288,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         return client.call(prepare(prompt.strip()), transform_output=transform_output, timeout=timeout, retry=policy)
 
     started = time.perf_counter()
-    rows_run = _Rows(concurrency, todo, items, policy, client.clock)
+    rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in)
     with tracing.batch_span(tpl.source, len(todo), endpoint) as span:
         interrupted = rows_run.run(call, progress=progress)
         if span is not None:
@@ -380,7 +382,7 @@ class _Rows:
     line (until its attempts or the deadline are spent); Ctrl-C cancels the calls in flight (each
     keeps what arrived, as an ``interrupted`` answer) and sends nothing more."""
 
-    def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any):
+    def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any, signed_in: bool = False):
         self.limiter = Limiter(min(cap, max(len(todo), 1)), policy, clock)
         self.todo = deque(todo)
         self.items = items
@@ -389,6 +391,7 @@ class _Rows:
         self.failed = 0
         self.done = 0
         self.answers = 0  # rows answered so far: a 429 after one of them starts the row's count afresh
+        self.signed_in = signed_in  # the token worked before the batch: a 401 means it expired since
         # per row: 429s in a row with no answer in the batch between them, since when, at which answer count:
         # the policy's attempts and deadline hold per row while the endpoint accepts nothing
         self.limited: dict[int, tuple[int, float, int]] = {}
@@ -463,6 +466,10 @@ class _Rows:
                 if isinstance(outcome, RateLimited) and (self.stopped or self._again(index, outcome, permit)):
                     limiter.release(permit)  # stopped: the row stays not sent (resume sends it)
                     continue
+                if isinstance(outcome, AuthenticationError):  # every request after a 401 would be refused too
+                    first, midway = outcome, self.signed_in or self.answers > 0  # the token expired (or was revoked)
+                    outcome = _token_refused(first, midway)
+                    self._give_up_all(lambda: _token_refused(first, midway, sent=False))
                 answered = isinstance(outcome, SchemaError) and outcome.completion is not None  # an answer, unfit
                 if (isinstance(outcome, Exception) and not answered) or getattr(outcome, "is_partial", False):
                     limiter.release(permit)
@@ -496,8 +503,13 @@ class _Rows:
         limiter, policy = self.limiter, self.policy
         limiter.on_rate_limited(permit, exc.retry_after)
         now = limiter.clock.monotonic()
+        if (exc.outlasts or 0) > policy.deadline:  # a limit that resets in an hour: fail fast, every row saying so
+            self._give_up_all(lambda: _not_sent(exc, f"and its {exc.limit} limit resets only after the retry deadline"))
+            return False
         if limiter.quiet_for() > policy.deadline:
-            self._give_up_all(exc, limiter.quiet_for())
+            quiet = limiter.quiet_for()
+            self._give_up_all(lambda: _not_sent(
+                exc, f"and nothing in the batch was answered for {quiet:.0f} s (the retry deadline)"))
         count, since, answers = self.limited.get(index, (0, now, self.answers))
         if answers != self.answers:  # the batch moved on since this row's last 429: the pace is working
             count, since = 0, now
@@ -510,18 +522,41 @@ class _Rows:
         self.cond.notify_all()
         return True
 
-    def _give_up_all(self, exc: RateLimited, quiet: float) -> None:
-        """A 429 storm: every row still waiting fails with the rate-limit error, unsent (holding the lock)."""
+    def _give_up_all(self, error: Callable[[], DbMagicError]) -> None:
+        """Every row still waiting fails unsent, each with its own ``error()`` (holding the lock): a
+        429 storm, a rate limit that outlasts the deadline, a token refused mid-batch."""
         while self.todo:
             index = self.todo.popleft()
-            self.items[index] = RateLimited(
-                f"Not sent: {exc.what}, and nothing in the batch was answered for {quiet:.0f} s (the retry deadline)",
-                target=exc.target, status=exc.status, error_code=exc.error_code,
-                server_message=exc.server_message, retry_after=exc.retry_after)
+            self.items[index] = error()
             self.remaining -= 1
             self.done += 1
             self.failed += 1
         self.cond.notify_all()
+
+
+def _not_sent(exc: RateLimited, why: str) -> RateLimited:
+    return RateLimited(f"Not sent: {exc.what}, {why}", target=exc.target, status=exc.status,
+                       error_code=exc.error_code, server_message=exc.server_message, retry_after=exc.retry_after)
+
+
+RESUME_HINT = ("OAuth and notebook tokens last about an hour. Sign in again (or take a fresh token), then resume: "
+               "dbmagic.batch(..., resume=result) (after %%dbllm --over, the result is _dbllm), or for Spark "
+               "dbmagic.spark.complete(result_df, ..., resume=True): only the rows without an answer are sent.")
+
+
+def _token_refused(exc: AuthenticationError, midway: bool, sent: bool = True) -> AuthenticationError:
+    """A 401 in a batch: no request after it is sent. ``midway`` (rows were answered before it):
+    the token expired or was revoked while the batch ran, and the error says how to resume. The
+    row that met it keeps the server's answer; the rows after it (``sent=False``) say they were
+    not sent."""
+    what = exc.what if sent else f"Not sent: the token was refused ({exc.target})"
+    if midway:
+        what += "; the token expired or was revoked during the batch"
+    return AuthenticationError(what, target=exc.target, status=exc.status if sent else None,
+                               error_code=exc.error_code if sent else None,
+                               server_message=exc.server_message if sent else None,
+                               request_id=exc.request_id if sent else None,
+                               next_step=RESUME_HINT if midway else exc.next_step)
 
 
 def _bar(total: int) -> Any:

@@ -562,8 +562,10 @@ class Client:
         if endpoint:
             where, bare = _wire.target_of(endpoint)
             if where == _wire.APP:
+                if self._app_urls.get(bare) not in self._app_credentials:  # (a Spark task has both from the driver)
+                    self._apps_login()  # a login with no OAuth token is refused here, before anything is sent
                 url = self.app_url(bare)
-                self._credentials_for_app(url)  # a personal access token is refused here, before anything is sent
+                self._credentials_for_app(url)
                 kind = _wire.kind_for(task) if task else _wire.RESPONSES
                 return kind, "/responses", f"app {bare!r}", endpoint, where, url
             if where == _wire.MODEL_SERVICE:
@@ -671,10 +673,8 @@ class Client:
             return self._credentials_for_app(prepared.host)
         return self.credentials
 
-    def _credentials_for_app(self, url: str) -> Credentials:
-        found = self._app_credentials.get(url)
-        if found is not None:
-            return found
+    def _apps_login(self) -> tuple[Callable[[], Mapping[str, str]], str]:
+        """`_apps_login` of this client's login, or the error that says how to sign in with OAuth."""
         base = self.credentials
         factory, how = _apps_login(base)
         if factory is None:
@@ -684,6 +684,14 @@ class Client:
                 "(then DATABRICKS_CONFIG_PROFILE=<profile>, or dbmagic.configure(profile=...)), or as a service "
                 "principal (DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET). Inside a Databricks notebook this "
                 "works by itself.")
+        return factory, how
+
+    def _credentials_for_app(self, url: str) -> Credentials:
+        found = self._app_credentials.get(url)
+        if found is not None:
+            return found
+        base = self.credentials
+        factory, how = self._apps_login()
         found = Credentials(url, f"{base.source}, {how}", auth_type="oauth (Databricks Apps)", _header_factory=factory,
                             _sign_in_secrets=tuple(base.secrets()))
         with self._lock:

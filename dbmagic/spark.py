@@ -45,6 +45,17 @@ itself stays on the driver). The equivalent in SQL::
 `struct_type` gives the Spark schema of a dbmagic schema (``struct_type(S).simpleString()`` is
 the DDL ``from_json`` takes).
 
+**A job that outlives its token.** The token travels once, so a job longer than the token's life
+(OAuth and notebook tokens last about an hour) meets a 401 midway: on each task, the row that met
+it keeps the error, and its remaining rows are not sent, each error saying that the token expired
+and how to resume. Save the result, then run `complete` again on it with ``resume=True`` and a
+fresh token (a new cell): rows already answered keep their answers, and only the others are sent::
+
+    first = dbmagic.spark.complete(tickets, "Classify: {{ text }}", endpoint=E)
+    first.write.saveAsTable("main.default.tickets_classified")    # every row, answered or not
+    again = dbmagic.spark.complete(spark.table("main.default.tickets_classified"),
+                                   "Classify: {{ text }}", endpoint=E, resume=True)
+
 Use `complete` when you need what ``ai_query`` does not give: transforms, driver-proxy apps and
 agents on Databricks Apps (``endpoint="apps/NAME"``: the app's URL and the driver's current OAuth
 token for it travel with the task), custom request fields, an endpoint in another workspace, or a
@@ -82,12 +93,15 @@ def complete(
     transform_output: Callable[[Any], Any] | None = None,
     timeout: float | None = None,
     send_missing: bool = False,
+    resume: bool = False,
     **options: Unpack[CallOptions],
 ) -> Any:
     """``sdf`` with ``output_col`` (the answer, as text; JSON for other values) and ``error_col``
     (the row's error, else null) added, computed on the executors; see the module docstring. A row
     with a null in a column the template uses is not sent (its error names the column), unless
-    ``send_missing=True``."""
+    ``send_missing=True``. ``resume=True``: ``sdf`` is an earlier result of `complete` (its answer
+    and error columns included); its answered rows are kept as they are, and only the others
+    (failed, not sent) are sent."""
     from pyspark.sql.types import StringType, StructField, StructType
 
     from ._batch import refuse_collisions, refuse_field_collisions
@@ -96,15 +110,30 @@ def complete(
 
     if not isinstance(concurrency_per_task, int) or isinstance(concurrency_per_task, bool) or concurrency_per_task < 1:
         raise ConfigurationError(f"concurrency_per_task must be a whole number of at least 1; got {concurrency_per_task!r}.")
-    columns = list(sdf.columns)
+    answer_schema = schema_of(options.get("schema"))
+    if answer_schema is not None:  # the executors check the answer against its JSON Schema (`Schema.portable`)
+        answer_schema = options["schema"] = answer_schema.portable()
+    typed = answer_schema is not None and bool(answer_schema.fields())
+    if typed:
+        added = [*struct_type(answer_schema).fields, StructField(error_col, StringType()),
+                 StructField(f"{output_col}_raw", StringType())]
+    else:
+        added = [StructField(output_col, StringType()), StructField(error_col, StringType())]
+    names = [f.name for f in added]
+    if resume:  # the earlier result's own columns are the ones written again
+        lacking = [n for n in names if n not in sdf.columns]
+        if lacking:
+            raise ConfigurationError(
+                f"resume=True takes an earlier result of dbmagic.spark.complete, with its columns {', '.join(names)}; "
+                f"this DataFrame lacks {', '.join(lacking)}. Pass the same output_col=, error_col= and schema= as "
+                "the first run.")
+        sdf = sdf.select(*[c for c in sdf.columns if c not in names], *[sdf[f.name].cast(f.dataType) for f in added])
+    columns = [c for c in sdf.columns if c not in names] if resume else list(sdf.columns)
     unknown = sorted(Template(template).names - set(columns) - JINJA_GLOBALS)
     if unknown:
         raise TemplateError(f"The template uses {', '.join(unknown)}, which is not a column of the DataFrame "
                             f"(its columns: {', '.join(columns)}). Rename the {{{{ }}}} names, or add the columns.")
     refuse_collisions(columns, output_col, error_col, ("output_col=", "error_col="))
-    answer_schema = schema_of(options.get("schema"))
-    if answer_schema is not None:  # the executors check the answer against its JSON Schema (`Schema.portable`)
-        answer_schema = options["schema"] = answer_schema.portable()
     refuse_field_collisions(columns, answer_schema, output_col, error_col)
     client = client or get_client()
     # on the driver: options checked, the endpoint's kind found once (executors then skip the lookup)
@@ -116,13 +145,8 @@ def complete(
     # an app (apps/NAME): its URL and the current OAuth token for it travel too (the executors cannot exchange one)
     app = (probe.host, client._credentials_for(probe).token) if probe.where == APP else None
     retry, timeouts = client.retry, client.timeouts
-    typed = answer_schema is not None and bool(answer_schema.fields())
-    if typed:
-        added = [*struct_type(answer_schema).fields, StructField(error_col, StringType()),
-                 StructField(f"{output_col}_raw", StringType())]
-    else:
-        added = [StructField(output_col, StringType()), StructField(error_col, StringType())]
-    schema = StructType([*sdf.schema.fields, *added])
+    schema = StructType([*[sdf.schema[c] for c in columns], *added])
+    answered_by = f"{output_col}_raw" if typed else output_col  # with no error: a row answered before
 
     def dbmagic_complete(batches: Iterator[Any]) -> Iterator[Any]:
         # runs on an executor: imports here, one client per task
@@ -140,18 +164,30 @@ def complete(
                                                           auth_type="oauth (Databricks Apps)", _token=app[1])
         try:
             for frame in batches:
-                result = run(template, frame, endpoint, concurrency=concurrency_per_task, progress=False, client=worker,
-                             transform_output=transform_output, timeout=timeout, column=output_col,
-                             error_column=error_col, send_missing=send_missing, **options)
-                out = frame.copy()
-                if typed:
-                    fields = answer_schema.fields()
-                    for name, values in answer_columns(result, output_col, error_col).items():
-                        out[name] = [_for_spark(answer_schema, fields[name], v) for v in values] if name in fields \
-                            else values
+                if resume:  # only the rows without an answer are sent; the others keep theirs
+                    kept = (frame[error_col].isna() & frame[answered_by].notna()).tolist()
+                    todo = [i for i, k in enumerate(kept) if not k]
+                    out = frame.copy()
+                    new = {name: list(frame[name]) for name in names}
+                    frame = frame.iloc[todo][columns].reset_index(drop=True)
                 else:
-                    out[output_col] = [None if v is None else as_text(v) for v in result.values]
-                    out[error_col] = result.errors
+                    todo, out, new = list(range(len(frame))), frame.copy(), {name: [None] * len(frame) for name in names}
+                if todo:
+                    result = run(template, frame, endpoint, concurrency=concurrency_per_task, progress=False,
+                                 client=worker, transform_output=transform_output, timeout=timeout, column=output_col,
+                                 error_column=error_col, send_missing=send_missing, signed_in=True, **options)
+                    if typed:
+                        fields = answer_schema.fields()
+                        got = {name: [_for_spark(answer_schema, fields[name], v) for v in values] if name in fields
+                               else values for name, values in answer_columns(result, output_col, error_col).items()}
+                    else:
+                        got = {output_col: [None if v is None else as_text(v) for v in result.values],
+                               error_col: result.errors}
+                    for name, values in got.items():
+                        for position, value in zip(todo, values, strict=True):
+                            new[name][position] = value
+                for name in names:
+                    out[name] = new[name]
                 yield out
         finally:
             worker.close()

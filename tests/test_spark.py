@@ -172,3 +172,31 @@ def test_a_model_service_and_an_app_on_the_executors(spark, workspace, monkeypat
     assert [r.answer for r in rows] == [f"Echo: t{i}" for i in range(6)] and all(r.error is None for r in rows)
     assert len(app.requests) == 6 and {r.credential for r in app.requests} == {"oauth"}
     assert workspace.token_exchanges == 1  # on the driver; the executors use the token it got
+
+
+def test_a_job_that_outlives_its_token_loses_no_row_and_a_resume_sends_only_the_rest(spark, workspace):
+    import dbmagic.spark
+
+    sdf = spark.createDataFrame([(i, f"t{i}") for i in range(8)], "id INT, text STRING").repartition(2)
+    Client(host=workspace.host, token=workspace.token).endpoint(CHAT)
+    workspace.expire_tokens_after(3)
+    first = dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, concurrency_per_task=1,
+                                   client=Client(host=workspace.host, token=workspace.token))
+    done = first.collect()  # one action: a Spark DataFrame runs its job again at every action
+    answered = [r for r in done if r.error is None]
+    assert len(answered) == 3 and all(r.answer == f"Echo: t{r.id}" for r in answered)
+    assert all("expired or was revoked during the batch" in r.error and "resume=True" in r.error and r.answer is None
+               for r in done if r.error is not None)
+    log = [r for r in workspace.requests if r.path.endswith("/invocations")]
+    assert [r.status for r in log].count(401) <= 2  # one per task at most: nothing is sent after it
+    saved = spark.createDataFrame(done, first.schema)  # as a table saved between the two runs
+    workspace.clear()
+    again = dbmagic.spark.complete(saved, "{{ text }}", endpoint=CHAT, resume=True,
+                                   client=Client(host=workspace.host, token=workspace.token))  # a fresh token
+    rows = sorted(again.collect(), key=lambda r: r.id)
+    assert [(r.answer, r.error) for r in rows] == [(f"Echo: t{i}", None) for i in range(8)]
+    resent = sorted(r.json["messages"][-1]["content"] for r in workspace.requests if r.path.endswith("/invocations"))
+    assert resent == sorted(f"t{r.id}" for r in done if r.error is not None)  # only the rows without an answer
+    with pytest.raises(ConfigurationError, match="resume=True takes an earlier result"):
+        dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, resume=True, client=Client(host=workspace.host,
+                                                                                            token=workspace.token))

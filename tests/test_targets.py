@@ -255,3 +255,84 @@ def test_a_model_service_through_the_responses_api(workspace):
     assert sent.path == "/ai-gateway/mlflow/v1/responses"
     assert sent.json == {"model": SERVICE, "input": [{"role": "user", "content": "Hi"}]}
     assert completion.text == "Echo: Hi" and completion.kind == "responses"
+
+
+# -- a batch that outlives its token ------------------------------------------------------------------
+
+def _answered(workspace):
+    """The prompts the workspace answered (200), in order: each row should appear once."""
+    return [r.json["messages"][-1]["content"] for r in workspace.requests
+            if r.path.endswith("/invocations") and r.status == 200]
+
+
+def test_a_token_that_expires_mid_batch_stops_it_and_a_resume_sends_only_the_rest(workspace):
+    client = Client(host=workspace.host, token=workspace.token)
+    client.endpoint(CHAT)
+    workspace.expire_tokens_after(3)
+    rows = [f"r{i}" for i in range(10)]
+    first = dbmagic.batch("{{ row }}", rows, CHAT, client=client, progress=False, concurrency=1)
+    assert first.texts[:3] == ["Echo: r0", "Echo: r1", "Echo: r2"] and first.failed == list(range(3, 10))
+    assert first.errors[3].startswith("Invalid") or "401" in first.errors[3]
+    assert all("expired or was revoked during the batch" in e and "resume=result" in e for e in first.errors[3:])
+    assert all(e.startswith("Not sent: the token was refused") for e in first.errors[4:])
+    sent = [r.status for r in workspace.requests if r.path.endswith("/invocations")]
+    assert sent == [200, 200, 200, 401]  # nothing is sent after the 401
+    fresh = Client(host=workspace.host, token=workspace.token)  # signed in again: the workspace's new token
+    again = dbmagic.batch("{{ row }}", rows, CHAT, client=fresh, progress=False, resume=first)
+    assert again.texts == [f"Echo: r{i}" for i in range(10)] and again.failed == []
+    assert sorted(_answered(workspace)) == sorted(rows)  # every row answered exactly once
+
+
+def test_a_token_refused_from_the_start_sends_one_request_not_a_thousand(workspace):
+    client = Client(host=workspace.host, token="dapi-not-a-token")
+    result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(50)], CHAT, client=client, progress=False,
+                           concurrency=4, task="chat")
+    assert len(result.failed) == 50 and "during the batch" not in result.errors[-1]
+    assert len([r for r in workspace.requests if r.path.endswith("/invocations")]) <= 4  # those already in flight
+
+
+def test_a_listing_follows_every_page(workspace, monkeypatch):
+    install_dbruntime(monkeypatch, RotatingContext(workspace.host, [workspace.token]))
+    workspace.page_size = 2
+    for i in range(5):
+        workspace.add_app(f"agent-{i}", running=False)
+        workspace.add_model_service(f"main.team.model-{i}")
+    client = Client()
+    found, notes = client.targets()
+    names = [t.name for t in found]
+    assert [n for n in names if n.startswith("apps/")] == [f"apps/agent-{i}" for i in range(5)] and notes == []
+    assert [n for n in names if n.startswith("main.team.")] == [f"main.team.model-{i}" for i in range(5)]
+    pages = [r for r in workspace.requests if r.path == "/api/2.0/apps"]
+    assert len(pages) == 3
+
+
+def test_an_oauth_access_token_given_as_the_token_reaches_an_app(workspace):
+    app = workspace.add_app("helper")
+    oauth = workspace.issue_token()  # what `databricks auth token` prints: a JWT
+    client = Client(host=workspace.host, token=oauth)
+    assert client.whoami()["databricks apps"] == "the OAuth access token given as the token"
+    assert client.complete("yo", endpoint="apps/helper").text == "Echo: yo"
+    assert [r.credential for r in app.requests] == ["oauth"]
+
+
+def test_a_login_that_gives_no_oauth_token_is_refused_for_apps(clean_env, workspace):
+    from .test_auth import write_profiles
+
+    write_profiles(clean_env, f"[basic]\nhost = {workspace.host}\nusername = me\npassword = hunter22\n")
+    app = workspace.add_app("helper")
+    client = Client(profile="basic")
+    with pytest.raises(ConfigurationError, match="Databricks Apps accept OAuth tokens only.*a basic login"):
+        client.complete("yo", endpoint="apps/helper")
+    assert app.requests == []  # the password never went to the app's host
+    assert "hunter22" not in str(client.whoami())
+
+
+def test_a_failed_token_exchange_is_a_short_scrubbed_error(monkeypatch, workspace):
+    install_dbruntime(monkeypatch, RotatingContext(workspace.host, [workspace.token]))
+    workspace.add_app("support-agent")
+    client = Client()
+    workspace.fail("/oidc/v1/token", 400, body={"error": "invalid_request",
+                                                "error_description": f"bad subject {workspace.token}"})
+    with pytest.raises(ConfigurationError, match="Could not get a token") as failed:
+        client.complete("hi", endpoint="apps/support-agent")
+    assert workspace.token not in str(failed.value) and "invalid_request" in str(failed.value)

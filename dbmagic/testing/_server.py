@@ -257,6 +257,7 @@ class LocalWorkspace:
                                                     model="databricks-claude-sonnet-4-5")}
         self.apps: dict[str, App] = {}
         self.page_size = 50  # items a page of the apps and model services lists
+        self._expire_after: int | None = None  # see expire_tokens_after
         self.token_exchanges = 0  # notebook tokens exchanged for OAuth tokens (RFC 8693)
         self.workspace_id = "1234567890123456"
         self.token_lifetime = 3600.0
@@ -371,6 +372,25 @@ class LocalWorkspace:
         with self._lock:
             self._issued[token] = expires
         return token
+
+    def expire_tokens_after(self, invocations: int) -> None:
+        """A job that outlives its token: ``invocations`` more invocations are accepted, then the
+        tokens in use stop working (a 401 for each request after), as an OAuth or notebook token
+        expires in the middle of a long batch: the personal access token becomes a new one (read
+        ``token`` for it: the fresh token to resume with) and every issued OAuth token is revoked."""
+        with self._lock:
+            self._expire_after = invocations
+
+    def _count_towards_expiry(self) -> bool:
+        with self._lock:
+            if self._expire_after is None:
+                return True
+            if self._expire_after <= 0:
+                self.token, self._expire_after = "dbmagic-local-" + secrets.token_hex(12), None
+                self._issued.clear()
+                return False
+            self._expire_after -= 1
+            return True
 
     def revoke_tokens(self) -> None:
         """Every issued OAuth token stops working (the personal access token still does)."""
@@ -541,6 +561,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = dict(self.headers.items())
         sent_auth = headers.get("Authorization", "")
         authorized = ws._accepts(sent_auth)
+        if authorized and ws._expire_after is not None and _INVOCATIONS.match(self.path.split("?", 1)[0]):
+            authorized = ws._count_towards_expiry()
         if "Authorization" in headers:
             headers["Authorization"] = sent_auth.split(" ", 1)[0] + " ***"
         path = self.path.split("?", 1)[0]
@@ -554,6 +576,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {"issuer": f"{ws.host}/oidc", "token_endpoint": f"{ws.host}/oidc/v1/token",
                                     "authorization_endpoint": f"{ws.host}/oidc/v1/authorize"})
         if method == "POST" and path == "/oidc/v1/token":
+            if self._fault(path) is True:
+                return
             return self._token_endpoint(raw, sent_auth)
         if method == "GET" and path == ws._metadata_path:
             return self._metadata_service()
