@@ -501,7 +501,7 @@ class _Rows:
         time are up (it then fails with the 429, as any call past its retry policy). When nothing has
         answered for the policy's deadline, the rows not yet sent fail with it too (holding the lock)."""
         limiter, policy = self.limiter, self.policy
-        limiter.on_rate_limited(permit, exc.retry_after)
+        limiter.on_rate_limited(permit, exc.retry_after, exc.window)
         now = limiter.clock.monotonic()
         if (exc.outlasts or 0) > policy.deadline:  # a limit that resets in an hour: fail fast, every row saying so
             self._give_up_all(lambda: _not_sent(exc, f"and its {exc.limit} limit resets only after the retry deadline"))

@@ -17,6 +17,12 @@ ask it for a start (`delay`, then `acquire`), and tell it how each request went 
   `dbmagic._http.backoff` (the transport's own) that grows with each such 429.
 - A decrease counts once per *epoch*: the 429s of requests that started before the last decrease
   were sent at the old rate and say nothing new.
+- The window is the limit's own, as the 429's message names it (`dbmagic.errors.RateLimited.window`):
+  a second for a QPS limit (and when the message names none), a minute for tokens or queries per
+  minute. Over a minute, what the endpoint accepted in the last minute sets the rate, a full
+  window waits for its oldest request to be a minute old, and the rate grows by one request a
+  minute each minute, or 5% a minute. (Limits of an hour or a day are not paced: the batch fails
+  fast, `dbmagic._batch`.)
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from ._http import Clock, RetryPolicy, SystemClock, backoff
 
 __all__ = ["Limiter", "Permit"]
 
-WINDOW = 1.0  # seconds: Databricks' limits are per second (QPS) or coarser
+WINDOW = 1.0  # seconds: a limit's window when its 429 names none (Databricks' QPS limits)
+LONGEST = 60.0  # the longest window paced (tokens or queries per minute); what is answered is kept this long
 SHARE = 0.95  # of the accepted rate, after a 429 without Retry-After
-GROWTH = 0.05  # per second, of the rate itself (and at least one request per second per second)
+GROWTH = 0.05  # per window, of the rate itself (and at least one request per window per window)
 
 
 @dataclass(frozen=True, eq=False)  # each start is its own, even two at the same instant
@@ -58,7 +65,8 @@ class Limiter:
         self.backoffs = 0  # 429s with nothing to learn from since the last answer: how long a pause is
         self.limited = 0  # 429s seen
         self._next_start = 0.0
-        self._answered: deque[float] = deque()  # start times of answered requests, last WINDOW
+        self.window = WINDOW  # the limit's window, as the last 429 without Retry-After named it
+        self._answered: deque[float] = deque()  # start times of answered requests, last LONGEST seconds
         self._answered_since = 0  # answers since the last decrease
         self._open: dict[Permit, None] = {}  # requests in flight, oldest first
         self.last_answer = self.clock.monotonic()
@@ -97,11 +105,13 @@ class Limiter:
         self._answered.append(permit.started)
         self._answered_since += 1
         self._forget(now)
-        if self.rate is not None:
-            self.rate += max(GROWTH, 1.0 / self.rate)  # one answer of `rate` per second
+        if self.rate is not None:  # per answer, so that per window the rate grows by the larger of GROWTH
+            w = self.window  # of itself and one request per window
+            self.rate += max(GROWTH / w, 1.0 / (w * w * self.rate))
 
-    def on_rate_limited(self, permit: Permit, retry_after: float | None) -> None:
-        """The request was answered 429 (with the server's ``Retry-After`` in seconds, or None)."""
+    def on_rate_limited(self, permit: Permit, retry_after: float | None, window: float | None = None) -> None:
+        """The request was answered 429 (with the server's ``Retry-After`` in seconds, or None; the
+        ``window`` in seconds of the limit its message named, or None for a second)."""
         self.release(permit)
         self.limited += 1
         now = self.clock.monotonic()
@@ -111,14 +121,16 @@ class Limiter:
         if permit.epoch != self.epoch:  # sent at the old rate: nothing new
             return
         self.epoch += 1
+        self.window = w = min(window or WINDOW, LONGEST)
         self._forget(now)
         answered_since, self._answered_since = self._answered_since, 0
-        accepted = len(self._answered) + sum(1 for p in self._open if p.started > now - WINDOW)
-        if self._answered:
-            self.rate = max(SHARE * accepted / WINDOW, 1.0 / self.policy.max_backoff)
+        in_window = [t for t in self._answered if t > now - w]
+        accepted = len(in_window) + sum(1 for p in self._open if p.started > now - w)
+        if in_window:
+            self.rate = max(SHARE * accepted / w, 1.0 / max(self.policy.max_backoff, w))
             self._next_start = now + 1.0 / self.rate
             if not answered_since:  # refused again at the learned rate: the window is full until its oldest ages out
-                self.pause_until = max(self.pause_until, self._answered[0] + WINDOW)
+                self.pause_until = max(self.pause_until, in_window[0] + w)
         else:  # nothing answered lately to learn a rate from: the transport's backoff, growing
             self.backoffs += 1
             self.pause_until = max(self.pause_until, now + backoff(self.policy, self.backoffs, self.rand))
@@ -128,5 +140,5 @@ class Limiter:
         return self.clock.monotonic() - self.last_answer
 
     def _forget(self, now: float) -> None:
-        while self._answered and self._answered[0] <= now - WINDOW:
+        while self._answered and self._answered[0] <= now - LONGEST:
             self._answered.popleft()

@@ -101,3 +101,26 @@ def test_the_rate_recovers_with_each_answer():
         lim.on_success(lim.acquire())
     assert lim.rate >= low + 3  # at least one more request per second each second
     assert lim.backoffs == 0
+
+
+def test_a_per_minute_limit_is_learned_over_its_minute_and_a_full_minute_waits_for_its_oldest():
+    lim, clock = limiter(cap=4)
+    first = clock.now
+    answer(lim, clock, 30, 1.0)  # 30 answered, one a second: what a per-second limit would call slow
+    lim.on_rate_limited(lim.acquire(), None, 60.0)  # "Exceeded the input tokens per minute rate limit"
+    assert lim.window == 60.0 and math.isclose(lim.rate, SHARE * 30 / 60)  # 28.5 a minute, not 28.5 a second
+    assert math.isclose(lim.delay(), 1 / lim.rate)
+    clock.now += lim.delay()
+    lim.on_rate_limited(lim.acquire(), None, 60.0)  # refused again at the learned rate: the minute is full
+    assert math.isclose(lim.delay(), first + 60.0 - clock.now)  # until its oldest request is a minute old
+    clock.now += lim.delay()
+    rate = lim.rate
+    lim.on_success(lim.acquire())  # growth per answer: 5% a minute, or one request a minute each minute
+    assert math.isclose(lim.rate, rate + max(0.05 / 60, 1 / (3600 * rate)))
+
+
+def test_a_429_that_names_no_limit_is_paced_over_a_second_as_before():
+    lim, clock = limiter(cap=16)
+    answer(lim, clock, 20, 0.05)
+    lim.on_rate_limited(lim.acquire(), None, None)
+    assert lim.window == 1.0 and lim.rate == SHARE * 20
