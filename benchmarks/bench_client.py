@@ -4,7 +4,8 @@
 
 Prints:
 - the client's median per-call latency as a ratio to a reused ``requests.Session.post`` of the
-  same body to the same local workspace (target <= 1.10x), with the HTTP requests and new
+  same body to the same local workspace (target <= 1.10x), for a serving endpoint and for a Unity
+  AI Gateway model service (each against its own raw post), with the HTTP requests and new
   connections per call (target: exactly 1 and 0); and the same for ``mlflow.deployments`` when
   it is installed;
 - ``python -c "import dbmagic"`` as a ratio to ``python -c "import requests"`` (target <= 1.5x),
@@ -28,6 +29,7 @@ from dbmagic import Client
 from dbmagic.testing import LocalWorkspace
 
 ENDPOINT = "databricks-meta-llama-3-3-70b-instruct"
+SERVICE = "system.ai.claude-sonnet-4-5"  # a Unity AI Gateway model service (each is compared to its own raw post)
 
 
 def per_call(calls: int) -> None:
@@ -46,7 +48,19 @@ def per_call(calls: int) -> None:
         def ours() -> str:
             return client.complete("How are you?", endpoint=ENDPOINT, temperature=0.1).text
 
-        contenders = {"requests.Session.post": raw, "dbmagic Client.complete": ours}
+        service_url = f"{ws.host}/ai-gateway/mlflow/v1/chat/completions"
+        service_body = {"model": SERVICE, **body}
+
+        def raw_service() -> str:
+            r = session.post(service_url, json=service_body, headers=headers, timeout=(10, 300))
+            r.raise_for_status()
+            return r.json()["choices"][0]["message"]["content"]
+
+        def ours_service() -> str:
+            return client.complete("How are you?", endpoint=SERVICE, temperature=0.1).text
+
+        contenders = {"requests.Session.post": raw, "dbmagic Client.complete": ours,
+                      "Session.post, model service": raw_service, "Client.complete, model service": ours_service}
         try:  # a peer, when installed (pip install mlflow-skinny): measured in the same loop
             os.environ.update(ws.environ())
             from mlflow.deployments import get_deploy_client
@@ -66,8 +80,9 @@ def per_call(calls: int) -> None:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-        base = statistics.median(times["requests.Session.post"])
+        bases = {"model service": statistics.median(times["Session.post, model service"])}
         for name, fn in contenders.items():
+            base = bases.get(name.rsplit(", ", 1)[-1], statistics.median(times["requests.Session.post"]))
             ws.clear()
             for _ in range(100):
                 fn()

@@ -6,6 +6,7 @@ The one module that knows requests and urllib3: how to send, how their failures 
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 import requests
@@ -24,15 +25,37 @@ _NO_PROXY = {"http": None, "https": None, "all": None}
 
 class RequestsHandler:
     """Sends each `HttpRequest` over one ``requests.Session`` (a pool sized for batch concurrency),
-    never following a redirect (the token must not reach another host)."""
+    never following a redirect (the token must not reach another host).
+
+    The environment's proxy and CA settings (``HTTPS_PROXY``, ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``,
+    ``CURL_CA_BUNDLE``) are read once per host, the first time it is asked, as httpx reads them
+    when a client is made, rather than on every request as requests does (scanning ``os.environ``
+    twice a request, the largest cost of a call after the network's); ``dbmagic.configure()``
+    makes a new client, which reads them again. A session passed in is used as it is."""
 
     def __init__(self, session: requests.Session | None = None, pool_size: int = 16):
         self.pool_size = 0
+        self._per_host: dict[str, dict[str, Any]] | None = None
         if session is None:
             session = requests.Session()
+            session.trust_env = False  # the environment is read per host, below (and ~/.netrc never)
+            self._per_host = {}
             self._mount(session, pool_size)
         session.headers["User-Agent"] = f"dbmagic/{_version()} {session.headers.get('User-Agent', '')}".strip()
         self.session = session
+
+    def _settings(self, url: str) -> dict[str, Any]:
+        """``proxies`` and ``verify`` for ``url``'s host."""
+        plain = url.startswith("http://")
+        if self._per_host is None:  # the caller's session: requests merges the environment itself
+            return {"proxies": _NO_PROXY if plain else None}
+        origin = url.split("/", 3)[2]
+        found = self._per_host.get(origin)
+        if found is None:
+            found = self._per_host[origin] = {
+                "proxies": _NO_PROXY if plain else requests.utils.get_environ_proxies(url),
+                "verify": os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True}
+        return found
 
     def handle_request(self, request: HttpRequest) -> Response:
         interrupted = False
@@ -45,7 +68,7 @@ class RequestsHandler:
                 stream=request.stream,
                 timeout=request.timeout,
                 allow_redirects=False,  # never carry the token to another host
-                proxies=_NO_PROXY if request.url.startswith("http://") else None,
+                **self._settings(request.url),
             )
         except requests.RequestException as exc:
             failure = _failure(exc)

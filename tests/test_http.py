@@ -21,6 +21,7 @@ from dbmagic import (
     RetryPolicy,
     ServerError,
     Timeouts,
+    TransportError,
 )
 from dbmagic._http import TransportFailure, parse_retry_after, retry_delay, retry_reason
 
@@ -191,3 +192,31 @@ def test_tls_failure_is_not_retried_and_names_the_fix(workspace, clock):
         client.complete("hi", endpoint=CHAT, task="chat")
     assert clock.sleeps == []
     assert "gave up" not in str(info.value)
+
+
+def test_a_proxy_from_the_environment_still_carries_https_though_read_once_per_host(monkeypatch):
+    # requests reads the environment on every request; dbmagic's session reads it once per host
+    import threading
+
+    seen: list[bytes] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def proxy() -> None:  # a stand-in proxy: records what it was asked, answers nothing
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                seen.append(conn.recv(1024).split(b"\r\n", 1)[0])
+
+    threading.Thread(target=proxy, daemon=True).start()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = Client(host="https://adb-1.2.azuredatabricks.net", token="dapi-x", retry=RetryPolicy(attempts=1))
+    for _ in range(2):
+        with pytest.raises(TransportError):
+            client.complete("hi", endpoint=CHAT, task="chat")
+    listener.close()
+    assert seen == [b"CONNECT adb-1.2.azuredatabricks.net:443 HTTP/1.0"] * 2 or \
+        seen == [b"CONNECT adb-1.2.azuredatabricks.net:443 HTTP/1.1"] * 2
