@@ -32,14 +32,22 @@ MODEL_SERVICES_PATH = "/ai-gateway/mlflow/v1"
 
 def target_of(name: str) -> tuple[str, str]:
     """What a name given as ``-e NAME`` means, and the bare name: ``apps/NAME`` is an agent on
-    Databricks Apps (``("app", "NAME")``); a three-part Unity Catalog name ``catalog.schema.name``
-    is a Unity AI Gateway model service; anything else is a Model Serving endpoint (their names
-    have no dots)."""
+    Databricks Apps (``("app", "NAME")``), and so is an app's own URL (``https://...``, taken only
+    on the Databricks Apps domains); a three-part Unity Catalog name ``catalog.schema.name`` is a
+    Unity AI Gateway model service; anything else is a Model Serving endpoint (their names have
+    no dots)."""
+    if is_url(name):
+        return APP, name
     if name.startswith(APPS_PREFIX):
         return APP, name[len(APPS_PREFIX):]
     if name.count(".") == 2 and all(name.split(".")):
         return MODEL_SERVICE, name
     return SERVING, name
+
+
+def is_url(name: str) -> bool:
+    """An app given by its URL rather than by name."""
+    return name.startswith(("https://", "http://"))
 
 
 class WireError(ValueError):

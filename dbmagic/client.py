@@ -481,8 +481,9 @@ class Client:
         streams = stream and kind in _wire.STREAMING_KINDS
         schema, toolbox = _answer_shape(o, kind, target)
         info = self._endpoints.get(endpoint) if endpoint else None
-        # the model field: a model service is named in it, as an app is (what databricks_openai sends)
-        named = {"model": endpoint} if where in (_wire.MODEL_SERVICE, _wire.APP) else {}
+        # the model field: a model service is named in it, as an app is by name (what databricks_openai sends)
+        by_name = where == _wire.MODEL_SERVICE or (where == _wire.APP and not _wire.is_url(endpoint or ""))
+        named = {"model": endpoint} if by_name else {}
         # usage in a stream: external models (and model services) send it only when asked (OpenAI's
         # stream_options, for chat and completions alike)
         usage_asked = streams and kind in (_wire.CHAT, _wire.COMPLETIONS) and (
@@ -652,6 +653,14 @@ class Client:
         Databricks Apps domain (plain http only on loopback, for the local workspace)."""
         if not refresh and name in self._app_urls:
             return self._app_urls[name]
+        if _wire.is_url(name):  # typed by the user: taken on a Databricks Apps domain only, never asked about
+            url = _app_url_or_none(name, self.credentials.host)
+            if url is None:
+                raise ConfigurationError(
+                    f"{name[:120]!r} is not a URL dbmagic sends a token to: an app's URL must be https on a "
+                    "Databricks Apps domain (*.databricksapps.com). Or name the app (-e apps/NAME): its URL then "
+                    "comes from the workspace.")
+            return url
         data = self._get(f"/api/2.0/apps/{quote(name, safe='')}", f"app {name!r}")
         raw = data.get("url") if isinstance(data, dict) else None
         state = ((data.get("app_status") or {}).get("state") if isinstance(data, dict) else None) or "unknown"

@@ -105,6 +105,9 @@ MAX_TIMEOUT = 3600.0
 def _target_name(value: str) -> str | None:
     # a serving endpoint (one URL segment), apps/NAME (an app), or catalog.schema.name (a model service)
     kind, bare = _wire.target_of(value)
+    if kind == _wire.APP and _wire.is_url(value):  # which hosts get a token is the client's rule (`_app_url_or_none`)
+        bad = len(bare) > 2048 or any(c.isspace() or ord(c) < 32 for c in bare)
+        return "is an app URL with white space or control characters in it, or too long" if bad else None
     if kind == _wire.APP:
         why = _segment(bare)
         return f"names an app after apps/, and its name {why}" if why else None
@@ -187,7 +190,8 @@ def _json_fields(value: dict[str, Any]) -> str | None:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("endpoint", str, None, "what to query (default: %config DbLLM.endpoint): a serving endpoint, "
-            "apps/NAME (an agent on Databricks Apps) or catalog.schema.name (a model service); repeat it to compare",
+            "apps/NAME (an agent on Databricks Apps, or its https://... URL) or catalog.schema.name (a model "
+            "service); repeat it to compare",
             ("-e", "--endpoint"), "endpoint", _target_name, sweep=True, api=True),
     Setting("cluster_id", str, None, "cluster of a driver-proxy app (found by itself inside Databricks)",
             ("--cluster-id",), "text", _segment, label="Cluster", api=True),

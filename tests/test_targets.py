@@ -336,3 +336,23 @@ def test_a_failed_token_exchange_is_a_short_scrubbed_error(monkeypatch, workspac
     with pytest.raises(ConfigurationError, match="Could not get a token") as failed:
         client.complete("hi", endpoint="apps/support-agent")
     assert workspace.token not in str(failed.value) and "invalid_request" in str(failed.value)
+
+
+def test_an_app_given_by_its_url_is_taken_only_on_an_apps_domain(monkeypatch, shell, workspace):
+    install_dbruntime(monkeypatch, RotatingContext(workspace.host, [workspace.token]))
+    app = workspace.add_app("support-agent")
+    dbmagic.configure()
+    assert target_of("https://agent-1.aws.databricksapps.com") == (APP, "https://agent-1.aws.databricksapps.com")
+    # the local workspace is on loopback, so its app's plain-http loopback URL counts as an Apps domain here
+    assert shell.run_cell(f"%%dbllm -e {app.url} -o said\nHi").success
+    assert shell.user_ns["said"] == "Echo: Hi" and app.requests[-1].credential == "oauth"
+    assert "model" not in app.requests[-1].json  # no app name to give
+    before = len(workspace.requests)
+    for elsewhere in ("https://evil.example.com", "https://databricksapps.com.evil.example.com/x"):
+        with pytest.raises(ConfigurationError, match="not a URL dbmagic sends a token to"):
+            Client().complete("hi", endpoint=elsewhere)
+    assert len(workspace.requests) == before  # refused before anything was sent, to the workspace or elsewhere
+    from dbmagic import settings
+
+    with pytest.raises(SettingError, match="white space"):
+        settings.coerce("endpoint", "https://a.databricksapps.com/ x")
