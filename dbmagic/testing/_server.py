@@ -550,8 +550,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routing --------------------------------------------------------------------------------
 
-    def _dispatch(self, method: str) -> None:
-        ws = self.workspace
+    def _read(self) -> tuple[bytes, Any, dict[str, str], str, str]:
+        """The request: its raw body, the body's JSON (None when it is not JSON), the headers as
+        recorded (the Authorization value masked), the Authorization value sent, and the path."""
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         try:
@@ -560,12 +561,16 @@ class _Handler(BaseHTTPRequestHandler):
             body = None
         headers = dict(self.headers.items())
         sent_auth = headers.get("Authorization", "")
-        authorized = ws._accepts(sent_auth)
-        if authorized and ws._expire_after is not None and _INVOCATIONS.match(self.path.split("?", 1)[0]):
-            authorized = ws._count_towards_expiry()
         if "Authorization" in headers:
             headers["Authorization"] = sent_auth.split(" ", 1)[0] + " ***"
-        path = self.path.split("?", 1)[0]
+        return raw, body, headers, sent_auth, self.path.split("?", 1)[0]
+
+    def _dispatch(self, method: str) -> None:
+        ws = self.workspace
+        raw, body, headers, sent_auth, path = self._read()
+        authorized = ws._accepts(sent_auth)
+        if authorized and ws._expire_after is not None and _INVOCATIONS.match(path):
+            authorized = ws._count_towards_expiry()
         self._record = RecordedRequest(method, path, headers, body, authorized, at=time.monotonic())
         ws.requests.append(self._record)
         if method == "GET" and path == "/.well-known/databricks-config":  # public, as on a workspace
@@ -1275,22 +1280,12 @@ class _AppHandler(_Handler):
 
     def _dispatch(self, method: str) -> None:
         ws, app = self.workspace, self.app
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
-        headers = dict(self.headers.items())
-        sent = headers.get("Authorization", "")
+        _, body, headers, sent, path = self._read()
         token = sent[len("Bearer "):] if sent.startswith("Bearer ") else ""
         with ws._lock:
             oauth = ws._issued.get(token, 0) > time.time()
         credential = ("oauth" if oauth else "personal access token" if token and secrets.compare_digest(token, ws.token)
                       else "other" if sent else "none")
-        if "Authorization" in headers:
-            headers["Authorization"] = sent.split(" ", 1)[0] + " ***"
-        path = self.path.split("?", 1)[0]
         if not app.running:  # stopped while a connection stayed open: as a stopped app, no answer
             self.close_connection = True
             self.request.shutdown(socket.SHUT_RDWR)
