@@ -356,3 +356,17 @@ def test_an_app_given_by_its_url_is_taken_only_on_an_apps_domain(monkeypatch, sh
 
     with pytest.raises(SettingError, match="white space"):
         settings.coerce("endpoint", "https://a.databricksapps.com/ x")
+
+
+def test_compare_a_serving_endpoint_a_model_service_and_an_app_side_by_side(monkeypatch, shell, workspace):
+    install_dbruntime(monkeypatch, RotatingContext(workspace.host, [workspace.token]))
+    app = workspace.add_app("support-agent")
+    dbmagic.configure()
+    shell.run_cell_magic("dbllm", f"-e {CHAT} -e {SERVICE} -e apps/support-agent -o cmp", "Hello")
+    cmp = shell.user_ns["cmp"]
+    assert list(cmp) == [CHAT, SERVICE, "apps/support-agent"]
+    assert [cmp[k].text for k in cmp] == ["Echo: Hello"] * 3
+    assert [cmp[k].where for k in cmp] == [SERVING, MODEL_SERVICE, APP]
+    assert [r.credential for r in app.requests] == ["oauth"]
+    compared = shell.display_pub.outputs[-1]["metadata"]["dbmagic"]["compare"]
+    assert [c["endpoint"] for c in compared] == [CHAT, SERVICE, "apps/support-agent"]
