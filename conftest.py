@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 SANITIZE = Path(__file__).resolve().parent / "tests" / "nbval_sanitize.cfg"
+CATALOG = Path(__file__).resolve().parent / "tests" / "model_catalog"
 
 
 def pytest_configure(config):
@@ -20,6 +21,9 @@ def pytest_configure(config):
     if "MLFLOW_TRACKING_URI" not in os.environ:
         folder = Path(tempfile.mkdtemp(prefix="dbmagic-mlflow-"))
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    # MLflow prices a span by its model and provider from a catalog it downloads (no network here):
+    # the tests' own catalog, made-up prices for the local workspace's models (tests/model_catalog)
+    os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", CATALOG.as_uri())
     if not config.pluginmanager.hasplugin("nbval"):
         return
     option = config.option

@@ -282,14 +282,19 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     client.ensure_pool(concurrency)
     prepare = client.preparer(endpoint, **options)  # options checked, the endpoint looked up: once
 
+    batch: dict[str, Any] = {}  # with tracing on: the batch's id, which tags each row's trace
+
     def call(i: int) -> Call:
         values = {**namespace, **contexts[i]}
         prompt = tpl.render(values, where=f"in row {i} (its values: {', '.join(map(str, contexts[i])) or 'none'})")
-        return client.call(prepare(prompt.strip()), transform_output=transform_output, timeout=timeout, retry=policy)
+        return client.call(prepare(prompt.strip()), transform_output=transform_output, timeout=timeout, retry=policy,
+                           tags={**batch, "row": i} if batch else None)
 
     started = time.perf_counter()
     rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in)
     with tracing.batch_span(tpl.source, len(todo), endpoint) as span:
+        if span is not None:
+            batch["batch"] = span.batch_id
         interrupted = rows_run.run(call, progress=progress)
         if span is not None:
             span.set_outputs({"answered": sum(1 for i in todo if _answered(items[i])),

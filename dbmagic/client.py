@@ -160,6 +160,16 @@ class EndpointInfo:
             return self.task or "custom model"
         return "app (Responses API)" if self.where == _wire.APP else self.where
 
+    @property
+    def external_model(self) -> tuple[str, str] | None:
+        """``(model, provider)`` of an external model endpoint's first served entity (``gpt-4o``,
+        ``openai``), as the workspace describes it; None for other endpoints."""
+        for entity in (self.raw.get("config") or {}).get("served_entities") or []:
+            external = entity.get("external_model") if isinstance(entity, dict) else None
+            if isinstance(external, dict) and external.get("name") and external.get("provider"):
+                return str(external["name"]), str(external["provider"])
+        return None
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EndpointInfo:
         served = []
@@ -196,6 +206,8 @@ class PreparedRequest:
     max_steps: int = 5
     model: str = field(default="", compare=False, repr=False)  # endpoint and served model names, lower case
     where: str = _wire.SERVING  # serving endpoint, model service, app or driver-proxy app (`_wire.target_of`)
+    # (model, provider) as MLflow prices and groups usage (mlflow.llm.model / .provider); None: unknown
+    llm: tuple[str, str] | None = field(default=None, compare=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -489,6 +501,7 @@ class Client:
         usage_asked = streams and kind in (_wire.CHAT, _wire.COMPLETIONS) and (
             where == _wire.MODEL_SERVICE or (info is not None and info.endpoint_type == "EXTERNAL_MODEL"))
         model = " ".join([name, *(info.served if info is not None else ())]).lower()
+        llm = _llm_of(where, name, info)
         instruction = schema.instruction() if schema is not None and kind not in _wire.SCHEMA_ON_WIRE else None
         rules = {"schema_retries": 1 if o["schema_retries"] is None else o["schema_retries"],
                  "run_tools": bool(o["run_tools"]), "max_steps": o["max_steps"] or 5}
@@ -512,7 +525,7 @@ class Client:
                 body = _wire.databricks_quirks(kind, body, model)
             _check_json(body)
             return PreparedRequest(kind, target, path, body, host, stream=streams, name=name, schema=schema,
-                                   tools=toolbox, model=model, where=where, **rules)
+                                   tools=toolbox, model=model, where=where, llm=llm, **rules)
 
         return build
 
@@ -1035,6 +1048,8 @@ class Call:
                 if "error_code" in data or "error" in data or data.get("type") == "error":
                     code, message = parse_error_body(event, self._secrets())
                     raise self._cut(f"an error mid-stream: {message or code}")
+                if self._client.hooks:
+                    self._client.hooks.fire("on_event", self, data)
                 piece, chunk_usage, chunk_finish = reader.read(data)
                 last = data
                 usage = chunk_usage or usage
@@ -1105,6 +1120,17 @@ class Call:
 
 
 Stream = Call  # the name `Client.stream` returned before every call was a `Call`
+
+
+def _llm_of(where: str, name: str, info: EndpointInfo | None) -> tuple[str, str] | None:
+    """``(model, provider)`` as MLflow's trace UI prices and groups a call (``mlflow.llm.model``,
+    ``mlflow.llm.provider``): an external model's own name and provider; otherwise the target's
+    name with provider ``databricks`` (MLflow prices ``databricks-*`` endpoint names from its
+    Databricks catalog). None for a driver-proxy app, which names no model."""
+    if where == _wire.DRIVER_PROXY:
+        return None
+    external = info.external_model if info is not None else None
+    return external if external is not None else (name, "databricks")
 
 
 def _hint_for_app(error: RequestError, prepared: PreparedRequest) -> None:

@@ -36,7 +36,7 @@ __all__ = ["Subscriber", "subscribe", "Hooks", "EVENTS"]
 
 log = logging.getLogger("dbmagic")
 
-EVENTS = ("on_request", "on_response", "on_piece", "on_step", "on_done", "on_failed", "on_refused")
+EVENTS = ("on_request", "on_response", "on_event", "on_piece", "on_step", "on_done", "on_failed", "on_refused")
 
 
 class Subscriber:
@@ -53,6 +53,10 @@ class Subscriber:
 
     def on_response(self, call: Call, response: Response) -> None:
         """The answer's headers came: ``response.status``, ``.headers``, ``.attempts``, ``.elapsed``."""
+
+    def on_event(self, call: Call, event: dict[str, Any]) -> None:
+        """One event of a streamed answer arrived, as the endpoint sent it (JSON), before its text
+        piece: what MLflow records as a span's chunk events."""
 
     def on_piece(self, call: Call, piece: str) -> None:
         """A piece of the answer's text arrived (the whole text, once, for an answer not streamed)."""

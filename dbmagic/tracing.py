@@ -7,11 +7,15 @@
 Then every call (``%%dbllm``, the panel, `dbmagic.batch`, the Python API) records a span through
 MLflow's public tracing API: type ``CHAT_MODEL`` (chat and agents), ``LLM`` (completions, custom
 models, proxy apps) or ``EMBEDDING``; the request as sent (after ``transform_input``) as its
-inputs, the endpoint's answer as outputs; attributes for the endpoint, task, parameters, host, the
-transformed output, usage (``mlflow.chat.tokenUsage``), latency, attempts, request id and served
-model. A failed call is an error span; a cut or stopped stream keeps its partial text. A batch is
-one span with a child per row. Traces go to the active experiment; in a Databricks notebook MLflow
-shows them under the cell. No token, secret or Authorization header is ever put in a trace.
+inputs, the endpoint's answer as outputs (for a stream, the whole answer put together, with a
+``mlflow.chunk.item.N`` event per streamed event, as MLflow's OpenAI autologger records it);
+attributes for the endpoint, task, parameters, host, the transformed output, usage
+(``mlflow.chat.tokenUsage``), latency, attempts, request id and served model, and those MLflow's UI
+reads from its own autologgers (``mlflow.llm.model`` and ``mlflow.llm.provider``, which it prices,
+``mlflow.message.format``, ``mlflow.chat.tools``). A failed call is an error span; a cut or stopped
+stream keeps its partial text. A batch is a trace per row tied by a tag (`BatchSpan`). Traces go to
+the active experiment; in a Databricks notebook MLflow shows them under the cell. No token, secret
+or Authorization header is ever put in a trace.
 
 Prompts: ``%%dbllm --prompt prompts:/NAME/VERSION`` (or ``prompts:/NAME@alias``) uses a registered
 template, `register_prompt` adds one, ``%dbllm prompts`` lists them.
@@ -23,8 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
+import logging
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -37,10 +44,13 @@ if TYPE_CHECKING:
 
 __all__ = ["autolog", "enabled", "register_prompt", "load_prompt", "list_prompts"]
 
+log = logging.getLogger("dbmagic")
 _INSTALL = "Tracing and the prompt registry need MLflow: pip install 'dbmagic[mlflow]' (or mlflow-skinny)."
 _SPAN_TYPES = {_wire.CHAT: "CHAT_MODEL", _wire.RESPONSES: "CHAT_MODEL", _wire.CHAT_AGENT: "CHAT_MODEL",
                _wire.EMBEDDINGS: "EMBEDDING"}
 _PARAMS = ("temperature", "max_tokens", "stop", "n")
+_OPENAI_SHAPES = (_wire.CHAT, _wire.COMPLETIONS, _wire.RESPONSES)  # what mlflow.message.format "openai" parses
+_CHUNK_NAME, _CHUNK_VALUE = "mlflow.chunk.item.{index}", "mlflow.chunk.value"  # mlflow.tracing.constant's names
 
 
 def autolog(disable: bool = False) -> None:
@@ -95,10 +105,20 @@ class CallSpan:
         self.span = mlflow.start_span_no_context(
             name=prepared.target, span_type=_SPAN_TYPES.get(prepared.kind, "LLM"),
             parent_span=mlflow.get_current_active_span(), inputs=body,
-            attributes={"dbmagic.endpoint": prepared.name or prepared.target, "dbmagic.task": prepared.kind,
+            attributes={**_as_autolog(prepared),
+                        "dbmagic.endpoint": prepared.name or prepared.target, "dbmagic.task": prepared.kind,
                         "dbmagic.host": prepared.host, "dbmagic.params": params, "dbmagic.stream": prepared.stream},
         )
         self.children: list[Any] = []
+        self.chunks = 0
+
+    def chunk(self, event: dict[str, Any]) -> None:
+        """One streamed event, as MLflow's OpenAI autologger records each chunk (a span event)."""
+        from mlflow.entities import SpanEvent
+
+        self.span.add_event(SpanEvent(name=_CHUNK_NAME.format(index=self.chunks),
+                                      attributes={_CHUNK_VALUE: json.dumps(event, default=str)}))
+        self.chunks += 1
 
     def ok(self, completion: Completion) -> None:
         attributes = _outcome(completion)
@@ -146,9 +166,58 @@ class CallSpan:
         _end_failed(self.span, error)
 
 
+def _as_autolog(prepared: PreparedRequest) -> dict[str, Any]:
+    """The attributes MLflow's own autologgers set on an LLM span and its UI reads (names from
+    ``mlflow.tracing.constant.SpanAttributeKey``): the model and provider it prices and groups
+    usage by, the message format its chat view parses (``openai`` for the OpenAI shapes, as the
+    OpenAI autologger writes), the request's parameters as top-level attributes, and the tools
+    offered (``mlflow.chat.tools``, for chat)."""
+    body = prepared.body
+    attributes: dict[str, Any] = {k: body[k] for k in _PARAMS if k in body}
+    if prepared.llm is not None:
+        attributes["mlflow.llm.model"], attributes["mlflow.llm.provider"] = prepared.llm
+    if prepared.kind in _OPENAI_SHAPES:
+        attributes["mlflow.message.format"] = "openai"
+    if prepared.kind == _wire.CHAT and isinstance(body.get("tools"), list):
+        attributes["mlflow.chat.tools"] = body["tools"]
+    return attributes
+
+
 def _outputs(completion: Completion, streamed: bool) -> Any:
-    # a whole answer's JSON; for a stream the text it made (its raw is only the last event)
-    return completion.raw if completion.raw is not None and not streamed else completion.text
+    """A whole answer's JSON; for a stream, the whole answer put together from its events, as
+    MLflow's OpenAI autologger records one (a chat completion, the Responses API's completed
+    response; the text for the legacy completions and the other kinds)."""
+    if not streamed:
+        return completion.raw if completion.raw is not None else completion.text
+    return _whole_answer(completion)
+
+
+def _whole_answer(completion: Completion) -> Any:
+    raw = completion.raw if isinstance(completion.raw, dict) else {}
+    if completion.kind == _wire.RESPONSES and raw.get("type") == "response.completed" and isinstance(
+            raw.get("response"), dict):
+        return raw["response"]
+    calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.raw_arguments}}
+             for c in completion.tool_calls if not c.ran]
+    usage = {k: v for k, v in (("prompt_tokens", completion.usage.input), ("completion_tokens", completion.usage.output),
+                                ("total_tokens", completion.usage.total)) if v is not None}
+    if completion.kind == _wire.CHAT:
+        message: dict[str, Any] = {"role": "assistant", "content": None if calls and not completion.text
+                                   else completion.text}
+        if calls:
+            message["tool_calls"] = calls
+        answer = {"object": "chat.completion", "id": raw.get("id"), "model": completion.served_model,
+                  "choices": [{"index": 0, "message": message, "finish_reason": completion.finish_reason or "stop"}]}
+        return {**answer, "usage": usage} if usage else answer
+    if completion.kind == _wire.RESPONSES:
+        output: list[dict[str, Any]] = [{"type": "message", "role": "assistant", "status": "completed",
+                                         "content": [{"type": "output_text", "text": completion.text}]}]
+        output += [{"type": "function_call", "call_id": c["id"], "name": c["function"]["name"],
+                    "arguments": c["function"]["arguments"]} for c in calls]
+        return {"object": "response", "status": "completed", "model": completion.served_model, "output": output,
+                **({"usage": {"input_tokens": completion.usage.input, "output_tokens": completion.usage.output,
+                              "total_tokens": completion.usage.total}} if usage else {})}
+    return completion.text
 
 
 def _error_status(error: Any) -> Any:
@@ -176,12 +245,20 @@ class _Tracer(hooks.Subscriber):
 
     def on_request(self, call: Call) -> None:
         span = CallSpan(call.prepared)
+        if "batch" in call.tags and span.span.parent_id is None:  # a batch's row: a trace of its own, tagged
+            _tag(span.span, {"dbmagic.batch": str(call.tags["batch"]), "dbmagic.row": str(call.tags.get("row"))})
         with self._lock:
             self._spans[call] = span
 
     def _span(self, call: Call) -> CallSpan | None:
         with self._lock:
             return self._spans.pop(call, None)
+
+    def on_event(self, call: Call, event: dict[str, Any]) -> None:
+        with self._lock:
+            span = self._spans.get(call)
+        if span is not None:
+            span.chunk(event)
 
     def on_step(self, call: Call, step: Any) -> None:
         with self._lock:
@@ -271,16 +348,65 @@ def _exception_event(error: BaseException) -> Any:
                      attributes={"exception.type": error.__class__.__name__, "exception.message": str(error)[:2000]})
 
 
+class BatchSpan:
+    """A batch's own trace: one ``dbmagic.batch`` span with the template, the row count and the
+    outcome, tagged ``dbmagic.batch=<id>``. Each row is a trace of its own with the same tag and
+    ``dbmagic.row=<index>`` (not a child of this span): MLflow exports a trace when its root span
+    ends and keeps it whole in memory until then, and its trace view draws every span, so 10,000
+    rows under one parent would be one unreadable trace lost whole if the kernel died. One trace a
+    row is what ``mlflow.genai.evaluate`` and the trace list page through, and a row's trace is
+    saved the moment it ends. Find a batch's rows with
+    ``mlflow.search_traces(filter_string="tags.`dbmagic.batch` = '<id>'")`` (`rows_of`)."""
+
+    def __init__(self, template: str, rows: int, endpoint: str | None):
+        mlflow = _mlflow()
+        self.batch_id = uuid.uuid4().hex[:16]
+        self.span = mlflow.start_span_no_context(
+            name="dbmagic.batch", span_type="CHAIN", parent_span=mlflow.get_current_active_span(),
+            inputs={"template": template, "rows": rows, "endpoint": endpoint}, attributes={"dbmagic.batch": self.batch_id})
+        _tag(self.span, {"dbmagic.batch": self.batch_id})
+        self.outputs: Any = None
+
+    def set_outputs(self, outputs: Any) -> None:
+        self.outputs = outputs
+
+
 @contextlib.contextmanager
-def batch_span(template: str, rows: int, endpoint: str | None) -> Iterator[Any]:
-    """The parent span of a batch (rows run in threads that copy its context)."""
+def batch_span(template: str, rows: int, endpoint: str | None) -> Iterator[BatchSpan | None]:
+    """The batch's own trace (`BatchSpan`), or None with tracing off."""
     if not enabled():
         yield None
         return
+    batch = BatchSpan(template, rows, endpoint)
+    try:
+        yield batch
+    except BaseException as exc:
+        _end_failed(batch.span, exc)
+        raise
+    batch.span.end(outputs=batch.outputs, status="OK")
+
+
+def rows_of(batch_id: str, **search: Any) -> list[Any]:
+    """The traces of a batch's rows (``dbmagic.batch`` tag), in row order."""
     mlflow = _mlflow()
-    with mlflow.start_span(name="dbmagic.batch", span_type="CHAIN") as span:
-        span.set_inputs({"template": template, "rows": rows, "endpoint": endpoint})
-        yield span
+    found = mlflow.search_traces(filter_string=f"tags.`dbmagic.batch` = '{batch_id}'", return_type="list", **search)
+    rows = [t for t in found if "dbmagic.row" in t.info.tags]
+    return sorted(rows, key=lambda t: int(t.info.tags["dbmagic.row"]))
+
+
+def _tag(span: Any, tags: dict[str, str]) -> None:
+    """Tag the trace of ``span``, a root span not in the context (MLflow tags the current trace)."""
+    mlflow = _mlflow()
+    try:
+        from mlflow.tracing.provider import detach_span_from_context, set_span_in_context
+
+        token = set_span_in_context(span)
+        try:
+            mlflow.update_current_trace(tags=tags)
+        finally:
+            detach_span_from_context(token)
+    except Exception as exc:  # an MLflow without these: the trace stays untagged, the call goes on
+        log.debug("could not tag the trace: %s", exc)
 
 
 @contextlib.contextmanager

@@ -106,25 +106,39 @@ def test_span_types_streams_errors_and_cut_streams(store, workspace, client):
     found = traces(store)
     spans = [t.data.spans[0] for t in found]
     assert [s.span_type for s in spans] == ["LLM", "EMBEDDING", "CHAT_MODEL", "CHAT_MODEL", "CHAT_MODEL"]
-    assert spans[2].outputs == "Echo: one two" and spans[2].attributes["dbmagic.stream"] is True
+    # a stream: the whole answer put together, and a chunk event per streamed event, as MLflow records them
+    assert spans[2].outputs["choices"][0]["message"]["content"] == "Echo: one two"
+    assert spans[2].attributes["dbmagic.stream"] is True and len(spans[2].events) == 3
     assert spans[3].status.status_code == "ERROR" and "was not found" in spans[3].status.description
     assert spans[4].status.status_code == "ERROR" and spans[4].outputs == "Echo: one"  # the partial text
     assert spans[4].attributes["dbmagic.finish_reason"] == "cut"
     no_token_in(found, workspace.token)
 
 
-def test_a_batch_is_one_parent_with_a_child_per_row(store, workspace, client):
+def test_a_batch_is_a_trace_a_row_tied_by_a_tag_and_one_summary(store, workspace, client):
     result = dbmagic.batch("Say {{ row }}", ["a", "b", "c"], endpoint=CHAT, concurrency=3, client=client,
                            progress=False)
     assert result.failed == []
+    found = traces(store)
+    assert len(found) == 4 and all(len(t.data.spans) == 1 for t in found)  # no trace holds the whole batch
+    [summary] = [t for t in found if "dbmagic.row" not in t.info.tags]
+    span = summary.data.spans[0]
+    assert (span.name, span.span_type) == ("dbmagic.batch", "CHAIN")
+    assert span.inputs == {"template": "Say {{ row }}", "rows": 3, "endpoint": CHAT}
+    assert span.outputs == {"answered": 3, "failed": 0, "interrupted": False}
+    batch_id = summary.info.tags["dbmagic.batch"]
+    rows = tracing.rows_of(batch_id, locations=[store.experiment_id])
+    assert [t.info.tags["dbmagic.row"] for t in rows] == ["0", "1", "2"]
+    assert [t.data.spans[0].inputs["messages"][-1]["content"] for t in rows] == ["Say a", "Say b", "Say c"]
+    assert {t.info.tags["dbmagic.batch"] for t in rows} == {batch_id}
+
+
+def test_a_batch_inside_your_own_span_stays_inside_it(store, workspace, client):
+    with mlflow.start_span(name="my pipeline"):
+        dbmagic.batch("Say {{ row }}", ["a", "b"], endpoint=CHAT, concurrency=2, client=client, progress=False)
     [trace] = traces(store)
-    parent = next(s for s in trace.data.spans if s.parent_id is None)
-    children = [s for s in trace.data.spans if s.parent_id == parent.span_id]
-    assert (parent.name, parent.span_type) == ("dbmagic.batch", "CHAIN")
-    assert parent.inputs == {"template": "Say {{ row }}", "rows": 3, "endpoint": CHAT}
-    assert parent.outputs == {"answered": 3, "failed": 0, "interrupted": False}
-    assert sorted(c.inputs["messages"][-1]["content"] for c in children) == ["Say a", "Say b", "Say c"]
-    assert len(trace.data.spans) == 4
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    assert root.name == "my pipeline" and len(trace.data.spans) == 4  # the batch's span and both rows under it
 
 
 def test_the_magic_and_the_panel_leave_traces(store, shell, workspace):
@@ -321,3 +335,74 @@ def test_a_schema_that_never_fits_is_an_error_span_with_the_answer(store, worksp
     [span] = trace.data.spans
     assert span.status.status_code == "ERROR" and "does not fit the schema" in span.status.description
     assert span.outputs["choices"][0]["message"]["content"] == '{"n": "many"}'
+
+
+# -- the same trace MLflow's own OpenAI autologger writes ---------------------------------------------
+
+def _openai_autolog_span(workspace, store, **create):
+    """The span mlflow.openai.autolog() writes for the same call through the openai client (the
+    OpenAI-compatible route of the local workspace), read back from the store."""
+    openai = pytest.importorskip("openai")
+    dbmagic.autolog(disable=True)
+    mlflow.openai.autolog()
+    try:
+        client = openai.OpenAI(base_url=f"{workspace.host}/serving-endpoints", api_key=workspace.token)
+        answer = client.chat.completions.create(model=CHAT, **create)
+        if create.get("stream"):
+            list(answer)
+    finally:
+        mlflow.openai.autolog(disable=True)
+        dbmagic.autolog()
+    return traces(store)[-1].data.spans[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chat_call_is_traced_as_mlflows_openai_autologger_traces_it(store, workspace, client, stream):
+    messages = [{"role": "user", "content": "Hi there"}]
+    theirs = _openai_autolog_span(workspace, store, messages=messages, temperature=0.2, stream=stream,
+                                  **({"stream_options": {"include_usage": True}} if stream else {}))
+    call = client.call(client.prepare("Hi there", CHAT, temperature=0.2, stream=stream))
+    call.wait()
+    ours = traces(store)[-1].data.spans[0]
+    assert ours.span_type == theirs.span_type == "CHAT_MODEL"
+    for key in ("mlflow.message.format", "mlflow.chat.tokenUsage", "temperature"):
+        assert ours.attributes[key] == theirs.attributes[key], key
+    assert ours.inputs["messages"] == theirs.inputs["messages"] == messages
+    for answer in (ours.outputs, theirs.outputs):  # a whole chat completion, streamed or not
+        assert answer["object"] == "chat.completion"
+        assert answer["choices"][0]["message"]["content"] == "Echo: Hi there"
+        assert answer["usage"]["total_tokens"] == 5
+    assert [e.name for e in ours.events] == [e.name for e in theirs.events]  # the chunks, one event each
+    if stream:
+        assert json.loads(ours.events[0].attributes["mlflow.chunk.value"])["choices"][0]["delta"]["role"] == "assistant"
+    # deliberately not theirs: the endpoint's name and provider, which MLflow prices from its Databricks
+    # catalog (the served model's name in the answer, which the autologger records, has no price)
+    assert (ours.attributes["mlflow.llm.model"], ours.attributes["mlflow.llm.provider"]) == (CHAT, "databricks")
+    assert theirs.attributes["mlflow.llm.model"] == "meta-llama-3.3-70b-instruct"
+
+
+def test_cost_appears_when_mlflow_has_a_price_for_the_model(store, workspace, client):
+    # the tests' catalog (tests/model_catalog) prices the chat endpoint at 0.5 and 1.5 per token
+    client.complete("Hi there", endpoint=CHAT)
+    [trace] = traces(store)
+    span = trace.data.spans[0]
+    assert span.attributes["mlflow.llm.cost"] == {"input_cost": 1.0, "output_cost": 4.5, "total_cost": 5.5}
+    assert trace.info.token_usage == {"input_tokens": 2, "output_tokens": 3, "total_tokens": 5}
+
+
+def test_an_external_model_is_priced_by_its_own_name_and_provider(store, workspace, client):
+    client.complete("a b", endpoint=COMPLETIONS)  # EXTERNAL_MODEL: local-instruct from provider "local"
+    span = traces(store)[-1].data.spans[0]
+    assert (span.attributes["mlflow.llm.model"], span.attributes["mlflow.llm.provider"]) == ("local-instruct", "local")
+    assert span.attributes["mlflow.message.format"] == "openai"
+
+
+def test_tools_offered_are_recorded_for_the_chat_view(store, workspace, client):
+    def lookup(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    client.complete("weather in Paris?", endpoint=CHAT, tools=[lookup])
+    span = traces(store)[-1].data.spans[0]
+    [tool] = span.attributes["mlflow.chat.tools"]
+    assert tool["type"] == "function" and tool["function"]["name"] == "lookup"

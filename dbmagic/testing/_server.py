@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,6 +25,8 @@ __all__ = ["LocalWorkspace", "Endpoint", "Fault", "App", "RecordedRequest", "ech
 _INVOCATIONS = re.compile(r"^/serving-endpoints/([^/]+)/invocations/?$")
 _ENDPOINT = re.compile(r"^/api/2\.0/serving-endpoints/([^/]+)/?$")
 _APP = re.compile(r"^/api/2\.0/apps/([^/]+)/?$")
+_OPENAI_ROUTES = {"/serving-endpoints/chat/completions": "llm/v1/chat", "/serving-endpoints/completions":
+                  "llm/v1/completions", "/serving-endpoints/embeddings": "llm/v1/embeddings"}
 _PROXY = re.compile(r"^/driver-proxy-api/o/([^/]+)/([^/]+)/(\d+)(/.*)?$")
 
 
@@ -559,10 +562,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        headers = dict(self.headers.items())
-        sent_auth = headers.get("Authorization", "")
-        if "Authorization" in headers:
-            headers["Authorization"] = sent_auth.split(" ", 1)[0] + " ***"
+        sent_auth = self.headers.get("Authorization", "")  # header names are case-insensitive (openai's is lower case)
+        headers = {k: (v.split(" ", 1)[0] + " ***" if k.lower() == "authorization" else v)
+                   for k, v in self.headers.items()}
         return raw, body, headers, sent_auth, self.path.split("?", 1)[0]
 
     def _dispatch(self, method: str) -> None:
@@ -610,20 +612,17 @@ class _Handler(BaseHTTPRequestHandler):
             if service is None:
                 return self._error(404, f"Model service '{model}' does not exist, or you lack EXECUTE on it.",
                                    "RESOURCE_DOES_NOT_EXIST")
-            wait = ws._admit(service)
-            if wait:
-                return self._error(429, LIMIT_MESSAGES[_WINDOWS[service.rate_window][1]], "REQUEST_LIMIT_EXCEEDED",
-                                   extra={"Retry-After": f"{wait:.3f}"} if service.retry_after else None)
-            fault = self._fault(model, path)
-            if fault is True:
-                return
-            if service.latency:
-                time.sleep(service.latency)
             if path.endswith("/responses"):  # the same service through the Responses API
-                from dataclasses import replace as _replace
-
-                service = _replace(service, task="agent/v1/responses")
-            return self._invoke(service, {k: v for k, v in body.items() if k != "model"}, fault, usage_when_asked=True)
+                service = dataclasses.replace(service, task="agent/v1/responses")
+            return self._serve(service, body, path, named=True, usage_when_asked=True)
+        if method == "POST" and path in _OPENAI_ROUTES:  # what the openai client sends, base_url {host}/serving-endpoints
+            model = body.get("model") if isinstance(body, dict) else None
+            endpoint = ws.endpoints.get(model) if isinstance(model, str) else None
+            if endpoint is None:
+                return self._not_found(str(model))
+            if endpoint.task != _OPENAI_ROUTES[path]:
+                return self._error(400, f"Endpoint {model} does not serve {path.rsplit('/', 1)[-1]}.", "BAD_REQUEST")
+            return self._serve(endpoint, body, path, named=True)
         if method == "GET" and path.rstrip("/") == "/api/2.0/serving-endpoints":
             if self._fault(path) is True:
                 return
@@ -641,16 +640,7 @@ class _Handler(BaseHTTPRequestHandler):
             endpoint = ws.endpoints.get(match.group(1))
             if endpoint is None:
                 return self._not_found(match.group(1))
-            wait = ws._admit(endpoint)
-            if wait:
-                return self._error(429, LIMIT_MESSAGES[_WINDOWS[endpoint.rate_window][1]], "REQUEST_LIMIT_EXCEEDED",
-                                   extra={"Retry-After": f"{wait:.3f}"} if endpoint.retry_after else None)
-            fault = self._fault(endpoint.name, path)
-            if fault is True:
-                return
-            if endpoint.latency:
-                time.sleep(endpoint.latency)
-            return self._invoke(endpoint, body, fault)
+            return self._serve(endpoint, body, path)
         match = _PROXY.match(path)
         if method == "POST" and match:
             key = (match.group(2), int(match.group(3)))
@@ -753,6 +743,27 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(400, {"error": "wrong metadata version or host"})
         self._json(200, {"access_token": ws.issue_token(), "token_type": "Bearer",
                          "expires_on": int(time.time() + ws.token_lifetime)})
+
+    def _serve(self, endpoint: Endpoint, body: Any, path: str, *, named: bool = False,
+               usage_when_asked: bool = False) -> None:
+        """An invocation of ``endpoint``: its rate limit, a queued fault, its latency, then its answer.
+        ``named``: the body names it (``model``: a model service, an OpenAI-compatible route), which
+        is not part of what the endpoint reads. ``usage_when_asked``: as OpenAI's API, a stream
+        carries usage only when ``stream_options.include_usage`` asks for it (model services, and
+        external models anywhere)."""
+        ws = self.workspace
+        wait = ws._admit(endpoint)
+        if wait:
+            return self._error(429, LIMIT_MESSAGES[_WINDOWS[endpoint.rate_window][1]], "REQUEST_LIMIT_EXCEEDED",
+                               extra={"Retry-After": f"{wait:.3f}"} if endpoint.retry_after else None)
+        fault = self._fault(endpoint.name, path)
+        if fault is True:
+            return
+        if endpoint.latency:
+            time.sleep(endpoint.latency)
+        if named and isinstance(body, dict):
+            body = {k: v for k, v in body.items() if k != "model"}
+        return self._invoke(endpoint, body, fault, usage_when_asked=usage_when_asked)
 
     def _page(self, key: str, items: list[Any]) -> dict[str, Any]:
         """One page of a list API (``page_size`` of the workspace a page), with ``next_page_token``
@@ -899,16 +910,17 @@ class _Handler(BaseHTTPRequestHandler):
                     if i == 0:
                         delta["role"] = "assistant"
                     choice = {"index": 0, "delta": delta, "finish_reason": finish if last else None}
-                    chunk: dict[str, Any] = {"object": "chat.completion.chunk", "model": endpoint.model,
-                                             "choices": [choice]}
+                    chunk: dict[str, Any] = {"id": "chatcmpl-0", "object": "chat.completion.chunk",
+                                             "created": 1700000000, "model": endpoint.model, "choices": [choice]}
                 else:
                     choice = {"index": 0, "text": piece, "finish_reason": finish if last else None}
-                    chunk = {"object": "text_completion", "model": endpoint.model, "choices": [choice]}
+                    chunk = {"id": "cmpl-0", "object": "text_completion", "created": 1700000000, "model": endpoint.model,
+                             "choices": [choice]}
                 if last and usage_chunk is None:
                     chunk["usage"] = usage
                 event(chunk)
                 if last and usage_chunk:
-                    event({"object": chunk["object"], "model": endpoint.model, "choices": [], "usage": usage})
+                    event({**chunk, "choices": [], "usage": usage})
             if ws.chunk_delay:
                 time.sleep(ws.chunk_delay)
             if fault is not None and fault.stall_after == i + 1:
