@@ -254,7 +254,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     if columns is not None:
         refuse_collisions(columns, column, error_column)
         refuse_field_collisions(columns, schema, column, error_column)
-        unknown = sorted(tpl.names - set(columns) - set(namespace) - JINJA_GLOBALS)
+        unknown = sorted(tpl.required - set(columns) - set(namespace) - JINJA_GLOBALS)
         if unknown:
             raise TemplateError(
                 f"The template uses {', '.join(unknown)}, which is not a column of the DataFrame "
@@ -287,7 +287,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     def call(i: int) -> Call:
         values = {**namespace, **contexts[i]}
         prompt = tpl.render(values, where=f"in row {i} (its values: {', '.join(map(str, contexts[i])) or 'none'})")
-        return client.call(prepare(prompt.strip()), transform_output=transform_output, timeout=timeout, retry=policy,
+        return client.call(prepare(prompt.strip() if isinstance(prompt, str) else prompt),
+                           transform_output=transform_output, timeout=timeout, retry=policy,
                            tags={**batch, "row": i} if batch else None)
 
     started = time.perf_counter()

@@ -51,8 +51,12 @@ def call_options(spec: CallSpec, namespace: Mapping[str, Any]) -> tuple[dict[str
 def prepare(spec: CallSpec, template: str | Template, namespace: MutableMapping[str, Any], client: Client,
             *, stream: bool = False) -> tuple[PreparedRequest, Any]:
     """Render the prompt and build the request; returns it and the output transform."""
-    prompt = render_prompt(template, namespace).strip()
+    prompt = render_prompt(template, namespace)
+    prompt = prompt.strip() if isinstance(prompt, str) else prompt  # a registry chat prompt's messages as they are
     options, t_out = call_options(spec, namespace)
+    if spec.chat and _wire.is_messages(prompt):
+        raise ConfigurationError("A chat prompt brings its own messages, so --chat has no conversation to keep: "
+                                 "drop --chat (or its %config DbLLM default).")
     history = _history.of(client).get(spec.target_key) if spec.chat else ()
     prepared = client.prepare(prompt, history=history, stream=stream, **options)
     problem = _wire.not_for_kind("--chat", prepared.kind, prepared.target) if spec.chat else None

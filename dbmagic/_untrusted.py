@@ -1,11 +1,12 @@
 """Rendering third-party prompt text (the MLflow Prompt Registry) as data, never as code.
 
-A registry prompt is text someone else wrote. It renders with only the variables it declares, each
-a plain data value (`plain`), in a Jinja2 environment cut down to what a prompt needs: ``{{ }}``
-substitutions, ``{% if %}``, ``{% for %}``, whitelisted filters and a few read-only methods of text
-and dicts. There is no ``{% set %}``, no macros, no includes, no calls of anything else, and every
-value it builds, every loop and the whole output are bounded (`LIMITS`), so it can neither run code
-in the kernel nor exhaust its memory or time.
+A registry prompt is text someone else wrote. One that uses ``{% %}`` renders here (the others are
+filled by plain substitution, as MLflow fills them: `dbmagic.templating.RegistryTemplate`), with
+only the variables it declares, each a plain data value (`plain`), in a Jinja2 environment cut down
+to what a prompt needs: ``{{ }}`` substitutions, ``{% if %}``, ``{% for %}``, whitelisted filters
+and a few read-only methods of text and dicts. There is no ``{% set %}``, no macros, no includes, no
+calls of anything else, and every value it builds, every loop and the whole output are bounded
+(`LIMITS`), so it can neither run code in the kernel nor exhaust its memory or time.
 """
 
 from __future__ import annotations
@@ -234,8 +235,9 @@ def _environment() -> Any:
                               "prompts cannot call")
             return _bounded(super().call(__context, __obj, *args, **kwargs))
 
-    env = Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
-                      finalize=_bounded)
+    # as MLflow's PromptVersion.format makes its environment: an undefined name renders as nothing,
+    # a trailing newline is dropped (Jinja2's defaults)
+    env = Environment(undefined=jinja2.Undefined, autoescape=False, finalize=_bounded)
     env.globals = {name: env.globals[name] for name in _GLOBALS if name in env.globals}
     env.filters = {name: _wrap_filter(name, f) for name, f in env.filters.items() if name in _FILTERS}
     env.filters.update({"_dbmagic_each": _each, "_dbmagic_concat": _concat, "_dbmagic_value": _bounded})

@@ -72,16 +72,23 @@ def known_task(task: str) -> bool:
     return task in KINDS or task in _TASKS or task.startswith("agent/")
 
 
+def is_messages(prompt: Any) -> bool:
+    """A prompt that is a list of ``{"role", "content"}`` messages (a registry chat prompt)."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
 def seed_request(prompt: Any, params: dict[str, Any]) -> dict[str, Any]:
     """The request LangChain's ``Databricks`` class hands to ``transform_input``:
-    ``{"prompt": ..., "temperature": ..., "stop": [...], ...}`` (unset parameters left out)."""
-    request = {"prompt": prompt}
+    ``{"prompt": ..., "temperature": ..., "stop": [...], ...}`` (unset parameters left out); a
+    list of messages (`is_messages`) goes as ``messages``, which conversational kinds send as they are."""
+    request = {"messages": prompt} if is_messages(prompt) else {"prompt": prompt}
     request.update((k, v) for k, v in params.items() if v is not None)
     return request
 
 
 # the options only conversational kinds can use, and what each does there
-_CONVERSATIONAL_ONLY = {"--chat": "keeps a conversation", "--system": "sets the system prompt"}
+_CONVERSATIONAL_ONLY = {"--chat": "keeps a conversation", "--system": "sets the system prompt",
+                        "A chat prompt": "is a list of messages, which go"}
 
 
 def not_for_kind(option: str, kind: str, target: str) -> str | None:
@@ -89,8 +96,10 @@ def not_for_kind(option: str, kind: str, target: str) -> str | None:
     completions endpoint): the message that refuses it before anything is sent, or None."""
     if kind in CONVERSATIONAL or option not in _CONVERSATIONAL_ONLY:
         return None
+    fix = (f"Drop {option} (or its %config DbLLM default), or use" if option.startswith("--") else
+           "Register a text prompt for it, or use")
     return (f"{option} {_CONVERSATIONAL_ONLY[option]} with a chat or agent endpoint, and {target} takes {kind} "
-            f"requests. Drop {option} (or its %config DbLLM default), or use a chat or agent endpoint.")
+            f"requests. {fix} a chat or agent endpoint.")
 
 
 def with_article(noun: str) -> str:

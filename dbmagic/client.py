@@ -507,7 +507,15 @@ class Client:
                  "run_tools": bool(o["run_tools"]), "max_steps": o["max_steps"] or 5}
 
         def build(prompt: Any) -> PreparedRequest:
-            if instruction is not None:  # a kind that cannot take the schema on the wire reads it in the prompt
+            if _wire.is_messages(prompt):  # a chat prompt brings every turn itself
+                problem = _wire.not_for_kind("A chat prompt", kind, target)
+                if problem is None and (system or history):
+                    problem = ("A chat prompt brings its own messages, so --system and --chat have nothing to add: "
+                               "drop them (or their %config DbLLM defaults), or put the text in the prompt.")
+                if problem:
+                    raise ConfigurationError(problem)
+                prompt = [{"role": str(m["role"]), "content": m.get("content")} for m in prompt]
+            elif instruction is not None:  # a kind that cannot take the schema on the wire reads it in the prompt
                 prompt = f"{_wire.as_text(prompt)}\n\n{instruction}"
             request = _wire.seed_request(prompt, params)
             if transform is not None:

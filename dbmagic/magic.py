@@ -179,7 +179,7 @@ def _converter(s: settings.Setting) -> Callable[[str], Any]:
         text = "--" if text == _DASHES else text
         try:
             if s.type is dict:
-                return settings.parse_param(text)
+                return settings.parse_param(text, s.name)
             value = settings.from_text(s.name, text)
         except SettingError as exc:  # argparse shows it after the flag's name
             raise argparse.ArgumentTypeError(str(exc)) from None
@@ -240,13 +240,18 @@ class DbLLM(_Options):
             raise UsageError(f"Unexpected words after the options: {' '.join(args.text)!r}. "
                              "With %%dbllm the prompt goes in the cell body.")
         overrides = {s.name: getattr(args, s.name) for s in settings.SETTINGS if s.flags}
-        if overrides["extra_params"] is not None:  # one dict per -p
-            overrides["extra_params"] = {k: v for item in overrides["extra_params"] for k, v in item.items()}
+        for setting in settings.SETTINGS:  # one dict per -p (per --var)
+            if setting.type is dict and overrides.get(setting.name) is not None:
+                overrides[setting.name] = {k: v for item in overrides[setting.name] for k, v in item.items()}
         axes = settings.sweeps(overrides)  # a setting given several times: compared side by side
-        values = settings.merge({} if args.no_config else self.setting_values(), overrides)
-        template = self._template(values["prompt"], " ".join(args.text) if cell is None else cell, cell is None,
-                                  raw=values["raw"])
-        with tracing.prompt_span(values["prompt"]) if values["prompt"] else contextlib.nullcontext():
+        config = {} if args.no_config else self.setting_values()
+        values = settings.merge(config, overrides)
+        version = tracing.load_prompt(values["prompt"]) if values["prompt"] else None  # an alias resolved once
+        if version is not None:  # its model_config and response_format, unless the cell sets them
+            values = settings.merge(settings.merge(config, tracing.prompt_settings(version)), overrides)
+        template = self._template(version, " ".join(args.text) if cell is None else cell, cell is None,
+                                  raw=values["raw"], given=values["vars"])
+        with tracing.prompt_span(version) if version is not None else contextlib.nullcontext():
             if axes or values["repeat"] > 1:
                 return self._compare(values, axes, template)
             return self._send(values, template)
@@ -285,14 +290,16 @@ class DbLLM(_Options):
             namespace[values["output"]] = result
         return None
 
-    def _template(self, uri: str | None, body: str, one_line: bool, raw: bool = False) -> str | Template:
-        """The cell's template: the body (as written with ``--raw``), or a registered prompt (rendered
-        as data, `RegistryTemplate`) with the body after it."""
-        if uri:
-            version = tracing.load_prompt(uri)
-            if not isinstance(version.template, str):
-                raise UsageError(f"{uri} is a chat prompt (a list of messages); --prompt takes text prompts.")
-            return RegistryTemplate(version.template, uri, Template(body, raw=raw) if body.strip() else None)
+    def _template(self, version: Any, body: str, one_line: bool, raw: bool = False,
+                  given: dict[str, Any] | None = None) -> str | Template:
+        """The cell's template: the body (as written with ``--raw``), or a registered prompt version
+        (rendered as MLflow renders it, as data: `RegistryTemplate`) with the body after it."""
+        if version is not None:
+            return RegistryTemplate(version.template, tracing.version_uri(version),
+                                    Template(body, raw=raw) if body.strip() else None, given=given)
+        if given:
+            raise UsageError("--var fills a registry prompt's variables: use it with --prompt (in a cell of your "
+                             "own, use the notebook's variables).")
         if body.strip():
             return Template(body, raw=True) if raw else body
         if one_line:

@@ -156,6 +156,12 @@ def _prompt_uri(value: str) -> str | None:
     return None if name.strip("/@") else "must be a prompt URI: prompts:/NAME/VERSION or prompts:/NAME@alias"
 
 
+def _prompt_vars(value: dict[str, Any]) -> str | None:
+    # MLflow's variable names: an identifier, or dotted identifiers ({{ user.name }})
+    bad = next((k for k in value if not all(part.isidentifier() for part in k.split("."))), None)
+    return f"has {bad!r}, which is not a prompt variable name (letters, digits, _ and dots)" if bad else None
+
+
 def _column(value: str) -> str | None:
     return None if value.strip() and value != "error" else "must be a column name other than 'error'"
 
@@ -241,6 +247,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prompt", str, None, "use this MLflow Prompt Registry template (prompts:/NAME/VERSION or "
             "prompts:/NAME@alias); the cell, if any, is appended", ("--prompt",), rule=_prompt_uri, metavar="URI",
             scope="cell"),
+    Setting("vars", dict, {}, "a variable of the --prompt template, repeatable; VALUE is parsed as JSON when it "
+            "parses; wins over the notebook's", ("--var",), rule=_prompt_vars, metavar="NAME=VALUE", scope="cell"),
     Setting("compare", str, None, "endpoints to compare side by side, comma-separated (as -e A -e B)",
             ("--compare",), rule=_endpoint_list, metavar="A,B,...", scope="cell"),
     Setting("repeat", int, 1, "run each compared call this many times: median latency, how often answers differ",
@@ -363,17 +371,21 @@ def _json_object(name: str, text: str) -> dict[str, Any]:
     return value
 
 
-def parse_param(item: str) -> dict[str, Any]:
-    """One ``-p KEY=VALUE``; a VALUE that parses as JSON is taken as JSON (numbers, lists, ...)."""
+def parse_param(item: str, name: str = "extra_params") -> dict[str, Any]:
+    """One ``-p KEY=VALUE`` (or ``--var NAME=VALUE``, ``name="vars"``); a VALUE that parses as JSON
+    is taken as JSON (numbers, lists, ...)."""
+    flag, example = ("--var", "--var audience=engineers") if name == "vars" else ("-p", "-p top_p=0.9")
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise SettingError(f"-p takes KEY=VALUE, e.g. -p top_p=0.9; got {_shown(item)}.")
+        raise SettingError(f"{flag} takes {BY_NAME[name].metavar}, e.g. {example}; got {_shown(item)}.")
     try:
         value = json.loads(text, parse_constant=_no_constant)
     except ValueError:
         value = text
     except RecursionError:
-        raise SettingError(f"-p {key}: the JSON value is nested too deeply.") from None
+        raise SettingError(f"{flag} {key}: the JSON value is nested too deeply.") from None
+    if name == "vars":
+        return coerce("vars", {key: value})
     if key in BY_NAME:
         s = BY_NAME[key]
         hint = f"use {s.flag}" if s.flags else "set it in %config DbLLM"

@@ -10,6 +10,8 @@ from the MLflow Prompt Registry, someone else's, and renders as data (`dbmagic._
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,8 +53,9 @@ def with_self(values: Mapping[str, Any]) -> Mapping[str, Any]:
 class Template:
     """A prompt template compiled once, to fill many times (a batch renders one per row).
 
-    ``names`` are the variables it reads; `render` fills them, and an undefined one is a
-    `TemplateError` that names it and says where it was looked for. ``raw``: the text as it is.
+    ``names`` are the variables it reads (``required``: those that must have a value); `render`
+    fills them, and an undefined one is a `TemplateError` that names it and says where it was
+    looked for. ``raw``: the text as it is.
     """
 
     def __init__(self, source: str, *, raw: bool = False):
@@ -72,6 +75,7 @@ class Template:
                     f"The prompt template is not valid Jinja2 (line {exc.lineno}: {exc.message}). "
                     "Fix the {{ }} expression, or write {{ '{{' }} to keep literal braces."
                 ) from None
+        self.required: frozenset[str] = self.names  # the names that must have a value: every one it reads
 
     def render(self, values: Mapping[str, Any], *, where: str = "in the notebook") -> str:
         if self._compiled is None:
@@ -97,46 +101,107 @@ def render_error(exc: Exception, what: str, where: str, *, define: str, fix: str
                          f"{str(exc)[:300]}. {fix}")
 
 
-class RegistryTemplate(Template):
-    """A prompt from the MLflow Prompt Registry (``uri``), with the cell's own ``body`` after it.
+# MLflow's own rules (mlflow/prompt/constants.py, PromptVersion.format): the variables of a prompt,
+# and what makes it a Jinja2 template rather than one filled by plain substitution
+PROMPT_VARIABLE = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*(?:\.[a-zA-Z_][a-zA-Z0-9_]*)*)\s*\}\}")
 
-    The registry text is someone else's, so it renders as data: only the variables it declares,
-    each of them plain data, in a cut-down Jinja2 (``{{ }}``, ``{% if %}``, ``{% for %}``, filters),
-    with its output, loops and time bounded (`dbmagic._untrusted.LIMITS`). ``body`` is the user's
-    own cell and renders as any `Template`.
+
+def is_jinja_prompt(texts: list[str]) -> bool:
+    """MLflow's ``_is_jinja2_template``: a text (or any message of a chat prompt) with ``{%`` and ``%}``."""
+    return any("{%" in t and "%}" in t for t in texts)
+
+
+def substitute(text: str, values: Mapping[str, Any]) -> str:
+    """MLflow's ``format_prompt``: each ``{{ name }}`` of a given name replaced by ``str(value)``, in
+    one pass (a value holding ``{{ other }}`` is not filled again); everything else left as it is."""
+    if not values:
+        return text
+    pattern = re.compile(r"\{\{\s*(" + "|".join(map(re.escape, values)) + r")\s*\}\}")
+    return pattern.sub(lambda match: str(values[match.group(1)]), text)
+
+
+class RegistryTemplate(Template):
+    """A prompt from the MLflow Prompt Registry (``uri``), with the cell's own ``body`` after it,
+    rendered exactly as MLflow's ``PromptVersion.format`` renders it:
+
+    - a text (or chat) prompt without ``{% %}`` is filled by plain substitution of its ``{{ name }}``
+      variables (MLflow's pattern: names, dotted names too); any other brace (``{{"label": 1}}``,
+      ``{#id}``) is text, and a variable with no value is an error that names it;
+    - a prompt with ``{% %}`` renders as Jinja2, an undefined name rendering as nothing (so an
+      ``{% if name %}`` with ``name`` unset takes its ``else``), in dbmagic's cut-down sandbox
+      (``{{ }}``, ``{% if %}``, ``{% for %}``, filters; output, loops and time bounded:
+      `dbmagic._untrusted`), which refuses what MLflow's sandbox would allow and a prompt needs not.
+
+    Either way the registry text is someone else's, so it gets only the variables it names, each
+    plain data (`dbmagic._untrusted.plain`), from ``given`` (``--var NAME=VALUE``) first, then the
+    notebook. A chat prompt (a list of ``{"role", "content"}`` messages) renders to messages
+    (`render_messages`), the cell's body a last user turn after them.
     """
 
-    def __init__(self, source: str, uri: str, body: Template | None = None):
+    def __init__(self, source: str | list[dict[str, Any]], uri: str, body: Template | None = None,
+                 given: Mapping[str, Any] | None = None):
         from . import _untrusted
 
-        self.source, self.uri, self._body = source, uri, body
-        try:
-            self._compiled, self._declared = _untrusted.compile_untrusted(source)
-        except _untrusted.Limited as exc:
-            raise self._refused(exc) from None
-        except Exception as exc:  # jinja2.TemplateSyntaxError, a RecursionError on absurd nesting
-            line = getattr(exc, "lineno", "?")
-            raise TemplateError(f"The registry prompt {uri} is not a valid template (line {line}: "
-                                f"{getattr(exc, 'message', None) or exc.__class__.__name__}).") from None
-        reserved = sorted(n for n in self._declared if n.startswith("_") or n in _untrusted.RESERVED)
+        self.source, self.uri, self._body, self._given = source, uri, body, dict(given or {})
+        self.chat = not isinstance(source, str)
+        texts = _message_texts(source, uri) if self.chat else [source]
+        self.jinja = is_jinja_prompt(texts)
+        self._compiled: Any = []
+        if self.jinja:
+            names: set[str] = set()
+            for text in texts:
+                try:
+                    compiled, found = _untrusted.compile_untrusted(text)
+                except _untrusted.Limited as exc:
+                    raise self._refused(exc) from None
+                except Exception as exc:  # jinja2.TemplateSyntaxError, a RecursionError on absurd nesting
+                    line = getattr(exc, "lineno", "?")
+                    raise TemplateError(f"The registry prompt {uri} is not a valid template (line {line}: "
+                                        f"{getattr(exc, 'message', None) or exc.__class__.__name__}).") from None
+                self._compiled.append(compiled)
+                names |= found
+            self._declared = frozenset(names)
+        else:  # MLflow reads a chat prompt's variables from its JSON text
+            self._declared = frozenset(PROMPT_VARIABLE.findall(source if isinstance(source, str) else json.dumps(source)))
+        reserved = sorted(n for n in self._declared if n.startswith("_") or n.split(".")[0] in _untrusted.RESERVED)
         if reserved:
             raise TemplateError(f"The registry prompt {uri} asks for {', '.join(reserved)}, which is the "
                                 "notebook's own state, not a prompt variable; a registry prompt cannot read it.")
-        self.names = self._declared | (body.names if body is not None else frozenset())
+        body_names = body.names if body is not None else frozenset()
+        self.names = self._declared | body_names
+        # what must have a value: every variable of a plain prompt; in Jinja2 an undefined name is allowed
+        self.required = (body_names if self.jinja else self.names) - self._given.keys()
 
     def _refused(self, exc: Exception) -> TemplateError:
         return TemplateError(f"The registry prompt {self.uri} was refused: {exc}. A registry prompt renders as "
                              "data; to use the notebook's full template language, write the text in the cell.")
 
-    def render(self, values: Mapping[str, Any], *, where: str = "in the notebook") -> str:
+    def _values(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        from . import _untrusted
+
+        merged = {**values, **self._given}
+        return {n: _untrusted.plain(merged[n], n) for n in sorted(self._declared) if n in merged}
+
+    def _fill(self, texts: list[str], values: Mapping[str, Any], where: str) -> list[str]:
         from . import _untrusted
 
         try:
-            given = {n: _untrusted.plain(values[n], n) for n in sorted(self._declared) if n in values}
-            text = _untrusted.render_untrusted(self._compiled, given)
+            given = self._values(values)
+            if not self.jinja:
+                missing = sorted(self._declared - given.keys())
+                if missing:
+                    raise TemplateError(
+                        f"The registry prompt {self.uri} needs {', '.join(missing)}, which "
+                        f"{'is' if len(missing) == 1 else 'are'} not defined {where}. Define "
+                        f"{'it' if len(missing) == 1 else 'them'} (plain data: text, numbers, lists, dicts), or "
+                        f"give {'it' if len(missing) == 1 else 'them'} with --var NAME=VALUE.")
+                return [substitute(text, given) for text in texts]
+            return [_untrusted.render_untrusted(compiled, given) for compiled in self._compiled]
         except _untrusted.Limited as exc:
             raise self._refused(exc) from None
-        except Exception as exc:  # an undefined name, a filter given the wrong type ...
+        except TemplateError:
+            raise
+        except Exception as exc:  # an attribute of an undefined name, a filter given the wrong type ...
             import jinja2.exceptions
 
             if isinstance(exc, jinja2.exceptions.SecurityError):
@@ -144,13 +209,38 @@ class RegistryTemplate(Template):
             raise render_error(exc, f"The registry prompt {self.uri}", where,
                                define="Define it (plain data: text, numbers, lists, dicts).",
                                fix="To change the prompt, copy its text into the cell.") from None
+
+    def render(self, values: Mapping[str, Any], *, where: str = "in the notebook") -> Any:
+        """The prompt's text, the cell's body after it; for a chat prompt, its messages (`render_messages`)."""
+        if self.chat:
+            return self.render_messages(values, where=where)
+        [text] = self._fill([self.source], values, where)
         if self._body is None:
             return text
         return f"{text}\n\n{self._body.render(values, where=where)}"
 
+    def render_messages(self, values: Mapping[str, Any], *, where: str = "in the notebook") -> list[dict[str, str]]:
+        """A chat prompt's messages, rendered, with the cell's body (if any) as a last user turn."""
+        contents = self._fill([m["content"] for m in self.source], values, where)
+        messages = [{"role": m["role"], "content": c} for m, c in zip(self.source, contents, strict=True)]
+        if self._body is not None:
+            messages.append({"role": "user", "content": self._body.render(values, where=where)})
+        return messages
 
-def render_prompt(template: str | Template, namespace: Mapping[str, Any]) -> str:
-    """Fill ``template`` from ``namespace``; an undefined name is an error that names it."""
+
+def _message_texts(source: Any, uri: str) -> list[str]:
+    """The contents of a chat prompt's messages, checked: ``{"role": str, "content": str}`` each."""
+    if not isinstance(source, list) or not source or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in source):
+        raise TemplateError(f"The registry prompt {uri} is neither text nor a list of {{role, content}} messages "
+                            "with text content, so dbmagic cannot send it.")
+    return [m["content"] for m in source]
+
+
+def render_prompt(template: str | Template, namespace: Mapping[str, Any]) -> Any:
+    """Fill ``template`` from ``namespace``; an undefined name is an error that names it. A chat
+    prompt from the registry gives its messages (a list), any other template its text."""
     return (template if isinstance(template, Template) else Template(template)).render(namespace)
 
 

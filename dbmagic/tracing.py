@@ -42,7 +42,7 @@ from .errors import ConfigurationError, first_line
 if TYPE_CHECKING:
     from .client import Call, Completion, PreparedRequest
 
-__all__ = ["autolog", "enabled", "register_prompt", "load_prompt", "list_prompts"]
+__all__ = ["autolog", "enabled", "register_prompt", "load_prompt", "list_prompts", "prompt_settings", "rows_of"]
 
 log = logging.getLogger("dbmagic")
 _INSTALL = "Tracing and the prompt registry need MLflow: pip install 'dbmagic[mlflow]' (or mlflow-skinny)."
@@ -410,16 +410,56 @@ def _tag(span: Any, tags: dict[str, str]) -> None:
 
 
 @contextlib.contextmanager
-def prompt_span(uri: str) -> Iterator[None]:
-    """With tracing on, a span around a cell that uses a registered prompt, linked to its version."""
+def prompt_span(version: Any) -> Iterator[None]:
+    """With tracing on, a span around a cell that uses a registered prompt, linked to the very
+    version the cell renders (an alias is resolved once, by `load_prompt`: one that moves while
+    the cell runs does not change what the trace links)."""
     if not enabled():
         yield
         return
     mlflow = _mlflow()
+    uri = version_uri(version)
     with mlflow.start_span(name=f"dbmagic {uri}", span_type="CHAIN") as span:
         span.set_inputs({"prompt": uri})
         mlflow.genai.load_prompt(uri)  # loading inside the trace links the prompt version to it
         yield
+
+
+def version_uri(version: Any) -> str:
+    """``prompts:/NAME/VERSION`` of a loaded prompt version (whatever alias found it)."""
+    return f"prompts:/{version.name}/{version.version}"
+
+
+# a registry prompt's model_config -> dbmagic's settings (model_name and provider are the cell's -e)
+_MODEL_CONFIG = {"temperature": "temperature", "max_tokens": "max_tokens", "stop_sequences": "stop"}
+_EXTRA_FIELDS = ("top_p", "top_k", "frequency_penalty", "presence_penalty")
+
+
+def prompt_settings(version: Any) -> dict[str, Any]:
+    """The settings a prompt version brings, checked as the cell's own would be: its
+    ``model_config`` (temperature, max_tokens, stop sequences; top_p, top_k and the penalties and
+    its ``extra_params`` as request fields) and its ``response_format`` (the call's schema). The
+    cell's own flags win over them, and they over the ``%config`` defaults."""
+    from . import settings
+
+    config = getattr(version, "model_config", None) or {}
+    found: dict[str, Any] = {}
+    uri = version_uri(version)
+    try:
+        for key, name in _MODEL_CONFIG.items():
+            if config.get(key) is not None:
+                found[name] = settings.coerce(name, config[key])
+        extra = {k: config[k] for k in _EXTRA_FIELDS if config.get(k) is not None}
+        extra.update(config.get("extra_params") or {})
+        if extra:
+            found["extra_params"] = settings.coerce("extra_params", extra)
+        response_format = getattr(version, "response_format", None)
+        if response_format:
+            found["schema"] = settings.coerce("schema", json.dumps(response_format))
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"The registry prompt {uri} has a model_config or response_format dbmagic cannot "
+                                 f"use: {exc}") from None
+    return found
 
 
 # -- the prompt registry ------------------------------------------------------------------------------
@@ -438,13 +478,17 @@ def load_prompt(uri: str) -> Any:
         ) from None
 
 
-def register_prompt(name: str, template: str, commit_message: str | None = None,
-                    tags: dict[str, str] | None = None) -> Any:
-    """Register ``template`` (``{{ name }}`` variables) as the next version of prompt ``name``;
-    returns the `PromptVersion` (its ``uri`` is what ``--prompt`` takes)."""
+def register_prompt(name: str, template: str | list[dict[str, str]], commit_message: str | None = None,
+                    tags: dict[str, str] | None = None, **options: Any) -> Any:
+    """Register ``template`` (text with ``{{ name }}`` variables, or a chat prompt: a list of
+    ``{"role", "content"}`` messages) as the next version of prompt ``name`` (in Unity Catalog,
+    ``catalog.schema.name``); returns the `PromptVersion` (its ``uri`` is what ``--prompt``
+    takes). ``options`` go to ``mlflow.genai.register_prompt`` as they are (``response_format``,
+    ``model_config``)."""
     mlflow = _mlflow()
     try:
-        return mlflow.genai.register_prompt(name=name, template=template, commit_message=commit_message, tags=tags)
+        return mlflow.genai.register_prompt(name=name, template=template, commit_message=commit_message, tags=tags,
+                                            **options)
     except Exception as exc:
         raise ConfigurationError(f"Could not register prompt {name!r} ({first_line(exc)}).") from None
 

@@ -206,10 +206,15 @@ def test_prompt_errors_and_the_sandbox(store, shell, workspace):
         shell.run_line_magic("dbllm", f"-e {CHAT} --prompt prompts:/missing/1")
     with pytest.raises(UsageError, match="prompt must be a prompt URI"):
         shell.run_line_magic("dbllm", f"-e {CHAT} --prompt summarise")
-    dbmagic.register_prompt("sneaky", "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    dbmagic.register_prompt("sneaky", "{% if true %}{{ ''.__class__.__mro__[1].__subclasses__() }}{% endif %}")
     with pytest.raises(UsageError, match="prompts:/sneaky/1 was refused"):
         shell.run_line_magic("dbllm", f"-e {CHAT} --prompt prompts:/sneaky/1")
     assert [r for r in workspace.requests if r.path.endswith("/invocations")] == []
+    # without {% %}, MLflow fills a prompt by plain substitution: the same expression is text, sent as it is
+    dbmagic.register_prompt("sneaky", "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    shell.run_line_magic("dbllm", f"-e {CHAT} --no-stream --prompt prompts:/sneaky/2")
+    sent = [r for r in workspace.requests if r.path.endswith("/invocations")][-1]
+    assert sent.json["messages"][-1]["content"] == "{{ ''.__class__.__mro__[1].__subclasses__() }}"
 
 
 HOSTILE_PROMPTS = {  # what a shared prompt tried on main, and the part of the error the user sees now
@@ -232,20 +237,46 @@ HOSTILE_PROMPTS = {  # what a shared prompt tried on main, and the part of the e
 }
 
 
+def _jinja(text):
+    """``text`` as a Jinja2 prompt (MLflow renders a prompt as Jinja2 only when it holds {% %})."""
+    return text if "{%" in text else "{% if true %}" + text + "{% endif %}"
+
+
 def test_a_registry_prompt_gets_only_its_own_plain_variables_and_never_runs_code(store, shell, workspace, tmp_path):
     """A shared prompt is someone else's text: on main it rendered with the whole namespace, so it
-    could reach get_ipython, modules, files and the token; now every such prompt is refused before
-    anything is sent, and nothing in the notebook changes."""
+    could reach get_ipython, modules, files and the token; now every such Jinja2 prompt is refused
+    before anything is sent, and nothing in the notebook changes."""
     shell.run_cell("import os, dbmagic\ncfg = {1: 'x'}\nlong = 'x' * 2000\n"
                    f"def writer(text):\n    open({str(tmp_path / 'written')!r}, 'w').write(text)")
     before = set(shell.user_ns)
     for i, (text, seen) in enumerate(HOSTILE_PROMPTS.items()):
-        dbmagic.register_prompt(f"hostile-{i}", text)
+        dbmagic.register_prompt(f"hostile-{i}", _jinja(text))
         with pytest.raises(UsageError) as caught:
             shell.run_line_magic("dbllm", f"-e {CHAT} --prompt prompts:/hostile-{i}/1")
         assert seen in str(caught.value), (text, str(caught.value))
     assert [r for r in workspace.requests if r.path.endswith("/invocations")] == []
     assert set(shell.user_ns) == before and "pwned" not in shell.user_ns
+    assert not (tmp_path / "written").exists()
+
+
+def test_a_plain_registry_prompt_is_text_filled_by_substitution_and_never_runs_code(store, shell, workspace, tmp_path):
+    """The same prompts without {% %}: MLflow fills only {{ name }} variables, so each is either sent
+    as its text, or refused for a variable it names (reserved, not plain data, not defined)."""
+    shell.run_cell("import os, dbmagic\ncfg = {1: 'x'}\nlong = 'x' * 2000\n"
+                   f"def writer(text):\n    open({str(tmp_path / 'written')!r}, 'w').write(text)")
+    before = set(shell.user_ns)
+    plain = [text for text in HOSTILE_PROMPTS if "{%" not in text]
+    for i, text in enumerate(plain):
+        dbmagic.register_prompt(f"plain-hostile-{i}", text)
+        sent_before = len(workspace.requests)
+        try:
+            shell.run_line_magic("dbllm", f"-e {CHAT} --no-stream --prompt prompts:/plain-hostile-{i}/1")
+        except UsageError as refused:  # a variable it names: In, cfg (not plain data), os.environ (undefined)
+            assert any(w in str(refused) for w in ("asks for", "is a dict", "needs")), str(refused)
+            assert len(workspace.requests) == sent_before
+        else:
+            assert workspace.requests[-1].json["messages"][-1]["content"] == text  # the text, as MLflow leaves it
+    assert set(shell.user_ns) - {"_dbllm"} == before - {"_dbllm"} and "pwned" not in shell.user_ns
     assert not (tmp_path / "written").exists()
 
 
@@ -406,3 +437,99 @@ def test_tools_offered_are_recorded_for_the_chat_view(store, workspace, client):
     span = traces(store)[-1].data.spans[0]
     [tool] = span.attributes["mlflow.chat.tools"]
     assert tool["type"] == "function" and tool["function"]["name"] == "lookup"
+
+
+# -- registry prompts rendered exactly as MLflow renders them -------------------------------------------
+
+PARITY = [  # (template, the notebook's values): dbmagic's rendering must equal PromptVersion.format's
+    ("Summarise {{ notes }} for {{audience}}.", {"notes": "Q3", "audience": "the board"}),
+    ('Answer as {{"label": "pos"}} for {{ text }}', {"text": "great film"}),  # JSON braces are text
+    ("Ticket {#id} says: {{ text }}", {"text": "it broke"}),  # {# is no comment without {% %}
+    ("{{ text }} and {{ text }} again, {{ n }} times", {"text": "x", "n": 3}),
+    ("Hello {% if name %}{{ name }}{% else %}Guest{% endif %}!", {}),  # Jinja2: an unset name is allowed
+    ("Hello {% if name %}{{ name }}{% else %}Guest{% endif %}!", {"name": "Ada"}),
+    ("{% for t in topics %}- {{ t|upper }}\n{% endfor %}{{ missing }}end\n", {"topics": ["tea", "maths"]}),
+    ([{"role": "system", "content": "You are a {{ style }} assistant."},
+      {"role": "user", "content": "{{ question }}"}], {"style": "terse", "question": "Why is the sky blue?"}),
+    ([{"role": "system", "content": "{% if style %}Be {{ style }}.{% else %}Be kind.{% endif %}"},
+      {"role": "user", "content": "Hi {{ who }}"}], {"who": "there"}),
+]
+
+
+@pytest.mark.parametrize(("template", "values"), PARITY, ids=[f"t{i}" for i in range(len(PARITY))])
+def test_a_registry_prompt_renders_exactly_as_prompt_version_format(store, shell, workspace, template, values):
+    version = dbmagic.register_prompt("parity", template)
+    expected = version.format(**values)
+    shell.user_ns.update(values)
+    shell.run_line_magic("dbllm", f"-e {CHAT} --no-stream --prompt {version.uri}")
+    sent = [r for r in workspace.requests if r.path.endswith("/invocations")][-1].json["messages"]
+    if isinstance(template, str):
+        assert sent == [{"role": "user", "content": expected}]
+    else:  # a chat prompt: its messages, as they are
+        assert sent == expected
+
+
+def test_a_plain_prompt_with_a_variable_unset_names_it_and_var_fills_it(store, shell, workspace):
+    version = dbmagic.register_prompt("needs", "Write for {{ audience }} about {{ topic.name }}.")
+    with pytest.raises(UsageError, match=r"needs audience, topic\.name, which are not defined .*--var NAME=VALUE"):
+        shell.run_line_magic("dbllm", f"-e {CHAT} --prompt {version.uri}")
+    shell.user_ns["audience"] = "the notebook's"
+    shell.run_line_magic("dbllm", f"-e {CHAT} --no-stream --prompt {version.uri} --var audience=engineers "
+                                  "--var topic.name=caching")
+    sent = [r for r in workspace.requests if r.path.endswith("/invocations")][-1].json["messages"][-1]["content"]
+    assert sent == version.format(audience="engineers", **{"topic.name": "caching"}) == \
+        "Write for engineers about caching."
+    with pytest.raises(UsageError, match="--var fills a registry prompt's variables"):
+        shell.run_cell_magic("dbllm", f"-e {CHAT} --var a=1", "no prompt here")
+
+
+def test_a_chat_prompt_sends_its_messages_with_the_cell_as_a_last_turn_and_only_to_chat_endpoints(store, shell,
+                                                                                                  workspace):
+    version = dbmagic.register_prompt("helper", [{"role": "system", "content": "You are {{ style }}."},
+                                                 {"role": "user", "content": "About {{ topic }}:"}])
+    shell.user_ns.update(style="brief", topic="tides")
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream --prompt {version.uri}", "Two lines, please.")
+    sent = [r for r in workspace.requests if r.path.endswith("/invocations")][-1].json["messages"]
+    assert sent == [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "About tides:"},
+                    {"role": "user", "content": "Two lines, please."}]
+    shell.run_line_magic("dbllm", f"-e local-responses-agent --no-stream --prompt {version.uri}")
+    assert [r for r in workspace.requests if r.path.endswith("/invocations")][-1].json["input"] == sent[:2]
+    before = len(workspace.requests)
+    with pytest.raises(UsageError, match="A chat prompt is a list of messages, which go with a chat or agent endpoint"):
+        shell.run_line_magic("dbllm", f"-e {COMPLETIONS} --prompt {version.uri}")
+    with pytest.raises(UsageError, match="--system and --chat have nothing to add"):
+        shell.run_line_magic("dbllm", f"-e {CHAT} --system Hi --prompt {version.uri}")
+    assert [r.path for r in workspace.requests[before:] if r.path.endswith("/invocations")] == []
+
+
+def test_a_prompts_response_format_and_model_config_reach_the_request_unless_the_cell_sets_them(store, shell,
+                                                                                                workspace):
+    version = dbmagic.register_prompt(
+        "graded", "Grade {{ text }}.", response_format={"type": "object", "properties": {"score": {"type": "integer"}},
+                                                        "required": ["score"], "additionalProperties": False},
+        model_config={"temperature": 0.1, "max_tokens": 64, "top_p": 0.5, "stop_sequences": ["END"]})
+    shell.user_ns["text"] = "an essay"
+    shell.run_line_magic("dbllm", f"-e {CHAT} --no-stream --prompt {version.uri} -o graded")
+    body = [r for r in workspace.requests if r.path.endswith("/invocations")][-1].json
+    assert (body["temperature"], body["max_tokens"], body["top_p"], body["stop"]) == (0.1, 64, 0.5, ["END"])
+    assert body["response_format"]["json_schema"]["schema"]["properties"] == {"score": {"type": "integer"}}
+    # the answer read as data by the prompt's schema (the local workspace answers an integer with the word count)
+    assert shell.user_ns["graded"] == {"score": len("Grade an essay.".split())}
+    shell.run_line_magic("dbllm", f"-e {CHAT} --no-stream --prompt {version.uri} -t 0.9 --max-tokens 8")
+    body = [r for r in workspace.requests if r.path.endswith("/invocations")][-1].json
+    assert (body["temperature"], body["max_tokens"], body["top_p"]) == (0.9, 8, 0.5)  # the cell's flags win
+
+
+def test_an_alias_resolves_once_and_the_trace_links_the_version_sent_in_unity_catalog_names(store, shell, workspace):
+    name = "main.default.summarise"  # a Unity Catalog name, as Databricks names prompts
+    first = dbmagic.register_prompt(name, "First: {{ text }}")
+    second = dbmagic.register_prompt(name, "Second: {{ text }}")
+    mlflow.genai.set_prompt_alias(name, alias="prod", version=first.version)
+    shell.user_ns["text"] = "x"
+    shell.run_line_magic("dbllm", f"-e {CHAT} --no-stream --prompt prompts:/{name}@prod")
+    mlflow.genai.set_prompt_alias(name, alias="prod", version=second.version)
+    shell.run_line_magic("dbllm", f"-e {CHAT} --no-stream --prompt prompts:/{name}@prod")
+    sent = [r.json["messages"][-1]["content"] for r in workspace.requests if r.path.endswith("/invocations")]
+    assert sent == ["First: x", "Second: x"]
+    linked = [json.loads(t.info.tags["mlflow.linkedPrompts"]) for t in traces(store)]
+    assert linked == [[{"name": name, "version": "1"}], [{"name": name, "version": "2"}]]
