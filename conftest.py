@@ -24,6 +24,10 @@ def pytest_configure(config):
     # MLflow prices a span by its model and provider from a catalog it downloads (no network here):
     # the tests' own catalog, made-up prices for the local workspace's models (tests/model_catalog)
     os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", CATALOG.as_uri())
+    # mlflow.genai.evaluate's workers and its trace logging outnumber SQLAlchemy's default pool (5 + 10)
+    # on a sqlite store: each waits 30 s for a connection and its trace is lost (see README, "Judge")
+    os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "32")
+    os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "32")
     if not config.pluginmanager.hasplugin("nbval"):
         return
     option = config.option

@@ -46,6 +46,8 @@ _LAZY = {
     "BatchResult": "_batch",
     "autolog": "tracing",
     "register_prompt": "tracing",
+    "evaluate": "judging",
+    "judge": "judging",
     "Panel": "_panel",
     "panel": "_panel",
     "panel_result": "_panel",

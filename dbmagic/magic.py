@@ -277,6 +277,8 @@ class DbLLM(_Options):
                     output[f"{values['column']}:{label}"] = result.values
                     output[f"error:{label}"] = result.errors
             namespace[_cell.LAST] = results
+            if values["judge"]:
+                output = self._judged(values, results)
             if values["output"]:
                 namespace[values["output"]] = output
             return None
@@ -286,6 +288,8 @@ class DbLLM(_Options):
                 _cell.dry_run(settings.spec_from(cell_values), template, namespace, client, rich=rich)
             return None
         result = _compare.run(compared, template, namespace, client, repeat=values["repeat"], rich=rich)
+        if values["judge"]:
+            self._judged(values, result)
         if values["output"]:
             namespace[values["output"]] = result
         return None
@@ -310,6 +314,9 @@ class DbLLM(_Options):
         raise UsageError("The cell is empty: write the prompt below the %%dbllm line (or use --prompt).")
 
     def _send(self, values: dict[str, Any], template: str | Template) -> None:
+        if (values["judge"] or values["expect"]) and not values["over"]:
+            raise UsageError("--judge judges many answers: use it with --over (a batch) or a comparison "
+                             "(-e A -e B); for one answer, call your scorer on it.")
         spec = settings.spec_from(values)
         namespace = self.shell.user_ns
         client = get_client()
@@ -350,9 +357,22 @@ class DbLLM(_Options):
         if not store:
             return result
         namespace[_cell.LAST] = result
+        if values["judge"]:
+            frame = self._judged(values, result)
         if values["output"]:
             namespace[values["output"]] = frame if frame is not None else result
         return None
+
+    def _judged(self, values: dict[str, Any], result: Any) -> Any:
+        """``--judge``: ``result`` (a batch's, or a comparison's) judged by the named scorers, shown."""
+        from IPython.display import display
+
+        from . import judging
+
+        judged = judging.evaluate(result, judging.scorers_named(values["judge"], self.shell.user_ns),
+                                  expectations=values["expect"])
+        display(judged)
+        return judged
 
     def _show_user_traceback(self, exc: TransformError) -> None:
         """Show the user's own traceback from inside the transform (our frames left out)."""

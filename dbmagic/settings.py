@@ -162,6 +162,13 @@ def _prompt_vars(value: dict[str, Any]) -> str | None:
     return f"has {bad!r}, which is not a prompt variable name (letters, digits, _ and dots)" if bad else None
 
 
+def _names_list(value: str) -> str | None:
+    names = [n.strip() for n in value.split(",")]
+    if not all(names) or not all(n.isidentifier() for n in names):
+        return "must name scorers separated by commas, e.g. polite,Safety"
+    return None
+
+
 def _column(value: str) -> str | None:
     return None if value.strip() and value != "error" else "must be a column name other than 'error'"
 
@@ -261,6 +268,11 @@ SETTINGS: tuple[Setting, ...] = (
             "renders; by default it is not sent and its error names the column", ("--send-missing",), scope="cell"),
     Setting("concurrency", int, 8, "requests in flight at once with --over; fewer while the endpoint rate limits",
             ("--concurrency",), rule=_between(1, 256), scope="cell"),
+    Setting("judge", str, None, "judge the answers of --over or a comparison with these MLflow scorers, "
+            "comma-separated: the notebook's (dbmagic.judge(...), @scorer functions) or MLflow's built-ins "
+            "(Safety)", ("--judge",), rule=_names_list, metavar="A,B", scope="cell"),
+    Setting("expect", str, None, "with --judge, the column of --over's rows that holds each expected answer",
+            ("--expect",), rule=_column, metavar="COLUMN", scope="cell"),
     Setting("stream", bool, True, "stream answers token by token where the endpoint streams", ("--no-stream",),
             "checkbox", label="Stream", flag_help="wait for the whole answer instead of streaming"),
     Setting("chat", bool, False, "keep a conversation with this endpoint across cells", ("--chat",), "checkbox",

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["LocalWorkspace", "Endpoint", "Fault", "App", "RecordedRequest", "echo_reply", "schema_reply",
+__all__ = ["LocalWorkspace", "Endpoint", "Fault", "App", "RecordedRequest", "echo_reply", "schema_reply", "judge_reply",
            "LIMIT_MESSAGES", "DEFAULT_ENDPOINTS"]
 
 _INVOCATIONS = re.compile(r"^/serving-endpoints/([^/]+)/invocations/?$")
@@ -73,6 +73,7 @@ class Endpoint:
     json_style: str = "plain"
     tool_loop: bool = False
     rate_window: str = "second"  # the window of rate_limit: second (QPS), minute (QPM) or hour
+    judge: bool = False  # answers a judge's question (`judge_reply`) instead of echoing
 
     def describe(self) -> dict[str, Any]:
         entity: dict[str, Any] = {"name": f"{self.name}-entity"}
@@ -1027,6 +1028,26 @@ def _responses_usage(usage: dict[str, int]) -> dict[str, int]:
 
 # -- structured output and tools -------------------------------------------------------------------
 
+def judge_reply(prompt: str) -> dict[str, str]:
+    """The local judge's deterministic verdict on a `dbmagic.judge` prompt, ``{"value": "yes"|"no",
+    "rationale"}``: with a phrase in double quotes in the ``<question>``, whether the ``<answer>``
+    contains that phrase; else, with an ``<expected>`` text, whether the answer contains it; else
+    whether there is an answer at all (case is ignored)."""
+    def part(tag: str) -> str | None:
+        found = re.search(rf"<{tag}>(.*?)</{tag}>", prompt, re.S)
+        return found.group(1).strip() if found else None
+
+    answer, expected, question = part("answer") or "", part("expected"), part("question") or ""
+    quoted = re.search(r'"([^"]+)"', question)
+    wanted = quoted.group(1) if quoted else expected if expected else None
+    if wanted is None:
+        ok = bool(answer)
+        return {"value": "yes" if ok else "no", "rationale": "There is an answer." if ok else "The answer is empty."}
+    ok = wanted.casefold() in answer.casefold()
+    return {"value": "yes" if ok else "no",
+            "rationale": f"The answer {'contains' if ok else 'does not contain'} {wanted!r}."}
+
+
 def schema_reply(schema: dict[str, Any], prompt: str) -> Any:
     """The local workspace's deterministic JSON answer that fits ``schema`` (a JSON Schema), made
     from ``prompt``: a string is the first phrase in double quotes of the prompt, or the prompt itself, an integer the number of words in it, a number
@@ -1180,6 +1201,9 @@ def _reply(endpoint: Endpoint, body: dict[str, Any], shape: str, turns: list[Any
         return {"text": f"Echo: {prompt}" + "".join(f" | {name} -> {content}" for name, content in results),
                 "finish": "stop"}
     schema = _wanted_schema(shape, body) if shape in ("chat", "responses") else None
+    if endpoint.judge:
+        return {"text": _json_text(judge_reply(prompt), schema is None and endpoint.json_style == "fenced"),
+                "finish": "stop"}
     if schema is not None:
         value = schema_reply(schema, prompt)
         return {"text": _json_text(_off_schema(value) if fault is not None and fault.off_schema else value,
