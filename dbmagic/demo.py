@@ -6,9 +6,9 @@ fresh kernel, prints each cell with the text of its outputs, and saves the execu
 (default ``artifacts/quickstart.ipynb`` under the current folder). A failing cell fails the run.
 ``python -m dbmagic.demo panel`` runs the shipped panel notebook, ``batch`` the batch and Spark one,
 ``data`` the answers-as-data one (schemas, typed columns, tool calls; these two also need the
-``spark`` extra); a path runs any other notebook. Only what ran is shown and
-saved: the outputs stored in the notebook are cleared first. Needs the ``demo`` extra:
-``pip install 'dbmagic[demo]'``.
+``spark`` extra), ``judge`` the judging one (the ``mlflow`` extra); a path runs any other notebook.
+Only what ran is shown and saved: the outputs stored in the notebook are cleared first. Needs the
+``demo`` extra: ``pip install 'dbmagic[demo]'``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent / "notebooks"
-NOTEBOOKS = ("quickstart", "panel", "batch", "data")
+NOTEBOOKS = ("quickstart", "panel", "batch", "data", "judge")
 # a package a shipped notebook imports -> the extra that installs it
 _EXTRAS = {"pyspark": "spark", "pyarrow": "spark", "pandas": "spark", "mlflow": "mlflow"}
 
