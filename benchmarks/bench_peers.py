@@ -144,20 +144,12 @@ def per_call(calls: int) -> None:
 def tracing_at_latency(calls: int) -> None:
     if not installed("mlflow"):
         return
+    from bench_tracing import per_call_off_and_on
+
     with served("--latency", "0.05") as client:
         client.endpoint(ENDPOINT)
-        off, on = [], []
-        for _ in range(calls):
-            start = time.perf_counter()
-            client.complete("Hi", endpoint=ENDPOINT)
-            off.append(time.perf_counter() - start)
-            dbmagic.autolog()
-            start = time.perf_counter()
-            client.complete("Hi", endpoint=ENDPOINT)
-            on.append(time.perf_counter() - start)
-            dbmagic.autolog(disable=True)
-    row("per call at 50 ms: tracing off / on", f"{statistics.median(off) * 1000:.1f} / "
-        f"{statistics.median(on) * 1000:.1f} ms", f"{statistics.median(on) / statistics.median(off):.3f}x")
+        off, on = per_call_off_and_on(client, ENDPOINT, calls)
+    row("per call at 50 ms: tracing off / on", f"{off * 1000:.1f} / {on * 1000:.1f} ms", f"{on / off:.3f}x")
 
 
 def batch_throughput(n: int) -> None:

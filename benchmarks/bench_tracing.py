@@ -28,6 +28,23 @@ from bench_batch import served  # noqa: E402
 CHAT = "databricks-meta-llama-3-3-70b-instruct"
 
 
+def per_call_off_and_on(client, endpoint: str, calls: int) -> tuple[float, float]:
+    """Median seconds a call takes with tracing off and on, interleaved call by call."""
+    import dbmagic
+
+    off, on = [], []
+    for _ in range(calls):
+        start = time.perf_counter()
+        client.complete("Hi", endpoint=endpoint)
+        off.append(time.perf_counter() - start)
+        dbmagic.autolog()
+        start = time.perf_counter()
+        client.complete("Hi", endpoint=endpoint)
+        on.append(time.perf_counter() - start)
+        dbmagic.autolog(disable=True)
+    return statistics.median(off), statistics.median(on)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=60)
@@ -50,17 +67,7 @@ def main() -> None:
         dbmagic.autolog()  # MLflow's first trace sets up its store: not part of what is measured
         client.complete("warm up", endpoint=CHAT)
         dbmagic.autolog(disable=True)
-        off, on = [], []
-        for _ in range(args.calls):
-            start = time.perf_counter()
-            client.complete("Hi", endpoint=CHAT)
-            off.append(time.perf_counter() - start)
-            dbmagic.autolog()
-            start = time.perf_counter()
-            client.complete("Hi", endpoint=CHAT)
-            on.append(time.perf_counter() - start)
-            dbmagic.autolog(disable=True)
-        a, b = statistics.median(off), statistics.median(on)
+        a, b = per_call_off_and_on(client, CHAT, args.calls)
         print(f"per call at 50 ms, tracing off / on: {a * 1000:.1f} / {b * 1000:.1f} ms -> {b / a:.3f}x")
         prompts = [f"row {i}" for i in range(args.rows)]
         rates: dict[str, list[float]] = {"off": [], "on": []}

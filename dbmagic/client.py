@@ -39,6 +39,7 @@ from .errors import (
     AnswerCut,
     BadResponse,
     ConfigurationError,
+    ConnectionFailed,
     DbMagicError,
     RequestError,
     SchemaError,
@@ -1152,10 +1153,10 @@ def _hint_for_app(error: RequestError, prepared: PreparedRequest) -> None:
         hint = f"You need the CAN USE permission on app {name!r}: ask its owner."
     elif status == 401:
         hint = "The app refused the token: Databricks Apps accept OAuth tokens only; sign in again with OAuth."
-    elif status is None:
+    elif isinstance(error, ConnectionFailed):  # refused, DNS: nothing listens at its URL
         hint = (f"App {name!r} did not answer: it may be stopped or starting. Check its state (`%dbllm endpoints`) "
                 "and start it in the workspace.")
-    elif status >= 500:
+    elif status is not None and status >= 500:
         hint = f"App {name!r} failed: see its logs in the workspace."
     else:
         return

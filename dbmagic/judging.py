@@ -56,7 +56,7 @@ def judge(question: str, endpoint: str, *, name: str | None = None, client: Clie
     (`JUDGE_SCHEMA`), so it works with models that cannot take a response format too. ``name``
     (default: the question's first words) names the scorer and its columns; ``options`` are
     `Client.complete`'s (temperature defaults to 0)."""
-    mlflow = _mlflow()
+    _mlflow()  # says what to install when MLflow is missing
     from mlflow.entities import Feedback
     from mlflow.genai.scorers import scorer
 
@@ -64,7 +64,6 @@ def judge(question: str, endpoint: str, *, name: str | None = None, client: Clie
         raise ConfigurationError("judge() takes the question to ask of each answer, e.g. 'Is the answer polite?'.")
     options.setdefault("temperature", 0)
     scorer_name = name or _name_of(question)
-    del mlflow  # imported above only to say what to install when it is missing
 
     def ask(inputs: Any, outputs: Any, expectations: Any) -> Any:
         from .client import get_client

@@ -370,3 +370,11 @@ def test_compare_a_serving_endpoint_a_model_service_and_an_app_side_by_side(monk
     assert [r.credential for r in app.requests] == ["oauth"]
     compared = shell.display_pub.outputs[-1]["metadata"]["dbmagic"]["compare"]
     assert [c["endpoint"] for c in compared] == [CHAT, SERVICE, "apps/support-agent"]
+
+
+def test_an_app_that_times_out_says_so_without_the_stopped_hint(monkeypatch, workspace):
+    install_dbruntime(monkeypatch, RotatingContext(workspace.host, [workspace.token]))
+    workspace.add_app("slow", latency=1.0)
+    with pytest.raises(dbmagic.RequestTimeout) as late:
+        Client().complete("hi", endpoint="apps/slow", timeout=0.2)
+    assert "stopped or starting" not in str(late.value)

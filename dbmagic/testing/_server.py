@@ -342,8 +342,8 @@ class LocalWorkspace:
         at ``{url}/responses`` from its own server on ``host`` (another loopback address: another
         host, for real), accepting OAuth tokens only. ``running=False``: the app is stopped (its URL
         refuses connections)."""
-        app = App(self, name, Endpoint(name, "agent/v1/responses", "CUSTOM_MODEL", model=f"app-{name}", **behaviour),
-                  host)
+        app = App(self, name, Endpoint(f"apps/{name}", "agent/v1/responses", "CUSTOM_MODEL", model=f"app-{name}",
+                                       **behaviour), host)
         self.apps[name] = app
         if running and self._server is not None:
             app.start()
@@ -1332,7 +1332,4 @@ class _AppHandler(_Handler):
             return self._json(401, {"error": "unauthorized", "message": "Databricks Apps accept OAuth tokens only."})
         if method != "POST" or path.rstrip("/") != "/responses":
             return self._json(404 if method == "POST" else 405, {"error": f"Not Found: {method} {path}"})
-        fault = self._fault(f"apps/{app.name}", path)
-        if fault is True:
-            return
-        return self._invoke(app.endpoint, body, fault)
+        return self._serve(app.endpoint, body, path)  # its rate limit, a fault queued for apps/NAME, its latency
