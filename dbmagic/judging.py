@@ -62,6 +62,9 @@ def judge(question: str, endpoint: str, *, name: str | None = None, client: Clie
 
     if not isinstance(question, str) or not question.strip():
         raise ConfigurationError("judge() takes the question to ask of each answer, e.g. 'Is the answer polite?'.")
+    from .client import refuse_unknown_options
+
+    refuse_unknown_options(options, "dbmagic.judge")  # now, not once per row inside MLflow's evaluation
     options.setdefault("temperature", 0)
     scorer_name = name or _name_of(question)
 
