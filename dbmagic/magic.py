@@ -391,8 +391,8 @@ class DbLLM(_Options):
     def _cmd_endpoints(self, args: list[str]) -> None:
         """Every target -e takes: serving endpoints, model services (catalog.schema.name) and apps (apps/NAME)."""
         found, notes = get_client().targets()
-        rows = [[e.name, e.described if e.where != "serving endpoint" else e.task or "(custom model)", e.state,
-                 e.endpoint_type or "", ", ".join(e.served)] for e in found]
+        rows = [[e.name, e.task and e.described or f"({e.described})", e.state, e.endpoint_type or "",
+                 ", ".join(e.served)] for e in found]
         if not rows:
             raise UsageError("The workspace has no serving endpoints, model services or apps you can see.")
         _show_table(["name", "task", "state", "type", "serves"], rows)

@@ -454,6 +454,8 @@ def prompt_settings(version: Any) -> dict[str, Any]:
         if extra:
             found["extra_params"] = settings.coerce("extra_params", extra)
         response_format = getattr(version, "response_format", None)
+        if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+            response_format = response_format.get("json_schema") or response_format  # OpenAI's own wrapping
         if response_format:
             found["schema"] = settings.coerce("schema", json.dumps(response_format))
     except ConfigurationError as exc:
