@@ -45,7 +45,9 @@ from typing import TYPE_CHECKING, Any
 from . import _deps, tracing
 from ._pace import Limiter
 from ._wire import Usage
-from .errors import AuthenticationError, ConfigurationError, DbMagicError, MissingValue, RateLimited, SchemaError, TemplateError, error_of
+from .errors import (AuthenticationError, ConfigurationError, DbMagicError, MissingValue, RateLimited, SchemaError,
+                     StatusError, TemplateError, error_of)
+from .ledger import Ledger, identity
 from .templating import JINJA_GLOBALS, Template
 
 if TYPE_CHECKING:
@@ -70,9 +72,13 @@ class BatchResult(list):
     """
 
     def __init__(self, items: Iterable[Any], *, rows: Sequence[Any], wall_time: float = 0.0,
-                 interrupted: bool = False, concurrency: int = 0, rate: float | None = None, schema: Any = None):
+                 interrupted: bool = False, concurrency: int = 0, rate: float | None = None, schema: Any = None,
+                 identities: Sequence[str | None] | None = None, from_checkpoint: int = 0):
         super().__init__(items)
         self.rows = list(rows)
+        # per row, the identity of the request it sent (`dbmagic.ledger.identity`): what resume= checks
+        self.identities = list(identities) if identities is not None else [None] * len(self)
+        self.from_checkpoint = from_checkpoint  # rows a checkpoint answered, not sent
         self.wall_time = wall_time
         self.interrupted = interrupted
         self.concurrency = concurrency
@@ -119,7 +125,8 @@ class BatchResult(list):
         """One line: rows, time, rate, answered / failed / not sent, tokens."""
         answered = len(self) - len(self.failed) - len(self.missing)
         rate = answered / self.wall_time if self.wall_time > 0 else 0.0
-        parts = [f"{len(self)} rows in {self.wall_time:.1f} s ({rate:.1f} rows/s): {answered} answered",
+        parts = [f"{len(self)} rows in {self.wall_time:.1f} s ({rate:.1f} rows/s): {answered} answered"
+                 + (f" ({self.from_checkpoint} from the checkpoint, not sent)" if self.from_checkpoint else ""),
                  f"{len(self.failed)} failed"]
         if self.missing:
             parts.append(f"{len(self.missing)} not sent{' (interrupted)' if self.interrupted else ''}")
@@ -157,6 +164,7 @@ def batch(
     column: str = "answer",
     error_column: str = "error",
     send_missing: bool = False,
+    checkpoint: Any = None,
     namespace: Mapping[str, Any] | None = None,
     client: Client | None = None,
     transform_output: Callable[[Any], Any] | None = None,
@@ -169,9 +177,13 @@ def batch(
     to the kernel's shared one; the other options are those of `Client.complete`. ``column`` and
     ``error_column`` must not be columns of ``rows`` already. A row whose template value is missing
     (None, NaN, ``pd.NA``) is not sent: its answer is null and its error names the column, unless
-    ``send_missing=True`` sends it as the template renders it.
+    ``send_missing=True`` sends it as the template renders it. ``checkpoint`` (a folder: local, or a
+    volume ``/Volumes/...``) keeps every finished call (`dbmagic.ledger`): a row whose request it
+    already holds is not sent again, even after a kernel restart or from another notebook, and
+    rows with the same request are sent once.
     """
     result = run(template, rows, endpoint, concurrency=concurrency, resume=resume, progress=progress,
+                 checkpoint=checkpoint,
                  namespace=namespace, client=client, transform_output=transform_output, timeout=timeout,
                  column=column, error_column=error_column, send_missing=send_missing, **options)
     return with_answers(rows, result, column, error_column) if is_frame(rows) else result
@@ -235,12 +247,12 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         progress: bool = True, namespace: Mapping[str, Any] | None = None, client: Client | None = None,
         transform_output: Callable[[Any], Any] | None = None, timeout: float | None = None,
         column: str = "answer", error_column: str = "error", send_missing: bool = False,
-        signed_in: bool = False, **options: Any) -> BatchResult:
+        signed_in: bool = False, checkpoint: Any = None, **options: Any) -> BatchResult:
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``).
     ``signed_in``: the token was accepted before this batch (a Spark task's, by the driver), so a
     401 means that it expired or was revoked since."""
     from . import settings
-    from .client import get_client, refuse_unknown_options
+    from .client import Completion, get_client, refuse_unknown_options
     from .schema import schema_of
 
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
@@ -262,8 +274,32 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                 "Rename the {{ }} names, or add the columns."
             )
     items: list[Any] = [None] * len(contexts)
+    if timeout is not None:
+        timeout = settings.coerce("timeout", timeout)
+    ledger = Ledger(checkpoint) if checkpoint is not None else None
+    prepare = client.preparer(endpoint, **options)  # options checked, the endpoint looked up: once
+    built: dict[int, Any] = {}  # row -> its PreparedRequest (or the error that kept it from being built)
+    identities: list[str | None] = [None] * len(contexts)
+
+    def request_of(i: int) -> Any:
+        if i not in built:
+            try:
+                values = {**namespace, **contexts[i]}
+                prompt = tpl.render(values, where=f"in row {i} (its values: "
+                                                  f"{', '.join(map(str, contexts[i])) or 'none'})")
+                built[i] = prepare(prompt.strip() if isinstance(prompt, str) else prompt)
+                identities[i] = identity(built[i].url, built[i].body)
+            except DbMagicError as exc:  # the row keeps the error, as a row whose call failed
+                built[i] = exc
+        return built[i]
+
     if resume is not None:
         items = _resumed(resume, len(contexts), column, error_column)
+        old = getattr(resume, "identities", None)
+        if old is not None and len(old) == len(items):  # an answer to another request is not this row's
+            for i, item in enumerate(items):
+                if _answered(item) and old[i] is not None and old[i] != identity_of(request_of(i)):
+                    items[i] = None
     todo = [i for i, item in enumerate(items) if not _answered(item)]
     if not send_missing:  # as ai_query: a row with a missing value gets no call, a null answer and an error
         skipped = set()
@@ -276,33 +312,93 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                     "send the row as the template renders it.")
                 skipped.add(i)
         todo = [i for i in todo if i not in skipped]
-    if timeout is not None:
-        timeout = settings.coerce("timeout", timeout)
+    followers: dict[int, int] = {}  # a row whose request another row sends -> that row
+    reused = 0
+    if ledger is not None:  # rows the checkpoint answers are not sent; a request is sent once per batch
+        leaders: dict[str, int] = {}
+        sending = []
+        for i in todo:
+            request = request_of(i)
+            if isinstance(request, DbMagicError):
+                items[i] = request
+                continue
+            record = ledger.answer(identities[i])
+            if record is not None:
+                items[i] = _from_record(record, request, transform_output)
+                reused += 1
+            elif identities[i] in leaders:
+                followers[i] = leaders[identities[i]]
+            else:
+                leaders[identities[i]] = i
+                sending.append(i)
+        todo = sending
     policy = replace(client.retry, retry_rate_limited=False)  # a 429 slows the whole batch instead
     client.ensure_pool(concurrency)
-    prepare = client.preparer(endpoint, **options)  # options checked, the endpoint looked up: once
 
     batch: dict[str, Any] = {}  # with tracing on: the batch's id, which tags each row's trace
 
     def call(i: int) -> Call:
-        values = {**namespace, **contexts[i]}
-        prompt = tpl.render(values, where=f"in row {i} (its values: {', '.join(map(str, contexts[i])) or 'none'})")
-        return client.call(prepare(prompt.strip() if isinstance(prompt, str) else prompt),
-                           transform_output=transform_output, timeout=timeout, retry=policy,
+        request = request_of(i)
+        if isinstance(request, DbMagicError):
+            raise request
+        return client.call(request, transform_output=transform_output, timeout=timeout, retry=policy,
                            tags={**batch, "row": i} if batch else None)
 
+    def recorded(i: int, outcome: Any) -> None:  # each finished call, in the checkpoint as it finishes
+        answer = outcome.completion if isinstance(outcome, SchemaError) else outcome
+        if ledger is not None and identities[i] is not None and (
+                (isinstance(answer, Completion) and not answer.is_partial) or isinstance(answer, StatusError)):
+            ledger.append(identities[i], built[i].url, answer)
+
     started = time.perf_counter()
-    rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in)
+    rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded)
     with tracing.batch_span(tpl.source, len(todo), endpoint) as span:
         if span is not None:
             batch["batch"] = span.batch_id
-        interrupted = rows_run.run(call, progress=progress)
+        try:
+            interrupted = rows_run.run(call, progress=progress)
+        finally:
+            if ledger is not None:
+                ledger.close()
+        for follower, leader in followers.items():  # the same request: the same answer, sent once
+            items[follower] = items[leader]
         if span is not None:
             span.set_outputs({"answered": sum(1 for i in todo if _answered(items[i])),
                               "failed": sum(1 for i in todo if error_of(items[i]) is not None),
                               "interrupted": interrupted})
     return BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
-                       concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate, schema=schema)
+                       concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate, schema=schema,
+                       identities=identities, from_checkpoint=reused)
+
+
+def identity_of(request: Any) -> str | None:
+    """The request identity of a built row (`dbmagic.ledger.identity`), None for one that failed to build."""
+    return None if isinstance(request, DbMagicError) else identity(request.url, request.body)
+
+
+def _from_record(record: dict[str, Any], request: Any, transform_output: Any) -> Any:
+    """A checkpoint's answer as this row's `Completion` (``cached``), read as a fresh one would be:
+    by the schema, then ``transform_output``."""
+    from .client import Completion, _apply_output_transform
+
+    text = record.get("text") or ""
+    value: Any = record["value"] if "value" in record else text
+    completion = Completion(text=text, value=value, endpoint=request.name or request.target, kind=request.kind,
+                            usage=Usage(**{k: v for k, v in (record.get("usage") or {}).items()
+                                           if k in Usage.__dataclass_fields__}),
+                            latency=(record.get("latency_ms") or 0) / 1000, request=request.body,
+                            request_id=record.get("request_id"), served_model=record.get("served_model"),
+                            finish_reason=record.get("finish_reason"), schema=request.schema, where=request.where,
+                            cached=True)
+    if request.schema is not None:
+        try:
+            value = request.schema.parse(text, target=request.target)
+        except SchemaError as exc:  # it did not fit when it was answered either: not sent again
+            exc.completion = completion
+            return exc
+    if transform_output is not None:
+        value = _apply_output_transform(transform_output, value)
+    return replace(completion, value=value, text=value if isinstance(value, str) else text)
 
 
 def is_missing(value: Any) -> bool:
@@ -388,7 +484,8 @@ class _Rows:
     line (until its attempts or the deadline are spent); Ctrl-C cancels the calls in flight (each
     keeps what arrived, as an ``interrupted`` answer) and sends nothing more."""
 
-    def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any, signed_in: bool = False):
+    def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any, signed_in: bool = False,
+                 on_outcome: Callable[[int, Any], None] | None = None):
         self.limiter = Limiter(min(cap, max(len(todo), 1)), policy, clock)
         self.todo = deque(todo)
         self.items = items
@@ -398,6 +495,7 @@ class _Rows:
         self.done = 0
         self.answers = 0  # rows answered so far: a 429 after one of them starts the row's count afresh
         self.signed_in = signed_in  # the token worked before the batch: a 401 means it expired since
+        self.on_outcome = on_outcome  # told each row's outcome as it is stored (the checkpoint writes it)
         # per row: 429s in a row with no answer in the batch between them, since when, at which answer count:
         # the policy's attempts and deadline hold per row while the endpoint accepts nothing
         self.limited: dict[int, tuple[int, float, int]] = {}
@@ -488,6 +586,14 @@ class _Rows:
                 if error_of(outcome) is not None:
                     self.failed += 1
                 self.cond.notify_all()
+            if self.on_outcome is not None:
+                try:
+                    self.on_outcome(index, outcome)
+                except Exception as exc:  # a checkpoint that cannot be written stops the batch: nothing is lost
+                    with self.cond:
+                        self.fatal, self.stopped = exc, True
+                        self.cond.notify_all()
+                    return
 
     def _next(self) -> tuple[int | None, Any]:
         """The next row to send and its permit, once the limiter allows (called holding the lock)."""

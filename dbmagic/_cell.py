@@ -73,7 +73,7 @@ def start(spec: CallSpec, template: str | Template, namespace: MutableMapping[st
 
 
 def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: MutableMapping[str, Any], client: Client, *,
-              concurrency: int, column: str, send_missing: bool = False) -> tuple[Any, Any]:
+              concurrency: int, column: str, send_missing: bool = False, checkpoint: str | None = None) -> tuple[Any, Any]:
     """The template over ``rows`` (see `dbmagic.batch`): ``(BatchResult, DataFrame with the answer
     and error columns, or None for a list)``."""
     from ._batch import is_frame, run, with_answers
@@ -81,7 +81,8 @@ def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: Mu
     options, t_out = call_options(spec, namespace)
     options.pop("endpoint")
     result = run(template, rows, spec.endpoint, concurrency=concurrency, namespace=namespace, client=client,
-                 transform_output=t_out, timeout=spec.timeout, column=column, send_missing=send_missing, **options)
+                 transform_output=t_out, timeout=spec.timeout, column=column, send_missing=send_missing,
+                 checkpoint=checkpoint, **options)
     return result, (with_answers(rows, result, column) if is_frame(rows) else None)
 
 

@@ -266,6 +266,7 @@ class Completion:
     steps: list[Step] = field(default_factory=list, repr=False)
     schema: Any = field(default=None, repr=False, compare=False)  # the dbmagic.schema.Schema the value fits
     where: str = _wire.SERVING  # serving endpoint, model service, app or driver-proxy app
+    cached: bool = False  # answered from a checkpoint (`dbmagic.ledger`): not sent, not paid again
 
     @property
     def pending_tool_calls(self) -> list[Any]:

@@ -314,6 +314,8 @@ class DbLLM(_Options):
         raise UsageError("The cell is empty: write the prompt below the %%dbllm line (or use --prompt).")
 
     def _send(self, values: dict[str, Any], template: str | Template) -> None:
+        if values["checkpoint"] and not values["over"]:
+            raise UsageError("--checkpoint keeps the calls of a batch: use it with --over.")
         if (values["judge"] or values["expect"]) and not values["over"]:
             raise UsageError("--judge judges many answers: use it with --over (a batch) or a comparison "
                              "(-e A -e B); for one answer, call your scorer on it.")
@@ -352,7 +354,8 @@ class DbLLM(_Options):
             _cell.dry_run(spec, template, {**namespace, **contexts[0]}, client, rich=rich)
             return None
         result, frame = _cell.run_batch(spec, template, rows, namespace, client, concurrency=values["concurrency"],
-                                        column=values["column"], send_missing=values["send_missing"])
+                                        column=values["column"], send_missing=values["send_missing"],
+                                        checkpoint=values["checkpoint"])
         print(result.summary())
         if not store:
             return result

@@ -268,6 +268,9 @@ SETTINGS: tuple[Setting, ...] = (
             "renders; by default it is not sent and its error names the column", ("--send-missing",), scope="cell"),
     Setting("concurrency", int, 8, "requests in flight at once with --over; fewer while the endpoint rate limits",
             ("--concurrency",), rule=_between(1, 256), scope="cell"),
+    Setting("checkpoint", str, None, "with --over, keep every finished call in this folder (local or a volume): "
+            "rows it already answers are not sent again, even after a restart", ("--checkpoint",), metavar="PATH",
+            scope="cell"),
     Setting("judge", str, None, "judge the answers of --over or a comparison with these MLflow scorers, "
             "comma-separated: the notebook's (dbmagic.judge(...), @scorer functions) or MLflow's built-ins "
             "(Safety)", ("--judge",), rule=_names_list, metavar="A,B", scope="cell"),

@@ -1,0 +1,139 @@
+"""The call ledger: an append-only record of finished calls, so that no row is paid for twice.
+
+``dbmagic.batch(..., checkpoint="/Volumes/main/default/work/tickets")`` (``%%dbllm --over df
+--checkpoint PATH``) writes each finished call here as it finishes, and a batch that meets the
+same checkpoint again (after a kernel restart, from another notebook) sends only the rows whose
+request is not in it yet.
+
+**Request identity** (`identity`): a SHA-256 of the URL a request goes to and its exact JSON body
+(after templates, transforms, schema and tools put their parts in). The same prompt to the same
+target with the same settings is the same request, whatever template or notebook made it; another
+template, target, schema or setting makes another request, which the checkpoint does not answer.
+So a checkpoint is never refused: it answers exactly the rows whose request it holds (and a batch
+says how many that was).
+
+**Format**: a folder of JSON Lines files, one record a line. Each writer (a batch in a process)
+creates files of its own and never appends to or rewrites a file another wrote: the safe subset of
+what a Unity Catalog volume's FUSE mount (and DBFS) supports, as well as local disk. Each record is
+flushed as its call finishes, so a killed process loses at most the calls in flight; a file is
+closed (and fsynced) every `ROTATE` records, for mounts that keep a file's data only once it is
+closed. A line cut short by a kill is skipped when read.
+
+A record: ``{"v": 1, "id", "url", "at" (epoch seconds), "text", "value" (the answer's JSON value
+when it has one), "finish_reason", "usage" ({"input", "output", ...}), "served_model",
+"latency_ms", "request_id"}``, or for a failed call ``"error": {"type", "message"}`` instead of the
+answer (kept for the record; a failed call is sent again). No token or secret is ever written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["Ledger", "identity", "ROTATE"]
+
+ROTATE = 1000  # records a file, then the next file
+
+
+def identity(url: str, body: Any) -> str:
+    """The request identity of ``body`` sent to ``url``: a SHA-256 of both, keys sorted."""
+    text = json.dumps({"url": url, "body": body}, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Ledger:
+    """The records in folder ``path`` (made when missing), and a writer of new ones."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path).expanduser()
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigurationError(f"checkpoint {str(self.path)!r} is a file: a checkpoint is a folder (dbmagic "
+                                     "writes its records there). Name a folder, new or used by a batch before.")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"checkpoint {str(self.path)!r} cannot be made ({exc.strerror}): name a folder "
+                                     "you can write, e.g. on a volume: /Volumes/<catalog>/<schema>/<volume>/...") from None
+        self._lock = threading.Lock()
+        self._file: Any = None
+        self._written = 0
+        self.answers: dict[str, dict[str, Any]] = {}  # request identity -> its last answered record
+        self.records = 0
+        for record in self._read():
+            self.records += 1
+            if "error" not in record and isinstance(record.get("id"), str):
+                self.answers[record["id"]] = record
+
+    def _read(self) -> Iterator[dict[str, Any]]:
+        for file in sorted(self.path.glob("*.jsonl")):
+            try:
+                lines = file.read_text(encoding="utf-8").splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line a killed writer left half written
+                    continue
+                if isinstance(record, dict) and record.get("v") == 1:
+                    yield record
+
+    def answer(self, request_id: str) -> dict[str, Any] | None:
+        """The answered record of a request identity, or None."""
+        return self.answers.get(request_id)
+
+    def append(self, request_id: str, url: str, outcome: Any) -> None:
+        """Record how a call ended (a `Completion`, or the error it failed with); flushed at once."""
+        record: dict[str, Any] = {"v": 1, "id": request_id, "url": url, "at": round(time.time(), 3)}
+        if isinstance(outcome, BaseException):
+            record["error"] = {"type": type(outcome).__name__, "message": str(outcome)[:2000]}
+        else:
+            value = getattr(outcome, "value", None)
+            if hasattr(value, "model_dump"):
+                value = value.model_dump(mode="json")
+            record.update(text=outcome.text, finish_reason=outcome.finish_reason, usage=outcome.usage.as_dict(),
+                          served_model=outcome.served_model, latency_ms=outcome.latency_ms,
+                          request_id=outcome.request_id)
+            if _is_json(value) and value != outcome.text:
+                record["value"] = value
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        with self._lock:
+            if self._file is None:
+                name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+                self._file = open(self.path / name, "x", encoding="utf-8")  # noqa: SIM115 (kept open, rotated)
+            self._file.write(line)
+            self._file.flush()  # a killed process loses at most the calls in flight
+            self._written += 1
+            self.records += 1
+            if "error" not in record:
+                self.answers[request_id] = record
+            if self._written >= ROTATE:
+                self._close()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file, self._written = None, 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

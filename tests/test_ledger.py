@@ -1,0 +1,128 @@
+"""The call ledger (dbmagic.ledger) under a batch's checkpoint: rows it answers are not sent again,
+in this process, after a SIGKILL and from another process, asserted on the local workspace's log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+
+import dbmagic
+from dbmagic import Client, ConfigurationError
+from dbmagic.ledger import Ledger
+from dbmagic.testing import Endpoint
+
+from .conftest import CHAT
+
+
+def answered(workspace, endpoint=CHAT):
+    """The prompts the endpoint answered (200), in order."""
+    return [r.json["messages"][-1]["content"] for r in workspace.requests
+            if r.path == f"/serving-endpoints/{endpoint}/invocations" and r.status == 200]
+
+
+def test_a_checkpoint_answers_the_rows_it_holds_and_a_request_is_sent_once(workspace, tmp_path):
+    client = Client(host=workspace.host, token=workspace.token)
+    rows = [f"r{i}" for i in range(8)] + ["r0", "r1"]  # two rows repeat a request
+    first = dbmagic.batch("{{ row }}", rows, CHAT, client=client, progress=False, checkpoint=tmp_path / "ck")
+    assert first.texts == [f"Echo: {r}" for r in rows]
+    assert sorted(answered(workspace)) == sorted(f"r{i}" for i in range(8))  # r0 and r1 sent once each
+    again = dbmagic.batch("{{ row }}", rows, CHAT, client=client, progress=False, checkpoint=tmp_path / "ck")
+    assert again.texts == first.texts and len(answered(workspace)) == 8  # nothing sent the second time
+    assert again.from_checkpoint == 10 and all(c.cached for c in again) and again.usage == first.usage
+    assert "(10 from the checkpoint, not sent)" in again.summary()
+    other = dbmagic.batch("Say {{ row }}", rows[:3], CHAT, client=client, progress=False, checkpoint=tmp_path / "ck")
+    assert other.from_checkpoint == 0 and len(answered(workspace)) == 11  # another template: other requests
+    records = [json.loads(line) for f in sorted((tmp_path / "ck").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert len(records) == 11 and workspace.token not in json.dumps(records)
+
+
+def test_a_checkpoint_keeps_values_read_by_a_schema_and_transforms_run_again(workspace, tmp_path):
+    client = Client(host=workspace.host, token=workspace.token)
+    schema = "n: int, word: str"
+    first = dbmagic.batch("{{ row }}", ["one two", "three"], CHAT, client=client, progress=False, schema=schema,
+                          checkpoint=tmp_path / "ck")
+    again = dbmagic.batch("{{ row }}", ["one two", "three"], CHAT, client=client, progress=False, schema=schema,
+                          checkpoint=tmp_path / "ck", transform_output=lambda v: {**v, "seen": True})
+    assert [v["n"] for v in again.values] == [v["n"] for v in first.values] and all(v["seen"] for v in again.values)
+    assert again.from_checkpoint == 2 and len(answered(workspace)) == 2
+
+
+def test_a_failed_row_is_recorded_and_sent_again(workspace, tmp_path):
+    client = Client(host=workspace.host, token=workspace.token)
+    workspace.fail(CHAT, 400)
+    first = dbmagic.batch("{{ row }}", ["a", "b"], CHAT, client=client, progress=False, concurrency=1,
+                          checkpoint=tmp_path / "ck")
+    assert len(first.failed) == 1
+    ledger = Ledger(tmp_path / "ck")
+    assert ledger.records == 2 and len(ledger.answers) == 1
+    again = dbmagic.batch("{{ row }}", ["a", "b"], CHAT, client=client, progress=False, checkpoint=tmp_path / "ck")
+    assert again.failed == [] and again.from_checkpoint == 1
+
+
+def test_resume_no_longer_keeps_answers_to_another_template(workspace):
+    """On main, resume= compared only the number of rows: a result of another template was taken as answers."""
+    client = Client(host=workspace.host, token=workspace.token)
+    first = dbmagic.batch("Summarise {{ row }}", ["a", "b"], CHAT, client=client, progress=False)
+    again = dbmagic.batch("Translate {{ row }}", ["a", "b"], CHAT, client=client, progress=False, resume=first)
+    assert again.texts == ["Echo: Translate a", "Echo: Translate b"]
+    same = dbmagic.batch("Translate {{ row }}", ["a", "b"], CHAT, client=client, progress=False, resume=again)
+    assert same.texts == again.texts and len(answered(workspace)) == 4  # the matching answers kept, none sent
+
+
+def test_a_checkpoint_that_is_a_file_is_refused(tmp_path, workspace):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigurationError, match="is a file: a checkpoint is a folder"):
+        dbmagic.batch("{{ row }}", ["a"], CHAT, progress=False, checkpoint=tmp_path / "file",
+                      client=Client(host=workspace.host, token=workspace.token))
+    assert answered(workspace) == []
+
+
+def test_the_magic_takes_a_checkpoint(shell, workspace, tmp_path):
+    shell.user_ns["rows"] = pd.DataFrame({"text": ["x", "y"]})
+    line = f"-e {CHAT} --over rows --checkpoint {tmp_path / 'ck'} -o out"
+    shell.run_cell_magic("dbllm", line, "{{ text }}")
+    shell.run_cell_magic("dbllm", line, "{{ text }}")
+    assert list(shell.user_ns["out"]["answer"]) == ["Echo: x", "Echo: y"] and len(answered(workspace)) == 2
+    assert shell.user_ns["_dbllm"].from_checkpoint == 2
+
+
+RUN = textwrap.dedent("""
+    import json, sys, dbmagic
+    from dbmagic import Client
+    rows = [f"row {i}" for i in range(int(sys.argv[2]))]
+    result = dbmagic.batch("{{ row }}", rows, "slow", client=Client(), progress=False, concurrency=4,
+                           checkpoint=sys.argv[1])
+    print(json.dumps({"texts": result.texts, "reused": result.from_checkpoint}))
+""")
+
+
+def test_a_batch_killed_halfway_loses_nothing_and_a_new_process_sends_only_the_rest(workspace, tmp_path):
+    workspace.add_endpoint(Endpoint("slow", "llm/v1/chat", latency=0.05))
+    n, checkpoint = 60, str(tmp_path / "ck")
+    env = {**os.environ, **workspace.environ()}
+    child = subprocess.Popen([sys.executable, "-c", RUN, checkpoint, str(n)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(answered(workspace, "slow")) < n // 2 and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    before = len(answered(workspace, "slow"))
+    assert n // 2 <= before < n, "the kill came too late to prove anything"
+    finished = subprocess.run([sys.executable, "-c", RUN, checkpoint, str(n)], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    out = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert out["texts"] == [f"Echo: row {i}" for i in range(n)]  # complete and in order
+    sent = answered(workspace, "slow")
+    twice = [p for p in set(sent) if sent.count(p) > 1]
+    assert set(sent) == {f"row {i}" for i in range(n)} and len(twice) <= 4  # at most the calls in flight at the kill
+    assert out["reused"] >= before - 4
