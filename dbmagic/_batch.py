@@ -34,6 +34,7 @@ In a notebook: ``%%dbllm -e ENDPOINT --over df [--column answer] [-o result]``.
 from __future__ import annotations
 
 import contextvars
+import json
 import math
 import threading
 import time
@@ -165,6 +166,7 @@ def batch(
     error_column: str = "error",
     send_missing: bool = False,
     checkpoint: Any = None,
+    max_tokens_total: int | None = None,
     namespace: Mapping[str, Any] | None = None,
     client: Client | None = None,
     transform_output: Callable[[Any], Any] | None = None,
@@ -180,10 +182,12 @@ def batch(
     ``send_missing=True`` sends it as the template renders it. ``checkpoint`` (a folder: local, or a
     volume ``/Volumes/...``) keeps every finished call (`dbmagic.ledger`): a row whose request it
     already holds is not sent again, even after a kernel restart or from another notebook, and
-    rows with the same request are sent once.
+    rows with the same request are sent once. ``max_tokens_total``: once the answers report that
+    many tokens (input and output), nothing more is sent; the rows finished keep their answers, the
+    others say the budget was reached.
     """
     result = run(template, rows, endpoint, concurrency=concurrency, resume=resume, progress=progress,
-                 checkpoint=checkpoint,
+                 checkpoint=checkpoint, max_tokens_total=max_tokens_total,
                  namespace=namespace, client=client, transform_output=transform_output, timeout=timeout,
                  column=column, error_column=error_column, send_missing=send_missing, **options)
     return with_answers(rows, result, column, error_column) if is_frame(rows) else result
@@ -247,7 +251,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         progress: bool = True, namespace: Mapping[str, Any] | None = None, client: Client | None = None,
         transform_output: Callable[[Any], Any] | None = None, timeout: float | None = None,
         column: str = "answer", error_column: str = "error", send_missing: bool = False,
-        signed_in: bool = False, checkpoint: Any = None, **options: Any) -> BatchResult:
+        signed_in: bool = False, checkpoint: Any = None, max_tokens_total: int | None = None,
+        **options: Any) -> BatchResult:
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``).
     ``signed_in``: the token was accepted before this batch (a Spark task's, by the driver), so a
     401 means that it expired or was revoked since."""
@@ -257,6 +262,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
 
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be a whole number of at least 1; got {concurrency!r}.")
+    if max_tokens_total is not None:
+        max_tokens_total = settings.coerce("max_tokens_total", max_tokens_total)
     refuse_unknown_options(options, "dbmagic.batch")
     client = client or get_client()
     namespace = dict(namespace or {})
@@ -351,7 +358,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
             ledger.append(identities[i], built[i].url, answer)
 
     started = time.perf_counter()
-    rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded)
+    rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
+                     budget=max_tokens_total)
     with tracing.batch_span(tpl.source, len(todo), endpoint) as span:
         if span is not None:
             batch["batch"] = span.batch_id
@@ -369,6 +377,24 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     return BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
                        concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate, schema=schema,
                        identities=identities, from_checkpoint=reused)
+
+
+def estimate(template: str | Template, rows: Any, namespace: Mapping[str, Any] | None = None,
+             send_missing: bool = False) -> tuple[int, int, int]:
+    """What a batch would send, sending nothing: ``(rows it would send, rows a missing value keeps
+    back, an estimate of the input tokens)``; the estimate counts a token per 4 characters of the
+    rendered prompts (the usual rule of thumb for English; the endpoint's own count decides)."""
+    contexts, _, _ = row_contexts(rows)
+    tpl = template if isinstance(template, Template) else Template(template)
+    sent = held = chars = 0
+    for context in contexts:
+        if not send_missing and any(is_missing(context[n]) for n in tpl.names & context.keys()):
+            held += 1
+            continue
+        prompt = tpl.render({**(namespace or {}), **context})
+        chars += len(prompt if isinstance(prompt, str) else json.dumps(prompt))
+        sent += 1
+    return sent, held, -(-chars // 4)
 
 
 def identity_of(request: Any) -> str | None:
@@ -485,7 +511,7 @@ class _Rows:
     keeps what arrived, as an ``interrupted`` answer) and sends nothing more."""
 
     def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any, signed_in: bool = False,
-                 on_outcome: Callable[[int, Any], None] | None = None):
+                 on_outcome: Callable[[int, Any], None] | None = None, budget: int | None = None):
         self.limiter = Limiter(min(cap, max(len(todo), 1)), policy, clock)
         self.todo = deque(todo)
         self.items = items
@@ -496,6 +522,8 @@ class _Rows:
         self.answers = 0  # rows answered so far: a 429 after one of them starts the row's count afresh
         self.signed_in = signed_in  # the token worked before the batch: a 401 means it expired since
         self.on_outcome = on_outcome  # told each row's outcome as it is stored (the checkpoint writes it)
+        self.budget = budget  # tokens (input + output, as reported) after which nothing more is sent
+        self.spent = 0
         # per row: 429s in a row with no answer in the batch between them, since when, at which answer count:
         # the policy's attempts and deadline hold per row while the endpoint accepts nothing
         self.limited: dict[int, tuple[int, float, int]] = {}
@@ -585,6 +613,14 @@ class _Rows:
                 self.done += 1
                 if error_of(outcome) is not None:
                     self.failed += 1
+                paid = outcome.completion if isinstance(outcome, SchemaError) else outcome
+                usage = getattr(paid, "usage", None)
+                self.spent += (usage.total or 0) if usage is not None else 0
+                if self.budget is not None and self.spent >= self.budget:
+                    self._give_up_all(lambda: DbMagicError(
+                        f"Not sent: the batch reached its budget of {self.budget:,} tokens ({self.spent:,} reported "
+                        "by the answers so far). Raise max_tokens_total (--max-tokens-total), or send the rest "
+                        "later with resume= (or the same checkpoint)."))
                 self.cond.notify_all()
             if self.on_outcome is not None:
                 try:

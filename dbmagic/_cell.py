@@ -73,7 +73,8 @@ def start(spec: CallSpec, template: str | Template, namespace: MutableMapping[st
 
 
 def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: MutableMapping[str, Any], client: Client, *,
-              concurrency: int, column: str, send_missing: bool = False, checkpoint: str | None = None) -> tuple[Any, Any]:
+              concurrency: int, column: str, send_missing: bool = False, checkpoint: str | None = None,
+              max_tokens_total: int | None = None) -> tuple[Any, Any]:
     """The template over ``rows`` (see `dbmagic.batch`): ``(BatchResult, DataFrame with the answer
     and error columns, or None for a list)``."""
     from ._batch import is_frame, run, with_answers
@@ -82,7 +83,7 @@ def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: Mu
     options.pop("endpoint")
     result = run(template, rows, spec.endpoint, concurrency=concurrency, namespace=namespace, client=client,
                  transform_output=t_out, timeout=spec.timeout, column=column, send_missing=send_missing,
-                 checkpoint=checkpoint, **options)
+                 checkpoint=checkpoint, max_tokens_total=max_tokens_total, **options)
     return result, (with_answers(rows, result, column) if is_frame(rows) else None)
 
 

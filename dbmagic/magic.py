@@ -314,8 +314,8 @@ class DbLLM(_Options):
         raise UsageError("The cell is empty: write the prompt below the %%dbllm line (or use --prompt).")
 
     def _send(self, values: dict[str, Any], template: str | Template) -> None:
-        if values["checkpoint"] and not values["over"]:
-            raise UsageError("--checkpoint keeps the calls of a batch: use it with --over.")
+        if (values["checkpoint"] or values["max_tokens_total"]) and not values["over"]:
+            raise UsageError("--checkpoint and --max-tokens-total are for a batch: use them with --over.")
         if (values["judge"] or values["expect"]) and not values["over"]:
             raise UsageError("--judge judges many answers: use it with --over (a batch) or a comparison "
                              "(-e A -e B); for one answer, call your scorer on it.")
@@ -345,17 +345,22 @@ class DbLLM(_Options):
         if spec.chat:
             raise UsageError("--over sends each row on its own, so there is no conversation: drop --chat.")
         rows = namespace[name]
-        if values["dry_run"]:  # the first row's request
-            from ._batch import row_contexts
+        if values["dry_run"]:  # how many rows, about how many tokens, and the first row's request
+            from ._batch import estimate, row_contexts
 
             contexts = row_contexts(rows)[0]
             if not contexts:
                 raise UsageError(f"--over {name}: it has no rows.")
+            sent, held, tokens = estimate(template, rows, namespace, values["send_missing"])
+            print(f"--over {name}: {sent:,} rows would be sent" + (f" ({held:,} kept back by a missing value)"
+                                                                    if held else "")
+                  + f", about {tokens:,} input tokens (4 characters a token); nothing was sent. The first row's "
+                  "request:")
             _cell.dry_run(spec, template, {**namespace, **contexts[0]}, client, rich=rich)
             return None
         result, frame = _cell.run_batch(spec, template, rows, namespace, client, concurrency=values["concurrency"],
                                         column=values["column"], send_missing=values["send_missing"],
-                                        checkpoint=values["checkpoint"])
+                                        checkpoint=values["checkpoint"], max_tokens_total=values["max_tokens_total"])
         print(result.summary())
         if not store:
             return result

@@ -126,3 +126,24 @@ def test_a_batch_killed_halfway_loses_nothing_and_a_new_process_sends_only_the_r
     twice = [p for p in set(sent) if sent.count(p) > 1]
     assert set(sent) == {f"row {i}" for i in range(n)} and len(twice) <= 4  # at most the calls in flight at the kill
     assert out["reused"] >= before - 4
+
+
+def test_a_budget_stops_sending_and_keeps_every_finished_row(workspace):
+    client = Client(host=workspace.host, token=workspace.token)
+    result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(20)], CHAT, client=client, progress=False,
+                           concurrency=1, max_tokens_total=22)
+    per_row = result[0].usage.total
+    stopped_after = -(-22 // per_row)  # the row that reached the budget is the last sent
+    assert result.texts[:stopped_after] == [f"Echo: r{i}" for i in range(stopped_after)]
+    assert all(e.startswith("Not sent: the batch reached its budget of 22 tokens") for e in result.errors[stopped_after:])
+    assert len(answered(workspace)) == stopped_after
+    with pytest.raises(ConfigurationError, match="max_tokens_total must be"):
+        dbmagic.batch("{{ row }}", ["a"], CHAT, client=client, progress=False, max_tokens_total=0)
+
+
+def test_a_batch_dry_run_counts_rows_and_tokens_and_sends_nothing(shell, workspace, capsys):
+    shell.user_ns["rows"] = pd.DataFrame({"text": ["a" * 40, "b" * 40, None]})
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --over rows --dry-run", "Say {{ text }}")
+    said = capsys.readouterr().out
+    assert "--over rows: 2 rows would be sent (1 kept back by a missing value), about 22 input tokens" in said
+    assert answered(workspace) == []
