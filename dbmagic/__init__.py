@@ -47,6 +47,7 @@ _LAZY = {
     "autolog": "tracing",
     "register_prompt": "tracing",
     "evaluate": "judging",
+    "use_cache": "ledger",
     "judge": "judging",
     "Panel": "_panel",
     "panel": "_panel",

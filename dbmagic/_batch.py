@@ -48,7 +48,7 @@ from ._pace import Limiter
 from ._wire import Usage
 from .errors import (AuthenticationError, ConfigurationError, DbMagicError, MissingValue, RateLimited, SchemaError,
                      StatusError, TemplateError, error_of)
-from .ledger import Ledger, identity
+from .ledger import Ledger, completion_of, identity
 from .templating import JINJA_GLOBALS, Template
 
 if TYPE_CHECKING:
@@ -331,7 +331,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                 continue
             record = ledger.answer(identities[i])
             if record is not None:
-                items[i] = _from_record(record, request, transform_output)
+                items[i] = completion_of(record, request, transform_output)
                 reused += 1
             elif identities[i] in leaders:
                 followers[i] = leaders[identities[i]]
@@ -400,31 +400,6 @@ def estimate(template: str | Template, rows: Any, namespace: Mapping[str, Any] |
 def identity_of(request: Any) -> str | None:
     """The request identity of a built row (`dbmagic.ledger.identity`), None for one that failed to build."""
     return None if isinstance(request, DbMagicError) else identity(request.url, request.body)
-
-
-def _from_record(record: dict[str, Any], request: Any, transform_output: Any) -> Any:
-    """A checkpoint's answer as this row's `Completion` (``cached``), read as a fresh one would be:
-    by the schema, then ``transform_output``."""
-    from .client import Completion, _apply_output_transform
-
-    text = record.get("text") or ""
-    value: Any = record["value"] if "value" in record else text
-    completion = Completion(text=text, value=value, endpoint=request.name or request.target, kind=request.kind,
-                            usage=Usage(**{k: v for k, v in (record.get("usage") or {}).items()
-                                           if k in Usage.__dataclass_fields__}),
-                            latency=(record.get("latency_ms") or 0) / 1000, request=request.body,
-                            request_id=record.get("request_id"), served_model=record.get("served_model"),
-                            finish_reason=record.get("finish_reason"), schema=request.schema, where=request.where,
-                            cached=True)
-    if request.schema is not None:
-        try:
-            value = request.schema.parse(text, target=request.target)
-        except SchemaError as exc:  # it did not fit when it was answered either: not sent again
-            exc.completion = completion
-            return exc
-    if transform_output is not None:
-        value = _apply_output_transform(transform_output, value)
-    return replace(completion, value=value, text=value if isinstance(value, str) else text)
 
 
 def is_missing(value: Any) -> bool:

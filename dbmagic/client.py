@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import quote
 
 from . import _wire, hooks, settings
+from . import ledger as _ledger
 from ._credentials import Credentials, org_id_from_host, resolve_credentials
 from ._http import Clock, Handler, Response, RetryPolicy, Timeouts, Transport
 from ._secret import Secret
@@ -764,6 +765,7 @@ class Call:
         self.prepared = prepared
         self.sending = prepared
         self.tags = tags
+        self._cache_mode = _ledger.CACHE_MODE.get()  # the cell's --cache, read in the thread that made the call
         self.text = ""
         self.completion: Completion | None = None
         self.error: BaseException | None = None
@@ -803,7 +805,8 @@ class Call:
         """Send the request now and wait for the answer's headers (an error answer raises here)."""
         if self.response is None and not self._ended:
             try:
-                self._open()
+                if not self._from_cache():
+                    self._open()
             except BaseException as exc:
                 raise self._ended_by(exc)
         return self
@@ -884,9 +887,11 @@ class Call:
                     if self.cancelled:  # stopped before it was sent
                         self._end(self.partial(self._why))
                         return
+                    if self._from_cache():
+                        break
                     self._open()
                 if self._ended:
-                    return
+                    break
                 self._answer = None
                 streamed = self.sending.stream and "text/event-stream" in self.response.headers.get("Content-Type", "")
                 yield from (self._events() if streamed else self._whole())
@@ -902,6 +907,8 @@ class Call:
                         raise refused
                     return
                 self._go_on(*following)
+            if self.completion is not None and self.completion.cached and not self.text and self.completion.text:
+                yield self._piece(self.completion.text)  # an answer from the cache comes whole, once
         except GeneratorExit:  # the reader stopped early (close())
             if not self._ended:
                 self._end(self.completion or self.partial("stopped"))
@@ -982,8 +989,26 @@ class Call:
 
     def _end(self, completion: Completion) -> None:
         self.completion, self._ended = completion, True
+        store = _ledger.cache()
+        if store is not None and not completion.is_partial and completion.error is None and not self.steps:
+            store.record(self.prepared, completion, self._cache_mode)
         if self._client.hooks:
             self._client.hooks.fire("on_done", self, completion)
+
+    def _from_cache(self) -> bool:
+        """With the kernel's cache on (`dbmagic.ledger.use_cache`), end the call with the answer it
+        holds for this very request, sending nothing; False when it holds none."""
+        store = _ledger.cache()
+        if store is None or self.step:
+            return False
+        found = store.lookup(self.prepared, self._transform_output, self._cache_mode)
+        if found is None:
+            return False
+        if isinstance(found, SchemaError):  # an answer that did not fit when it came: it still does not
+            self.completion = found.completion
+            raise found
+        self._end(found)
+        return True
 
     def _piece(self, piece: str) -> str:
         if self._first is None:

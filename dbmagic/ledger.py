@@ -27,6 +27,7 @@ answer (kept for the record; a failed call is sent again). No token or secret is
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import os
@@ -39,13 +40,20 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["Ledger", "identity", "ROTATE"]
+__all__ = ["Ledger", "identity", "ROTATE", "Cache", "use_cache", "cache", "CACHE_MODE", "completion_of"]
 
 ROTATE = 1000  # records a file, then the next file
 
 
+# how an answer is delivered, not what it is: left out of a request's identity
+_DELIVERY = ("stream", "stream_options")
+
+
 def identity(url: str, body: Any) -> str:
-    """The request identity of ``body`` sent to ``url``: a SHA-256 of both, keys sorted."""
+    """The request identity of ``body`` sent to ``url``: a SHA-256 of both, keys sorted (whether the
+    answer streams is left out: the same request, streamed or not, has the same answer)."""
+    if isinstance(body, dict) and any(k in body for k in _DELIVERY):
+        body = {k: v for k, v in body.items() if k not in _DELIVERY}
     text = json.dumps({"url": url, "body": body}, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -137,3 +145,111 @@ def _is_json(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def completion_of(record: dict[str, Any], request: Any, transform_output: Any = None) -> Any:
+    """A recorded answer as the `Completion` of ``request`` (``cached``), read as a fresh one would
+    be: by the request's schema, then ``transform_output``; a `SchemaError` for an answer that did
+    not fit then either (it is not sent again)."""
+    from dataclasses import replace
+
+    from ._wire import Usage
+    from .client import Completion, _apply_output_transform
+    from .errors import SchemaError
+
+    text = record.get("text") or ""
+    value: Any = record["value"] if "value" in record else text
+    completion = Completion(text=text, value=value, endpoint=request.name or request.target, kind=request.kind,
+                            usage=Usage(**{k: v for k, v in (record.get("usage") or {}).items()
+                                           if k in Usage.__dataclass_fields__}),
+                            latency=(record.get("latency_ms") or 0) / 1000, request=request.body,
+                            request_id=record.get("request_id"), served_model=record.get("served_model"),
+                            finish_reason=record.get("finish_reason"), schema=request.schema, where=request.where,
+                            cached=True)
+    if request.schema is not None:
+        try:
+            value = request.schema.parse(text, target=request.target)
+        except SchemaError as exc:
+            exc.completion = completion
+            return exc
+    if transform_output is not None:
+        value = _apply_output_transform(transform_output, value)
+    return replace(completion, value=value, text=value if isinstance(value, str) else text)
+
+
+# -- the cache: the same request answered from the ledger (Run All pays nothing the second time) ---------
+
+CACHE_MODES = ("auto", "always", "off")
+# the cell's --cache: auto (calls whose temperature is 0 or unset, one answer each), always, off; read
+# when a call is made (`dbmagic.client.Call`), in the thread that makes it
+CACHE_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("dbmagic_cache_mode", default=None)
+
+
+class Cache:
+    """The kernel's cache (`use_cache`): a `Ledger` whose answers answer the same requests again.
+    ``mode`` says which calls it answers and records: ``auto`` those whose ``temperature`` is 0 or
+    unset (and that ask for one answer: ``n`` 1 or unset), where the same request means the same
+    answer; ``always`` every call; ``off`` none."""
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "auto"):
+        if mode not in CACHE_MODES:
+            raise ConfigurationError(f"The cache's mode is one of {', '.join(CACHE_MODES)}; got {mode!r}.")
+        self.ledger = Ledger(path)
+        self.mode = mode
+
+    def serves(self, request: Any, mode: str | None = None) -> bool:
+        """Whether the cache answers and records ``request`` (``mode``: the cell's, else the cache's)."""
+        mode = mode or self.mode
+        if mode == "off" or request.where == "driver-proxy app":
+            return False
+        if mode == "always":
+            return True
+        body = request.body if isinstance(request.body, dict) else {}
+        temperature, n = body.get("temperature"), body.get("n")
+        return not (isinstance(temperature, (int, float)) and temperature > 0) and n in (None, 1)
+
+    def lookup(self, request: Any, transform_output: Any = None, mode: str | None = None) -> Any:
+        """The cached `Completion` (or `SchemaError`) of ``request``, or None."""
+        if not self.serves(request, mode):
+            return None
+        record = self.ledger.answer(identity(request.url, request.body))
+        return completion_of(record, request, transform_output) if record is not None else None
+
+    def record(self, request: Any, completion: Any, mode: str | None = None) -> None:
+        if self.serves(request, mode) and not completion.cached:
+            self.ledger.append(identity(request.url, request.body), request.url, completion)
+
+    def describe(self) -> dict[str, str]:
+        files = list(self.ledger.path.glob("*.jsonl"))
+        size = sum(f.stat().st_size for f in files)
+        return {"folder": str(self.ledger.path), "mode": self.mode, "answers": str(len(self.ledger.answers)),
+                "records": str(self.ledger.records), "size": f"{size / 1024:.1f} KiB in {len(files)} files"}
+
+    def clear(self) -> int:
+        """Delete every record; returns how many answers were dropped."""
+        self.ledger.close()
+        dropped = len(self.ledger.answers)
+        for file in self.ledger.path.glob("*.jsonl"):
+            file.unlink()
+        self.ledger.answers.clear()
+        self.ledger.records = 0
+        return dropped
+
+
+_cache: Cache | None = None
+
+
+def use_cache(path: str | os.PathLike[str] | None, mode: str = "auto") -> Cache | None:
+    """Answer every dbmagic call whose exact request the folder ``path`` holds from it, and record
+    the new ones there (``None``: no cache). Off by default; ``%config DbLLM.cache = "PATH"`` in a
+    notebook. See `Cache` for ``mode``."""
+    global _cache
+    if _cache is not None:
+        _cache.ledger.close()
+    _cache = Cache(path, mode) if path else None
+    return _cache
+
+
+def cache() -> Cache | None:
+    """The kernel's cache, or None."""
+    return _cache

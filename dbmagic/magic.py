@@ -53,7 +53,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
-from traitlets import Bool, TraitError, TraitType, Undefined, validate
+from traitlets import Bool, TraitError, TraitType, Undefined, Unicode, validate
 
 from . import _cell, settings, tracing
 from .errors import DbMagicError, SettingError, TransformError
@@ -66,7 +66,7 @@ __all__ = ["DbLLM", "load_ipython_extension", "unload_ipython_extension"]
 # kept conversations). A line whose first word is a subcommand is that subcommand, or an error.
 _GRAMMAR: dict[str, tuple[str, ...] | str] = {
     "whoami": (), "endpoints": (), "last": (), "panel": (), "prompts": (),
-    "history": "conversations", "reset": "conversations", "trace": ("on", "off"),
+    "history": "conversations", "reset": "conversations", "trace": ("on", "off"), "cache": ("clear",),
 }
 SUBCOMMANDS = tuple(_GRAMMAR)
 NO_CONFIG = "--no-config"
@@ -196,6 +196,20 @@ class DbLLM(_Options):
     trace = Bool(False, help="record an MLflow trace of every dbmagic call: the magic, the panel, batches and "
                              "the Python API (as dbmagic.autolog(); %dbllm trace on|off)").tag(config=True)
 
+    cache = Unicode(None, allow_none=True, help="a folder that answers a call whose exact request it already "
+                    "holds and records the new ones, so that running a notebook again pays nothing (off by "
+                    "default; --cache always|off per cell; %dbllm cache [clear])").tag(config=True)
+
+    @validate("cache")
+    def _switch_cache(self, proposal: Any) -> str | None:
+        from . import ledger
+
+        try:
+            ledger.use_cache(proposal["value"] or None)
+        except DbMagicError as exc:
+            raise TraitError(str(exc)) from None
+        return proposal["value"]
+
     @validate("trace")
     def _switch_tracing(self, proposal: Any) -> bool:
         try:
@@ -251,10 +265,16 @@ class DbLLM(_Options):
             values = settings.merge(settings.merge(config, tracing.prompt_settings(version)), overrides)
         template = self._template(version, " ".join(args.text) if cell is None else cell, cell is None,
                                   raw=values["raw"], given=values["vars"])
-        with tracing.prompt_span(version) if version is not None else contextlib.nullcontext():
-            if axes or values["repeat"] > 1:
-                return self._compare(values, axes, template)
-            return self._send(values, template)
+        from .ledger import CACHE_MODE
+
+        mode = CACHE_MODE.set(values["cache_mode"])  # this cell's --cache, for every call it makes
+        try:
+            with tracing.prompt_span(version) if version is not None else contextlib.nullcontext():
+                if axes or values["repeat"] > 1:
+                    return self._compare(values, axes, template)
+                return self._send(values, template)
+        finally:
+            CACHE_MODE.reset(mode)
 
     def _compare(self, values: dict[str, Any], axes: dict[str, list[Any]], template: str | Template) -> None:
         """Several endpoints or settings side by side (`dbmagic._compare`)."""
@@ -442,6 +462,20 @@ class DbLLM(_Options):
             except TraitError as exc:
                 raise UsageError(str(exc)) from None
         print(tracing.describe())
+
+    def _cmd_cache(self, args: list[str]) -> None:
+        """The cache's folder, mode and size (``%config DbLLM.cache``); ``clear`` empties it."""
+        from . import ledger
+
+        store = ledger.cache()
+        if store is None:
+            print('The cache is off. %config DbLLM.cache = "FOLDER" answers a call whose exact request it holds '
+                  "from it, so that running the notebook again pays nothing.")
+            return
+        if args == ["clear"]:
+            print(f"Cleared the cache: {store.clear()} answers dropped from {store.ledger.path}.")
+            return
+        _show_table(["", ""], [[k, v] for k, v in store.describe().items()], header=False)
 
     def _cmd_prompts(self, args: list[str]) -> None:
         rows = [[name, version, uri] for name, version, uri in tracing.list_prompts()]

@@ -173,6 +173,7 @@ def output_metadata(completion: Any) -> dict[str, Any]:
         "usage": completion.usage.as_dict(),
         "latency_ms": completion.latency_ms,
         "request_id": completion.request_id,
+        **({"cached": True} if getattr(completion, "cached", False) else {}),  # answered by the cache, not sent
     }}
 
 

@@ -268,6 +268,9 @@ SETTINGS: tuple[Setting, ...] = (
             "renders; by default it is not sent and its error names the column", ("--send-missing",), scope="cell"),
     Setting("concurrency", int, 8, "requests in flight at once with --over; fewer while the endpoint rate limits",
             ("--concurrency",), rule=_between(1, 256), scope="cell"),
+    Setting("cache_mode", str, "auto", "which calls the cache (%config DbLLM.cache) answers and records: auto "
+            "(temperature 0 or unset, one answer), always, or off", ("--cache",), choices=("auto", "always", "off"),
+            scope="cell"),
     Setting("max_tokens_total", int, None, "with --over, stop sending once the answers report this many tokens "
             "(input and output); finished rows keep their answers", ("--max-tokens-total",), rule=_between(1),
             metavar="N", scope="cell"),

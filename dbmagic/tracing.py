@@ -329,6 +329,8 @@ def _outcome(completion: Completion, usage: Any = None) -> dict[str, Any]:
         "dbmagic.served_model": completion.served_model,
         "dbmagic.finish_reason": completion.finish_reason,
     }
+    if completion.cached:  # answered by the cache (dbmagic.ledger): nothing was sent
+        attributes["dbmagic.cached"] = True
     usage = completion.usage if usage is None else usage
     tokens = {"input_tokens": usage.input, "output_tokens": usage.output, "total_tokens": usage.total,
               "cache_read_input_tokens": usage.cache_read, "cache_creation_input_tokens": usage.cache_creation}

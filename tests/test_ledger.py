@@ -147,3 +147,67 @@ def test_a_batch_dry_run_counts_rows_and_tokens_and_sends_nothing(shell, workspa
     said = capsys.readouterr().out
     assert "--over rows: 2 rows would be sent (1 kept back by a missing value), about 22 input tokens" in said
     assert answered(workspace) == []
+
+
+# -- the cache: the same request answered from the ledger -----------------------------------------------
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    yield tmp_path / "cache"
+    dbmagic.use_cache(None)
+
+
+def test_the_cache_answers_the_same_request_and_not_a_warm_one_unless_always(workspace, cache_dir):
+    client = Client(host=workspace.host, token=workspace.token)
+    dbmagic.use_cache(cache_dir)
+    first = client.complete("Hi", endpoint=CHAT, temperature=0)
+    again = client.complete("Hi", endpoint=CHAT, temperature=0)
+    assert (again.text, again.cached, first.cached) == (first.text, True, False) and len(answered(workspace)) == 1
+    streamed = client.stream("Hi", endpoint=CHAT, temperature=0)  # streamed or not: the same request
+    assert list(streamed) == ["Echo: Hi"] and streamed.completion.cached and len(answered(workspace)) == 1
+    warm = [client.complete("Hi", endpoint=CHAT, temperature=0.7) for _ in range(2)]
+    assert not any(c.cached for c in warm) and len(answered(workspace)) == 3  # sent each time, not recorded
+    dbmagic.use_cache(cache_dir, mode="always")
+    assert not client.complete("Hi", endpoint=CHAT, temperature=0.7).cached  # now recorded ...
+    assert client.complete("Hi", endpoint=CHAT, temperature=0.7).cached and len(answered(workspace)) == 4
+
+
+def test_run_all_twice_with_the_cache_makes_no_request_the_second_time(workspace, cache_dir):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    cells = ["import os\n%load_ext dbmagic\n%config DbLLM.cache = os.environ['DBMAGIC_TEST_CACHE']",
+             f"%%dbllm -e {CHAT} -o said\nSummarise our refund policy.",
+             "import pandas as pd\ntickets = pd.DataFrame({'text': ['a', 'b', 'c']})",
+             f"%%dbllm -e {CHAT} --over tickets -o labelled\nLabel: {{{{ text }}}}",
+             "print(said, list(labelled['answer']))"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    env = {**os.environ, **workspace.environ(), "DBMAGIC_TEST_CACHE": str(cache_dir)}
+    outputs = []
+    for _ in range(2):
+        ran = nbclient.NotebookClient(nbformat.from_dict(json.loads(json.dumps(nb))), timeout=60,
+                                      kernel_name="python3")
+        executed = ran.execute(env=env)
+        outputs.append(executed.cells[-1].outputs[0]["text"])
+        if len(outputs) == 1:
+            first_run = len(answered(workspace))
+    assert first_run == 4 and len(answered(workspace)) == 4  # Run All again: zero requests
+    assert outputs[0] == outputs[1] == "Echo: Summarise our refund policy. ['Echo: Label: a', 'Echo: Label: b', " \
+                                       "'Echo: Label: c']\n"
+
+
+def test_the_cache_in_the_cell_its_trace_and_its_subcommand(shell, workspace, cache_dir, capsys):
+    shell.run_line_magic("config", f"DbLLM.cache = {str(cache_dir)!r}")
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream", "Hello")
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream", "Hello")
+    assert len(answered(workspace)) == 1
+    assert shell.display_pub.outputs[-1]["metadata"]["dbmagic"]["cached"] is True
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream --cache off", "Hello")
+    assert len(answered(workspace)) == 2
+    shell.run_line_magic("dbllm", "cache")
+    shown = shell.display_pub.outputs[-1]["data"]["text/plain"]
+    assert str(cache_dir) in shown and "answers" in shown
+    shell.run_line_magic("dbllm", "cache clear")
+    assert "Cleared the cache: 1 answers dropped" in capsys.readouterr().out
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream", "Hello")
+    assert len(answered(workspace)) == 3
+    shell.run_line_magic("config", "DbLLM.cache = None")

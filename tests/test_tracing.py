@@ -533,3 +533,15 @@ def test_an_alias_resolves_once_and_the_trace_links_the_version_sent_in_unity_ca
     assert sent == ["First: x", "Second: x"]
     linked = [json.loads(t.info.tags["mlflow.linkedPrompts"]) for t in traces(store)]
     assert linked == [[{"name": name, "version": "1"}], [{"name": name, "version": "2"}]]
+
+
+def test_a_call_the_cache_answers_is_traced_as_cached(store, workspace, client, tmp_path):
+    dbmagic.use_cache(tmp_path / "cache")
+    try:
+        client.complete("Hi", endpoint=CHAT, temperature=0)
+        client.complete("Hi", endpoint=CHAT, temperature=0)
+    finally:
+        dbmagic.use_cache(None)
+    first, second = (t.data.spans[0] for t in traces(store))
+    assert "dbmagic.cached" not in first.attributes and second.attributes["dbmagic.cached"] is True
+    assert len([r for r in workspace.requests if r.path.endswith("/invocations")]) == 1
