@@ -22,9 +22,11 @@ answer column and an error column; otherwise a `BatchResult`.
   objects), then the error column and ``{column}_raw``, the raw text of an answer that did not fit
   (asked again ``schema_retries`` times first).
 - Nothing is lost: a row that fails keeps its place and its error (the batch does not raise; a
-  cut answer is a partial `Completion` with its ``error``); Ctrl-C stops sending and returns what
-  finished, the rows in flight as partial (``interrupted``) answers; ``resume=`` the previous
-  result sends only the rows that are missing, partial or failed.
+  cut answer is a partial `Completion` with its ``error``); Ctrl-C stops sending, keeps the
+  answers already on their way that come within `GRACE` seconds (they were paid for; a second
+  Ctrl-C drops them), and returns what finished, the rows still in flight as partial
+  (``interrupted``) answers; ``resume=`` the previous result sends only the rows that are missing,
+  partial or failed.
 - A progress bar shows done and failed rows, rows per second and, once the endpoint rate limits,
   the pace (``progress=False`` hides it).
 
@@ -479,11 +481,15 @@ class _Kept:
         self.usage = Usage()
 
 
+GRACE = 2.0  # seconds a stopped batch (Ctrl-C) waits for the answers already sent, which are paid for
+
+
 class _Rows:
     """The worker loop: ``cap`` threads take rows from ``todo`` when the `Limiter` allows a start,
     and store each row's outcome (`Call.outcome`) in ``items``. A 429 puts the row back first in
-    line (until its attempts or the deadline are spent); Ctrl-C cancels the calls in flight (each
-    keeps what arrived, as an ``interrupted`` answer) and sends nothing more."""
+    line (until its attempts or the deadline are spent); Ctrl-C sends nothing more, waits up to
+    `GRACE` seconds for the calls in flight, then cancels those still on their way (each keeps what
+    arrived, as an ``interrupted`` answer)."""
 
     def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any, signed_in: bool = False,
                  on_outcome: Callable[[int, Any], None] | None = None, budget: int | None = None):
@@ -523,9 +529,22 @@ class _Rows:
                         _show(bar, self)
         except KeyboardInterrupt:
             with self.cond:
-                self.stopped = True  # nothing more is sent; the calls in flight keep what arrived
-                in_flight = list(self.calls.values())
+                self.stopped = True  # nothing more is sent
+                waiting = len(self.calls)
                 self.cond.notify_all()
+            if waiting and GRACE > 0:  # they were sent, so paid for: their answers are kept if they come soon
+                print(f"Stopping: nothing more is sent; keeping the {waiting} answer{'s' if waiting > 1 else ''} on "
+                      f"the way for up to {GRACE:g} s (Ctrl-C again to drop {'them' if waiting > 1 else 'it'}).",
+                      flush=True)
+                try:
+                    until = time.monotonic() + GRACE
+                    with self.cond:
+                        while self.calls and time.monotonic() < until:
+                            self.cond.wait(min(0.05, max(until - time.monotonic(), 0)))
+                except KeyboardInterrupt:
+                    pass
+            with self.cond:  # what did not come in time keeps what arrived
+                in_flight = list(self.calls.values())
             for c in in_flight:
                 c.cancel("interrupted")
             until = time.monotonic() + 0.1  # a streamed call ends at once; a blocked one is not waited for

@@ -105,7 +105,8 @@ def test_a_row_past_the_retry_deadline_fails_with_the_429(workspace):
     assert result.failed == [0] and isinstance(result[0], RateLimited)
 
 
-def test_ctrl_c_returns_what_finished_and_resume_sends_only_the_rest(workspace, fast):
+def test_ctrl_c_keeps_the_answers_on_their_way_and_resume_sends_only_the_rest(workspace, fast, capsys):
+    """On main the pair in flight at a Ctrl-C was cancelled: sent, paid for, and dropped."""
     workspace.add_endpoint(Endpoint("steady", "llm/v1/chat", latency=0.5))
     rows = [f"r{i}" for i in range(12)]
     started = time.monotonic()
@@ -117,16 +118,44 @@ def test_ctrl_c_returns_what_finished_and_resume_sends_only_the_rest(workspace, 
     finally:
         timer.cancel()
     assert first.interrupted
-    assert returned - started < 0.95  # it did not wait for the pair in flight (due at 1.0 s)
+    assert returned - started < 1.4  # it waited for the pair in flight (due at 1.0 s), and sent no third
     done = [i for i, text in enumerate(first.texts) if text]
-    assert done == [0, 1] and first.missing == list(range(2, 12)) and first.failed == []
-    assert "10 not sent (interrupted)" in first.summary()
+    assert done == [0, 1, 2, 3] and first.missing == list(range(4, 12)) and first.failed == []
+    assert "8 not sent (interrupted)" in first.summary()
+    assert "keeping the 2 answers on the way for up to 2 s" in capsys.readouterr().out
     time.sleep(0.4)  # the requests that were on their way when Ctrl-C came land before the log is cleared
     workspace.requests.clear()
     second = dbmagic.batch("{{ row }}", rows, endpoint="steady", concurrency=10, client=fast, progress=False,
                            resume=first)
     assert second.texts == [f"Echo: r{i}" for i in range(12)]
-    assert sorted(prompt_of(r) for r in invocations(workspace, "steady")) == sorted(rows[2:])  # only the missing
+    assert sorted(prompt_of(r) for r in invocations(workspace, "steady")) == sorted(rows[4:])  # only the missing
+
+
+def test_an_answer_later_than_the_grace_is_dropped_and_a_second_ctrl_c_does_not_wait(workspace, fast, monkeypatch):
+    import dbmagic._batch
+
+    workspace.add_endpoint(Endpoint("slow", "llm/v1/chat", latency=1.0))
+    monkeypatch.setattr(dbmagic._batch, "GRACE", 0.2)
+    timers = [threading.Timer(0.2, _thread.interrupt_main)]
+    timers[0].start()
+    started = time.monotonic()
+    try:
+        result = dbmagic.batch("{{ row }}", ["a", "b"], endpoint="slow", concurrency=2, client=fast, progress=False)
+    finally:
+        timers[0].cancel()
+    assert time.monotonic() - started < 0.8 and result.interrupted
+    assert [c.finish_reason for c in result] == ["interrupted", "interrupted"]  # what arrived: nothing
+    monkeypatch.setattr(dbmagic._batch, "GRACE", 30.0)
+    timers = [threading.Timer(t, _thread.interrupt_main) for t in (0.2, 0.4)]  # Ctrl-C, then Ctrl-C again
+    for t in timers:
+        t.start()
+    started = time.monotonic()
+    try:
+        result = dbmagic.batch("{{ row }}", ["c"], endpoint="slow", client=fast, progress=False)
+    finally:
+        for t in timers:
+            t.cancel()
+    assert time.monotonic() - started < 0.9 and result[0].finish_reason == "interrupted"
 
 
 def test_resume_sends_failed_rows_again(workspace, fast):

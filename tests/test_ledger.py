@@ -211,3 +211,19 @@ def test_the_cache_in_the_cell_its_trace_and_its_subcommand(shell, workspace, ca
     shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream", "Hello")
     assert len(answered(workspace)) == 3
     shell.run_line_magic("config", "DbLLM.cache = None")
+
+
+def test_ctrl_c_keeps_the_answers_on_their_way_in_the_checkpoint_too(workspace, tmp_path):
+    import _thread
+    import threading
+
+    workspace.add_endpoint(Endpoint("steady", "llm/v1/chat", latency=0.5))
+    client = Client(host=workspace.host, token=workspace.token)
+    timer = threading.Timer(0.75, _thread.interrupt_main)  # the second pair is on its way
+    timer.start()
+    try:
+        first = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(8)], "steady", client=client, progress=False,
+                              concurrency=2, checkpoint=tmp_path / "ck")
+    finally:
+        timer.cancel()
+    assert first.interrupted and len(Ledger(tmp_path / "ck").answers) == 4 == len(answered(workspace, "steady"))
