@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from . import _deps, tracing
+from . import _deps, _pace, tracing
 from ._pace import Limiter
 from ._wire import Usage
 from .errors import (AuthenticationError, ConfigurationError, DbMagicError, MissingValue, RateLimited, SchemaError,
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
     from .client import Call, CallOptions, Client
 
-__all__ = ["batch", "BatchResult", "answer_columns", "is_frame", "row_contexts", "is_missing", "refuse_collisions",
+__all__ = ["batch", "BatchResult", "BackgroundBatch", "answer_columns", "is_frame", "row_contexts", "is_missing", "refuse_collisions",
            "refuse_field_collisions"]
 
 
@@ -173,6 +173,7 @@ def batch(
     client: Client | None = None,
     transform_output: Callable[[Any], Any] | None = None,
     timeout: float | None = None,
+    background: bool = False,
     **options: Unpack[CallOptions],
 ) -> Any:
     """Send ``template`` filled from each of ``rows``; see the module docstring.
@@ -186,13 +187,85 @@ def batch(
     already holds is not sent again, even after a kernel restart or from another notebook, and
     rows with the same request are sent once. ``max_tokens_total``: once the answers report that
     many tokens (input and output), nothing more is sent; the rows finished keep their answers, the
-    others say the budget was reached.
+    others say the budget was reached. ``background=True`` returns at once a `BackgroundBatch`
+    (its progress shows in this cell's output while other cells run; ``.result()`` is what a
+    foreground run returns).
     """
-    result = run(template, rows, endpoint, concurrency=concurrency, resume=resume, progress=progress,
-                 checkpoint=checkpoint, max_tokens_total=max_tokens_total,
-                 namespace=namespace, client=client, transform_output=transform_output, timeout=timeout,
-                 column=column, error_column=error_column, send_missing=send_missing, **options)
-    return with_answers(rows, result, column, error_column) if is_frame(rows) else result
+    def go(handle: BackgroundBatch | None = None, bar: Any = None) -> Any:
+        result = run(template, rows, endpoint, concurrency=concurrency, resume=resume, progress=progress,
+                     checkpoint=checkpoint, max_tokens_total=max_tokens_total,
+                     namespace=namespace, client=client, transform_output=transform_output, timeout=timeout,
+                     column=column, error_column=error_column, send_missing=send_missing, handle=handle, bar=bar,
+                     **options)
+        return with_answers(rows, result, column, error_column) if is_frame(rows) else result
+
+    if background:
+        return BackgroundBatch(go, total=len(row_contexts(rows)[0]), progress=progress)
+    return go()
+
+
+class BackgroundBatch:
+    """A batch running in the background (``dbmagic.batch(..., background=True)``, ``%%dbllm --over
+    df --background``): the kernel runs other cells meanwhile, and its progress bar shows in the
+    cell that started it. ``done`` says whether it has ended; ``result()`` waits for it and returns
+    what a foreground run returns (the DataFrame with its answers, or the `BatchResult`), or raises
+    what stopped it; ``batch_result`` is its `BatchResult` once done. ``cancel()`` sends nothing
+    more and keeps the answers already on their way, as Ctrl-C does a foreground batch. Batches on
+    the same endpoint, in the background or not, share its pace (`dbmagic._pace.shared`)."""
+
+    def __init__(self, go: Callable[..., Any], *, total: int, progress: bool):
+        self._rows: _Rows | None = None
+        self._outcome: Any = None
+        self._error: BaseException | None = None
+        self.batch_result: BatchResult | None = None
+        self._done = threading.Event()
+        self._cancel = False
+        bar = _bar(total) if progress and total else None  # made here: it shows in the cell that started it
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run, go, bar),
+                                        name="dbmagic-background-batch", daemon=True)
+        self._thread.start()
+
+    def _run(self, go: Callable[..., Any], bar: Any) -> None:
+        try:
+            self._outcome = go(self, bar)
+        except BaseException as exc:  # kept for result(), which raises it in the caller's thread
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def _attach(self, rows: _Rows) -> None:
+        self._rows = rows
+        if self._cancel:
+            rows.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait (at most ``timeout`` seconds) for the batch, and return its result."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"The background batch is still running after {timeout:g} s: {self.progress()}.")
+        if self._error is not None:
+            raise self._error
+        return self._outcome
+
+    def cancel(self) -> None:
+        """Send nothing more; the answers already on their way are kept if they come within `GRACE` s."""
+        self._cancel = True
+        if self._rows is not None:
+            self._rows.cancel()
+
+    def progress(self) -> str:
+        rows = self._rows
+        if self.done and self.batch_result is not None:
+            return self.batch_result.summary()
+        if rows is None:
+            return "starting"
+        return f"running: {rows.done} done, {rows.failed} failed, {rows.remaining} to go"
+
+    def __repr__(self) -> str:
+        return f"BackgroundBatch({self.progress()})"
 
 
 def with_answers(frame: Any, result: BatchResult, column: str = "answer", error_column: str = "error") -> Any:
@@ -254,7 +327,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         transform_output: Callable[[Any], Any] | None = None, timeout: float | None = None,
         column: str = "answer", error_column: str = "error", send_missing: bool = False,
         signed_in: bool = False, checkpoint: Any = None, max_tokens_total: int | None = None,
-        **options: Any) -> BatchResult:
+        handle: BackgroundBatch | None = None, bar: Any = None, **options: Any) -> BatchResult:
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``).
     ``signed_in``: the token was accepted before this batch (a Spark task's, by the driver), so a
     401 means that it expired or was revoked since."""
@@ -360,13 +433,17 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
             ledger.append(identities[i], built[i].url, answer)
 
     started = time.perf_counter()
-    rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
-                     budget=max_tokens_total)
-    with tracing.batch_span(tpl.source, len(todo), endpoint) as span:
+    pace = _pace.shared((id(client), endpoint, options.get("cluster_id"), options.get("port")),
+                        min(concurrency, max(len(todo), 1)), policy, client.clock)
+    with pace as limiter, tracing.batch_span(tpl.source, len(todo), endpoint) as span:
+        rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
+                         budget=max_tokens_total, limiter=limiter)
+        if handle is not None:
+            handle._attach(rows_run)
         if span is not None:
             batch["batch"] = span.batch_id
         try:
-            interrupted = rows_run.run(call, progress=progress)
+            interrupted = rows_run.run(call, progress=progress, bar=bar)
         finally:
             if ledger is not None:
                 ledger.close()
@@ -376,9 +453,12 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
             span.set_outputs({"answered": sum(1 for i in todo if _answered(items[i])),
                               "failed": sum(1 for i in todo if error_of(items[i]) is not None),
                               "interrupted": interrupted})
-    return BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
-                       concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate, schema=schema,
-                       identities=identities, from_checkpoint=reused)
+    result = BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
+                         concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate, schema=schema,
+                         identities=identities, from_checkpoint=reused)
+    if handle is not None:
+        handle.batch_result = result
+    return result
 
 
 def estimate(template: str | Template, rows: Any, namespace: Mapping[str, Any] | None = None,
@@ -492,8 +572,10 @@ class _Rows:
     arrived, as an ``interrupted`` answer)."""
 
     def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any, signed_in: bool = False,
-                 on_outcome: Callable[[int, Any], None] | None = None, budget: int | None = None):
-        self.limiter = Limiter(min(cap, max(len(todo), 1)), policy, clock)
+                 on_outcome: Callable[[int, Any], None] | None = None, budget: int | None = None,
+                 limiter: Limiter | None = None):
+        self.workers = min(cap, max(len(todo), 1))
+        self.limiter = limiter if limiter is not None else Limiter(self.workers, policy, clock)
         self.todo = deque(todo)
         self.items = items
         self.policy = policy
@@ -510,15 +592,17 @@ class _Rows:
         self.limited: dict[int, tuple[int, float, int]] = {}
         self.calls: dict[int, Call] = {}  # in flight, for Ctrl-C
         self.stopped = False
+        self.cancelled = False  # stopped by `cancel` (a background batch's handle), not by Ctrl-C
         self.fatal: BaseException | None = None  # what stopped the batch from within (SystemExit ...)
         self.cond = threading.Condition()
 
-    def run(self, call: Callable[[int], Call], *, progress: bool) -> bool:
-        """Send every row; True when interrupted (Ctrl-C)."""
-        bar = _bar(self.remaining) if progress and self.remaining else None
+    def run(self, call: Callable[[int], Call], *, progress: bool, bar: Any = None) -> bool:
+        """Send every row; True when interrupted (Ctrl-C, or `cancel` from another thread). ``bar``:
+        a progress bar made by the caller (a background batch makes it in the cell that started it)."""
+        bar = bar if bar is not None else _bar(self.remaining) if progress and self.remaining else None
         # each worker runs in a copy of this thread's context, so a trace's batch span is its rows' parent
         workers = [threading.Thread(target=contextvars.copy_context().run, args=(self._work, call),
-                                    name=f"dbmagic-batch-{i}", daemon=True) for i in range(self.limiter.cap)]
+                                    name=f"dbmagic-batch-{i}", daemon=True) for i in range(self.workers)]
         for worker in workers:
             worker.start()
         try:
@@ -527,33 +611,11 @@ class _Rows:
                     self.cond.wait(0.1)
                     if bar is not None:
                         _show(bar, self)
+            if self.cancelled:
+                self._keep_what_comes(workers, announce=False)
+                return True
         except KeyboardInterrupt:
-            with self.cond:
-                self.stopped = True  # nothing more is sent
-                waiting = len(self.calls)
-                self.cond.notify_all()
-            if waiting and GRACE > 0:  # they were sent, so paid for: their answers are kept if they come soon
-                print(f"Stopping: nothing more is sent; keeping the {waiting} answer{'s' if waiting > 1 else ''} on "
-                      f"the way for up to {GRACE:g} s (Ctrl-C again to drop {'them' if waiting > 1 else 'it'}).",
-                      flush=True)
-                try:
-                    until = time.monotonic() + GRACE
-                    with self.cond:
-                        while self.calls and time.monotonic() < until:
-                            self.cond.wait(min(0.05, max(until - time.monotonic(), 0)))
-                except KeyboardInterrupt:
-                    pass
-            with self.cond:  # what did not come in time keeps what arrived
-                in_flight = list(self.calls.values())
-            for c in in_flight:
-                c.cancel("interrupted")
-            until = time.monotonic() + 0.1  # a streamed call ends at once; a blocked one is not waited for
-            for worker in workers:
-                worker.join(max(until - time.monotonic(), 0))
-            with self.cond:  # a call still on its way keeps what arrived, as every other
-                for index, c in self.calls.items():
-                    if self.items[index] is None:
-                        self.items[index] = c.completion or c.partial("interrupted")
+            self._keep_what_comes(workers, announce=True)
             return True
         finally:
             if bar is not None:
@@ -562,6 +624,44 @@ class _Rows:
         if self.fatal is not None:
             raise self.fatal
         return False
+
+    def cancel(self) -> None:
+        """Stop sending (from any thread); the answers on their way are kept as after a Ctrl-C."""
+        with self.cond:
+            self.cancelled = self.stopped = True
+            self.cond.notify_all()
+
+    def _keep_what_comes(self, workers: list[threading.Thread], *, announce: bool) -> None:
+        """Stopped: nothing more is sent; the answers already on their way (sent, so paid for) are
+        kept when they come within `GRACE` seconds (a second Ctrl-C drops them); the calls still in
+        flight then keep what arrived, as partial ``interrupted`` answers."""
+        with self.cond:
+            self.stopped = True
+            waiting = len(self.calls)
+            self.cond.notify_all()
+        if waiting and GRACE > 0:
+            if announce:
+                print(f"Stopping: nothing more is sent; keeping the {waiting} answer{'s' if waiting > 1 else ''} on "
+                      f"the way for up to {GRACE:g} s (Ctrl-C again to drop {'them' if waiting > 1 else 'it'}).",
+                      flush=True)
+            try:
+                until = time.monotonic() + GRACE
+                with self.cond:
+                    while self.calls and time.monotonic() < until:
+                        self.cond.wait(min(0.05, max(until - time.monotonic(), 0)))
+            except KeyboardInterrupt:
+                pass
+        with self.cond:  # what did not come in time keeps what arrived
+            in_flight = list(self.calls.values())
+        for c in in_flight:
+            c.cancel("interrupted")
+        until = time.monotonic() + 0.1  # a streamed call ends at once; a blocked one is not waited for
+        for worker in workers:
+            worker.join(max(until - time.monotonic(), 0))
+        with self.cond:  # a call still on its way keeps what arrived, as every other
+            for index, c in self.calls.items():
+                if self.items[index] is None:
+                    self.items[index] = c.completion or c.partial("interrupted")
 
     def _work(self, call: Callable[[int], Call]) -> None:
         limiter = self.limiter
@@ -603,6 +703,11 @@ class _Rows:
                     limiter.on_success(permit)
                     self.answers += 1
                 self.items[index] = outcome
+                if self.on_outcome is not None:  # recorded before the row counts as done: a batch that has
+                    try:                         # returned has every answer in its checkpoint
+                        self.on_outcome(index, outcome)
+                    except Exception as exc:  # a checkpoint that cannot be written stops the batch
+                        self.fatal, self.stopped = exc, True
                 self.remaining -= 1
                 self.done += 1
                 if error_of(outcome) is not None:
@@ -616,14 +721,6 @@ class _Rows:
                         "by the answers so far). Raise max_tokens_total (--max-tokens-total), or send the rest "
                         "later with resume= (or the same checkpoint)."))
                 self.cond.notify_all()
-            if self.on_outcome is not None:
-                try:
-                    self.on_outcome(index, outcome)
-                except Exception as exc:  # a checkpoint that cannot be written stops the batch: nothing is lost
-                    with self.cond:
-                        self.fatal, self.stopped = exc, True
-                        self.cond.notify_all()
-                    return
 
     def _next(self) -> tuple[int | None, Any]:
         """The next row to send and its permit, once the limiter allows (called holding the lock)."""

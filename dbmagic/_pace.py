@@ -27,15 +27,19 @@ ask it for a start (`delay`, then `acquire`), and tell it how each request went 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import random
+import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ._http import Clock, RetryPolicy, SystemClock, backoff
 
-__all__ = ["Limiter", "Permit"]
+__all__ = ["Limiter", "Permit", "shared"]
 
 WINDOW = 1.0  # seconds: a limit's window when its 429 names none (Databricks' QPS limits)
 LONGEST = 60.0  # the longest window paced (tokens or queries per minute); what is answered is kept this long
@@ -51,9 +55,22 @@ class Permit:
     epoch: int
 
 
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def locked(self: Limiter, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Limiter:
+    """See the module docstring. Its methods hold its own lock: batches running at the same time
+    on one endpoint share one (`shared`)."""
+
     def __init__(self, cap: int, policy: RetryPolicy = RetryPolicy(), clock: Clock | None = None,
                  rand: Callable[[], float] = random.random):
+        self._lock = threading.RLock()
         self.cap = cap
         self.policy = policy
         self.clock = clock or SystemClock()
@@ -71,6 +88,7 @@ class Limiter:
         self._open: dict[Permit, None] = {}  # requests in flight, oldest first
         self.last_answer = self.clock.monotonic()
 
+    @_locked
     def delay(self) -> float:
         """Seconds until a request may start (0: now; ``inf``: when one in flight ends)."""
         if self.in_flight >= self.cap:
@@ -81,6 +99,7 @@ class Limiter:
             wait = max(wait, self._next_start - now)
         return max(wait, 0.0)
 
+    @_locked
     def acquire(self) -> Permit:
         """Start a request now (after `delay` said 0)."""
         now = self.clock.monotonic()
@@ -91,11 +110,13 @@ class Limiter:
             self._next_start = max(self._next_start, now - 1.0 / self.rate) + 1.0 / self.rate
         return permit
 
+    @_locked
     def release(self, permit: Permit) -> None:
         """The request ended with neither an answer nor a 429 (an error, a stop)."""
         if self._open.pop(permit, 0) is None:
             self.in_flight -= 1
 
+    @_locked
     def on_success(self, permit: Permit) -> None:
         """The request was answered: the endpoint accepted it."""
         self.release(permit)
@@ -109,6 +130,7 @@ class Limiter:
             w = self.window  # of itself and one request per window
             self.rate += max(GROWTH / w, 1.0 / (w * w * self.rate))
 
+    @_locked
     def on_rate_limited(self, permit: Permit, retry_after: float | None, window: float | None = None) -> None:
         """The request was answered 429 (with the server's ``Retry-After`` in seconds, or None; the
         ``window`` in seconds of the limit its message named, or None for a second)."""
@@ -135,6 +157,7 @@ class Limiter:
             self.backoffs += 1
             self.pause_until = max(self.pause_until, now + backoff(self.policy, self.backoffs, self.rand))
 
+    @_locked
     def quiet_for(self) -> float:
         """Seconds since the last answer (a 429 storm ends the batch once it passes the deadline)."""
         return self.clock.monotonic() - self.last_answer
@@ -142,3 +165,27 @@ class Limiter:
     def _forget(self, now: float) -> None:
         while self._answered and self._answered[0] <= now - LONGEST:
             self._answered.popleft()
+
+
+_SHARED: dict[Any, list[Any]] = {}  # endpoint key -> [its Limiter, the batches using it]
+_SHARED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def shared(key: Any, cap: int, policy: RetryPolicy, clock: Clock) -> Iterator[Limiter]:
+    """The one `Limiter` of an endpoint (``key``) for every batch that runs on it at the same time,
+    in the background or not: two batches together keep to the pace the endpoint accepts, rather
+    than each learning it alone and doubling the 429s. The first batch's ``cap`` and policy hold
+    until the last one ends."""
+    with _SHARED_LOCK:
+        entry = _SHARED.get(key)
+        if entry is None:
+            entry = _SHARED[key] = [Limiter(cap, policy, clock), 0]
+        entry[1] += 1
+    try:
+        yield entry[0]
+    finally:
+        with _SHARED_LOCK:
+            entry[1] -= 1
+            if entry[1] == 0 and _SHARED.get(key) is entry:
+                del _SHARED[key]

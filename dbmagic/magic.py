@@ -334,8 +334,9 @@ class DbLLM(_Options):
         raise UsageError("The cell is empty: write the prompt below the %%dbllm line (or use --prompt).")
 
     def _send(self, values: dict[str, Any], template: str | Template) -> None:
-        if (values["checkpoint"] or values["max_tokens_total"]) and not values["over"]:
-            raise UsageError("--checkpoint and --max-tokens-total are for a batch: use them with --over.")
+        if (values["checkpoint"] or values["max_tokens_total"] or values["background"]) and not values["over"]:
+            raise UsageError("--checkpoint, --max-tokens-total and --background are for a batch: use them with "
+                             "--over.")
         if (values["judge"] or values["expect"]) and not values["over"]:
             raise UsageError("--judge judges many answers: use it with --over (a batch) or a comparison "
                              "(-e A -e B); for one answer, call your scorer on it.")
@@ -378,9 +379,21 @@ class DbLLM(_Options):
                   "request:")
             _cell.dry_run(spec, template, {**namespace, **contexts[0]}, client, rich=rich)
             return None
+        background = values["background"] and store
+        if background and values["judge"]:
+            raise UsageError("--judge needs the answers: run the batch in the foreground, or judge the background "
+                             "batch's result() with dbmagic.evaluate when it is done.")
         result, frame = _cell.run_batch(spec, template, rows, namespace, client, concurrency=values["concurrency"],
                                         column=values["column"], send_missing=values["send_missing"],
-                                        checkpoint=values["checkpoint"], max_tokens_total=values["max_tokens_total"])
+                                        checkpoint=values["checkpoint"], max_tokens_total=values["max_tokens_total"],
+                                        background=background)
+        if background:  # the handle: its progress shows in this cell while other cells run
+            namespace[_cell.LAST] = result
+            if values["output"]:
+                namespace[values["output"]] = result
+            print(f"Running in the background ({values['output'] or _cell.LAST}.result() waits for it; .done says "
+                  f"whether it has ended; .cancel() stops it).")
+            return None
         print(result.summary())
         if not store:
             return result

@@ -271,6 +271,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache_mode", str, "auto", "which calls the cache (%config DbLLM.cache) answers and records: auto "
             "(temperature 0 or unset, one answer), always, or off", ("--cache",), choices=("auto", "always", "off"),
             scope="cell"),
+    Setting("background", bool, False, "with --over, return at once and run the batch in the background (its "
+            "progress shows in this cell); -o (or _dbllm) keeps its handle", ("--background",), scope="cell"),
     Setting("max_tokens_total", int, None, "with --over, stop sending once the answers report this many tokens "
             "(input and output); finished rows keep their answers", ("--max-tokens-total",), rule=_between(1),
             metavar="N", scope="cell"),

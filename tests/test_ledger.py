@@ -227,3 +227,120 @@ def test_ctrl_c_keeps_the_answers_on_their_way_in_the_checkpoint_too(workspace, 
     finally:
         timer.cancel()
     assert first.interrupted and len(Ledger(tmp_path / "ck").answers) == 4 == len(answered(workspace, "steady"))
+
+
+# -- background runs ------------------------------------------------------------------------------------
+
+def test_a_background_batch_returns_at_once_and_ends_as_a_foreground_one(workspace):
+    workspace.add_endpoint(Endpoint("steady", "llm/v1/chat", latency=0.1))
+    client = Client(host=workspace.host, token=workspace.token)
+    rows = pd.DataFrame({"text": [f"t{i}" for i in range(10)]})
+    started = time.monotonic()
+    handle = dbmagic.batch("{{ text }}", rows, "steady", client=client, progress=False, concurrency=2,
+                           background=True)
+    assert time.monotonic() - started < 0.5 and not handle.done  # a batch of about 0.5 s: still running
+    assert repr(handle).startswith("BackgroundBatch(") and ("running" in repr(handle) or "starting" in repr(handle))
+    background = handle.result(timeout=30)
+    assert handle.done and "10 answered" in handle.progress()
+    foreground = dbmagic.batch("{{ text }}", rows, "steady", client=client, progress=False, concurrency=2)
+    assert background.equals(foreground)
+
+
+def test_a_background_batch_cancelled_keeps_what_was_sent(workspace):
+    workspace.add_endpoint(Endpoint("steady", "llm/v1/chat", latency=0.3))
+    client = Client(host=workspace.host, token=workspace.token)
+    handle = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(20)], "steady", client=client, progress=False,
+                           concurrency=2, background=True)
+    time.sleep(0.45)  # the second pair is on its way
+    handle.cancel()
+    result = handle.result(timeout=10)
+    assert result.interrupted and result.texts[:4] == [f"Echo: r{i}" for i in range(4)]
+    assert len(answered(workspace, "steady")) == 4 and result.missing == list(range(4, 20))
+
+
+def test_two_batches_at_once_on_one_endpoint_share_its_pace(workspace):
+    from dbmagic import _pace
+
+    workspace.add_endpoint(Endpoint("limited", "llm/v1/chat", latency=0.02, rate_limit=8, retry_after=False))
+    client = Client(host=workspace.host, token=workspace.token)
+    seen = []
+    shared = _pace.shared
+
+    def spy(*args, **kwargs):
+        cm = shared(*args, **kwargs)
+        limiter = cm.__enter__()
+        seen.append(limiter)
+        return _Entered(cm, limiter)
+
+    class _Entered:
+        def __init__(self, cm, limiter):
+            self.cm, self.limiter = cm, limiter
+
+        def __enter__(self):
+            return self.limiter
+
+        def __exit__(self, *exc):
+            return self.cm.__exit__(*exc)
+
+    _pace.shared = spy
+    try:
+        a = dbmagic.batch("a {{ row }}", list(range(16)), "limited", client=client, progress=False, concurrency=4,
+                          background=True)
+        b = dbmagic.batch("b {{ row }}", list(range(16)), "limited", client=client, progress=False, concurrency=4,
+                          background=True)
+        first, second = a.result(timeout=60), b.result(timeout=60)
+    finally:
+        _pace.shared = shared
+    assert first.failed == [] == second.failed and seen[0] is seen[1]  # one limiter for both
+    log = [r for r in workspace.requests if r.path.endswith("/limited/invocations")]
+    accepted = [r.at for r in log if r.status == 200]
+    assert len(accepted) == 32
+    # within the endpoint's limit: no second holds more than 8 accepted requests (the server's own rule),
+    # and the refused ones stay a minority: the two batches paced each other instead of each hammering
+    assert [r.status for r in log].count(429) < len(accepted)
+
+
+RUN_IN_KERNEL = """
+import dbmagic
+from dbmagic import Client
+handle = dbmagic.batch("{{ row }}", [f"k{i}" for i in range(12)], "steady", client=Client(), progress=False,
+                       concurrency=2, background=True)
+"""
+
+
+def test_a_background_batch_lets_other_cells_run_in_a_real_kernel(workspace):
+    jupyter_client = pytest.importorskip("jupyter_client")
+    workspace.add_endpoint(Endpoint("steady", "llm/v1/chat", latency=0.25))
+    km, kc = jupyter_client.manager.start_new_kernel(kernel_name="python3", env={**os.environ, **workspace.environ()})
+    try:
+        def run(code):
+            msg_id = kc.execute(code)
+            out = []
+            while True:
+                msg = kc.get_iopub_msg(timeout=60)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] == "stream":
+                    out.append(msg["content"]["text"])
+                if msg["msg_type"] == "error":
+                    raise AssertionError("\n".join(msg["content"]["traceback"]))
+                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    return "".join(out)
+
+        run(RUN_IN_KERNEL)
+        assert run("print(1 + 1, handle.done)") == "2 False\n"  # a cell ran while the batch was running
+        assert run("print(handle.result(timeout=30).texts[-1], handle.done)") == "Echo: k11 True\n"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_the_magic_runs_a_batch_in_the_background(shell, workspace):
+    workspace.add_endpoint(Endpoint("steady", "llm/v1/chat", latency=0.1))
+    shell.user_ns["rows"] = pd.DataFrame({"text": ["x", "y", "z"]})
+    shell.run_cell_magic("dbllm", "-e steady --over rows --background -o run", "{{ text }}")
+    handle = shell.user_ns["run"]
+    assert shell.user_ns["_dbllm"] is handle
+    assert list(handle.result(timeout=30)["answer"]) == ["Echo: x", "Echo: y", "Echo: z"]
+    with pytest.raises(Exception, match="are for a batch: use them with --over"):
+        shell.run_cell_magic("dbllm", "-e steady --background", "one")
