@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _deps, _wire
 from .errors import ConfigurationError, error_of
+from .ledger import is_json
 
 if TYPE_CHECKING:
     from .client import Client
@@ -169,8 +170,8 @@ def _entry(answer: Any, row: Any) -> tuple[Any, dict[str, Any]]:
     prompt = _wire.user_turn(kind, request) if kind in _wire.CONVERSATIONAL else request.get("prompt", "")
     inputs: dict[str, Any] = {"prompt": _wire.as_text(prompt)}
     if isinstance(row, Mapping):
-        inputs.update((str(k), v) for k, v in row.items() if _is_plain(v) and str(k) != "prompt")
-    elif row is not None and _is_plain(row):
+        inputs.update((str(k), v) for k, v in row.items() if is_json(v) and str(k) != "prompt")
+    elif row is not None and is_json(row):
         inputs["row"] = row
     value = getattr(answer, "value", None)
     if hasattr(value, "model_dump"):  # a schema's pydantic value
@@ -186,7 +187,7 @@ def _frame_entries(frame: Any, column: str, error_column: str) -> list[tuple[Any
     for record in frame.to_dict("records"):
         answer, error = record.get(column), record.get(error_column)
         inputs = {str(k): v for k, v in record.items()
-                  if k not in (column, error_column) and _is_plain(v) and not _is_missing_value(v)}
+                  if k not in (column, error_column) and is_json(v) and not _is_missing_value(v)}
         failed = (error is not None and not is_missing(error)) or answer is None or is_missing(answer)
         entries.append((_FAILED if failed else answer, inputs))
     return entries
@@ -212,14 +213,6 @@ def _expectations(expectations: Any, rows: list[dict[str, Any]], n: int) -> list
             raise ConfigurationError(f"expectations has {len(values)} values and there are {n} answers: give one "
                                      "per row.")
     return [None if v is None else dict(v) if isinstance(v, Mapping) else {"expected_response": v} for v in values]
-
-
-def _is_plain(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _text(value: Any) -> str:

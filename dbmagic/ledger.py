@@ -112,7 +112,7 @@ class Ledger:
             record.update(text=outcome.text, finish_reason=outcome.finish_reason, usage=outcome.usage.as_dict(),
                           served_model=outcome.served_model, latency_ms=outcome.latency_ms,
                           request_id=outcome.request_id)
-            if _is_json(value) and value != outcome.text:
+            if is_json(value) and value != outcome.text:
                 record["value"] = value
         line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
         with self._lock:
@@ -139,7 +139,8 @@ class Ledger:
             self._close()
 
 
-def _is_json(value: Any) -> bool:
+def is_json(value: Any) -> bool:
+    """Whether ``value`` can be written as JSON (a record's value, an evaluation's input)."""
     try:
         json.dumps(value)
     except (TypeError, ValueError):
