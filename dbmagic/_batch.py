@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import _deps, _pace, tracing
@@ -169,6 +169,7 @@ def batch(
     send_missing: bool = False,
     checkpoint: Any = None,
     max_tokens_total: int | None = None,
+    max_cost: float | None = None,
     namespace: Mapping[str, Any] | None = None,
     client: Client | None = None,
     transform_output: Callable[[Any], Any] | None = None,
@@ -187,13 +188,14 @@ def batch(
     already holds is not sent again, even after a kernel restart or from another notebook, and
     rows with the same request are sent once. ``max_tokens_total``: once the answers report that
     many tokens (input and output), nothing more is sent; the rows finished keep their answers, the
-    others say the budget was reached. ``background=True`` returns at once a `BackgroundBatch`
+    others say the budget was reached. ``max_cost`` (USD) does the same with the answers priced as
+    MLflow prices a trace (it needs MLflow, and a price for the model). ``background=True`` returns at once a `BackgroundBatch`
     (its progress shows in this cell's output while other cells run; ``.result()`` is what a
     foreground run returns).
     """
     def go(handle: BackgroundBatch | None = None, bar: Any = None) -> Any:
         result = run(template, rows, endpoint, concurrency=concurrency, resume=resume, progress=progress,
-                     checkpoint=checkpoint, max_tokens_total=max_tokens_total,
+                     checkpoint=checkpoint, max_tokens_total=max_tokens_total, max_cost=max_cost,
                      namespace=namespace, client=client, transform_output=transform_output, timeout=timeout,
                      column=column, error_column=error_column, send_missing=send_missing, handle=handle, bar=bar,
                      **options)
@@ -327,7 +329,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         transform_output: Callable[[Any], Any] | None = None, timeout: float | None = None,
         column: str = "answer", error_column: str = "error", send_missing: bool = False,
         signed_in: bool = False, checkpoint: Any = None, max_tokens_total: int | None = None,
-        handle: BackgroundBatch | None = None, bar: Any = None, **options: Any) -> BatchResult:
+        max_cost: float | None = None, handle: BackgroundBatch | None = None, bar: Any = None,
+        **options: Any) -> BatchResult:
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``).
     ``signed_in``: the token was accepted before this batch (a Spark task's, by the driver), so a
     401 means that it expired or was revoked since."""
@@ -339,6 +342,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         raise ConfigurationError(f"concurrency must be a whole number of at least 1; got {concurrency!r}.")
     if max_tokens_total is not None:
         max_tokens_total = settings.coerce("max_tokens_total", max_tokens_total)
+    if max_cost is not None:
+        max_cost = settings.coerce("max_cost", max_cost)
     refuse_unknown_options(options, "dbmagic.batch")
     client = client or get_client()
     namespace = dict(namespace or {})
@@ -414,6 +419,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                 leaders[identities[i]] = i
                 sending.append(i)
         todo = sending
+    budget = budget_of(max_tokens_total, max_cost, prepare("").llm) if (max_tokens_total or max_cost) else None
     policy = replace(client.retry, retry_rate_limited=False)  # a 429 slows the whole batch instead
     client.ensure_pool(concurrency)
 
@@ -437,7 +443,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                         min(concurrency, max(len(todo), 1)), policy, client.clock)
     with pace as limiter, tracing.batch_span(tpl.source, len(todo), endpoint) as span:
         rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
-                         budget=max_tokens_total, limiter=limiter)
+                         budget=budget, limiter=limiter)
         if handle is not None:
             handle._attach(rows_run)
         if span is not None:
@@ -564,6 +570,61 @@ class _Kept:
 GRACE = 2.0  # seconds a stopped batch (Ctrl-C) waits for the answers already sent, which are paid for
 
 
+@dataclass
+class Budget:
+    """What a batch may spend: ``limit`` in ``unit`` (tokens, or USD), each answer costing
+    ``cost(usage)``; ``option`` is how to raise it."""
+
+    limit: float
+    unit: str
+    cost: Callable[[Usage], float]
+    option: str
+    spent: float = 0.0
+
+    def reached(self, usage: Usage) -> bool:
+        self.spent += self.cost(usage)
+        return self.spent >= self.limit
+
+    def said(self) -> str:
+        amount = (lambda v: f"{v:,.0f} tokens") if self.unit == "tokens" else (lambda v: f"${v:,.4f}")
+        return (f"the batch reached its budget of {amount(self.limit)} ({amount(self.spent)} by the answers so "
+                f"far). Raise {self.option}, or send the rest later with resume= (or the same checkpoint).")
+
+
+def budget_of(max_tokens_total: int | None, max_cost: float | None, llm: tuple[str, str] | None) -> Budget | None:
+    """The `Budget` of a batch's limits, checked before anything is sent. A cost is priced as MLflow
+    prices a trace (its model catalog, by ``llm``: the model and provider, `Completion`'s
+    ``mlflow.llm.model``), so it needs MLflow, and a price for the model."""
+    if max_tokens_total is not None and max_cost is not None:
+        raise ConfigurationError("Give the batch one budget: max_tokens_total or max_cost.")
+    if max_tokens_total is not None:
+        return Budget(max_tokens_total, "tokens", lambda usage: usage.total or 0,
+                      "max_tokens_total (--max-tokens-total)")
+    if max_cost is None:
+        return None
+    try:
+        from mlflow.tracing.utils import calculate_cost_by_model_and_token_usage
+    except ImportError:
+        raise ConfigurationError("max_cost prices answers with MLflow's model prices: pip install 'dbmagic[mlflow]', "
+                                 "or give max_tokens_total.") from None
+    if llm is None:
+        raise ConfigurationError("max_cost needs a model to price, and a driver-proxy app names none: give "
+                                 "max_tokens_total.")
+    model, provider = llm
+
+    def cost(usage: Usage) -> float:
+        tokens = {"input_tokens": usage.input or 0, "output_tokens": usage.output or 0}
+        if usage.cache_read:
+            tokens["cache_read_input_tokens"] = usage.cache_read
+        found = calculate_cost_by_model_and_token_usage(model, tokens, provider)
+        return float(found["total_cost"]) if found else 0.0
+
+    if not cost(Usage(1000, 1000, 2000)):
+        raise ConfigurationError(f"MLflow has no price for {model} ({provider}), so max_cost cannot be kept: give "
+                                 "max_tokens_total.")
+    return Budget(max_cost, "USD", cost, "max_cost (--max-cost)")
+
+
 class _Rows:
     """The worker loop: ``cap`` threads take rows from ``todo`` when the `Limiter` allows a start,
     and store each row's outcome (`Call.outcome`) in ``items``. A 429 puts the row back first in
@@ -572,7 +633,7 @@ class _Rows:
     arrived, as an ``interrupted`` answer)."""
 
     def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any, signed_in: bool = False,
-                 on_outcome: Callable[[int, Any], None] | None = None, budget: int | None = None,
+                 on_outcome: Callable[[int, Any], None] | None = None, budget: Budget | None = None,
                  limiter: Limiter | None = None):
         self.workers = min(cap, max(len(todo), 1))
         self.limiter = limiter if limiter is not None else Limiter(self.workers, policy, clock)
@@ -585,8 +646,7 @@ class _Rows:
         self.answers = 0  # rows answered so far: a 429 after one of them starts the row's count afresh
         self.signed_in = signed_in  # the token worked before the batch: a 401 means it expired since
         self.on_outcome = on_outcome  # told each row's outcome as it is stored (the checkpoint writes it)
-        self.budget = budget  # tokens (input + output, as reported) after which nothing more is sent
-        self.spent = 0
+        self.budget = budget  # what the batch may spend, after which nothing more is sent
         # per row: 429s in a row with no answer in the batch between them, since when, at which answer count:
         # the policy's attempts and deadline hold per row while the endpoint accepts nothing
         self.limited: dict[int, tuple[int, float, int]] = {}
@@ -714,12 +774,8 @@ class _Rows:
                     self.failed += 1
                 paid = outcome.completion if isinstance(outcome, SchemaError) else outcome
                 usage = getattr(paid, "usage", None)
-                self.spent += (usage.total or 0) if usage is not None else 0
-                if self.budget is not None and self.spent >= self.budget:
-                    self._give_up_all(lambda: DbMagicError(
-                        f"Not sent: the batch reached its budget of {self.budget:,} tokens ({self.spent:,} reported "
-                        "by the answers so far). Raise max_tokens_total (--max-tokens-total), or send the rest "
-                        "later with resume= (or the same checkpoint)."))
+                if self.budget is not None and usage is not None and self.budget.reached(usage):
+                    self._give_up_all(lambda: DbMagicError(f"Not sent: {self.budget.said()}"))
                 self.cond.notify_all()
 
     def _next(self) -> tuple[int | None, Any]:

@@ -74,7 +74,8 @@ def start(spec: CallSpec, template: str | Template, namespace: MutableMapping[st
 
 def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: MutableMapping[str, Any], client: Client, *,
               concurrency: int, column: str, send_missing: bool = False, checkpoint: str | None = None,
-              max_tokens_total: int | None = None, background: bool = False) -> tuple[Any, Any]:
+              max_tokens_total: int | None = None, max_cost: float | None = None,
+              background: bool = False) -> tuple[Any, Any]:
     """The template over ``rows`` (see `dbmagic.batch`): ``(BatchResult, DataFrame with the answer
     and error columns, or None for a list)``; with ``background``, ``(BackgroundBatch, None)``."""
     from ._batch import batch, is_frame, run, with_answers
@@ -84,10 +85,11 @@ def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: Mu
     if background:
         return batch(template, rows, spec.endpoint, concurrency=concurrency, namespace=namespace, client=client,
                      transform_output=t_out, timeout=spec.timeout, column=column, send_missing=send_missing,
-                     checkpoint=checkpoint, max_tokens_total=max_tokens_total, background=True, **options), None
+                     checkpoint=checkpoint, max_tokens_total=max_tokens_total, max_cost=max_cost, background=True,
+                     **options), None
     result = run(template, rows, spec.endpoint, concurrency=concurrency, namespace=namespace, client=client,
                  transform_output=t_out, timeout=spec.timeout, column=column, send_missing=send_missing,
-                 checkpoint=checkpoint, max_tokens_total=max_tokens_total, **options)
+                 checkpoint=checkpoint, max_tokens_total=max_tokens_total, max_cost=max_cost, **options)
     return result, (with_answers(rows, result, column) if is_frame(rows) else None)
 
 

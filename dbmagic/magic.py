@@ -334,9 +334,10 @@ class DbLLM(_Options):
         raise UsageError("The cell is empty: write the prompt below the %%dbllm line (or use --prompt).")
 
     def _send(self, values: dict[str, Any], template: str | Template) -> None:
-        if (values["checkpoint"] or values["max_tokens_total"] or values["background"]) and not values["over"]:
-            raise UsageError("--checkpoint, --max-tokens-total and --background are for a batch: use them with "
-                             "--over.")
+        if (values["checkpoint"] or values["max_tokens_total"] or values["max_cost"] or values["background"]) \
+                and not values["over"]:
+            raise UsageError("--checkpoint, --max-tokens-total, --max-cost and --background are for a batch: use "
+                             "them with --over.")
         if (values["judge"] or values["expect"]) and not values["over"]:
             raise UsageError("--judge judges many answers: use it with --over (a batch) or a comparison "
                              "(-e A -e B); for one answer, call your scorer on it.")
@@ -386,7 +387,7 @@ class DbLLM(_Options):
         result, frame = _cell.run_batch(spec, template, rows, namespace, client, concurrency=values["concurrency"],
                                         column=values["column"], send_missing=values["send_missing"],
                                         checkpoint=values["checkpoint"], max_tokens_total=values["max_tokens_total"],
-                                        background=background)
+                                        max_cost=values["max_cost"], background=background)
         if background:  # the handle: its progress shows in this cell while other cells run
             namespace[_cell.LAST] = result
             if values["output"]:

@@ -276,6 +276,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_tokens_total", int, None, "with --over, stop sending once the answers report this many tokens "
             "(input and output); finished rows keep their answers", ("--max-tokens-total",), rule=_between(1),
             metavar="N", scope="cell"),
+    Setting("max_cost", float, None, "with --over, stop sending once the answers cost this many US dollars, "
+            "priced as MLflow prices a trace (needs MLflow and a price for the model)", ("--max-cost",),
+            rule=_between(0, low_open=True), metavar="USD", scope="cell"),
     Setting("checkpoint", str, None, "with --over, keep every finished call in this folder (local or a volume): "
             "rows it already answers are not sent again, even after a restart", ("--checkpoint",), metavar="PATH",
             scope="cell"),

@@ -344,3 +344,20 @@ def test_the_magic_runs_a_batch_in_the_background(shell, workspace):
     assert list(handle.result(timeout=30)["answer"]) == ["Echo: x", "Echo: y", "Echo: z"]
     with pytest.raises(Exception, match="are for a batch: use them with --over"):
         shell.run_cell_magic("dbllm", "-e steady --background", "one")
+
+
+def test_a_cost_budget_prices_answers_as_mlflow_does_and_refuses_a_model_without_a_price(workspace):
+    pytest.importorskip("mlflow")
+    client = Client(host=workspace.host, token=workspace.token)
+    # the tests' price catalog (tests/model_catalog): 0.5 USD an input token, 1.5 an output token
+    result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(10)], CHAT, client=client, progress=False,
+                           concurrency=1, max_cost=10)
+    per_row = 0.5 * result[0].usage.input + 1.5 * result[0].usage.output
+    sent = -(-10 // per_row)
+    assert len(answered(workspace)) == sent and result.texts[int(sent) - 1] is not None
+    assert result.errors[-1].startswith("Not sent: the batch reached its budget of $10.0000")
+    with pytest.raises(ConfigurationError, match="MLflow has no price for local-instruct"):
+        dbmagic.batch("{{ row }}", ["a"], "local-completions", client=client, progress=False, max_cost=1)
+    with pytest.raises(ConfigurationError, match="one budget"):
+        dbmagic.batch("{{ row }}", ["a"], CHAT, client=client, progress=False, max_cost=1, max_tokens_total=5)
+    assert len(answered(workspace)) == sent
