@@ -419,7 +419,9 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                 leaders[identities[i]] = i
                 sending.append(i)
         todo = sending
-    budget = budget_of(max_tokens_total, max_cost, prepare("").llm) if (max_tokens_total or max_cost) else None
+    # a budget (checked before anything is sent), priced by the first row's model
+    budget = (budget_of(max_tokens_total, max_cost, getattr(request_of(todo[0]), "llm", None))
+              if todo and (max_tokens_total or max_cost) else None)
     policy = replace(client.retry, retry_rate_limited=False)  # a 429 slows the whole batch instead
     client.ensure_pool(concurrency)
 
