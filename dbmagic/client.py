@@ -268,6 +268,8 @@ class Completion:
     schema: Any = field(default=None, repr=False, compare=False)  # the dbmagic.schema.Schema the value fits
     where: str = _wire.SERVING  # serving endpoint, model service, app or driver-proxy app
     cached: bool = False  # answered from a checkpoint (`dbmagic.ledger`): not sent, not paid again
+    # the answer's own value, before a schema and transform_output read it (what the ledger keeps)
+    natural: Any = field(default=None, repr=False, compare=False)
 
     @property
     def pending_tool_calls(self) -> list[Any]:
@@ -1141,6 +1143,7 @@ class Call:
             steps=list(self.steps),
             schema=prepared.schema,
             where=prepared.where,
+            natural=parsed.value,
         )
         if refused is not None:
             refused.completion = completion

@@ -19,8 +19,9 @@ flushed as its call finishes, so a killed process loses at most the calls in fli
 closed (and fsynced) every `ROTATE` records, for mounts that keep a file's data only once it is
 closed. A line cut short by a kill is skipped when read.
 
-A record: ``{"v": 1, "id", "url", "at" (epoch seconds), "text", "value" (the answer's JSON value
-when it has one), "finish_reason", "usage" ({"input", "output", ...}), "served_model",
+A record: ``{"v": 1, "id", "url", "at" (epoch seconds), "text", "value" (the answer's own JSON
+value when it is not its text: an embedding, a custom model's prediction; never what a schema or
+``transform_output`` made of it, which are applied again when it is reused), "finish_reason", "usage" ({"input", "output", ...}), "served_model",
 "latency_ms", "request_id"}``, or for a failed call ``"error": {"type", "message"}`` instead of the
 answer (kept for the record; a failed call is sent again). No token or secret is ever written.
 """
@@ -105,10 +106,8 @@ class Ledger:
         record: dict[str, Any] = {"v": 1, "id": request_id, "url": url, "at": round(time.time(), 3)}
         if isinstance(outcome, BaseException):
             record["error"] = {"type": type(outcome).__name__, "message": str(outcome)[:2000]}
-        else:
-            value = getattr(outcome, "value", None)
-            if hasattr(value, "model_dump"):
-                value = value.model_dump(mode="json")
+        else:  # the answer as it came: a schema and transform_output read it again when it is reused
+            value = getattr(outcome, "natural", None)
             record.update(text=outcome.text, finish_reason=outcome.finish_reason, usage=outcome.usage.as_dict(),
                           served_model=outcome.served_model, latency_ms=outcome.latency_ms,
                           request_id=outcome.request_id)

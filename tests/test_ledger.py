@@ -361,3 +361,16 @@ def test_a_cost_budget_prices_answers_as_mlflow_does_and_refuses_a_model_without
     with pytest.raises(ConfigurationError, match="one budget"):
         dbmagic.batch("{{ row }}", ["a"], CHAT, client=client, progress=False, max_cost=1, max_tokens_total=5)
     assert len(answered(workspace)) == sent
+
+
+def test_a_reused_answer_goes_through_transform_output_once(workspace, tmp_path):
+    client = Client(host=workspace.host, token=workspace.token)
+    loud = dict(transform_output=lambda v: v + "!", client=client, progress=False, checkpoint=tmp_path / "ck")
+    first = dbmagic.batch("{{ row }}", ["a"], CHAT, **loud)
+    again = dbmagic.batch("{{ row }}", ["a"], CHAT, **loud)
+    assert first.values == again.values == ["Echo: a!"] and again.from_checkpoint == 1
+    vectors = dbmagic.batch("{{ row }}", ["x"], "databricks-gte-large-en", client=client, progress=False,
+                            checkpoint=tmp_path / "ck")
+    reused = dbmagic.batch("{{ row }}", ["x"], "databricks-gte-large-en", client=client, progress=False,
+                           checkpoint=tmp_path / "ck")
+    assert reused.values == vectors.values and reused.from_checkpoint == 1  # an embedding's own value
