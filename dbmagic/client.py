@@ -267,7 +267,7 @@ class Completion:
     steps: list[Step] = field(default_factory=list, repr=False)
     schema: Any = field(default=None, repr=False, compare=False)  # the dbmagic.schema.Schema the value fits
     where: str = _wire.SERVING  # serving endpoint, model service, app or driver-proxy app
-    cached: bool = False  # answered from a checkpoint (`dbmagic.ledger`): not sent, not paid again
+    cached: bool = False  # answered from the ledger (a checkpoint, the cache): not sent, not paid again
     # the answer's own value, before a schema and transform_output read it (what the ledger keeps)
     natural: Any = field(default=None, repr=False, compare=False)
 
