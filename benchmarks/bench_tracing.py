@@ -59,7 +59,8 @@ def main() -> None:
 
     import dbmagic
 
-    mlflow.set_experiment("bench-tracing")
+    mlflow.create_experiment("bench-tracing", artifact_location=f"{Path(folder).as_uri()}/artifacts")
+    mlflow.set_experiment("bench-tracing")  # its store and artifacts in the temporary folder, not ./mlruns
     print(f"{time.strftime('%Y-%m-%d')}, Python {sys.version.split()[0]}, {os.cpu_count()} cores, "
           f"mlflow {mlflow.__version__}", flush=True)
     with served("--latency", "0.05") as client:
