@@ -385,13 +385,15 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         old = getattr(resume, "identities", None)
         if old is not None and len(old) == len(items):  # an answer to another request is not this row's
             for i, item in enumerate(items):
-                if _answered(item) and old[i] is not None and old[i] != identity_of(request_of(i)):
-                    items[i] = None
+                if _answered(item) and old[i] is not None:
+                    request_of(i)  # builds the row's request, and so its identity
+                    if identities[i] != old[i]:
+                        items[i] = None
     todo = [i for i, item in enumerate(items) if not _answered(item)]
     if not send_missing:  # as ai_query: a row with a missing value gets no call, a null answer and an error
         skipped = set()
         for i in todo:
-            empty = sorted(name for name in tpl.names & contexts[i].keys() if is_missing(contexts[i][name]))
+            empty = missing_in(tpl, contexts[i])
             if empty:
                 items[i] = MissingValue(
                     f"Row {i} was not sent: its {', '.join(map(repr, empty))} {'is' if len(empty) == 1 else 'are'} "
@@ -442,7 +444,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
 
     started = time.perf_counter()
     pace = _pace.shared((id(client), endpoint, options.get("cluster_id"), options.get("port")),
-                        min(concurrency, max(len(todo), 1)), policy, client.clock)
+                        lambda: Limiter(min(concurrency, max(len(todo), 1)), policy, client.clock))
     with pace as limiter, tracing.batch_span(tpl.source, len(todo), endpoint) as span:
         rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
                          budget=budget, limiter=limiter)
@@ -469,6 +471,11 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     return result
 
 
+def missing_in(template: Template, row: Mapping[str, Any]) -> list[str]:
+    """The names ``template`` reads that ``row`` has with a missing value (a row not sent, as ai_query)."""
+    return sorted(name for name in template.names & row.keys() if is_missing(row[name]))
+
+
 def estimate(template: str | Template, rows: Any, namespace: Mapping[str, Any] | None = None,
              send_missing: bool = False) -> tuple[int, int, int]:
     """What a batch would send, sending nothing: ``(rows it would send, rows a missing value keeps
@@ -478,18 +485,13 @@ def estimate(template: str | Template, rows: Any, namespace: Mapping[str, Any] |
     tpl = template if isinstance(template, Template) else Template(template)
     sent = held = chars = 0
     for context in contexts:
-        if not send_missing and any(is_missing(context[n]) for n in tpl.names & context.keys()):
+        if not send_missing and missing_in(tpl, context):
             held += 1
             continue
         prompt = tpl.render({**(namespace or {}), **context})
         chars += len(prompt if isinstance(prompt, str) else json.dumps(prompt))
         sent += 1
     return sent, held, -(-chars // 4)
-
-
-def identity_of(request: Any) -> str | None:
-    """The request identity of a built row (`dbmagic.ledger.identity`), None for one that failed to build."""
-    return None if isinstance(request, DbMagicError) else identity(request.url, request.body)
 
 
 def is_missing(value: Any) -> bool:

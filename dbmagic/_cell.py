@@ -82,14 +82,12 @@ def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: Mu
 
     options, t_out = call_options(spec, namespace)
     options.pop("endpoint")
+    given = dict(concurrency=concurrency, namespace=namespace, client=client, transform_output=t_out,
+                 timeout=spec.timeout, column=column, send_missing=send_missing, checkpoint=checkpoint,
+                 max_tokens_total=max_tokens_total, max_cost=max_cost, **options)
     if background:
-        return batch(template, rows, spec.endpoint, concurrency=concurrency, namespace=namespace, client=client,
-                     transform_output=t_out, timeout=spec.timeout, column=column, send_missing=send_missing,
-                     checkpoint=checkpoint, max_tokens_total=max_tokens_total, max_cost=max_cost, background=True,
-                     **options), None
-    result = run(template, rows, spec.endpoint, concurrency=concurrency, namespace=namespace, client=client,
-                 transform_output=t_out, timeout=spec.timeout, column=column, send_missing=send_missing,
-                 checkpoint=checkpoint, max_tokens_total=max_tokens_total, max_cost=max_cost, **options)
+        return batch(template, rows, spec.endpoint, background=True, **given), None
+    result = run(template, rows, spec.endpoint, **given)
     return result, (with_answers(rows, result, column) if is_frame(rows) else None)
 
 

@@ -172,15 +172,15 @@ _SHARED_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def shared(key: Any, cap: int, policy: RetryPolicy, clock: Clock) -> Iterator[Limiter]:
+def shared(key: Any, make: Callable[[], Limiter]) -> Iterator[Limiter]:
     """The one `Limiter` of an endpoint (``key``) for every batch that runs on it at the same time,
     in the background or not: two batches together keep to the pace the endpoint accepts, rather
-    than each learning it alone and doubling the 429s. The first batch's ``cap`` and policy hold
-    until the last one ends."""
+    than each learning it alone and doubling the 429s. The first batch ``make``s it; its cap and
+    policy hold until the last one ends."""
     with _SHARED_LOCK:
         entry = _SHARED.get(key)
         if entry is None:
-            entry = _SHARED[key] = [Limiter(cap, policy, clock), 0]
+            entry = _SHARED[key] = [make(), 0]
         entry[1] += 1
     try:
         yield entry[0]
