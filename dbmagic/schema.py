@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SchemaError, SettingError
+from .settings import is_dotted
 
 __all__ = ["Schema", "schema_of", "schema_named", "extract_json", "retry_note", "INSTRUCTION", "RETRY_NOTE",
            "SHORT_FORM_EXAMPLE"]
@@ -287,7 +288,7 @@ def schema_of(spec: Any) -> Schema | None:
         text = spec.strip()
         if text.startswith("{"):
             return _from_dict(_json_schema_text(text), "given")
-        if _is_dotted(text):
+        if is_dotted(text):
             raise SettingError(f"schema {text!r} is a name, not a schema: from Python pass the class itself "
                                f"(schema={text}), a JSON Schema dict, or the short form ({SHORT_FORM_EXAMPLE!r}).")
         return _from_short(text)
@@ -302,7 +303,7 @@ def schema_named(text: str | None, namespace: Mapping[str, Any]) -> Schema | Non
     if not text or not text.strip():
         return None
     text = text.strip()
-    if not _is_dotted(text):
+    if not is_dotted(text):
         return schema_of(text)
     head, *rest = text.split(".")
     if head not in namespace:
@@ -319,10 +320,6 @@ def schema_named(text: str | None, namespace: Mapping[str, Any]) -> Schema | Non
                            "dict.")
     found = schema_of(obj)
     return Schema(found.json_schema, found.name, found.model, text, found.strict) if found else None
-
-
-def _is_dotted(text: str) -> bool:
-    return all(part.isidentifier() for part in text.split("."))
 
 
 def _from_model(model: type) -> Schema:

@@ -156,9 +156,14 @@ def _prompt_uri(value: str) -> str | None:
     return None if name.strip("/@") else "must be a prompt URI: prompts:/NAME/VERSION or prompts:/NAME@alias"
 
 
+def is_dotted(text: str) -> bool:
+    """``name`` or ``a.b.c``: identifiers joined by dots (a notebook name, a prompt variable)."""
+    return all(part.isidentifier() for part in text.split("."))
+
+
 def _prompt_vars(value: dict[str, Any]) -> str | None:
     # MLflow's variable names: an identifier, or dotted identifiers ({{ user.name }})
-    bad = next((k for k in value if not all(part.isidentifier() for part in k.split("."))), None)
+    bad = next((k for k in value if not is_dotted(k)), None)
     return f"has {bad!r}, which is not a prompt variable name (letters, digits, _ and dots)" if bad else None
 
 
@@ -174,7 +179,7 @@ def _column(value: str) -> str | None:
 
 
 def _dotted_name(value: str) -> str | None:
-    if not all(part.isidentifier() for part in value.split(".")):
+    if not is_dotted(value):
         return "must name a function in the notebook (e.g. clean or helpers.clean)"
     return None
 
