@@ -275,11 +275,11 @@ def _columns(result: Any, found: dict[tuple[str, int], dict[str, Any]], scorers:
 
     table = result.copy() if is_frame(result) else result.to_pandas(column, error_column)
     for s in scorers:
-        for column in (s.name, f"{s.name}_rationale"):
-            if column in table.columns:
-                raise ConfigurationError(f"The rows already have a column {column!r}: give the scorer another name "
+        for added in (s.name, f"{s.name}_rationale"):
+            if added in table.columns:
+                raise ConfigurationError(f"The rows already have a column {added!r}: give the scorer another name "
                                          "(judge(..., name=...), @scorer(name=...)).")
-            table[column] = [found.get(("", i), {}).get(column) for i in range(n)]
+            table[added] = [found.get(("", i), {}).get(added) for i in range(n)]
     return table
 
 
