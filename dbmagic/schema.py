@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._jsonschema import check_size, field_path, first_error, validator_for
 from .errors import SchemaError, SettingError
 from .settings import is_dotted
 
@@ -102,7 +103,10 @@ class Schema:
             return self._validated_by_model(data, text, target)
         if isinstance(data, dict) and self.json_schema.get("type") == "object":
             data = self._optional_filled(data)
-        error = _best_error(self._jsonschema_validator(), data)
+        try:
+            error = first_error(self.validator(), data)
+        except SchemaError as exc:  # it took too long, or the answer is nested too deeply
+            raise self._refused(None, exc.problem, text, target) from None
         if error is not None:
             path, problem = error
             raise self._refused(path, problem, text, target)
@@ -115,7 +119,7 @@ class Schema:
             return self.model.model_validate(data)
         except pydantic.ValidationError as exc:
             first = exc.errors()[0]
-            path = _path(first.get("loc") or ())
+            path = field_path(first.get("loc") or ())
             raise self._refused(path or None, str(first.get("msg") or "invalid"), text, target) from None
 
     def _refused(self, path: str | None, problem: str, text: str, target: str) -> SchemaError:
@@ -128,9 +132,11 @@ class Schema:
         missing = [k for k, s in self.fields().items() if k not in data and _nullable(s)]
         return {**data, **dict.fromkeys(missing)} if missing else data
 
-    def _jsonschema_validator(self) -> Any:
+    def validator(self) -> Any:
+        """The jsonschema validator of ``json_schema`` (`dbmagic._jsonschema.validator_for`: nothing
+        outside the schema is read, patterns run in RE2, checking is bounded in time), made once."""
         if self._validator is None:
-            object.__setattr__(self, "_validator", _validator_for(self.json_schema, self.source or self.name))
+            object.__setattr__(self, "_validator", validator_for(self.json_schema, self.source or self.name))
         return self._validator
 
     # -- columns -------------------------------------------------------------------------------
@@ -201,36 +207,6 @@ def _nullable(node: Mapping[str, Any]) -> bool:
 
 def _json_type(value: Any) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(value), "object")
-
-
-def _path(parts: Any) -> str:
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _best_error(validator: Any, data: Any) -> tuple[str | None, str] | None:
-    if validator.is_valid(data):  # the common case, without collecting errors
-        return None
-    from jsonschema.exceptions import best_match
-
-    error = best_match(validator.iter_errors(data))
-    if error is None:
-        return None
-    return (_path(error.absolute_path) or None), error.message[:300]
-
-
-def _validator_for(json_schema: dict[str, Any], shown: str) -> Any:
-    import jsonschema
-
-    cls = jsonschema.validators.validator_for(json_schema, default=jsonschema.Draft202012Validator)
-    try:
-        cls.check_schema(json_schema)
-    except jsonschema.SchemaError as exc:
-        raise SettingError(f"The schema {shown} is not valid JSON Schema: {exc.message[:200]}. Fix it, or use the "
-                           f"short form ({SHORT_FORM_EXAMPLE!r}).") from None
-    return cls(json_schema)
 
 
 def retry_note(error: SchemaError) -> str:
@@ -332,6 +308,7 @@ def _from_model(model: type) -> Schema:
 
 
 def _from_dict(data: dict[str, Any], shown: str) -> Schema:
+    check_size(data, shown)  # first: what follows walks it
     wrapped = isinstance(data.get("schema"), dict) and "type" not in data and "properties" not in data
     json_schema = data["schema"] if wrapped else data
     name = data.get("name") if wrapped else json_schema.get("title")
@@ -341,7 +318,7 @@ def _from_dict(data: dict[str, Any], shown: str) -> Schema:
         raise SettingError(f"The schema {shown} {problem}.")
     schema = Schema(json_schema, _wire_name(name if isinstance(name, str) else "answer"), None,
                     shown if not isinstance(name, str) else name, strict)
-    schema._jsonschema_validator()  # a schema that is not valid JSON Schema is refused here, before anything is sent
+    schema.validator()  # a schema that is not valid JSON Schema is refused here, before anything is sent
     return schema
 
 

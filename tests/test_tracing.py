@@ -520,6 +520,23 @@ def test_a_prompts_response_format_and_model_config_reach_the_request_unless_the
     assert (body["temperature"], body["max_tokens"], body["top_p"]) == (0.9, 8, 0.5)  # the cell's flags win
 
 
+def test_a_prompts_response_format_that_points_outside_itself_is_refused_and_nothing_is_read(store, shell,
+                                                                                                 workspace, tmp_path):
+    """Hardening round three, item 1: on main a registry prompt's $ref made the kernel read a local
+    file after the paid call, and quoted it back to the endpoint and in the cell."""
+    private = tmp_path / "private.json"
+    private.write_text(json.dumps({"type": "integer", "description": "PRIVATE-FILE-CONTENT"}))
+    version = dbmagic.register_prompt(
+        "reaching", "Grade {{ text }}.",
+        response_format={"type": "object", "properties": {"score": {"$ref": private.as_uri()}}, "required": ["score"]})
+    shell.user_ns["text"] = "an essay"
+    before = len(workspace.requests)
+    with pytest.raises(UsageError) as info:
+        shell.run_line_magic("dbllm", f"-e {CHAT} --no-stream --prompt {version.uri}")
+    assert "outside the schema" in str(info.value) and "PRIVATE" not in str(info.value)
+    assert [r for r in workspace.requests[before:] if r.path.endswith("/invocations")] == []
+
+
 def test_an_alias_resolves_once_and_the_trace_links_the_version_sent_in_unity_catalog_names(store, shell, workspace):
     name = "main.default.summarise"  # a Unity Catalog name, as Databricks names prompts
     first = dbmagic.register_prompt(name, "First: {{ text }}")

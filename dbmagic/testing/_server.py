@@ -1080,6 +1080,8 @@ def schema_reply(schema: dict[str, Any], prompt: str) -> Any:
         if typed == "object":
             return {name: make(sub, depth + 1) for name, sub in (node.get("properties") or {}).items()}
         if typed == "array":
+            if depth > 3:  # a recursive schema (a tree) ends in empty lists, as a model's answer would
+                return []
             items = node.get("items") or {"type": "string"}
             if _followed(root, items).get("type") == "string" and not _followed(root, items).get("enum"):
                 return words[:3]
