@@ -76,8 +76,13 @@ class BatchResult(list):
 
     def __init__(self, items: Iterable[Any], *, rows: Sequence[Any], wall_time: float = 0.0,
                  interrupted: bool = False, concurrency: int = 0, rate: float | None = None, schema: Any = None,
-                 identities: Sequence[str | None] | None = None, from_checkpoint: int = 0):
+                 identities: Sequence[str | None] | None = None, from_checkpoint: int = 0,
+                 not_served: Mapping[str, int] | None = None, unreadable: int = 0):
         super().__init__(items)
+        # rows whose record in the checkpoint was not served (``other``: another user's; ``unsigned``:
+        # not written by this user's dbmagic: planted or edited), and lines of it that could not be read
+        self.not_served = dict(not_served or {})
+        self.unreadable = unreadable
         self.rows = list(rows)
         # per row, the identity of the request it sent (`dbmagic.ledger.identity`): what resume= checks
         self.identities = list(identities) if identities is not None else [None] * len(self)
@@ -133,6 +138,12 @@ class BatchResult(list):
                  f"{len(self.failed)} failed"]
         if self.missing:
             parts.append(f"{len(self.missing)} not sent{' (interrupted)' if self.interrupted else ''}")
+        if self.not_served:
+            why = {"other": "another user's", "unsigned": "not written by your dbmagic (planted or edited)"}
+            parts.append(f"{sum(self.not_served.values())} records in the checkpoint not used ("
+                         + ", ".join(f"{n} {why.get(k, k)}" for k, n in sorted(self.not_served.items())) + ")")
+        if self.unreadable:
+            parts.append(f"{self.unreadable} unreadable lines or files of the checkpoint skipped")
         if self.usage:
             parts.append(self.usage.describe())
         if self.rate is not None:
@@ -168,6 +179,7 @@ def batch(
     error_column: str = "error",
     send_missing: bool = False,
     checkpoint: Any = None,
+    shared_checkpoint: bool = False,
     max_tokens_total: int | None = None,
     max_cost: float | None = None,
     namespace: Mapping[str, Any] | None = None,
@@ -195,7 +207,8 @@ def batch(
     """
     def go(handle: BackgroundBatch | None = None, bar: Any = None) -> Any:
         result = run(template, rows, endpoint, concurrency=concurrency, resume=resume, progress=progress,
-                     checkpoint=checkpoint, max_tokens_total=max_tokens_total, max_cost=max_cost,
+                     checkpoint=checkpoint, shared_checkpoint=shared_checkpoint, max_tokens_total=max_tokens_total,
+                     max_cost=max_cost,
                      namespace=namespace, client=client, transform_output=transform_output, timeout=timeout,
                      column=column, error_column=error_column, send_missing=send_missing, handle=handle, bar=bar,
                      **options)
@@ -330,7 +343,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         column: str = "answer", error_column: str = "error", send_missing: bool = False,
         signed_in: bool = False, checkpoint: Any = None, max_tokens_total: int | None = None,
         max_cost: float | None = None, handle: BackgroundBatch | None = None, bar: Any = None,
-        **options: Any) -> BatchResult:
+        shared_checkpoint: bool = False, **options: Any) -> BatchResult:
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``).
     ``signed_in``: the token was accepted before this batch (a Spark task's, by the driver), so a
     401 means that it expired or was revoked since."""
@@ -363,7 +376,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     items: list[Any] = [None] * len(contexts)
     if timeout is not None:
         timeout = settings.coerce("timeout", timeout)
-    ledger = Ledger(checkpoint) if checkpoint is not None else None
+    ledger = Ledger(checkpoint, shared=shared_checkpoint) if checkpoint is not None else None
+    signer = client.signer() if ledger is not None else None
     prepare = client.preparer(endpoint, **options)  # options checked, the endpoint looked up: once
     built: dict[int, Any] = {}  # row -> its PreparedRequest (or the error that kept it from being built)
     identities: list[str | None] = [None] * len(contexts)
@@ -411,7 +425,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
             if isinstance(request, DbMagicError):
                 items[i] = request
                 continue
-            record = ledger.answer(identities[i])
+            record = ledger.answer(identities[i], signer)
             if record is not None:
                 items[i] = completion_of(record, request, transform_output)
                 reused += 1
@@ -429,18 +443,22 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
 
     batch: dict[str, Any] = {}  # with tracing on: the batch's id, which tags each row's trace
 
-    def call(i: int) -> Call:
+    def call(i: int) -> Any:
         request = request_of(i)
         if isinstance(request, DbMagicError):
             raise request
+        if ledger is not None:  # another batch on this checkpoint may be sending it: its answer is waited for
+            record = ledger.turn(identities[i], request.url, signer, rows_run.stop)
+            if record is not None:
+                return _Reused(completion_of(record, request, transform_output))
         return client.call(request, transform_output=transform_output, timeout=timeout, retry=policy,
                            tags={**batch, "row": i} if batch else None)
 
     def recorded(i: int, outcome: Any) -> None:  # each finished call, in the checkpoint as it finishes
         answer = outcome.completion if isinstance(outcome, SchemaError) else outcome
-        if ledger is not None and identities[i] is not None and (
+        if ledger is not None and identities[i] is not None and not getattr(answer, "cached", False) and (
                 (isinstance(answer, Completion) and not answer.is_partial) or isinstance(answer, StatusError)):
-            ledger.append(identities[i], built[i].url, answer)
+            ledger.append(identities[i], built[i].url, answer, signer)
 
     started = time.perf_counter()
     pace = _pace.shared((id(client), endpoint, options.get("cluster_id"), options.get("port")),
@@ -463,9 +481,12 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
             span.set_outputs({"answered": sum(1 for i in todo if _answered(items[i])),
                               "failed": sum(1 for i in todo if error_of(items[i]) is not None),
                               "interrupted": interrupted})
+    reused += rows_run.reused
+    not_served = ledger.not_served({identities[i] for i in todo}) if ledger is not None else {}
     result = BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
                          concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate, schema=schema,
-                         identities=identities, from_checkpoint=reused)
+                         identities=identities, from_checkpoint=reused, not_served=not_served,
+                         unreadable=ledger.skipped if ledger is not None else 0)
     if handle is not None:
         handle.batch_result = result
     return result
@@ -562,6 +583,21 @@ def _resumed(previous: Any, n: int, column: str, error_column: str) -> list[Any]
     return items
 
 
+class _Reused:
+    """A row answered by another batch on the same checkpoint while this one waited (not sent)."""
+
+    reused = True
+
+    def __init__(self, outcome: Any):
+        self._outcome = outcome
+
+    def outcome(self) -> Any:
+        return self._outcome
+
+    def cancel(self, why: str = "stopped") -> None:
+        pass
+
+
 class _Kept:
     """An answer kept from a resumed DataFrame (only its value is known)."""
 
@@ -656,6 +692,8 @@ class _Rows:
         self.limited: dict[int, tuple[int, float, int]] = {}
         self.calls: dict[int, Call] = {}  # in flight, for Ctrl-C
         self.stopped = False
+        self.stop = threading.Event()  # set with `stopped`: what waits on another batch's answer wakes
+        self.reused = 0  # rows another batch on the same checkpoint answered while this one waited
         self.cancelled = False  # stopped by `cancel` (a background batch's handle), not by Ctrl-C
         self.fatal: BaseException | None = None  # what stopped the batch from within (SystemExit ...)
         self.cond = threading.Condition()
@@ -693,6 +731,7 @@ class _Rows:
         """Stop sending (from any thread); the answers on their way are kept as after a Ctrl-C."""
         with self.cond:
             self.cancelled = self.stopped = True
+            self.stop.set()
             self.cond.notify_all()
 
     def _keep_what_comes(self, workers: list[threading.Thread], *, announce: bool) -> None:
@@ -701,6 +740,7 @@ class _Rows:
         flight then keep what arrived, as partial ``interrupted`` answers."""
         with self.cond:
             self.stopped = True
+            self.stop.set()
             waiting = len(self.calls)
             self.cond.notify_all()
         if waiting and GRACE > 0:
@@ -734,6 +774,7 @@ class _Rows:
                 index, permit = self._next()
                 if index is None:
                     return
+            c: Any = None
             try:
                 c = call(index)
                 with self.cond:
@@ -748,6 +789,7 @@ class _Rows:
             except BaseException as exc:  # SystemExit from a transform: it stops the whole batch
                 with self.cond:
                     self.fatal, self.stopped = exc, True
+                    self.stop.set()
                     limiter.release(permit)
                     self.cond.notify_all()
                 return
@@ -761,7 +803,10 @@ class _Rows:
                     outcome = _token_refused(first, midway)
                     self._give_up_all(lambda: _token_refused(first, midway, sent=False))
                 answered = isinstance(outcome, SchemaError) and outcome.completion is not None  # an answer, unfit
-                if (isinstance(outcome, Exception) and not answered) or getattr(outcome, "is_partial", False):
+                if getattr(c, "reused", False):  # not sent: nothing to learn the pace from
+                    limiter.release(permit)
+                    self.reused += 1
+                elif (isinstance(outcome, Exception) and not answered) or getattr(outcome, "is_partial", False):
                     limiter.release(permit)
                 else:
                     limiter.on_success(permit)
@@ -772,6 +817,7 @@ class _Rows:
                         self.on_outcome(index, outcome)
                     except Exception as exc:  # a checkpoint that cannot be written stops the batch
                         self.fatal, self.stopped = exc, True
+                        self.stop.set()
                 self.remaining -= 1
                 self.done += 1
                 if error_of(outcome) is not None:

@@ -62,11 +62,12 @@ def canaries_in(texts) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def audit_what_users_see(monkeypatch):
+def audit_what_users_see(monkeypatch, tmp_path):
     """The canary audit, for what a test's output capture does not hold: every batch result (its
     answer and error columns), every compared call's metrics (the compare error column), every
-    display the shell captured, and the state of every live widget (the panel). A secret in any of
-    them fails the test."""
+    display the shell captured, the state of every live widget (the panel), and every ledger file the
+    test left in its temporary folder or the kernel's cache folder (checkpoints, the cache).
+    A secret in any of them fails the test."""
     import ipywidgets.widgets.widget as widget_module
 
     from dbmagic import _batch, _compare
@@ -105,9 +106,28 @@ def audit_what_users_see(monkeypatch):
             texts.append(repr(w.get_state()))
         except Exception:  # a widget half torn down: nothing it holds is shown
             continue
+    from dbmagic import ledger
+
+    # the ledgers a test wrote (checkpoints, caches: JSON Lines files), wherever under its folder, and the
+    # kernel's cache folder (not the test's own inputs there, such as a ~/.databrickscfg holding a secret)
+    texts += [_file_text(path) for path in tmp_path.rglob("*.jsonl")]
+    if ledger.cache() is not None:
+        texts += [_file_text(path) for path in ledger.cache().ledger.path.rglob("*")]
     leaks = canaries_in(texts)
     if leaks:
-        pytest.fail(f"A local workspace secret reached a batch or compare column, a display or a widget: {leaks}")
+        pytest.fail(f"A local workspace secret reached a batch or compare column, a display, a widget or a file "
+                    f"(a checkpoint, the cache): {leaks}")
+
+
+def _file_text(path: Path) -> str:
+    """A regular file's bytes as text (never through a symlink, never a FIFO); large files in part."""
+    try:
+        if not path.is_file() or path.is_symlink():
+            return ""
+        with open(path, "rb") as file:
+            return file.read(50 << 20).decode("latin-1")
+    except OSError:
+        return ""
 
 
 _ROOT = Path(__file__).resolve().parent.parent
