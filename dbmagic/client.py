@@ -45,9 +45,11 @@ from .errors import (
     RequestError,
     SchemaError,
     StreamInterrupted,
+    StreamScrubber,
     TransformError,
     parse_error_body,
     scrub,
+    scrub_value,
 )
 
 if TYPE_CHECKING:
@@ -351,6 +353,8 @@ class Client:
         self._org: str | None = None
         self._app_urls: dict[str, str] = {}  # app name -> the URL the workspace's Apps API gave, per kernel
         self._app_credentials: dict[str, Credentials] = {}  # app URL -> OAuth credentials for it
+        self._principal: _ledger.Principal | None = None  # who the workspace says this login is (SCIM Me)
+        self._signer: _ledger.Signer | None = None  # signs and verifies what this principal keeps in a ledger
         self.hooks = hooks.Hooks(parent=hooks.GLOBAL)
         self.transport = Transport(timeouts=timeouts, retry=retry, clock=clock, session=session, pool_size=pool_size,
                                    handler=handler)
@@ -402,6 +406,32 @@ class Client:
         factory, how = _apps_login(creds)
         info["databricks apps"] = how if factory is not None else f"not reachable: {how} (Apps take OAuth only)"
         return info
+
+    def principal(self) -> _ledger.Principal:
+        """Who this client's login is, as the workspace says (``GET /api/2.0/preview/scim/v2/Me``:
+        the user's or service principal's id and name), asked once: a rotated notebook token is the
+        same principal. What the ledger's records say paid for them."""
+        if self._principal is None:
+            host = self.credentials.host
+            try:
+                data = self._get("/api/2.0/preview/scim/v2/Me", "who you are (SCIM Me)")
+            except RequestError as exc:  # no SCIM here: the ledger's key alone tells this login's records apart
+                log.warning("dbmagic could not ask the workspace who you are (%s); the answers you keep in a "
+                            "checkpoint or cache are told apart by this machine's ledger key alone.", exc.status)
+                data = None
+            found = data if isinstance(data, dict) else {}
+            name = found.get("userName") or found.get("applicationId") or "unknown"
+            self._principal = _ledger.Principal(host, str(found.get("id") or "unknown"), str(name)[:200])
+        return self._principal
+
+    def signer(self) -> _ledger.Signer:
+        """What signs the records this principal writes to a checkpoint or the cache, and verifies
+        the ones it reads (`dbmagic.ledger.Signer`, its key outside any ledger's folder)."""
+        if self._signer is None:
+            principal = self.principal()
+            on_databricks = self.credentials.auth_type in _NOTEBOOK_LOGINS
+            self._signer = _ledger.Signer.load(principal, _ledger.key_folder(principal, on_databricks))
+        return self._signer
 
     def endpoints(self) -> list[EndpointInfo]:
         """The workspace's serving endpoints (``GET /api/2.0/serving-endpoints``), fetched afresh."""
@@ -768,7 +798,9 @@ class Call:
         self.sending = prepared
         self.tags = tags
         self._cache_mode = _ledger.CACHE_MODE.get()  # the cell's --cache, read in the thread that made the call
-        self.text = ""
+        self._parts: list[str] = []  # the answer's text so far, in pieces (joined when read: linear time)
+        self._scrubber: StreamScrubber | None = None  # a streamed answer's pieces, secrets taken out
+        self.secret_split = False  # a secret came split across streamed events (and was taken out)
         self.completion: Completion | None = None
         self.error: BaseException | None = None
         self.response: Response | None = None
@@ -787,6 +819,17 @@ class Call:
         self._pieces: Iterator[str] | None = None
         self._answer: tuple[_wire.Parsed, Any] | None = None
         self._retries_left = prepared.schema_retries
+
+    @property
+    def text(self) -> str:
+        """Everything that arrived of the current round trip's answer so far (secrets taken out)."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._parts = [value] if value else []
 
     def __repr__(self) -> str:
         state = ("cancelled" if self.cancelled else "answered" if self.completion is not None
@@ -856,6 +899,9 @@ class Call:
     def partial(self, why: str, error: BaseException | None = None) -> Completion:
         """A `Completion` of what arrived, for an answer that did not end normally (``why``:
         ``cut``, ``stopped`` or ``interrupted``)."""
+        rest = self._flush_scrubber()
+        if rest:
+            self._parts.append(rest)
         prepared = self.sending
         return Completion(text=self.text, value=self.text, endpoint=prepared.name or prepared.target,
                           kind=prepared.kind, latency=time.perf_counter() - self._started if self._started else 0.0,
@@ -993,7 +1039,7 @@ class Call:
         self.completion, self._ended = completion, True
         store = _ledger.cache()
         if store is not None and not completion.is_partial and completion.error is None and not self.steps:
-            store.record(self.prepared, completion, self._cache_mode)
+            store.record(self.prepared, completion, self._client.signer(), self._cache_mode)
         if self._client.hooks:
             self._client.hooks.fire("on_done", self, completion)
 
@@ -1003,7 +1049,7 @@ class Call:
         store = _ledger.cache()
         if store is None or self.step:
             return False
-        found = store.lookup(self.prepared, self._transform_output, self._cache_mode)
+        found = store.lookup(self.prepared, self._client.signer(), self._transform_output, self._cache_mode)
         if found is None:
             return False
         if isinstance(found, SchemaError):  # an answer that did not fit when it came: it still does not
@@ -1015,7 +1061,7 @@ class Call:
     def _piece(self, piece: str) -> str:
         if self._first is None:
             self._first = time.perf_counter() - self._started
-        self.text += piece
+        self._parts.append(piece)
         if self._client.hooks:
             self._client.hooks.fire("on_piece", self, piece)
         return piece
@@ -1041,7 +1087,9 @@ class Call:
         if self.cancelled:
             return
         secrets = self._secrets()
-        data = _json(content, self.prepared.target, response.status, secrets)
+        # the answer is server text: a proxy or app that echoes headers must not put the token in the
+        # cell, the ledger, a trace or a judge's input
+        data = scrub_value(_json(content, self.prepared.target, response.status, secrets), secrets)
         parsed = _parse(self.sending, data, secrets)
         if parsed.text:
             yield self._piece(parsed.text)
@@ -1049,6 +1097,8 @@ class Call:
 
     def _events(self) -> Iterator[str]:
         body = self.response.body
+        secrets = self._secrets()
+        scrubber = self._scrubber = StreamScrubber(secrets)
         decoder = _wire.SSEDecoder()
         reader = _wire.ChunkReader()
         usage = Usage()
@@ -1083,8 +1133,9 @@ class Call:
                 if not isinstance(data, dict):
                     raise self._cut("an event that is not a JSON object")
                 if "error_code" in data or "error" in data or data.get("type") == "error":
-                    code, message = parse_error_body(event, self._secrets())
+                    code, message = parse_error_body(event, secrets)
                     raise self._cut(f"an error mid-stream: {message or code}")
+                data = scrub_value(data, secrets)
                 if self._client.hooks:
                     self._client.hooks.fire("on_event", self, data)
                 piece, chunk_usage, chunk_finish = reader.read(data)
@@ -1092,8 +1143,9 @@ class Call:
                 usage = chunk_usage or usage
                 finish = chunk_finish or finish
                 model = data.get("model") or model
-                if piece:
-                    yield self._piece(piece)
+                shown = scrubber.feed(piece) if piece else ""
+                if shown:
+                    yield self._piece(shown)
                     if self.cancelled:  # a Stop between two events of one read
                         return
             if not chunk:
@@ -1102,9 +1154,23 @@ class Call:
                 if not done and (decoder.truncated or finish is None):
                     raise self._cut("the connection closed before the end of the answer")
                 break
+        rest = self._flush_scrubber()
+        if rest:
+            yield self._piece(rest)
         kind = self.sending.kind
-        self._answer = (_wire.Parsed(self.text, self.text, usage, model, finish, reader.tool_calls(),
-                                     reader.reply(kind, self.text) if kind in _wire.CONVERSATIONAL else None), last)
+        calls = [_wire.ToolCall.read(c.id, scrub(c.name, secrets), scrub(c.raw_arguments, secrets))
+                 for c in reader.tool_calls()]  # their arguments came in pieces too
+        reply = scrub_value(reader.reply(kind, self.text), secrets) if kind in _wire.CONVERSATIONAL else None
+        self._answer = (_wire.Parsed(self.text, self.text, usage, model, finish, calls, reply), last)
+
+    def _flush_scrubber(self) -> str:
+        """What the stream scrubber held back (the stream ended, was cut or stopped), secrets masked."""
+        scrubber, self._scrubber = self._scrubber, None
+        if scrubber is None:
+            return ""
+        rest = scrubber.close()
+        self.secret_split = self.secret_split or scrubber.hits > 0
+        return rest
 
     def _completion(self, parsed: _wire.Parsed, data: Any) -> tuple[Completion, SchemaError | None]:
         """This round trip's `Completion`, its value read by the schema (and ``transform_output``),
@@ -1150,6 +1216,9 @@ class Call:
         return completion, refused
 
     def _cut(self, why: str) -> StreamInterrupted:
+        rest = self._flush_scrubber()
+        if rest:
+            self._parts.append(rest)
         return StreamInterrupted(
             f"The stream from {self.prepared.target} was cut: {why}; {len(self.text)} characters arrived",
             partial=self.text,

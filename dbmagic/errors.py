@@ -409,6 +409,101 @@ def scrub(text: str, secrets: Iterable[Any] = ()) -> str:
     return _BEARER.sub(r"\1***", text)
 
 
+def scrub_value(value: Any, secrets: Iterable[Any] = ()) -> Any:
+    """A JSON value (an answer, a streamed event) with `scrub` applied to every string in it, keys
+    included; the same object when nothing in it changes. Iterative: any depth is fine."""
+    plain = [s for s in (_reveal(x) for x in secrets) if s]
+
+    def clean(text: str) -> str:
+        if any(secret in text for secret in plain) or "earer" in text or "EARER" in text:
+            return scrub(text, plain)
+        return text
+
+    if isinstance(value, str):
+        return clean(value)
+    if not isinstance(value, (dict, list)):
+        return value
+    root: list[Any] = [value]
+    stack: list[tuple[Any, Any, Any]] = [(root, 0, value)]  # (container, key in it, value there)
+    while stack:
+        holder, key, item = stack.pop()
+        if isinstance(item, dict):
+            fixed = {clean(k) if isinstance(k, str) else k: v for k, v in item.items()}
+            holder[key] = fixed
+            stack.extend((fixed, k, v) for k, v in fixed.items() if isinstance(v, (str, dict, list)))
+        elif isinstance(item, list):
+            fixed_list = list(item)
+            holder[key] = fixed_list
+            stack.extend((fixed_list, i, v) for i, v in enumerate(fixed_list) if isinstance(v, (str, dict, list)))
+        else:
+            cleaned = clean(item)
+            if cleaned is not item:
+                holder[key] = cleaned
+    return root[0]
+
+
+def _reveal(secret: Any) -> str:
+    from ._secret import reveal
+
+    return reveal(secret) or ""
+
+
+class StreamScrubber:
+    """`scrub` for text that arrives in pieces: a secret split across two pieces (two streamed
+    events) is caught too. `feed` returns what may be shown now, holding back a tail that could be
+    the start of a secret or of a ``Bearer`` value; `close` gives the rest, a tail that is the start
+    of a secret (6 characters or more) masked. ``hits`` counts the secrets found across pieces."""
+
+    _OPEN_BEARER = re.compile(r"(?i)(?:b(?:e(?:a(?:r(?:e(?:r(?:\s+[^\s\"',;}]*)?)?)?)?)?)?)$")
+
+    def __init__(self, secrets: Iterable[Any] = ()):
+        self._secrets = sorted({s for s in (_reveal(x) for x in secrets) if s}, key=len, reverse=True)
+        self._pending = ""
+        self.hits = 0
+
+    def feed(self, piece: str) -> str:
+        text = self._pending + piece
+        cleaned = scrub(text, self._secrets)
+        if cleaned != text and scrub(piece, self._secrets) == piece and scrub(self._pending, self._secrets) == \
+                self._pending:
+            self.hits += 1  # a secret that no piece held whole
+        cut = self._safe_end(cleaned)
+        self._pending = cleaned[cut:]
+        return cleaned[:cut]
+
+    def close(self) -> str:
+        rest, self._pending = scrub(self._pending, self._secrets), ""
+        for secret in self._secrets:
+            start = self._prefix_start(rest, secret)
+            if start is not None and len(rest) - start >= 6:
+                rest = rest[:start] + "***"
+        return rest
+
+    def _safe_end(self, text: str) -> int:
+        cut = len(text)
+        for secret in self._secrets:
+            start = self._prefix_start(text, secret)
+            if start is not None:
+                cut = min(cut, start)
+        match = self._OPEN_BEARER.search(text)
+        if match and match.start() < len(text):
+            cut = min(cut, match.start())
+        return cut
+
+    @staticmethod
+    def _prefix_start(text: str, secret: str) -> int | None:
+        """Where the longest tail of ``text`` that begins ``secret`` starts, or None."""
+        start = max(len(text) - len(secret) + 1, 0)
+        first = secret[0]
+        while True:
+            at = text.find(first, start)
+            if at < 0:
+                return None
+            if secret.startswith(text[at:]):
+                return at
+            start = at + 1
+
+
 def error_of(outcome: Any) -> BaseException | None:
     """The error a call's outcome carries: the error it failed with, or the one that cut a partial
     answer (``completion.error``); None for an answer."""

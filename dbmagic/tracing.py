@@ -110,15 +110,26 @@ class CallSpan:
                         "dbmagic.host": prepared.host, "dbmagic.params": params, "dbmagic.stream": prepared.stream},
         )
         self.children: list[Any] = []
-        self.chunks = 0
+        self.chunks: list[dict[str, Any]] = []
 
     def chunk(self, event: dict[str, Any]) -> None:
-        """One streamed event, as MLflow's OpenAI autologger records each chunk (a span event)."""
+        """One streamed event (secrets already taken out of it), kept until the call ends."""
+        self.chunks.append(event)
+
+    def record_chunks(self, secret_split: bool) -> None:
+        """The streamed events, as MLflow's OpenAI autologger records each chunk (a span event).
+        When a secret came split across two events (each clean alone), the events are left out and
+        an event says so: the answer itself (the outputs) has the secret taken out."""
         from mlflow.entities import SpanEvent
 
-        self.span.add_event(SpanEvent(name=_CHUNK_NAME.format(index=self.chunks),
-                                      attributes={_CHUNK_VALUE: json.dumps(event, default=str)}))
-        self.chunks += 1
+        chunks, self.chunks = self.chunks, []
+        if secret_split:
+            self.span.add_event(SpanEvent(name="dbmagic.scrubbed", attributes={
+                "dbmagic.note": "a secret came split across streamed events: the events are not recorded"}))
+            return
+        for index, event in enumerate(chunks):
+            self.span.add_event(SpanEvent(name=_CHUNK_NAME.format(index=index),
+                                          attributes={_CHUNK_VALUE: json.dumps(event, default=str)}))
 
     def ok(self, completion: Completion) -> None:
         attributes = _outcome(completion)
@@ -274,6 +285,7 @@ class _Tracer(hooks.Subscriber):
         if call.steps:  # the last round trip is a step too, beside the earlier ones
             span.step(call.sending.body, completion, completion.error if not completion.is_partial else None,
                       usage=call.round_usage)
+        span.record_chunks(call.secret_split)
         if completion.is_partial:
             span.partial(completion, completion.error)
         else:
@@ -282,6 +294,7 @@ class _Tracer(hooks.Subscriber):
     def on_failed(self, call: Call, error: BaseException) -> None:
         span = self._span(call)
         if span is not None:
+            span.record_chunks(call.secret_split)
             span.failed(error)
 
     def on_refused(self, endpoint: str | None, prompt: Any, error: BaseException) -> None:

@@ -159,3 +159,266 @@ def test_the_completions_instruction_path_refuses_the_same(client, workspace, ba
     with pytest.raises(SettingError):
         client.complete("Label this", endpoint=COMPLETIONS, schema=_with_ref(file_uri))
     assert invocations(workspace, COMPLETIONS) == [] and hits == []
+
+
+# -- 2. the cache and checkpoints belong to whoever wrote them ---------------------------------------
+
+ANOTHER_USER = '''
+import json, sys
+import dbmagic
+from dbmagic import Client
+client = Client(host=sys.argv[1], token=sys.argv[2])
+shared = sys.argv[4] == "shared"
+result = dbmagic.batch("{{ row }}", ["q1", "q2", "q3"], "%s", client=client, progress=False, checkpoint=sys.argv[3],
+                       shared_checkpoint=shared)
+print(json.dumps({"texts": result.texts, "errors": result.errors, "summary": result.summary(),
+                  "from_checkpoint": result.from_checkpoint}))
+''' % CHAT
+
+
+def as_another_user(workspace, tmp_path, token, checkpoint, shared=False):
+    """A batch run by another user, in a process of its own with a home of its own (another person's
+    machine or notebook: their dbmagic keeps its ledger key in their own home)."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / f"home-{token[-6:]}"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATABRICKS_")} | {"HOME": str(home)}
+    done = subprocess.run([sys.executable, "-c", ANOTHER_USER, workspace.host, token, str(checkpoint),
+                           "shared" if shared else "own"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_another_users_answers_are_never_served_from_a_shared_folder(workspace, tmp_path):
+    """Item 2: on main user B, who gets 403 on the endpoint, was served user A's answers with zero requests."""
+    folder = tmp_path / "team-folder"
+    client = Client(host=workspace.host, token=workspace.token)
+    first = dbmagic.batch("{{ row }}", ["q1", "q2", "q3"], CHAT, client=client, progress=False, checkpoint=folder)
+    assert first.failed == [] and len(invocations(workspace)) == 3
+    b = workspace.add_user("b.user@dbmagic.test")
+    workspace.deny(CHAT, "b.user@dbmagic.test")
+    seen = as_another_user(workspace, tmp_path, b, folder)
+    assert seen["texts"] == [None, None, None] and all("No permission" in e for e in seen["errors"])
+    assert [r.status for r in invocations(workspace)[3:]] == [403, 403, 403]  # sent, and refused: never served
+    assert "3 records in the checkpoint not used (3 another user's)" in seen["summary"]
+    # a folder shared on purpose: the other principal's answers are served, nothing sent
+    shared = as_another_user(workspace, tmp_path, b, folder, shared=True)
+    assert shared["texts"] == ["Echo: q1", "Echo: q2", "Echo: q3"] and shared["from_checkpoint"] == 3
+    assert len(invocations(workspace)) == 6
+
+
+def test_a_rotated_token_is_the_same_principal(workspace, tmp_path):
+    folder = tmp_path / "mine"
+    first = dbmagic.batch("{{ row }}", ["q1", "q2"], CHAT, client=Client(host=workspace.host, token=workspace.token),
+                          progress=False, checkpoint=folder)
+    rotated = Client(host=workspace.host, token=workspace.new_token())  # a notebook's next short-lived token
+    again = dbmagic.batch("{{ row }}", ["q1", "q2"], CHAT, client=rotated, progress=False, checkpoint=folder)
+    assert again.texts == first.texts and again.from_checkpoint == 2 and len(invocations(workspace)) == 2
+    me = [r for r in workspace.requests if r.path == "/api/2.0/preview/scim/v2/Me"]
+    assert len(me) == 2  # once per client: who it is does not change with the token
+
+
+def planted(folder, record):
+    """Write ``record`` as a line of a file of the folder, as someone who can write the folder could."""
+    path = folder / "zz-planted.jsonl"
+    with open(path, "a") as out:
+        out.write(json.dumps(record) + "\n")
+
+
+def test_a_planted_or_edited_record_is_never_served_and_is_counted(workspace, tmp_path):
+    """Item 2: on main a copied record with other text, or one for a request never sent (its key is
+    computable), was served as cached=True; with --insert it became the next cell."""
+    from dbmagic.ledger import identity
+
+    folder = tmp_path / "ck"
+    client = Client(host=workspace.host, token=workspace.token)
+    dbmagic.batch("{{ row }}", ["q1"], CHAT, client=client, progress=False, checkpoint=folder)
+    mine = [json.loads(line) for f in folder.glob("*.jsonl") for line in f.read_text().splitlines()]
+    answer = next(r for r in mine if "text" in r)
+    planted(folder, {**answer, "text": "import os; os.system('curl evil')", "at": answer["at"] + 1})  # edited
+    url = answer["url"]
+    body = {"messages": [{"role": "user", "content": "q2"}]}
+    planted(folder, {**answer, "id": identity(url, body), "text": "PLANTED", "mac": "0" * 64})  # never sent
+    again = dbmagic.batch("{{ row }}", ["q1", "q2"], CHAT, client=client, progress=False, checkpoint=folder)
+    assert again.texts == ["Echo: q1", "Echo: q2"]  # q1 from its own record, q2 sent
+    assert [r.json["messages"][-1]["content"] for r in invocations(workspace)] == ["q1", "q2"]
+    assert "1 records in the checkpoint not used (1 not written by your dbmagic" in again.summary()
+
+
+def test_the_cache_serves_only_its_own_principal(workspace, tmp_path):
+    folder = tmp_path / "cache"
+    dbmagic.use_cache(folder)
+    try:
+        mine = Client(host=workspace.host, token=workspace.token)
+        assert mine.complete("hello", endpoint=CHAT).text == "Echo: hello"
+        assert mine.complete("hello", endpoint=CHAT).cached
+        other = Client(host=workspace.host, token=workspace.add_user("c.user@dbmagic.test"))
+        assert not other.complete("hello", endpoint=CHAT).cached  # sent: C has no answer of its own here
+        assert len(invocations(workspace)) == 2
+    finally:
+        dbmagic.use_cache(None)
+
+
+def test_new_files_are_0600_and_folders_0700(workspace, tmp_path):
+    folder = tmp_path / "made" / "for" / "this"
+    dbmagic.batch("{{ row }}", ["q1"], CHAT, client=Client(host=workspace.host, token=workspace.token),
+                  progress=False, checkpoint=folder)
+    for made in (tmp_path / "made", tmp_path / "made" / "for", folder):
+        assert made.stat().st_mode & 0o777 == 0o700
+    assert {f.stat().st_mode & 0o777 for f in folder.glob("*.jsonl")} == {0o600}
+    key = tmp_path / "home" / ".config" / "dbmagic" / "ledger.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and key.parent.stat().st_mode & 0o777 == 0o700
+
+
+# -- 3. the ledger reads any folder and writes any answer --------------------------------------------
+
+def test_bad_files_are_skipped_and_counted_never_followed(workspace, tmp_path):
+    """Item 3: on main each of these crashed or hung every batch and cache use of the folder."""
+    import os
+
+    folder = tmp_path / "ck"
+    client = Client(host=workspace.host, token=workspace.token)
+    dbmagic.batch("{{ row }}", ["q1"], CHAT, client=client, progress=False, checkpoint=folder)
+    (folder / "a-cut.jsonl").write_bytes('{"v": 2, "text": "caf\u00e9'.encode()[:-1] + b"\n")  # cut in a character
+    (folder / "b-deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    good = next(json.loads(line) for f in folder.glob("2*.jsonl") for line in f.read_text().splitlines()
+                if "text" in json.loads(line))
+    (folder / "c-typed.jsonl").write_text(json.dumps({**good, "latency_ms": "fast"}) + "\n")
+    os.mkfifo(folder / "d-fifo.jsonl")
+    os.symlink("/dev/zero", folder / "e-zero.jsonl")
+    os.symlink(tmp_path / "nowhere", folder / "f-dangling.jsonl")
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(dbmagic.batch(
+        "{{ row }}", ["q1", "q2"], CHAT, client=client, progress=False, checkpoint=folder)), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the batch hung on the folder"
+    result = outcome[0]
+    assert result.texts == ["Echo: q1", "Echo: q2"] and result.from_checkpoint == 1
+    assert "6 unreadable lines or files of the checkpoint skipped" in result.summary()
+    dbmagic.use_cache(folder)
+    try:
+        from IPython.core.interactiveshell import InteractiveShell  # noqa: F401 (the magic's describe and clear)
+        store = dbmagic.ledger.cache()
+        assert "6 unreadable" in store.describe()["skipped"]
+        assert store.clear() >= 1 and (folder / "e-zero.jsonl").is_symlink()  # what dbmagic did not write stays
+    finally:
+        dbmagic.use_cache(None)
+
+
+def test_an_answer_with_a_lone_surrogate_is_written_and_read_back(workspace, tmp_path):
+    """Item 3: on main the paid call raised while writing it, and a checkpointed batch lost every answer
+    on every rerun."""
+    folder = tmp_path / "ck"
+    client = Client(host=workspace.host, token=workspace.token)
+    cut = "A model cut off mid-emoji \ud83d"
+    workspace.fail(CHAT, text=cut)
+    first = dbmagic.batch("{{ row }}", ["q1", "q2"], CHAT, client=client, progress=False, concurrency=1,
+                          checkpoint=folder)
+    assert first.texts == [cut, "Echo: q2"] and first.failed == []
+    again = dbmagic.batch("{{ row }}", ["q1", "q2"], CHAT, client=client, progress=False, checkpoint=folder)
+    assert again.texts == first.texts and again.from_checkpoint == 2 and len(invocations(workspace)) == 2
+
+
+BATCH_AT_ONCE = '''
+import json, sys
+import dbmagic
+from dbmagic import Client
+client = Client(host=sys.argv[1], token=sys.argv[2])
+rows = [f"row {i}" for i in range(int(sys.argv[4]))]
+result = dbmagic.batch("{{ row }}", rows, "slowish", client=client, progress=False, checkpoint=sys.argv[3],
+                       concurrency=8)
+print(json.dumps({"texts": result.texts}))
+'''
+
+
+@pytest.mark.parametrize("how", ["threads", "processes"])
+def test_two_batches_on_one_checkpoint_at_once_send_each_request_once(workspace, tmp_path, how):
+    """Item 3: on main two batches on one checkpoint at once sent 200 requests for 100 rows."""
+    import subprocess
+    import sys
+
+    from dbmagic.testing import Endpoint
+
+    workspace.add_endpoint(Endpoint("slowish", "llm/v1/chat", latency=0.02))
+    folder, n = tmp_path / "ck", 100
+    rows = [f"row {i}" for i in range(n)]
+    if how == "threads":
+        client = Client(host=workspace.host, token=workspace.token)
+        a = dbmagic.batch("{{ row }}", rows, "slowish", client=client, progress=False, checkpoint=folder,
+                          concurrency=8, background=True)
+        b = dbmagic.batch("{{ row }}", rows, "slowish", client=client, progress=False, checkpoint=folder,
+                          concurrency=8, background=True)
+        texts = [a.result(timeout=120).texts, b.result(timeout=120).texts]
+    else:
+        env = {"HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+        runs = [subprocess.Popen([sys.executable, "-c", BATCH_AT_ONCE, workspace.host, workspace.token, str(folder),
+                                  str(n)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+        texts = []
+        for run in runs:
+            out, err = run.communicate(timeout=120)
+            assert run.returncode == 0, err[-2000:]
+            texts.append(json.loads(out.strip().splitlines()[-1])["texts"])
+    assert texts[0] == texts[1] == [f"Echo: row {i}" for i in range(n)]
+    sent = [r.json["messages"][-1]["content"] for r in invocations(workspace, "slowish")]
+    assert sorted(sent) == sorted(rows)  # each request once, whichever batch sent it
+
+
+# -- 4. server text is scrubbed wherever it goes, the answer included --------------------------------
+
+@pytest.fixture
+def echoing(workspace):
+    from dbmagic.testing import Endpoint
+
+    workspace.add_endpoint(Endpoint("echo-proxy", "llm/v1/chat", echo_headers=True))
+    workspace.add_endpoint(Endpoint("echo-model", None, "CUSTOM_MODEL", echo_headers=True))
+    return workspace
+
+
+@pytest.mark.parametrize("split", [None, 3, 7])
+def test_an_echoed_token_never_reaches_the_cell_the_checkpoint_or_the_value(shell, echoing, tmp_path, split):
+    """Item 4: on main an app or proxy that echoes headers put the token into the cell output, the
+    cache and checkpoint files, MLflow traces and judge rationales. ``split``: the answer streamed in
+    pieces of that many characters, so the token arrives split across events."""
+    token = echoing.token
+    if split:
+        echoing.fail("echo-proxy", chunk_chars=split)
+    shell.run_cell_magic("dbllm", "-e echo-proxy -o said", "hello")
+    said = shell.user_ns["said"]
+    assert "Authorization: Bearer ***" in said and token not in said
+    shown = repr(shell.display_pub.outputs)
+    assert token not in shown and token[:20] not in shown and "Bearer ***" in shown
+    result = dbmagic.batch("{{ row }}", ["a", "b"], "echo-proxy", client=Client(host=echoing.host, token=token),
+                           progress=False, checkpoint=tmp_path / "ck")
+    assert all("Bearer ***" in t and token not in t for t in result.texts)
+    assert token not in "".join(f.read_text() for f in (tmp_path / "ck").glob("*.jsonl"))
+
+
+def test_tool_arguments_and_custom_model_values_are_scrubbed(client, echoing):
+    token = echoing.token
+    echoing.fail(CHAT, tool_call={"name": "lookup", "arguments": {"q": f"send it to {token}"}})
+
+    def lookup(q: str) -> str:
+        return q
+
+    call = client.complete("look it up", endpoint=CHAT, tools=[lookup])
+    assert call.tool_calls[0].arguments == {"q": "send it to ***"} and token not in json.dumps(call.raw)
+    echoing.fail(CHAT, tool_call={"name": "lookup", "arguments": {"q": f"send it to {token}"}}, chunk_chars=4)
+    streamed = client.stream("look it up", endpoint=CHAT, tools=[lookup])
+    list(streamed)
+    assert streamed.completion.tool_calls[0].arguments == {"q": "send it to ***"}
+    value = client.complete("predict", endpoint="echo-model").value
+    assert token not in json.dumps(value) and "Bearer ***" in json.dumps(value)
+
+
+def test_a_cut_stream_keeps_no_half_of_a_token(client, workspace):
+    workspace.fail(CHAT, text=f"the token is {workspace.token} end", chunk_chars=4, cut_after=6)
+    call = client.stream("x", endpoint=CHAT)
+    with pytest.raises(dbmagic.StreamInterrupted) as info:
+        list(call)
+    kept = info.value.partial
+    assert kept.startswith("the token is ") and workspace.token[:10] not in kept and kept.endswith("***")

@@ -74,6 +74,8 @@ class Endpoint:
     tool_loop: bool = False
     rate_window: str = "second"  # the window of rate_limit: second (QPS), minute (QPM) or hour
     judge: bool = False  # answers a judge's question (`judge_reply`) instead of echoing
+    # a proxy or app that echoes what it was sent: every answer ends with the Authorization header it got
+    echo_headers: bool = False
 
     def describe(self) -> dict[str, Any]:
         entity: dict[str, Any] = {"name": f"{self.name}-entity"}
@@ -120,7 +122,7 @@ class Fault:
     that ends before its Content-Length; ``drop`` closes the connection after reading the request,
     with no answer (the request may have run). ``off_schema`` answers a schema with JSON whose first
     field has the wrong type; ``tool_call`` (``{"name": ..., "arguments": {...}}``) asks for that call
-    whatever tools were given. ``gather`` holds each request
+    whatever tools were given; ``text`` answers exactly that text. ``gather`` holds each request
     until that many have arrived (proof that a client sends them at the same time; give ``times``
     as many): if they do not all arrive within ``gather_timeout`` seconds, each answers 409.
     """
@@ -138,6 +140,8 @@ class Fault:
     off_schema: bool = False  # answer JSON whose first field has the wrong type (a schema is not followed)
     limit: str | None = None  # answer 429 naming this limit (LIMIT_MESSAGES: qps, qpm, tpm, qph), no Retry-After
     tool_call: dict[str, Any] | None = None  # ask for this call ({"name", "arguments"}) instead of the scripted one
+    text: str | None = None  # answer exactly this text (a lone surrogate, a token echoed by a proxy, ...)
+    chunk_chars: int | None = None  # stream the text in pieces of this many characters (a word split in two)
     headers: dict[str, str] = field(default_factory=dict)
     times: int = 1
     gather: int = 0
@@ -269,10 +273,16 @@ class LocalWorkspace:
         # what the token endpoint was sent: (client_id, secret_fingerprint(client_secret)), never the secret
         self.client_credentials_seen: list[tuple[str, str]] = []
         self._issued: dict[str, float] = {}  # token -> expiry (time.time())
+        self._issued_to: dict[str, dict[str, Any]] = {}  # an issued token -> its user, when not the workspace's
+        # who a token belongs to, as SCIM's Me answers: the personal access token's user, other users'
+        # tokens (add_user, new_token), and the service principals' OAuth tokens
+        self.user: dict[str, Any] = {"id": "1001", "userName": "local.user@dbmagic.test", "displayName": "Local User"}
+        self._users: dict[str, dict[str, Any]] = {}  # another token -> its user
+        self._denied: dict[str, set[str]] = {}  # endpoint name -> the userNames refused with 403 PERMISSION_DENIED
         self._admitted: dict[str, deque[float]] = {}  # endpoint -> monotonic times within the last second
         self._metadata_path = "/metadata-service/" + secrets.token_hex(8)
         self._faults: dict[str, deque[Fault]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._counter = 0
         self._port = port
         self._server: ThreadingHTTPServer | None = None
@@ -361,6 +371,45 @@ class LocalWorkspace:
         self.service_principals[client_id] = secret
         return secret
 
+    def add_user(self, user_name: str, display_name: str | None = None) -> str:
+        """Another user of this workspace (``user_name``, as SCIM names users); returns a token of
+        theirs, which ``GET /api/2.0/preview/scim/v2/Me`` answers with that user."""
+        user = {"id": str(1001 + len({u["id"] for u in self._users.values()}) + 1), "userName": user_name,
+                "displayName": display_name or user_name.split("@")[0]}
+        return self._token_of(user)
+
+    def new_token(self, user_name: str | None = None) -> str:
+        """Another token of an existing user (the workspace's own by default): what a notebook's
+        rotated token is, the same principal with a new secret."""
+        if user_name is None or user_name == self.user["userName"]:
+            return self._token_of(self.user)
+        found = next((u for u in self._users.values() if u["userName"] == user_name), None)
+        if found is None:
+            raise KeyError(f"no user {user_name!r}: add_user() first")
+        return self._token_of(found)
+
+    def _token_of(self, user: dict[str, Any]) -> str:
+        token = "dbmagic-local-" + secrets.token_hex(12)
+        with self._lock:
+            self._users[token] = user
+        return token
+
+    def deny(self, endpoint: str, user_name: str) -> None:
+        """``user_name`` may not query ``endpoint``: its invocations answer 403 PERMISSION_DENIED."""
+        self._denied.setdefault(endpoint, set()).add(user_name)
+
+    def user_of(self, authorization: str) -> dict[str, Any] | None:
+        """The user an ``Authorization`` header's token belongs to (as Me answers), or None."""
+        token = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else ""
+        if token and secrets.compare_digest(token, self.token):
+            return self.user
+        with self._lock:
+            if token in self._users:
+                return self._users[token]
+            if self._issued.get(token, 0) > time.time():
+                return self._issued_to.get(token, self.user)
+        return None
+
     def issue_token(self, lifetime: float | None = None) -> str:
         """A new OAuth access token this workspace accepts for ``lifetime`` seconds: a JWT, as
         Databricks' OAuth tokens are (``eyJ...``: header, claims and a signature nobody checks here)."""
@@ -422,11 +471,7 @@ class LocalWorkspace:
             return max(window[0] + span - now, 0.001)
 
     def _accepts(self, authorization: str) -> bool:
-        if secrets.compare_digest(authorization, f"Bearer {self.token}"):
-            return True
-        token = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else ""
-        with self._lock:
-            return self._issued.get(token, 0) > time.time()
+        return self.user_of(authorization) is not None
 
     def fail(self, name: str | tuple[str, ...], status: int | None = None, **fault: Any) -> Fault:
         """Queue a fault for the next request(s) to endpoint ``name`` (its invocations), a proxy
@@ -571,10 +616,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         ws = self.workspace
         raw, body, headers, sent_auth, path = self._read()
-        authorized = ws._accepts(sent_auth)
-        if authorized and ws._expire_after is not None and _INVOCATIONS.match(path):
-            authorized = ws._count_towards_expiry()
+        with ws._lock:  # one decision: a request that races the token's expiry is refused, never let through
+            authorized = ws._accepts(sent_auth)
+            if authorized and ws._expire_after is not None and _INVOCATIONS.match(path):
+                authorized = ws._count_towards_expiry()
         self._record = RecordedRequest(method, path, headers, body, authorized, at=time.monotonic())
+        self._authorization = sent_auth
         ws.requests.append(self._record)
         if method == "GET" and path == "/.well-known/databricks-config":  # public, as on a workspace
             if self._fault(path) is True:
@@ -594,6 +641,10 @@ class _Handler(BaseHTTPRequestHandler):
         if raw and body is None:
             return self._error(400, "Malformed JSON in the request body.", "MALFORMED_REQUEST")
 
+        if method == "GET" and path.rstrip("/") == "/api/2.0/preview/scim/v2/Me":
+            if self._fault(path) is True:
+                return
+            return self._json(200, _scim_me(ws.user_of(sent_auth) or {}))
         if method == "GET" and path.rstrip("/") == "/api/2.0/apps":
             return self._json(200, self._page("apps", [a.describe() for a in ws.apps.values()]))
         match = _APP.match(path)
@@ -734,7 +785,12 @@ class _Handler(BaseHTTPRequestHandler):
         expected = ws.service_principals.get(urllib.parse.unquote(client_id))
         if expected is None or not secrets.compare_digest(urllib.parse.unquote(secret), expected):
             return self._json(401, {"error": "invalid_client", "error_description": "Client authentication failed"})
-        self._json(200, {"access_token": ws.issue_token(), "token_type": "Bearer",
+        principal = urllib.parse.unquote(client_id)  # the service principal's own token: Me answers with it
+        token = ws.issue_token()
+        with ws._lock:
+            ws._issued_to[token] = {"id": "sp-" + secret_fingerprint(principal), "userName": principal,
+                                    "applicationId": principal, "displayName": principal}
+        self._json(200, {"access_token": token, "token_type": "Bearer",
                          "expires_in": int(ws.token_lifetime), "scope": form.get("scope", "all-apis")})
 
     def _metadata_service(self) -> None:
@@ -753,6 +809,10 @@ class _Handler(BaseHTTPRequestHandler):
         carries usage only when ``stream_options.include_usage`` asks for it (model services, and
         external models anywhere)."""
         ws = self.workspace
+        user = ws.user_of(getattr(self, "_authorization", "")) or {}
+        if user.get("userName") in ws._denied.get(endpoint.name, ()):
+            return self._error(403, f"User {user['userName']} does not have permission 'CAN QUERY' on endpoint "
+                                    f"{endpoint.name}.", "PERMISSION_DENIED")
         wait = ws._admit(endpoint)
         if wait:
             return self._error(429, LIMIT_MESSAGES[_WINDOWS[endpoint.rate_window][1]], "REQUEST_LIMIT_EXCEEDED",
@@ -801,6 +861,9 @@ class _Handler(BaseHTTPRequestHandler):
             predict = endpoint.predict or _echo_predictions
             try:
                 predictions = predict(records)
+                if endpoint.echo_headers:
+                    predictions = [f"{p} (it came with Authorization: {getattr(self, '_authorization', '')})"
+                                   for p in predictions]
             except Exception as exc:  # the model's own failure, answered as serving answers it
                 return self._error(400, f"Model prediction failed: {exc.__class__.__name__}: {exc}", "BAD_REQUEST")
             return self._json(200, {endpoint.output_key: predictions})
@@ -832,6 +895,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             return self._error(400, str(exc), "INVALID_PARAMETER_VALUE")
         text, finish, calls = reply["text"], reply["finish"], reply.get("tool_calls")
+        if endpoint.echo_headers:
+            text += f" (it came with Authorization: {getattr(self, '_authorization', '')})"
         completion_tokens = len(_pieces(text)) + sum(len(c["arguments"]) // 4 + 1 for c in calls or ())
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
@@ -892,6 +957,8 @@ class _Handler(BaseHTTPRequestHandler):
         if calls:
             return self._stream_calls(endpoint, usage, shape, calls, event, write, chunked)
         pieces = _pieces(text)
+        if fault is not None and fault.chunk_chars:
+            pieces = [text[i:i + fault.chunk_chars] for i in range(0, len(text), fault.chunk_chars)]
         for i, piece in enumerate(pieces):
             if fault is not None and fault.cut_after is not None and i >= fault.cut_after:
                 if fault.malformed:
@@ -1006,6 +1073,12 @@ _SHAPES = {"llm/v1/chat": "chat", "agent/v1/chat": "chat", "llm/v1/completions":
            "agent/v2/chat": "chat_agent", "agent/v1/responses": "responses"}
 
 
+def _scim_me(user: dict[str, Any]) -> dict[str, Any]:
+    """What ``GET /api/2.0/preview/scim/v2/Me`` answers (a user; a service principal has ``applicationId``)."""
+    return {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], **user, "active": True,
+            "emails": [{"value": user.get("userName", ""), "type": "work", "primary": True}]}
+
+
 def _count(handler: _Handler) -> int:
     return handler.workspace._counter
 
@@ -1029,17 +1102,22 @@ def _responses_usage(usage: dict[str, int]) -> dict[str, int]:
 # -- structured output and tools -------------------------------------------------------------------
 
 def judge_reply(prompt: str) -> dict[str, str]:
-    """The local judge's deterministic verdict on a `dbmagic.judge` prompt, ``{"value": "yes"|"no",
-    "rationale"}``: with a phrase in double quotes in the ``<question>``, whether the ``<answer>``
-    contains that phrase; else, with an ``<expected>`` text, whether the answer contains it; else
-    whether there is an answer at all (case is ignored)."""
-    def part(tag: str) -> str | None:
-        found = re.search(rf"<{tag}>(.*?)</{tag}>", prompt, re.S)
-        return found.group(1).strip() if found else None
-
-    answer, expected, question = part("answer") or "", part("expected"), part("question") or ""
+    """The local judge's deterministic verdict on a `dbmagic.judge` prompt (its material: a JSON
+    object with ``question``, ``input``, ``answer`` and maybe ``expected``), ``{"value": "yes"|"no",
+    "rationale"}``: with a phrase in double quotes in the question, whether the answer contains that
+    phrase; else, with an expected answer, whether the answer contains it; else whether there is an
+    answer at all (case is ignored). It reads the material as JSON, as a model reads it: a part of
+    the answer that looks like another part is text of the answer."""
+    start = prompt.find("{")
+    try:
+        material, _ = json.JSONDecoder().raw_decode(prompt, start) if start >= 0 else ({}, 0)
+    except ValueError:
+        material = {}
+    material = material if isinstance(material, dict) else {}
+    answer, expected = str(material.get("answer") or ""), material.get("expected")
+    question = str(material.get("question") or "")
     quoted = re.search(r'"([^"]+)"', question)
-    wanted = quoted.group(1) if quoted else expected if expected else None
+    wanted = quoted.group(1) if quoted else str(expected) if expected is not None else None
     if wanted is None:
         ok = bool(answer)
         return {"value": "yes" if ok else "no", "rationale": "There is an answer." if ok else "The answer is empty."}
@@ -1188,6 +1266,8 @@ def _reply_text(prompt: str, *, system: str | None = None, stop: list[str] | Non
 def _reply(endpoint: Endpoint, body: dict[str, Any], shape: str, turns: list[Any], prompt: str,
            system: str | None, fault: Fault | None) -> dict[str, Any]:
     """The answer to a chat, agent or completions request: text, finish reason and tool calls."""
+    if fault is not None and fault.text is not None:
+        return {"text": fault.text, "finish": "stop"}
     tools = body.get("tools") if shape in ("chat", "responses") else None
     if tools and body.get("tool_choice") != "none":
         results = _tool_results(shape, turns)
