@@ -50,6 +50,7 @@ from ._pace import Limiter
 from ._wire import Usage
 from .errors import (AuthenticationError, ConfigurationError, DbMagicError, MissingValue, RateLimited, SchemaError,
                      StatusError, TemplateError, error_of)
+from ._notebook import Notebook
 from .ledger import Ledger, completion_of, identity
 from .templating import JINJA_GLOBALS, Template
 
@@ -77,8 +78,9 @@ class BatchResult(list):
     def __init__(self, items: Iterable[Any], *, rows: Sequence[Any], wall_time: float = 0.0,
                  interrupted: bool = False, concurrency: int = 0, rate: float | None = None, schema: Any = None,
                  identities: Sequence[str | None] | None = None, from_checkpoint: int = 0,
-                 not_served: Mapping[str, int] | None = None, unreadable: int = 0):
+                 not_served: Mapping[str, int] | None = None, unreadable: int = 0, by_estimate: int = 0):
         super().__init__(items)
+        self.by_estimate = by_estimate  # answers a budget counted by estimate (no usage, or less, reported)
         # rows whose record in the checkpoint was not served (``other``: another user's; ``unsigned``:
         # not written by this user's dbmagic: planted or edited), and lines of it that could not be read
         self.not_served = dict(not_served or {})
@@ -146,6 +148,9 @@ class BatchResult(list):
             parts.append(f"{self.unreadable} unreadable lines or files of the checkpoint skipped")
         if self.usage:
             parts.append(self.usage.describe())
+        if self.by_estimate:
+            parts.append(f"{self.by_estimate} answers counted against the budget by estimate (they reported no "
+                         "usage, or less than the estimate)")
         if self.rate is not None:
             parts.append(f"paced at {self.rate:.1f} requests/s by the endpoint's rate limit")
         return ", ".join(parts) + "."
@@ -359,7 +364,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         max_cost = settings.coerce("max_cost", max_cost)
     refuse_unknown_options(options, "dbmagic.batch")
     client = client or get_client()
-    namespace = dict(namespace or {})
+    namespace = Notebook(namespace if namespace is not None else {})  # its repr names no value (Verbose)
     contexts, columns, originals = row_contexts(rows)
     tpl = template if isinstance(template, Template) else Template(template)
     schema = options["schema"] = schema_of(options.get("schema"))
@@ -385,8 +390,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     def request_of(i: int) -> Any:
         if i not in built:
             try:
-                values = {**namespace, **contexts[i]}
-                prompt = tpl.render(values, where=f"in row {i} (its values: "
+                prompt = tpl.render(namespace.with_row(contexts[i]), where=f"in row {i} (its values: "
                                                   f"{', '.join(map(str, contexts[i])) or 'none'})")
                 built[i] = prepare(prompt.strip() if isinstance(prompt, str) else prompt)
                 identities[i] = identity(built[i].url, built[i].body)
@@ -438,6 +442,20 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     # a budget (checked before anything is sent), priced by the first row's model
     budget = (budget_of(max_tokens_total, max_cost, getattr(request_of(todo[0]), "llm", None))
               if todo and (max_tokens_total or max_cost) else None)
+    worst: dict[int, tuple[float, int]] = {}  # row -> (its worst cost, its input tokens estimated)
+
+    def worst_of(i: int) -> tuple[float, int]:
+        if i not in worst:
+            request = request_of(i)
+            worst[i] = budget.worst(request.body) if budget is not None and not isinstance(request, DbMagicError) \
+                else (0.0, 0)
+        return worst[i]
+
+    if budget is not None and worst_of(todo[0])[0] > budget.limit:
+        raise ConfigurationError(
+            f"One row alone may cost more than the budget ({worst_of(todo[0])[0]:,.4g} {budget.unit} at worst: its "
+            f"input's estimate plus its max_tokens, {RESERVED_OUTPUT} when unset), so nothing would be sent. Raise "
+            f"{budget.option}, or set a lower max_tokens (--max-tokens).")
     policy = replace(client.retry, retry_rate_limited=False)  # a 429 slows the whole batch instead
     client.ensure_pool(concurrency)
 
@@ -465,7 +483,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                         lambda: Limiter(min(concurrency, max(len(todo), 1)), policy, client.clock))
     with pace as limiter, tracing.batch_span(tpl.source, len(todo), endpoint) as span:
         rows_run = _Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
-                         budget=budget, limiter=limiter)
+                         budget=budget, limiter=limiter, worst=worst_of)
         if handle is not None:
             handle._attach(rows_run)
         if span is not None:
@@ -486,7 +504,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     result = BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
                          concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate, schema=schema,
                          identities=identities, from_checkpoint=reused, not_served=not_served,
-                         unreadable=ledger.skipped if ledger is not None else 0)
+                         unreadable=ledger.skipped if ledger is not None else 0,
+                         by_estimate=budget.by_estimate if budget is not None else 0)
     if handle is not None:
         handle.batch_result = result
     return result
@@ -504,15 +523,15 @@ def estimate(template: str | Template, rows: Any, namespace: Mapping[str, Any] |
     rendered prompts (the usual rule of thumb for English; the endpoint's own count decides)."""
     contexts, _, _ = row_contexts(rows)
     tpl = template if isinstance(template, Template) else Template(template)
-    sent = held = chars = 0
+    sent = held = tokens = 0
     for context in contexts:
         if not send_missing and missing_in(tpl, context):
             held += 1
             continue
-        prompt = tpl.render({**(namespace or {}), **context})
-        chars += len(prompt if isinstance(prompt, str) else json.dumps(prompt))
+        prompt = tpl.render(Notebook(namespace or {}).with_row(context))
+        tokens += tokens_in(prompt if isinstance(prompt, str) else json.dumps(prompt))
         sent += 1
-    return sent, held, -(-chars // 4)
+    return sent, held, tokens
 
 
 def is_missing(value: Any) -> bool:
@@ -610,20 +629,61 @@ class _Kept:
 GRACE = 2.0  # seconds a stopped batch (Ctrl-C) waits for the answers already sent, which are paid for
 
 
+# output tokens a request is taken to cost at worst when it sets no max_tokens (a budget reserves them)
+RESERVED_OUTPUT = 512
+
+
+def tokens_in(text: str) -> int:
+    """An estimate of the tokens in ``text``: a token per 4 characters (the usual rule of thumb for
+    English; the endpoint's own count decides), the one estimate a dry run and a budget use."""
+    return -(-len(text) // 4)
+
+
 @dataclass
 class Budget:
     """What a batch may spend: ``limit`` in ``unit`` (tokens, or USD), each answer costing
-    ``cost(usage)``; ``option`` is how to raise it."""
+    ``cost(usage)``; ``option`` is how to raise it.
+
+    A bound, not a hope: each request reserves its worst case before it is sent (`worst`: its
+    input's estimate plus its ``max_tokens``, or `RESERVED_OUTPUT` when unset), and a request
+    starts only while what was spent, what is reserved and its own worst case fit in the limit,
+    so no concurrency overshoots it. When it ends it settles on what it cost: the usage it
+    reported, or the estimate (its input's, and its answer's text) where that is more (no usage
+    reported, or less than the estimate); ``by_estimate`` counts those answers."""
 
     limit: float
     unit: str
     cost: Callable[[Usage], float]
     option: str
     spent: float = 0.0
+    reserved: float = 0.0
+    by_estimate: int = 0
 
-    def reached(self, usage: Usage) -> bool:
-        self.spent += self.cost(usage)
-        return self.spent >= self.limit
+    def worst(self, body: Any) -> tuple[float, int]:
+        """``(worst cost, input tokens estimated)`` of a request body."""
+        inputs = tokens_in(json.dumps(body, ensure_ascii=False, default=str))
+        most = body.get("max_tokens") if isinstance(body, dict) else None
+        output = most if isinstance(most, int) and not isinstance(most, bool) else RESERVED_OUTPUT
+        return self.cost(Usage(inputs, output, inputs + output)), inputs
+
+    def take(self, amount: float) -> bool:
+        """Reserve ``amount`` when it fits beside what is spent and reserved."""
+        if self.spent + self.reserved + amount > self.limit:
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, usage: Usage | None, inputs: int, text: str | None) -> None:
+        """A request ended: its reservation goes, what it cost (usage, or the estimate) is spent."""
+        self.reserved -= reserved
+        if usage is None and text is None:  # it got no answer: nothing was generated
+            return
+        usage = usage or Usage()
+        estimate = Usage(inputs, tokens_in(text or ""))
+        counted = Usage(max(usage.input or 0, estimate.input or 0), max(usage.output or 0, estimate.output or 0))
+        if usage.input is None or usage.output is None or counted != Usage(usage.input, usage.output):
+            self.by_estimate += 1
+        self.spent += self.cost(Usage(counted.input, counted.output, (counted.input or 0) + (counted.output or 0)))
 
     def said(self) -> str:
         amount = (lambda v: f"{v:,.0f} tokens") if self.unit == "tokens" else (lambda v: f"${v:,.4f}")
@@ -674,7 +734,7 @@ class _Rows:
 
     def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any, signed_in: bool = False,
                  on_outcome: Callable[[int, Any], None] | None = None, budget: Budget | None = None,
-                 limiter: Limiter | None = None):
+                 limiter: Limiter | None = None, worst: Callable[[int], tuple[float, int]] | None = None):
         self.workers = min(cap, max(len(todo), 1))
         self.limiter = limiter if limiter is not None else Limiter(self.workers, policy, clock)
         self.todo = deque(todo)
@@ -687,6 +747,8 @@ class _Rows:
         self.signed_in = signed_in  # the token worked before the batch: a 401 means it expired since
         self.on_outcome = on_outcome  # told each row's outcome as it is stored (the checkpoint writes it)
         self.budget = budget  # what the batch may spend, after which nothing more is sent
+        self.worst = worst  # a row's worst cost and input estimate, which it reserves of the budget
+        self.reservations: dict[int, tuple[float, int]] = {}  # rows in flight -> what they reserved
         # per row: 429s in a row with no answer in the batch between them, since when, at which answer count:
         # the policy's attempts and deadline hold per row while the endpoint accepts nothing
         self.limited: dict[int, tuple[int, float, int]] = {}
@@ -797,6 +859,7 @@ class _Rows:
                 self.calls.pop(index, None)
                 if isinstance(outcome, RateLimited) and (self.stopped or self._again(index, outcome, permit)):
                     limiter.release(permit)  # stopped: the row stays not sent (resume sends it)
+                    self._settle(index, None)
                     continue
                 if isinstance(outcome, AuthenticationError):  # every request after a 401 would be refused too
                     first, midway = outcome, self.signed_in or self.answers > 0  # the token expired (or was revoked)
@@ -822,11 +885,20 @@ class _Rows:
                 self.done += 1
                 if error_of(outcome) is not None:
                     self.failed += 1
-                paid = outcome.completion if isinstance(outcome, SchemaError) else outcome
-                usage = getattr(paid, "usage", None)
-                if self.budget is not None and usage is not None and self.budget.reached(usage):
-                    self._give_up_all(lambda: DbMagicError(f"Not sent: {self.budget.said()}"))
+                self._settle(index, outcome)
                 self.cond.notify_all()
+
+    def _settle(self, index: int, outcome: Any) -> None:
+        """A row's request ended: its reservation of the budget settles on what it cost (holding the lock)."""
+        reserved = self.reservations.pop(index, None)
+        if self.budget is None or reserved is None:
+            return
+        paid = outcome.completion if isinstance(outcome, SchemaError) else outcome
+        answered = paid is not None and not isinstance(paid, BaseException) and not getattr(paid, "cached", False)
+        self.budget.settle(reserved[0], getattr(paid, "usage", None) if answered else None, reserved[1],
+                           getattr(paid, "text", None) if answered else None)
+        if self.budget.spent >= self.budget.limit:
+            self._give_up_all(lambda: DbMagicError(f"Not sent: {self.budget.said()}"))
 
     def _next(self) -> tuple[int | None, Any]:
         """The next row to send and its permit, once the limiter allows (called holding the lock)."""
@@ -836,6 +908,15 @@ class _Rows:
             if wait > 0:
                 self.cond.wait(min(wait, 0.5))
                 continue
+            if self.budget is not None and self.worst is not None:
+                reserve = self.worst(self.todo[0])
+                if not self.budget.take(reserve[0]):
+                    if not self.reservations:  # nothing in flight will give room back: the budget is spent
+                        self._give_up_all(lambda: DbMagicError(f"Not sent: {self.budget.said()}"))
+                        return None, None
+                    self.cond.wait(0.5)  # an answer on its way may settle for less than it reserved
+                    continue
+                self.reservations[self.todo[0]] = reserve
             permit = limiter.acquire()
             index = self.todo.popleft()
             return index, permit

@@ -146,9 +146,8 @@ def run_prompt(spec: CallSpec, template: str | Template, namespace: MutableMappi
     if completion.is_partial:  # stopped
         return _keep_partial(completion, live, keep)
     keep(completion)
-    stopped_at = spec.max_steps if spec.run_tools and completion.pending_tool_calls else None
     live.finish(completion.value, output_metadata(completion),
-                data=answer_bundle(completion, spec.format, rich=live.rich, max_steps=stopped_at))
+                data=answer_bundle(completion, spec.format, rich=live.rich, stopped_by=call.stopped_by))
     if completion.finish_reason == "length":
         print(CUT_AT_LIMIT)
     return completion

@@ -35,8 +35,8 @@ from .errors import (
     error_from_response,
 )
 
-__all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "Body", "HttpRequest", "Response",
-           "Handler", "TransportFailure", "retry_reason", "backoff"]
+__all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "Body", "BodyTooLarge", "HttpRequest",
+           "Response", "Handler", "TransportFailure", "retry_reason", "backoff", "ERROR_BODY_LIMIT"]
 
 log = logging.getLogger("dbmagic")
 
@@ -157,16 +157,39 @@ class HttpRequest:
     sign: Callable[[], Mapping[str, str]] = field(default=dict, repr=False)
 
 
-class Body(Protocol):
-    """A response body read as it arrives. `read` gives the bytes available now (so an event is
-    seen as soon as it is written), ``b""`` at the end, and raises ``ConnectionError`` when the
-    connection breaks; `read_all` the whole body (``ConnectionError`` when cut); `abort` wakes a
-    blocked `read` from another thread; `close` gives the connection back."""
+ERROR_BODY_LIMIT = 1 << 20  # bytes of an error answer read (its message is shown cut anyway)
 
-    def read(self, size: int = 65536) -> bytes: ...
-    def read_all(self) -> bytes: ...
+
+class BodyTooLarge(Exception):
+    """A body longer than the limit it was read with (decompressed: a small gzip bomb is caught too)."""
+
+
+class Body(Protocol):
+    """A response body read as it arrives, decompressed. `read` gives the bytes available now (so
+    an event is seen as soon as it is written), ``b""`` at the end, and raises ``ConnectionError``
+    when the connection breaks; `read_all` the whole body (``ConnectionError`` when cut,
+    `BodyTooLarge` past ``limit`` bytes). Both raise ``TimeoutError`` once ``deadline`` (a
+    ``time.monotonic()`` instant) has passed, however the bytes trickle in. `abort` wakes a blocked
+    `read` from another thread; `close` gives the connection back."""
+
+    def read(self, size: int = 65536, deadline: float | None = None) -> bytes: ...
+    def read_all(self, limit: int | None = None, deadline: float | None = None) -> bytes: ...
     def abort(self) -> None: ...
     def close(self) -> None: ...
+
+
+def read_all(body: Body, limit: int | None = None, deadline: float | None = None) -> bytes:
+    """Every byte of ``body`` (see `Body.read_all`), read piece by piece: the one loop both handlers use."""
+    out: list[bytes] = []
+    total = 0
+    while True:
+        chunk = body.read(65536, deadline)
+        if not chunk:
+            return b"".join(out)
+        total += len(chunk)
+        if limit is not None and total > limit:
+            raise BodyTooLarge(total)
+        out.append(chunk)
 
 
 class Headers(dict):
@@ -197,12 +220,29 @@ class Response:
     attempts: int = 1
     elapsed: float = 0.0
 
-    def content(self) -> bytes:
-        """The whole body, read and closed."""
+    def content(self, limit: int | None = None, deadline: float | None = None) -> bytes:
+        """The whole body, read and closed (`Body.read_all`: `BodyTooLarge` past ``limit`` bytes)."""
         try:
-            return self.body.read_all()
+            return self.body.read_all(limit, deadline)
         finally:
             self.body.close()
+
+    def error_text(self) -> bytes:
+        """An error answer's body, at most `ERROR_BODY_LIMIT` bytes of it, read and closed."""
+        out: list[bytes] = []
+        total = 0
+        try:
+            while total < ERROR_BODY_LIMIT:
+                chunk = self.body.read(65536)
+                if not chunk:
+                    break
+                out.append(chunk)
+                total += len(chunk)
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            self.body.close()
+        return b"".join(out)[:ERROR_BODY_LIMIT]
 
 
 class TransportFailure(Exception):
@@ -264,26 +304,30 @@ class Transport:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         cancelled: Callable[[], bool] | None = None,
+        deadline: float | None = None,
     ) -> Response:
         """Send with retries (``retry``, else the transport's policy); return a 2xx `Response` or
         raise the mapped `RequestError`. ``cancelled()`` is asked before each retry: True ends the
-        call (`TransportError`, not sent again).
+        call (`TransportError`, not sent again). ``deadline`` (a ``time.monotonic()`` instant, a
+        call's ``timeout``) bounds connecting and waiting for the headers of each try, and the
+        waits between tries: none goes past it.
 
         A 401 with credentials that can be asked afresh (the notebook context's short-lived token,
         an OAuth token) is tried once more within the same attempt, after re-authenticating: the
         token may have expired between the read and the request.
         """
-        read_timeout = timeout if timeout is not None else self.timeouts.read
         policy = retry or self.retry
         start = self.clock.monotonic()
         attempt = 0
         while True:
             attempt += 1
-            response, error, reason = self._try(credentials, method, path, target, json, stream, read_timeout)
+            waits = self._waits(timeout, deadline, target)
+            response, error, reason = self._try(credentials, method, path, target, json, stream, waits, timeout)
             if response is not None and response.status == 401 and credentials.refreshes_token:
                 log.debug("%s: HTTP 401 with a token that can be asked afresh; signing in again", target)
                 credentials.reauthenticate()
-                response, error, reason = self._try(credentials, method, path, target, json, stream, read_timeout)
+                response, error, reason = self._try(credentials, method, path, target, json, stream,
+                                                    self._waits(timeout, deadline, target), timeout)
             if error is None:
                 response.attempts, response.elapsed = attempt, self.clock.monotonic() - start
                 return response
@@ -296,6 +340,10 @@ class Transport:
                     log.debug("%s: %s on try %d of %d; giving up", target, reason, attempt, policy.attempts)
                 raise error.gave_up_after(attempt) from None
             wait = retry_delay(policy, attempt, getattr(error, "retry_after", None), self.rand)
+            if deadline is not None and time.monotonic() + wait >= deadline:
+                log.debug("%s: %s on try %d; a wait of %.2f s would pass the call's timeout; giving up", target,
+                          reason, attempt, wait)
+                raise error.gave_up_after(attempt) from None
             if self.clock.monotonic() - start + wait > policy.deadline:
                 log.debug("%s: %s on try %d; a wait of %.2f s would pass the %g s deadline; giving up",
                           target, reason, attempt, wait, policy.deadline)
@@ -307,19 +355,31 @@ class Transport:
             if cancelled is not None and cancelled():
                 raise error.gave_up_after(attempt) from None
 
+    def _waits(self, timeout: float | None, deadline: float | None, target: str) -> tuple[float, float]:
+        """``(connect, read)`` seconds for one try: the transport's, or what is left of ``deadline``."""
+        connect, read = self.timeouts.connect, timeout if timeout is not None else self.timeouts.read
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout(f"{target} sent no answer within the call's timeout", target=target)
+            connect, read = min(connect, left), min(read, left)
+        return connect, read
+
     def _try(self, credentials: Credentials, method: str, path: str, target: str, json: Any, stream: bool,
-             read_timeout: float) -> tuple[Response | None, RequestError | None, str | None]:
-        """One request: ``(response, error, retry reason)``; ``error`` is None for a 2xx answer."""
+             waits: tuple[float, float], timeout: float | None = None,
+             ) -> tuple[Response | None, RequestError | None, str | None]:
+        """One request: ``(response, error, retry reason)``; ``error`` is None for a 2xx answer
+        (``timeout``: the call's, which a read timeout's message names)."""
         host = credentials.host
-        request = HttpRequest(method, host + path, json, stream, (self.timeouts.connect, read_timeout),
-                              credentials.headers)
+        request = HttpRequest(method, host + path, json, stream, waits, credentials.headers)
         try:
             response = self.handler.handle_request(request)
         except TransportFailure as failure:
-            return None, _transport_error(failure, target, host, read_timeout), retry_reason(None, failure)
+            shown = timeout if timeout is not None else waits[1]
+            return None, _transport_error(failure, target, host, shown), retry_reason(None, failure)
         if response.status < 300:
             return response, None, None
-        body = response.content()  # small error bodies; the connection goes back to the pool now
+        body = response.error_text()  # a bounded read; the connection goes back to the pool now
         secrets = credentials.secrets()
         if response.status < 400:
             return response, StatusError(

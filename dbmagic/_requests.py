@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
+
 import requests
 import requests.auth
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from ._http import HttpRequest, Response, TransportFailure, clean_interrupt
+from ._http import HttpRequest, Response, TransportFailure, clean_interrupt, read_all
 
 __all__ = ["RequestsHandler"]
 
@@ -65,7 +67,7 @@ class RequestsHandler:
                 request.url,
                 json=request.json,
                 auth=_Signed(request),  # an auth object, so a ~/.netrc entry cannot replace it
-                stream=request.stream,
+                stream=True,  # the body is read by dbmagic: its size and the call's deadline bound it
                 timeout=request.timeout,
                 allow_redirects=False,  # never carry the token to another host
                 **self._settings(request.url),
@@ -122,32 +124,40 @@ class _RequestsBody:
     def __init__(self, response: requests.Response):
         self._response = response
 
-    def read(self, size: int = 65536) -> bytes:
+    def read(self, size: int = 65536, deadline: float | None = None) -> bytes:
         raw = self._response.raw
         if raw is None:
             raise ConnectionError("the body was closed")
+        waited = None
+        if deadline is not None:  # however the bytes trickle in, the call's deadline holds
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the call's timeout passed")
+            waited = self._sock()
+            if waited is not None:
+                waited.settimeout(min(left, waited.gettimeout() or left))
         try:
-            # read1, not iter_content: the latter waits for a full buffer on close-delimited bodies
-            return raw.read1(size)
+            # read1, not iter_content: the latter waits for a full buffer on close-delimited bodies;
+            # decoded (gzip), at most `size` bytes a read however much a compressed chunk expands
+            return raw.read1(size, decode_content=True)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("the call's timeout passed") from None
+            if "IncompleteRead" in repr(exc):  # a Content-Length or chunk the connection closed before
+                raise ConnectionError("the body ended before its length (IncompleteRead)") from None
             raise ConnectionError(exc.__class__.__name__) from None
         except KeyboardInterrupt:
             pass  # raised afresh below, outside the handler (see clean_interrupt)
         raise clean_interrupt()
 
-    def read_all(self) -> bytes:
-        try:
-            return self._response.content
-        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
-            raise ConnectionError(f"the body ended before its length ({exc.__class__.__name__})") from None
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ConnectionError(exc.__class__.__name__) from None
-        except KeyboardInterrupt:
-            pass  # raised afresh below, outside the handler (see clean_interrupt)
-        raise clean_interrupt()
+    def read_all(self, limit: int | None = None, deadline: float | None = None) -> bytes:
+        return read_all(self, limit, deadline)
+
+    def _sock(self) -> Any:
+        return getattr(getattr(self._response.raw, "connection", None), "sock", None)
 
     def abort(self) -> None:
-        sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
+        sock = self._sock()
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -369,6 +369,8 @@ class ToolCall:
             parsed = json.loads(raw) if raw.strip() else {}
         except ValueError as exc:
             parsed, problem = None, f"the arguments are not JSON ({exc})"
+        except RecursionError:
+            parsed, problem = None, "the arguments are JSON nested too deeply"
         if parsed is not None and not isinstance(parsed, dict):
             parsed, problem = None, "the arguments are not a JSON object"
         return cls(str(call_id or ""), str(name or ""), parsed, raw, problem)
@@ -439,6 +441,8 @@ def parse_response(kind: str, data: Any) -> Parsed:
             return Parsed(data, as_text(data))
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise WireError(f"a {kind} answer without the expected fields ({exc.__class__.__name__}: {exc})") from exc
+    except RecursionError:
+        raise WireError(f"a {kind} answer nested too deeply to read") from None
     raise WireError(f"unknown endpoint kind {kind!r}")
 
 
@@ -564,28 +568,36 @@ class SSEDecoder:
     """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer known to hold no newline (a long line is scanned once)
         self._data: list[str] = []
         self.truncated = False
 
     def feed(self, chunk: bytes) -> Iterator[str]:
         self._buffer += chunk
-        while True:
-            newline = self._buffer.find(b"\n")
-            if newline < 0:
-                return
-            line = self._buffer[:newline].rstrip(b"\r").decode("utf-8", "replace")
-            self._buffer = self._buffer[newline + 1 :]
-            if not line:
-                if self._data:
-                    yield "\n".join(self._data)
-                    self._data = []
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            if name == "data":
-                self._data.append(value[1:] if value.startswith(" ") else value)
+        start = 0
+        try:
+            while True:
+                newline = self._buffer.find(b"\n", max(start, self._scanned))
+                if newline < 0:
+                    self._scanned = len(self._buffer)
+                    return
+                line = bytes(self._buffer[start:newline]).rstrip(b"\r").decode("utf-8", "replace")
+                start = newline + 1
+                if not line:
+                    if self._data:
+                        yield "\n".join(self._data)
+                        self._data = []
+                    continue
+                if line.startswith(":"):
+                    continue
+                name, _, value = line.partition(":")
+                if name == "data":
+                    self._data.append(value[1:] if value.startswith(" ") else value)
+        finally:  # what was read is dropped once, not line by line
+            if start:
+                del self._buffer[:start]
+                self._scanned = max(self._scanned - start, 0)
 
     def close(self) -> list[str]:
         """The event left pending when the connection closed without its blank line.
@@ -593,7 +605,8 @@ class SSEDecoder:
         A partial last line (no newline) is dropped: it is a cut, and ``truncated`` says so.
         """
         self.truncated = bool(self._buffer.strip())
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0
         events = ["\n".join(self._data)] if self._data else []
         self._data = []
         return events

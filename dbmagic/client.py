@@ -33,7 +33,7 @@ from urllib.parse import quote
 from . import _wire, hooks, settings
 from . import ledger as _ledger
 from ._credentials import Credentials, org_id_from_host, resolve_credentials
-from ._http import Clock, Handler, Response, RetryPolicy, Timeouts, Transport
+from ._http import BodyTooLarge, Clock, Handler, Response, RetryPolicy, Timeouts, Transport
 from ._secret import Secret
 from ._wire import Usage
 from .errors import (
@@ -43,6 +43,7 @@ from .errors import (
     ConnectionFailed,
     DbMagicError,
     RequestError,
+    RequestTimeout,
     SchemaError,
     StreamInterrupted,
     StreamScrubber,
@@ -81,7 +82,9 @@ class CallOptions(TypedDict, total=False):
       or the short form ``"label: str, score: float"``; ``schema_retries`` (default 1): how many
       times an answer that does not fit is asked for again, with the problem appended;
     - ``tools``: functions the model may ask to call (`dbmagic.tools`); ``run_tools`` runs them and
-      sends the results back, in at most ``max_steps`` (default 5) requests.
+      sends the results back, in at most ``max_steps`` (default 5) requests and ``max_tool_runs``
+      (default 20) tool calls;
+    - ``max_answer_mb`` (default 64): the largest answer taken, decompressed.
 
     Values are checked as ``%%dbllm`` checks its options (`dbmagic.settings`), before anything is sent.
     """
@@ -103,6 +106,8 @@ class CallOptions(TypedDict, total=False):
     tools: Any
     run_tools: bool | None
     max_steps: int | None
+    max_tool_runs: int | None
+    max_answer_mb: float | None
 
 
 def refuse_unknown_options(options: Mapping[str, Any], called: str) -> None:
@@ -208,6 +213,8 @@ class PreparedRequest:
     schema_retries: int = 1
     run_tools: bool = False
     max_steps: int = 5
+    max_tool_runs: int = 20
+    max_answer_bytes: int = 64 << 20
     model: str = field(default="", compare=False, repr=False)  # endpoint and served model names, lower case
     where: str = _wire.SERVING  # serving endpoint, model service, app or driver-proxy app (`_wire.target_of`)
     # (model, provider) as MLflow prices and groups usage (mlflow.llm.model / .provider); None: unknown
@@ -476,7 +483,12 @@ class Client:
 
     def _get_with_headers(self, path: str, target: str) -> tuple[Any, Mapping[str, str]]:
         response = self.transport.request(self.credentials, "GET", path, target=target)
-        return _json(response.content(), target, response.status), response.headers
+        try:
+            content = response.content(_WORKSPACE_ANSWER_LIMIT)
+        except BodyTooLarge:
+            raise BadResponse(f"The workspace sent more than {_megabytes(_WORKSPACE_ANSWER_LIMIT)} for {target}",
+                              target=target) from None
+        return _json(content, target, response.status), response.headers
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -539,7 +551,9 @@ class Client:
         llm = _llm_of(where, name, info)
         instruction = schema.instruction() if schema is not None and kind not in _wire.SCHEMA_ON_WIRE else None
         rules = {"schema_retries": 1 if o["schema_retries"] is None else o["schema_retries"],
-                 "run_tools": bool(o["run_tools"]), "max_steps": o["max_steps"] or 5}
+                 "run_tools": bool(o["run_tools"]), "max_steps": o["max_steps"] or 5,
+                 "max_tool_runs": o["max_tool_runs"] or settings.BY_NAME["max_tool_runs"].default,
+                 "max_answer_bytes": int((o["max_answer_mb"] or settings.BY_NAME["max_answer_mb"].default) * (1 << 20))}
 
         def build(prompt: Any) -> PreparedRequest:
             if _wire.is_messages(prompt):  # a chat prompt brings every turn itself
@@ -808,9 +822,12 @@ class Call:
         self.steps: list[Step] = []
         self.step = 0
         self.round_usage = Usage()  # the usage of the last round trip alone
+        self.tool_runs = 0  # tool calls run so far (at most the request's max_tool_runs)
+        self.stopped_by: str | None = None  # the limit that left tool calls shown, not run (--max-steps N)
         self._client = client
         self._transform_output = transform_output
         self._timeout = timeout
+        self._deadline: float | None = None  # time.monotonic() by which the whole call ends (its timeout)
         self._retry = retry
         self._why = "stopped"
         self._started = 0.0
@@ -916,10 +933,13 @@ class Call:
         client, prepared = self._client, self.sending
         if not self._started:
             self._started = time.perf_counter()
+            if self._timeout is not None:  # a deadline for the whole call: every try, wait and byte
+                self._deadline = time.monotonic() + self._timeout
         try:
             response = client.transport.request(
                 client._credentials_for(prepared), "POST", prepared.path, target=prepared.target, json=prepared.body,
-                stream=prepared.stream, timeout=self._timeout, retry=self._retry, cancelled=lambda: self.cancelled)
+                stream=prepared.stream, timeout=self._timeout, retry=self._retry, cancelled=lambda: self.cancelled,
+                deadline=self._deadline)
         except RequestError as exc:
             if prepared.where == _wire.APP:
                 _hint_for_app(exc, prepared)
@@ -989,7 +1009,12 @@ class Call:
         if not pending or not sending.run_tools or sending.tools is None:
             return None
         if self.step + 1 >= sending.max_steps:  # the last request allowed: the calls are shown, not run
+            self.stopped_by = f"--max-steps {sending.max_steps}"
             return None
+        if self.tool_runs + len(pending) > sending.max_tool_runs:  # however many an answer asks for
+            self.stopped_by = f"--max-tool-runs {sending.max_tool_runs}"
+            return None
+        self.tool_runs += len(pending)
         for tool_call in pending:
             if self.cancelled:
                 return None
@@ -1076,14 +1101,23 @@ class Call:
         return total + last if last is not None else total
 
     def _whole(self) -> Iterator[str]:
-        response = self.response
+        response, prepared = self.response, self.prepared
         try:
-            content = response.body.read_all()
+            content = response.body.read_all(prepared.max_answer_bytes, self._deadline)
+        except TimeoutError:
+            raise RequestTimeout(f"{prepared.target} sent no whole answer within the call's timeout of "
+                                 f"{self._timeout:g} s", target=prepared.target) from None
+        except BodyTooLarge:
+            response.body.close()
+            raise BadResponse(f"{prepared.target} sent an answer larger than {_megabytes(prepared.max_answer_bytes)}, "
+                              "so it was not read to its end", target=prepared.target,
+                              next_step="Ask for a shorter answer (--max-tokens), or raise --max-answer-mb "
+                                        "(max_answer_mb=).") from None
         except ConnectionError as exc:
             if self.cancelled:
                 return
-            raise AnswerCut(f"The answer from {self.prepared.target} was cut: {exc}; the request ran, so it was "
-                            "not sent again", target=self.prepared.target) from None
+            raise AnswerCut(f"The answer from {prepared.target} was cut: {exc}; the request ran, so it was "
+                            "not sent again", target=prepared.target) from None
         if self.cancelled:
             return
         secrets = self._secrets()
@@ -1106,11 +1140,16 @@ class Call:
         model: str | None = None
         last: Any = None  # the last event, kept as the completion's raw (its usage, finish reason, ids)
         done = False
+        size, cap = 0, self.sending.max_answer_bytes
         while True:
             if self.cancelled:
                 return
             try:
-                chunk = body.read()
+                chunk = body.read(65536, self._deadline)
+            except TimeoutError:
+                if done:
+                    break
+                raise self._cut(f"the call's timeout of {self._timeout:g} s passed") from None
             except ConnectionError as exc:
                 if self.cancelled:
                     return
@@ -1121,6 +1160,10 @@ class Call:
                 if not chunk:
                     break
                 continue
+            size += len(chunk)
+            if size > cap:
+                body.abort()
+                raise self._cut(f"the answer passed --max-answer-mb ({_megabytes(cap)})")
             events = list(decoder.feed(chunk)) if chunk else decoder.close()
             for event in events:
                 if event.strip() == "[DONE]":
@@ -1130,6 +1173,8 @@ class Call:
                     data = json.loads(event)
                 except ValueError:
                     raise self._cut("an event that is not JSON") from None
+                except RecursionError:
+                    raise self._cut("an event nested too deeply") from None
                 if not isinstance(data, dict):
                     raise self._cut("an event that is not a JSON object")
                 if "error_code" in data or "error" in data or data.get("type") == "error":
@@ -1281,7 +1326,8 @@ def _app_url_or_none(raw: Any, workspace_host: str) -> str | None:
         host = parse_url(url).host or ""
     except (ConfigurationError, ValueError):
         return None
-    if url.startswith("https://") and any(host == d or host.endswith("." + d) for d in APPS_DOMAINS):
+    # an app's own name under the domain (NAME.aws.databricksapps.com), never the bare domain itself
+    if url.startswith("https://") and any(host.endswith("." + d) for d in APPS_DOMAINS):
         return url
     local = parse_url(workspace_host).host or ""
     if url.startswith("http://") and _loopback(host) and _loopback(local):
@@ -1399,6 +1445,9 @@ def _parse(prepared: PreparedRequest, data: Any, secrets: Sequence[Secret] = ())
 def _json(content: bytes, target: str, status: int | None = None, secrets: Sequence[Secret] = ()) -> Any:
     try:
         return json.loads(content)
+    except RecursionError:
+        raise BadResponse(f"{target} sent an answer nested too deeply to read", target=target, status=status,
+                          secrets=secrets) from None
     except ValueError:  # scrubbed whole, then cut: no part of a secret survives the cut
         snippet = scrub(content.decode("utf-8", "replace"), secrets)[:200]
         raise BadResponse(f"{target} sent an answer that is not JSON: {snippet!r}", target=target,
@@ -1408,6 +1457,13 @@ def _json(content: bytes, target: str, status: int | None = None, secrets: Seque
 def _server_text(value: Any, secrets: Sequence[Secret]) -> str | None:
     """A short field from the server (a request id, a model name), scrubbed and bounded."""
     return scrub(str(value), secrets)[:200] if value else None
+
+
+_WORKSPACE_ANSWER_LIMIT = 64 << 20  # bytes of a workspace API's answer (an endpoint list, an app)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1 << 20):g} MB"
 
 
 def _timeout(timeout: float | None) -> float | None:

@@ -365,7 +365,7 @@ def parse_error_body(body: bytes | str, secrets: Iterable[Any] = ()) -> tuple[st
         return None, None
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past any error's shape
         data = None
     if isinstance(data, dict):
         code = data.get("error_code")
@@ -409,10 +409,15 @@ def scrub(text: str, secrets: Iterable[Any] = ()) -> str:
     return _BEARER.sub(r"\1***", text)
 
 
+# a secret shorter than this cannot be told apart from an answer's own text (a test's token "t"): an
+# answer is not scrubbed of it (no Databricks token or secret is this short; error messages still are)
+MIN_SECRET = 8
+
+
 def scrub_value(value: Any, secrets: Iterable[Any] = ()) -> Any:
     """A JSON value (an answer, a streamed event) with `scrub` applied to every string in it, keys
     included; the same object when nothing in it changes. Iterative: any depth is fine."""
-    plain = [s for s in (_reveal(x) for x in secrets) if s]
+    plain = [s for s in (_reveal(x) for x in secrets) if len(s) >= MIN_SECRET]
 
     def clean(text: str) -> str:
         if any(secret in text for secret in plain) or "earer" in text or "EARER" in text:
@@ -457,7 +462,8 @@ class StreamScrubber:
     _OPEN_BEARER = re.compile(r"(?i)(?:b(?:e(?:a(?:r(?:e(?:r(?:\s+[^\s\"',;}]*)?)?)?)?)?)?)$")
 
     def __init__(self, secrets: Iterable[Any] = ()):
-        self._secrets = sorted({s for s in (_reveal(x) for x in secrets) if s}, key=len, reverse=True)
+        self._secrets = sorted({s for s in (_reveal(x) for x in secrets) if len(s) >= MIN_SECRET}, key=len,
+                               reverse=True)
         self._pending = ""
         self.hits = 0
 

@@ -56,6 +56,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, TraitError, TraitType, Undefined, Unicode, validate
 
 from . import _cell, settings, tracing
+from ._notebook import Notebook
 from .errors import DbMagicError, SettingError, TransformError
 from .render import extract_code
 from .templating import RegistryTemplate, Template
@@ -282,7 +283,7 @@ class DbLLM(_Options):
 
         if values["chat"]:
             raise UsageError("A comparison sends each call on its own, so there is no conversation: drop --chat.")
-        namespace, client = self.shell.user_ns, get_client()
+        namespace, client = Notebook(self.shell.user_ns), get_client()
         rich = type(self.shell).__name__ != "TerminalInteractiveShell"
         compared = _compare.cells(values, axes)
         if values["over"]:  # one answer column (and one error column) per compared call
@@ -342,7 +343,7 @@ class DbLLM(_Options):
             raise UsageError("--judge judges many answers: use it with --over (a batch) or a comparison "
                              "(-e A -e B); for one answer, call your scorer on it.")
         spec = settings.spec_from(values)
-        namespace = self.shell.user_ns
+        namespace = Notebook(self.shell.user_ns)  # a frame's local: Verbose shows no notebook value
         client = get_client()
         rich = type(self.shell).__name__ != "TerminalInteractiveShell"
         if values["over"]:
@@ -361,7 +362,7 @@ class DbLLM(_Options):
               store: bool = True) -> Any:
         """``--over VAR``: the template once per row of a DataFrame or list, as `dbmagic.batch`
         (``store=False``: return the `BatchResult` rather than keep it in the notebook)."""
-        namespace, name = self.shell.user_ns, values["over"]
+        namespace, name = Notebook(self.shell.user_ns), values["over"]
         if name not in namespace:
             raise UsageError(f"--over {name}: the notebook has no variable {name!r}. Name a DataFrame or a list.")
         if spec.chat:
@@ -378,7 +379,7 @@ class DbLLM(_Options):
                                                                     if held else "")
                   + f", about {tokens:,} input tokens (4 characters a token); nothing was sent. The first row's "
                   "request:")
-            _cell.dry_run(spec, template, {**namespace, **contexts[0]}, client, rich=rich)
+            _cell.dry_run(spec, template, namespace.with_row(contexts[0]), client, rich=rich)
             return None
         background = values["background"] and store
         if background and values["judge"]:
@@ -411,7 +412,7 @@ class DbLLM(_Options):
 
         from . import judging
 
-        judged = judging.evaluate(result, judging.scorers_named(values["judge"], self.shell.user_ns),
+        judged = judging.evaluate(result, judging.scorers_named(values["judge"], Notebook(self.shell.user_ns)),
                                   expectations=values["expect"])
         display(judged)
         return judged

@@ -35,6 +35,9 @@ def parse_json(text: str) -> Any:
     candidate = extract_code(text)[0] if "```" in text else text
     try:
         return json.loads(candidate)
+    except RecursionError:
+        raise FormatError("The answer is JSON nested too deeply to show. It is kept in _dbllm.text; show it with "
+                          "-f text.") from None
     except ValueError as exc:
         raise FormatError(
             f"The answer is not valid JSON ({exc}). It is kept in _dbllm.text; "
@@ -69,10 +72,11 @@ def bundle(value: Any, fmt: str, *, rich: bool = True) -> dict[str, Any]:
 
 
 def answer_bundle(completion: Any, fmt: str, *, rich: bool = True,
-                  max_steps: int | None = None) -> dict[str, Any] | None:
+                  stopped_by: str | None = None) -> dict[str, Any] | None:
     """How a whole answer is shown when it is more than its value in ``fmt``: a schema's value as a
     small table, the tool calls it asks for (a table), the earlier steps of a call that went on (a
-    list). None for a plain answer (`bundle` shows it)."""
+    list). None for a plain answer (`bundle` shows it). ``stopped_by``: the limit that left the tool
+    calls it asks for not run (``--max-steps 5``)."""
     value = completion.value
     if not (completion.steps or completion.tool_calls or (completion.schema is not None and _is_data(value))):
         return None
@@ -95,8 +99,8 @@ def answer_bundle(completion: Any, fmt: str, *, rich: bool = True,
                 for c in pending]
         text, md = _grid(["tool", "arguments", "id"], rows)
         said = "The model asks for " + ("this tool call" if len(pending) == 1 else f"{len(pending)} tool calls")
-        if max_steps is not None:
-            said += f" (not run: the call stopped at --max-steps {max_steps})"
+        if stopped_by is not None:
+            said += f" (not run: the call stopped at {stopped_by})"
         parts_md.append(f"**{said}:**\n\n{md}")
         parts_text.append(f"{said}:\n{text}")
     if completion.steps:
@@ -197,17 +201,23 @@ class LiveOutput:
         self._stdout = stdout
         self._handle: Any = None
         self._last = float("-inf")
-        self._text = ""
-        self._shown = ""
+        self._parts: list[str] = []  # what arrived, joined when shown (linear in the answer's length)
+        self._shown = 0  # characters shown so far
 
     @property
     def interval(self) -> float:
         """Seconds between updates (1 / max_rate)."""
         return self._interval
 
+    @property
+    def _text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
     def append(self, piece: str) -> None:
         """A new piece of text arrived."""
-        self._text += piece
+        self._parts.append(piece)
         if not self.rich:
             out = self._stdout or sys.stdout
             out.write(piece)
@@ -218,20 +228,23 @@ class LiveOutput:
     def flush(self) -> None:
         """Show text that the throttle held back, once the interval has passed (call it when the
         stream goes quiet, so a pause never hides what already arrived)."""
-        if not self.rich or self._text == self._shown:
+        if not self.rich or not self._parts:
+            return
+        text = self._text
+        if len(text) == self._shown:
             return
         now = self._clock()
         if now - self._last >= self._interval:
-            self._show(bundle(self._text, self.fmt if self.fmt in ("markdown", "code", "html") else "text"))
-            self._shown, self._last = self._text, now
+            self._show(bundle(text, self.fmt if self.fmt in ("markdown", "code", "html") else "text"))
+            self._shown, self._last = len(text), now
 
     def restart(self) -> None:
         """A new round trip of the same call began (a schema retry, tool results sent back): its
         text replaces what was shown."""
-        if not self.rich and self._text:
+        if not self.rich and self._parts:
             out = self._stdout or sys.stdout
             out.write("\n")
-        self._text = self._shown = ""
+        self._parts, self._shown = [], 0
 
     def finish(self, value: Any, metadata: dict[str, Any] | None = None, note: str | None = None,
                data: dict[str, Any] | None = None) -> None:

@@ -242,7 +242,14 @@ SETTINGS: tuple[Setting, ...] = (
             ("--run-tools",), "checkbox", label="Run tools", api=True),
     Setting("max_steps", int, 5, "with --run-tools, at most this many requests to the endpoint in one call",
             ("--max-steps",), "number", _between(1, 50), metavar="N", api=True),
-    Setting("timeout", float, None, "seconds to wait for the answer, or for each streamed chunk",
+    Setting("max_tool_runs", int, 20, "with --run-tools, at most this many tool calls run in one call (however many "
+            "the model asks for); the others are shown, not run", ("--max-tool-runs",), "number", _between(1, 1000),
+            metavar="N", label="Max tool runs", api=True),
+    Setting("max_answer_mb", float, 64.0, "the largest answer taken, in megabytes once decompressed: a larger one "
+            "fails (a stream stops there and keeps what arrived)", ("--max-answer-mb",), "number",
+            _between(0, 4096, low_open=True), metavar="MB", label="Max answer (MB)", api=True),
+    Setting("timeout", float, None, "seconds the whole call may take: connecting, waiting and every byte of the "
+            "answer (a stream kept alive without text does not extend it)",
             ("--timeout",), "number", _between(0, MAX_TIMEOUT, low_open=True), label="Timeout (s)"),
     Setting("transform_input", str, None, "function(**request) -> request from the notebook",
             ("--transform-input",), "function", _dotted_name, metavar="NAME", label="Input fn", sweep=True),
@@ -525,6 +532,8 @@ class CallSpec:
     tools: list[str] = _field("tools")
     run_tools: bool = _field("run_tools")
     max_steps: int = _field("max_steps")
+    max_tool_runs: int = _field("max_tool_runs")
+    max_answer_mb: float = _field("max_answer_mb")
     timeout: float | None = _field("timeout")
     transform_input: str | None = _field("transform_input")
     transform_output: str | None = _field("transform_output")
@@ -575,7 +584,7 @@ def _param_text(value: Any) -> str:
     if isinstance(value, str):
         try:
             json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return value
     return json.dumps(value, ensure_ascii=False)
 

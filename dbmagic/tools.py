@@ -16,7 +16,10 @@ With ``run_tools`` it runs them and sends the results back, up to ``max_steps`` 
 - arguments are checked against the signature before the call (pydantic validates them); a
   refused call gets an error result that says which argument was wrong;
 - what a function raises is sent back as an error result, never raised in the cell; what it
-  returns is sent as text (JSON for other values).
+  returns is sent as text (JSON for other values);
+- at most ``max_tool_runs`` (default 20) calls run in one call, however many an answer asks for;
+- a function runs one call at a time, even when a batch's rows ask for it at once from many
+  threads, unless it is marked safe to run in parallel with `thread_safe`.
 
 Tools need a chat endpoint or a Responses agent (``tools`` in the request).
 """
@@ -25,15 +28,37 @@ from __future__ import annotations
 
 import inspect
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigurationError, SettingError
 
-__all__ = ["Tool", "Toolbox", "toolbox_of", "toolbox_named"]
+__all__ = ["Tool", "Toolbox", "toolbox_of", "toolbox_named", "thread_safe"]
 
 MAX_RESULT = 20_000  # characters of one tool result sent back (a huge result is cut, and says so)
+_LOCKS: dict[Any, threading.Lock] = {}  # a function -> the lock that runs it one call at a time
+_LOCKS_LOCK = threading.Lock()
+
+
+def thread_safe(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a tool function as safe to run from many threads at once (a batch's rows call their
+    tools in parallel only then; otherwise one call at a time)::
+
+        @dbmagic.tools.thread_safe
+        def lookup(sku: str) -> dict: ...
+    """
+    function.__dbmagic_thread_safe__ = True  # type: ignore[attr-defined]
+    return function
+
+
+def _lock_of(function: Callable[..., Any]) -> threading.Lock | None:
+    if getattr(function, "__dbmagic_thread_safe__", False):
+        return None
+    key = getattr(function, "__func__", function)  # a bound method: its function
+    with _LOCKS_LOCK:
+        return _LOCKS.setdefault(key, threading.Lock())
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,8 +138,13 @@ class Toolbox:
             kwargs = tool.check(call.arguments)
         except ValueError as exc:
             return _refuse(call, f"the arguments do not fit {tool.name}'s signature: {exc}")
+        lock = _lock_of(tool.function)
         try:
-            result = tool.function(**kwargs)
+            if lock is None:
+                result = tool.function(**kwargs)
+            else:
+                with lock:  # a batch's rows run a notebook function one call at a time
+                    result = tool.function(**kwargs)
         except Exception as exc:  # the function's own failure goes back to the model, not into the cell
             return _refuse(call, f"{tool.name} raised {exc.__class__.__name__}: {str(exc)[:500]}")
         call.output = _result_text(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import threading
 import time
 
@@ -422,3 +423,204 @@ def test_a_cut_stream_keeps_no_half_of_a_token(client, workspace):
         list(call)
     kept = info.value.partial
     assert kept.startswith("the token is ") and workspace.token[:10] not in kept and kept.endswith("***")
+
+
+# -- 5. limits that limit ----------------------------------------------------------------------------
+
+def test_a_timeout_is_a_deadline_for_a_trickled_body(client, workspace):
+    """Item 5: on main timeout=2 held a call 14-15 s against a body trickled a byte at a time."""
+    workspace.fail(CHAT, trickle=0.02)  # about 300 bytes: 6 s
+    started = time.monotonic()
+    with pytest.raises(dbmagic.RequestTimeout, match="within the call's timeout of 1 s"):
+        client.complete("x", endpoint=CHAT, timeout=1)
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_timeout_is_a_deadline_for_a_stream_kept_alive_by_comments(client, workspace):
+    """Item 5: SSE comments kept a stream alive past its timeout on main."""
+    workspace.fail(CHAT, keepalive=0.1, keepalive_for=6)
+    call = client.stream("x", endpoint=CHAT, timeout=1)
+    started = time.monotonic()
+    with pytest.raises(dbmagic.StreamInterrupted, match="timeout of 1 s passed"):
+        list(call)
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_gzip_bomb_is_refused_at_the_answer_cap(client, workspace):
+    """Item 5: on main a 380 KB gzip body became a 400 MB answer."""
+    workspace.fail(CHAT, gzip_bomb=100 << 20)
+    with pytest.raises(dbmagic.BadResponse, match="larger than 8 MB"):
+        client.complete("x", endpoint=CHAT, max_answer_mb=8)
+    assert client.complete("after it", endpoint=CHAT).text == "Echo: after it"  # the client is fine
+
+
+def test_a_10_mb_streamed_answer_is_put_together_in_linear_time(client, workspace):
+    """Item 5: on main a streamed answer was built by += (10 MB did not finish in 60 s)."""
+    text = "word " * (2 << 20)  # 10 MB
+    workspace.fail(CHAT, text=text, chunk_chars=1024)
+    started = time.monotonic()
+    call = client.stream("x", endpoint=CHAT)
+    for _ in call:
+        pass
+    assert call.completion.text == text
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("usage, concurrency", [("no", 16), ("low", 16), ("yes", 64)])
+def test_a_token_budget_is_a_bound_whatever_the_endpoint_reports(workspace, usage, concurrency):
+    """Item 5: on main max_tokens_total never tripped when the endpoint reported no usage or a low
+    total (all 100 of 100 rows sent), and overshot 11x at concurrency 16, 43x at 64."""
+    from dbmagic.testing import Endpoint
+
+    workspace.add_endpoint(Endpoint("counted", "llm/v1/chat", latency=0.01, usage=usage))
+    client = Client(host=workspace.host, token=workspace.token)
+    rows = [f"row {i} " + "word " * 20 for i in range(100)]
+    result = dbmagic.batch("{{ row }}", rows, "counted", client=client, progress=False, concurrency=concurrency,
+                           max_tokens_total=1000, max_tokens=30)
+    sent = invocations(workspace, "counted")
+    answers = [t for t in result.texts if t is not None]
+    assert 0 < len(sent) < 100 and len(answers) == len(sent)
+    estimate = sum(dbmagic._batch.tokens_in(json.dumps(r.json, ensure_ascii=False)) + dbmagic._batch.tokens_in(t)
+                   for r, t in zip(sent, answers))
+    counted = result.usage.total if usage == "yes" else estimate
+    assert counted <= 1000  # what was sent fits the budget, however many were in flight
+    if usage != "yes":
+        assert "counted against the budget by estimate" in result.summary()
+
+
+def test_one_answer_runs_at_most_max_tool_runs_tools(client, workspace):
+    """Item 5: on main one answer ran a tool 2,000 times (max_steps counts round trips only)."""
+    runs = []
+
+    def ping(n: int = 0) -> str:
+        runs.append(n)
+        return "pong"
+
+    calls = [{"name": "ping", "arguments": {"n": i}} for i in range(2000)]
+    from dbmagic.testing import MemoryHandler, reply
+
+    def respond(sent):
+        tool_calls = [{"id": f"c{i}", "type": "function", "function": {"name": c["name"],
+                                                                        "arguments": json.dumps(c["arguments"])}}
+                      for i, c in enumerate(calls)]
+        return reply(200, {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": tool_calls},
+                                        "finish_reason": "tool_calls"}]})
+
+    memory = Client(host="https://adb-1.2.azuredatabricks.net", token="t", handler=MemoryHandler(respond))
+    completion = memory.complete("ping a lot", endpoint="e", task="chat", tools=[ping], run_tools=True)
+    assert runs == [] and len(completion.pending_tool_calls) == 2000  # shown, not run: past --max-tool-runs
+    del calls[50:]  # an answer asking for 50 at a time: 2 rounds fit in 120 runs, the third does not
+    few = memory.complete("ping a lot", endpoint="e", task="chat", tools=[ping], run_tools=True, max_tool_runs=120)
+    assert len(runs) == 100 and len(few.steps) == 2 and len(few.pending_tool_calls) == 50
+
+
+def test_a_batch_runs_a_notebook_function_one_call_at_a_time_unless_marked_thread_safe(workspace):
+    """Item 5: on main a batch ran one notebook function in 16 threads at once, undocumented."""
+    client = Client(host=workspace.host, token=workspace.token)
+    inside, most = [0], [0]
+    guard = threading.Lock()
+
+    def lookup(item: str) -> str:
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.02)
+        with guard:
+            inside[0] -= 1
+        return f"{item}: 3 in stock"
+
+    result = dbmagic.batch("Check {{ row }}", [f"item{i}" for i in range(16)], CHAT, client=client, progress=False,
+                           concurrency=16, tools=[lookup], run_tools=True)
+    assert result.failed == [] and most[0] == 1
+    most[0] = 0
+    result = dbmagic.batch("Check {{ row }}", [f"item{i}" for i in range(16)], CHAT, client=client, progress=False,
+                           concurrency=16, tools=[dbmagic.tools.thread_safe(lookup)], run_tools=True)
+    assert result.failed == [] and most[0] > 1
+
+
+# -- 6. smaller ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["body", "event", "arguments"])
+def test_deep_json_from_the_server_is_a_dbmagic_error(client, where):
+    """Item 6: on main deep JSON in a body, an SSE event or tool arguments escaped as a bare RecursionError."""
+    from dbmagic.testing import MemoryHandler, events, reply
+
+    deep = "[" * 100_000 + "]" * 100_000
+
+    def respond(sent):
+        if where == "body":
+            return reply(200, body=('{"choices": [{"message": {"content": ' + deep + '}}]}').encode())
+        if where == "event":
+            return events(b'{"choices": [{"delta": {"content": ' + deep.encode() + b'}}]}')
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+        return reply(200, {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                                        "finish_reason": "tool_calls"}]})
+
+    memory = Client(host="https://adb-1.2.azuredatabricks.net", token="memory-token-123", handler=MemoryHandler(respond))
+    if where == "event":
+        with pytest.raises(dbmagic.StreamInterrupted, match="nested too deeply"):
+            list(memory.stream("x", endpoint="e", task="chat"))
+    elif where == "body":
+        with pytest.raises(dbmagic.BadResponse, match="nested too deeply"):
+            memory.complete("x", endpoint="e", task="chat")
+    else:
+        def f(x: int = 0) -> int:
+            return x
+
+        call = memory.complete("x", endpoint="e", task="chat", tools=[f]).tool_calls[0]
+        assert call.arguments is None and "nested too deeply" in call.problem
+
+
+def test_a_verbose_traceback_shows_no_notebook_variable(shell, workspace, capsys):
+    """Item 6: on main, under %xmode Verbose the traceback printed the magic's namespace local: every
+    notebook variable."""
+    shell.run_line_magic("xmode", "Verbose")
+    shell.user_ns["private_notes"] = "NOTEBOOK-PRIVATE-VALUE"
+    shell.run_cell("def leave(**request):\n    raise KeyboardInterrupt('stop here')\n")
+    shell.run_cell(f"%%dbllm -e {CHAT} --transform-input leave\nHello")
+    shell.user_ns["rows"] = ["a", "b"]
+    shell.run_cell(f"%%dbllm -e {CHAT} --over rows --transform-input leave\n{{{{ row }}}}")
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "KeyboardInterrupt" in out and "Notebook(" in out  # the traceback, with the namespace as a summary
+    assert "NOTEBOOK-PRIVATE-VALUE" not in out
+
+
+def test_a_cached_answer_keeps_its_tool_calls(client, workspace, tmp_path):
+    """Item 6: on main a cached answer lost its tool calls."""
+    def weather(city: str) -> str:
+        return "sunny"
+
+    dbmagic.use_cache(tmp_path / "cache")
+    try:
+        first = client.complete("Weather in Paris?", endpoint=CHAT, tools=[weather])
+        again = client.complete("Weather in Paris?", endpoint=CHAT, tools=[weather])
+    finally:
+        dbmagic.use_cache(None)
+    assert again.cached and [(c.name, c.arguments) for c in again.tool_calls] == \
+        [(c.name, c.arguments) for c in first.tool_calls] != []
+
+
+def test_only_an_apps_own_subdomain_gets_a_token(client):
+    """Item 6: on main the bare apex databricksapps.com was accepted."""
+    from dbmagic.client import _app_url_or_none
+
+    assert _app_url_or_none("https://databricksapps.com", client.credentials.host) is None
+    assert _app_url_or_none("https://agent-1.aws.databricksapps.com", client.credentials.host) is not None
+
+
+def test_cache_show_and_clear_survive_odd_entries(shell, workspace, tmp_path, capsys):
+    """Item 6: on main %dbllm cache clear crashed on a dangling symlink."""
+    import os
+
+    folder = tmp_path / "cache"
+    shell.run_line_magic("config", f'DbLLM.cache = "{folder}"')
+    try:
+        shell.run_line_magic("dbllm", f"-e {CHAT} hello")
+        os.symlink(tmp_path / "nowhere", folder / "dangling.jsonl")
+        os.mkfifo(folder / "fifo.jsonl")
+        shell.run_line_magic("dbllm", "cache")
+        shell.run_line_magic("dbllm", "cache clear")
+        assert "Cleared the cache: 1 answers dropped" in capsys.readouterr().out
+        assert (folder / "dangling.jsonl").is_symlink() and list(folder.glob("2*.jsonl")) == []
+    finally:
+        shell.run_line_magic("config", "DbLLM.cache = None")

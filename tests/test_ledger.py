@@ -132,14 +132,17 @@ def test_a_batch_killed_halfway_loses_nothing_and_a_new_process_sends_only_the_r
 def test_a_budget_stops_sending_and_keeps_every_finished_row(workspace):
     client = Client(host=workspace.host, token=workspace.token)
     result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(20)], CHAT, client=client, progress=False,
-                           concurrency=1, max_tokens_total=22)
-    per_row = result[0].usage.total
-    stopped_after = -(-22 // per_row)  # the row that reached the budget is the last sent
-    assert result.texts[:stopped_after] == [f"Echo: r{i}" for i in range(stopped_after)]
-    assert all(e.startswith("Not sent: the batch reached its budget of 22 tokens") for e in result.errors[stopped_after:])
-    assert len(answered(workspace)) == stopped_after
+                           concurrency=4, max_tokens_total=150, max_tokens=8)
+    answered_rows = [i for i, t in enumerate(result.texts) if t is not None]
+    assert answered_rows and answered_rows == list(range(len(answered_rows))) and len(answered_rows) < 20
+    assert result.texts[:len(answered_rows)] == [f"Echo: r{i}" for i in answered_rows]
+    assert all(e.startswith("Not sent: the batch reached its budget of 150 tokens")
+               for e in result.errors[len(answered_rows):])
+    assert result.usage.total <= 150 and len(answered(workspace)) == len(answered_rows)  # a bound, not a hope
     with pytest.raises(ConfigurationError, match="max_tokens_total must be"):
         dbmagic.batch("{{ row }}", ["a"], CHAT, client=client, progress=False, max_tokens_total=0)
+    with pytest.raises(ConfigurationError, match="One row alone may cost more than the budget"):
+        dbmagic.batch("{{ row }}", ["a"], CHAT, client=client, progress=False, max_tokens_total=100)
 
 
 def test_a_batch_dry_run_counts_rows_and_tokens_and_sends_nothing(shell, workspace, capsys):
@@ -352,11 +355,11 @@ def test_a_cost_budget_prices_answers_as_mlflow_does_and_refuses_a_model_without
     client = Client(host=workspace.host, token=workspace.token)
     # the tests' price catalog (tests/model_catalog): 0.5 USD an input token, 1.5 an output token
     result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(10)], CHAT, client=client, progress=False,
-                           concurrency=1, max_cost=10)
-    per_row = 0.5 * result[0].usage.input + 1.5 * result[0].usage.output
-    sent = -(-10 // per_row)
-    assert len(answered(workspace)) == sent and result.texts[int(sent) - 1] is not None
-    assert result.errors[-1].startswith("Not sent: the batch reached its budget of $10.0000")
+                           concurrency=2, max_cost=60, max_tokens=5)
+    sent = len(answered(workspace))
+    cost = sum(0.5 * c.usage.input + 1.5 * c.usage.output for c in result if isinstance(c, dbmagic.Completion))
+    assert 0 < sent < 10 and cost <= 60 and result.texts[sent - 1] is not None  # a bound: nothing past it sent
+    assert result.errors[-1].startswith("Not sent: the batch reached its budget of $60.0000")
     with pytest.raises(ConfigurationError, match="MLflow has no price for local-instruct"):
         dbmagic.batch("{{ row }}", ["a"], "local-completions", client=client, progress=False, max_cost=1)
     with pytest.raises(ConfigurationError, match="one budget"):

@@ -32,6 +32,8 @@ SAMPLES = {
     "expect": "expected", "compare": f"{CHAT},local-completions", "repeat": 3,
     "schema": "label: 'pos'|'neg', score: float", "schema_retries": 2, "tools": ["weather,lookup"], "run_tools": True,
     "max_steps": 3,
+    "max_tool_runs": 7,
+    "max_answer_mb": 2.5,
 }
 TRANSFORMS = ("def shout(value):\n    return value.upper()\n"
               "def concise(**request):\n    request['prompt'] += ' Be concise.'\n    return request\n")

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .._http import Headers, HttpRequest, Response, TransportFailure
+from .._http import Headers, HttpRequest, Response, TransportFailure, read_all
 
 __all__ = ["MemoryHandler", "MemoryBody", "reply", "events", "Sent", "TransportFailure"]
 
@@ -33,9 +34,11 @@ class MemoryBody:
         self._aborted = threading.Event()
         self.closed = False
 
-    def read(self, size: int = 65536) -> bytes:
+    def read(self, size: int = 65536, deadline: float | None = None) -> bytes:
         if self._aborted.is_set():
             raise ConnectionError("aborted")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("the call's timeout passed")
         if not self._chunks:
             return b""
         item = self._chunks.pop(0)
@@ -43,13 +46,8 @@ class MemoryBody:
             raise item
         return item
 
-    def read_all(self) -> bytes:
-        out = []
-        while True:
-            chunk = self.read()
-            if not chunk:
-                return b"".join(out)
-            out.append(chunk)
+    def read_all(self, limit: int | None = None, deadline: float | None = None) -> bytes:
+        return read_all(self, limit, deadline)
 
     def abort(self) -> None:
         self._aborted.set()

@@ -76,6 +76,7 @@ class Endpoint:
     judge: bool = False  # answers a judge's question (`judge_reply`) instead of echoing
     # a proxy or app that echoes what it was sent: every answer ends with the Authorization header it got
     echo_headers: bool = False
+    usage: str = "yes"  # the usage it reports: "yes" (its word counts), "no" (none at all), "low" (1 and 1)
 
     def describe(self) -> dict[str, Any]:
         entity: dict[str, Any] = {"name": f"{self.name}-entity"}
@@ -122,7 +123,11 @@ class Fault:
     that ends before its Content-Length; ``drop`` closes the connection after reading the request,
     with no answer (the request may have run). ``off_schema`` answers a schema with JSON whose first
     field has the wrong type; ``tool_call`` (``{"name": ..., "arguments": {...}}``) asks for that call
-    whatever tools were given; ``text`` answers exactly that text. ``gather`` holds each request
+    whatever tools were given; ``text`` answers exactly that text (``chunk_chars``: streamed in
+    pieces of that many characters). ``trickle`` sends a whole answer a byte at a time, that many
+    seconds apart; ``keepalive`` sends a stream's SSE comments that many seconds apart for
+    ``keepalive_for`` seconds before its first event; ``gzip_bomb`` answers a gzip-encoded body
+    whose text is that many bytes once decompressed. ``gather`` holds each request
     until that many have arrived (proof that a client sends them at the same time; give ``times``
     as many): if they do not all arrive within ``gather_timeout`` seconds, each answers 409.
     """
@@ -142,6 +147,10 @@ class Fault:
     tool_call: dict[str, Any] | None = None  # ask for this call ({"name", "arguments"}) instead of the scripted one
     text: str | None = None  # answer exactly this text (a lone surrogate, a token echoed by a proxy, ...)
     chunk_chars: int | None = None  # stream the text in pieces of this many characters (a word split in two)
+    trickle: float = 0.0  # a whole answer's body sent a byte at a time, this many seconds apart
+    keepalive: float = 0.0  # a stream kept alive: an SSE comment this many seconds apart, for keepalive_for s
+    keepalive_for: float = 0.0
+    gzip_bomb: int = 0  # a whole answer gzip-encoded, its text this many bytes once decompressed (a few KB sent)
     headers: dict[str, str] = field(default_factory=dict)
     times: int = 1
     gather: int = 0
@@ -621,7 +630,7 @@ class _Handler(BaseHTTPRequestHandler):
             if authorized and ws._expire_after is not None and _INVOCATIONS.match(path):
                 authorized = ws._count_towards_expiry()
         self._record = RecordedRequest(method, path, headers, body, authorized, at=time.monotonic())
-        self._authorization = sent_auth
+        self._authorization, self._fault_now = sent_auth, None
         ws.requests.append(self._record)
         if method == "GET" and path == "/.well-known/databricks-config":  # public, as on a workspace
             if self._fault(path) is True:
@@ -820,6 +829,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self._fault(endpoint.name, path)
         if fault is True:
             return
+        self._fault_now = fault
         if endpoint.latency:
             time.sleep(endpoint.latency)
         if named and isinstance(body, dict):
@@ -898,13 +908,15 @@ class _Handler(BaseHTTPRequestHandler):
         if endpoint.echo_headers:
             text += f" (it came with Authorization: {getattr(self, '_authorization', '')})"
         completion_tokens = len(_pieces(text)) + sum(len(c["arguments"]) // 4 + 1 for c in calls or ())
+        if endpoint.usage == "low":  # an endpoint that under-reports
+            prompt_tokens = completion_tokens = 1
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
         if body.get("stream"):
             asked = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True
             only_when_asked = usage_when_asked or endpoint.endpoint_type == "EXTERNAL_MODEL"
             return self._stream(endpoint, text, finish, usage, shape, fault, calls,
-                                usage_chunk=asked if only_when_asked else None)
+                                usage_chunk=False if endpoint.usage == "no" else asked if only_when_asked else None)
         n = body.get("n") or 1
         answer: dict[str, Any]
         if shape == "responses":
@@ -924,6 +936,8 @@ class _Handler(BaseHTTPRequestHandler):
             answer = {"id": f"cmpl-{_count(self)}", "object": "text_completion", "created": 1700000000,
                       "model": endpoint.model, "usage": usage,
                       "choices": [{"index": i, "text": text, "finish_reason": finish} for i in range(n)]}
+        if endpoint.usage == "no":
+            answer.pop("usage", None)
         self._json(200, answer)
 
     def _stream(self, endpoint: Endpoint, text: str, finish: str, usage: dict, shape: str, fault: Fault | None,
@@ -954,6 +968,11 @@ class _Handler(BaseHTTPRequestHandler):
         def event(data: dict[str, Any]) -> None:
             write(b"data: " + json.dumps(data).encode() + b"\n\n")
 
+        if fault is not None and fault.keepalive:  # kept alive with comments, no event, as proxies do
+            until = time.monotonic() + fault.keepalive_for
+            while time.monotonic() < until:
+                write(b": keep-alive\n\n")
+                time.sleep(fault.keepalive)
         if calls:
             return self._stream_calls(endpoint, usage, shape, calls, event, write, chunked)
         pieces = _pieces(text)
@@ -1057,6 +1076,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
         self._record.status, self._record.retry_after = status, (extra or {}).get("Retry-After")
+        fault = getattr(self, "_fault_now", None) if status == 200 else None
+        if fault is not None and fault.gzip_bomb:
+            payload, extra = _gzip_bomb(fault.gzip_bomb), {**(extra or {}), "Content-Encoding": "gzip"}
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
@@ -1065,7 +1087,28 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (extra or {}).items():
             self.send_header(name, value)
         self.end_headers()
+        if fault is not None and fault.trickle:
+            for i in range(len(payload)):
+                self.wfile.write(payload[i:i + 1])
+                self.wfile.flush()
+                time.sleep(fault.trickle)
+            return
         self.wfile.write(payload)
+
+
+def _gzip_bomb(size: int) -> bytes:
+    """A chat answer's JSON, gzip-compressed, whose text is ``size`` bytes of ``x`` (sent: a few KB)."""
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip format
+    parts = [packer.compress(b'{"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", '
+                             b'"content": "')]
+    block = b"x" * (1 << 20)
+    for _ in range(size // len(block)):
+        parts.append(packer.compress(block))
+    parts.append(packer.compress(b"x" * (size % len(block)) + b'"}}]}'))
+    parts.append(packer.flush())
+    return b"".join(parts)
 
 
 # the request and answer shape of each task
