@@ -74,6 +74,7 @@ def start(spec: CallSpec, template: str | Template, namespace: MutableMapping[st
 
 def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: MutableMapping[str, Any], client: Client, *,
               concurrency: int, column: str, send_missing: bool = False, checkpoint: str | None = None,
+              shared_checkpoint: bool = False,
               max_tokens_total: int | None = None, max_cost: float | None = None,
               background: bool = False) -> tuple[Any, Any]:
     """The template over ``rows`` (see `dbmagic.batch`): ``(BatchResult, DataFrame with the answer
@@ -84,6 +85,7 @@ def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: Mu
     options.pop("endpoint")
     given = dict(concurrency=concurrency, namespace=namespace, client=client, transform_output=t_out,
                  timeout=spec.timeout, column=column, send_missing=send_missing, checkpoint=checkpoint,
+                 shared_checkpoint=shared_checkpoint,
                  max_tokens_total=max_tokens_total, max_cost=max_cost, **options)
     if background:
         return batch(template, rows, spec.endpoint, background=True, **given), None

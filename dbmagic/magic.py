@@ -201,15 +201,28 @@ class DbLLM(_Options):
                     "holds and records the new ones, so that running a notebook again pays nothing (off by "
                     "default; --cache always|off per cell; %dbllm cache [clear])").tag(config=True)
 
+    cache_shared = Bool(False, help="the cache folder is shared on purpose: the answers other users wrote there "
+                                    "are used too (by default only your own are)").tag(config=True)
+
     @validate("cache")
     def _switch_cache(self, proposal: Any) -> str | None:
+        self._use_cache(proposal["value"], self.cache_shared)
+        return proposal["value"]
+
+    @validate("cache_shared")
+    def _share_cache(self, proposal: Any) -> bool:
+        if self.cache:
+            self._use_cache(self.cache, proposal["value"])
+        return proposal["value"]
+
+    @staticmethod
+    def _use_cache(folder: str | None, shared: bool) -> None:
         from . import ledger
 
         try:
-            ledger.use_cache(proposal["value"] or None)
+            ledger.use_cache(folder or None, shared=shared)
         except DbMagicError as exc:
             raise TraitError(str(exc)) from None
-        return proposal["value"]
 
     @validate("trace")
     def _switch_tracing(self, proposal: Any) -> bool:
@@ -387,7 +400,8 @@ class DbLLM(_Options):
                              "batch's result() with dbmagic.evaluate when it is done.")
         result, frame = _cell.run_batch(spec, template, rows, namespace, client, concurrency=values["concurrency"],
                                         column=values["column"], send_missing=values["send_missing"],
-                                        checkpoint=values["checkpoint"], max_tokens_total=values["max_tokens_total"],
+                                        checkpoint=values["checkpoint"], shared_checkpoint=values["shared_checkpoint"],
+                                        max_tokens_total=values["max_tokens_total"],
                                         max_cost=values["max_cost"], background=background)
         if background:  # the handle: its progress shows in this cell while other cells run
             namespace[_cell.LAST] = result

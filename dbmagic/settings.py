@@ -294,6 +294,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("checkpoint", str, None, "with --over, keep every finished call in this folder (local or a volume): "
             "rows it already answers are not sent again, even after a restart", ("--checkpoint",), metavar="PATH",
             scope="cell"),
+    Setting("shared_checkpoint", bool, False, "with --checkpoint, the folder is shared on purpose: the answers "
+            "other users wrote there are used too (by default only your own are)", ("--shared-checkpoint",),
+            scope="cell"),
     Setting("judge", str, None, "judge the answers of --over or a comparison with these MLflow scorers, "
             "comma-separated: the notebook's (dbmagic.judge(...), @scorer functions) or MLflow's built-ins "
             "(Safety)", ("--judge",), rule=_names_list, metavar="A,B", scope="cell"),

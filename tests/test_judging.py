@@ -142,3 +142,17 @@ def test_what_evaluate_refuses(judged_store):
     with pytest.raises(ConfigurationError, match="has no name to give its columns"):
         dbmagic.evaluate(result, scorers=[lambda outputs: True])
     assert judged_store.requests[-1].path.endswith(f"/{CHAT}/invocations")  # nothing was judged
+
+
+def test_an_echoed_token_never_reaches_a_judge_or_its_rationale(judged_store):
+    """Hardening round three, item 4: on main an endpoint that echoes headers put the token into the
+    answers a judge read, and into its rationales."""
+    workspace = judged_store
+    workspace.add_endpoint(Endpoint("echo-proxy", "llm/v1/chat", echo_headers=True))
+    client = Client(host=workspace.host, token=workspace.token)
+    result = dbmagic.batch("Reply to {{ row }}", ["a", "b"], "echo-proxy", client=client, progress=False)
+    echoed = dbmagic.judge('Does it mention "Authorization: Bearer"?', endpoint=JUDGE, client=client, name="echoed")
+    judged = dbmagic.evaluate(result, scorers=[echoed])
+    assert list(judged["echoed"]) == ["yes", "yes"]
+    assert all(workspace.token not in r for r in judged["echoed_rationale"])
+    assert all(workspace.token not in json.dumps(r.json) for r in invocations(workspace, JUDGE))

@@ -33,6 +33,7 @@ SAMPLES = {
     "schema": "label: 'pos'|'neg', score: float", "schema_retries": 2, "tools": ["weather,lookup"], "run_tools": True,
     "max_steps": 3,
     "max_tool_runs": 7,
+    "shared_checkpoint": True,
     "max_answer_mb": 2.5,
 }
 TRANSFORMS = ("def shout(value):\n    return value.upper()\n"

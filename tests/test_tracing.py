@@ -562,3 +562,25 @@ def test_a_call_the_cache_answers_is_traced_as_cached(store, workspace, client, 
     first, second = (t.data.spans[0] for t in traces(store))
     assert "dbmagic.cached" not in first.attributes and second.attributes["dbmagic.cached"] is True
     assert len([r for r in workspace.requests if r.path.endswith("/invocations")]) == 1
+
+
+@pytest.mark.parametrize("split", [None, 5])
+def test_an_echoed_token_never_reaches_a_trace(store, workspace, client, split):
+    """Hardening round three, item 4: on main an endpoint that echoes headers put the token into the
+    MLflow trace (its outputs, its chunk events)."""
+    from dbmagic.testing import Endpoint
+
+    workspace.add_endpoint(Endpoint("echo-proxy", "llm/v1/chat", echo_headers=True))
+    if split:
+        workspace.fail("echo-proxy", chunk_chars=split)
+    for piece in client.stream("hello", endpoint="echo-proxy"):
+        pass
+    client.complete("hello", endpoint="echo-proxy")
+    found = traces(store)
+    assert len(found) == 2
+    no_token_in(found, workspace.token)
+    text = json.dumps([t.to_dict() for t in found])
+    assert "Bearer ***" in text and workspace.token[:20] not in text
+    if split:  # the split secret: the chunk events are left out, an event says so
+        events = [e.name for e in found[0].data.spans[0].events]
+        assert "dbmagic.scrubbed" in events and not any(n.startswith("mlflow.chunk.item") for n in events)
