@@ -65,10 +65,17 @@ __all__ = [
 ]
 
 
+# public modules reached as attributes (``dbmagic.tools.thread_safe``) without an import of their own
+_MODULES = frozenset({"tools", "schema", "ledger", "spark", "tracing", "judging", "settings", "hooks", "errors",
+                      "transforms", "templating", "render", "testing"})
+
+
 def __getattr__(name: str) -> Any:
     if name == "__version__":  # read once, from the installed metadata (pyproject.toml's version)
         globals()[name] = value = _version()
         return value
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dbmagic' has no attribute {name!r}")

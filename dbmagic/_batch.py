@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any
 from . import _deps, _pace, tracing
 from ._pace import Limiter
 from ._wire import Usage
-from .errors import (AuthenticationError, ConfigurationError, DbMagicError, MissingValue, RateLimited, SchemaError,
-                     StatusError, TemplateError, error_of)
+from .errors import (AuthenticationError, ConfigurationError, DbMagicError, Interrupted, MissingValue, NotSent,
+                     RateLimited, SchemaError, StatusError, TemplateError, error_of)
 from ._notebook import Notebook
 from .ledger import Ledger, completion_of, identity
 from .templating import JINJA_GLOBALS, Template
@@ -65,11 +65,13 @@ __all__ = ["batch", "BatchResult", "BackgroundBatch", "answer_columns", "is_fram
 
 class BatchResult(list):
     """One entry per input row, in input order: the row's `Completion` (partial when its answer
-    was cut, or interrupted by Ctrl-C), the `DbMagicError` it failed with, or None for a row that
-    was not sent (the batch was interrupted).
+    was cut, or interrupted by Ctrl-C: its ``error`` says so), or the `DbMagicError` it failed with
+    (a row not sent is a `NotSent` that says why, a `MissingValue`, ...). Every row that has no
+    whole answer has an error.
 
     ``texts``, ``values`` and ``errors`` are per row (a cut row's error is the cut); ``failed``
-    (an error, or a cut answer) and ``missing`` (not sent, or interrupted) are row indices;
+    (every row with an error) and ``missing`` (not sent, or interrupted: what ``resume=`` sends
+    again besides the failures) are row indices; ``failures`` counts the failed rows by kind;
     ``usage`` sums the token counts (a `Usage`); ``wall_time`` is in seconds; ``rate`` the pace
     the endpoint's rate limit set (requests per second; None when it never limited). `to_pandas`
     gives a DataFrame.
@@ -118,7 +120,19 @@ class BatchResult(list):
 
     @property
     def missing(self) -> list[int]:
-        return [i for i, item in enumerate(self) if item is None or (error_of(item) is None and not _answered(item))]
+        return [i for i, item in enumerate(self)
+                if item is None or isinstance(error_of(item), (NotSent, Interrupted))
+                or (error_of(item) is None and not _answered(item))]
+
+    @property
+    def failures(self) -> dict[str, int]:
+        """How many rows failed of each kind (``not sent (interrupted)``, ``RateLimited``, ...),
+        the commonest first."""
+        counts: dict[str, int] = {}
+        for i in self.failed:
+            kind = failure_kind(error_of(self[i]))
+            counts[kind] = counts.get(kind, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
     @property
     def usage(self) -> Usage:
@@ -133,13 +147,13 @@ class BatchResult(list):
 
     def summary(self) -> str:
         """One line: rows, time, rate, answered / failed / not sent, tokens."""
-        answered = len(self) - len(self.failed) - len(self.missing)
+        answered = sum(1 for item in self if _answered(item))
         rate = answered / self.wall_time if self.wall_time > 0 else 0.0
+        failures = self.failures
         parts = [f"{len(self)} rows in {self.wall_time:.1f} s ({rate:.1f} rows/s): {answered} answered"
                  + (f" ({self.from_checkpoint} from the checkpoint, not sent)" if self.from_checkpoint else ""),
-                 f"{len(self.failed)} failed"]
-        if self.missing:
-            parts.append(f"{len(self.missing)} not sent{' (interrupted)' if self.interrupted else ''}")
+                 f"{len(self.failed)} failed" + (" (" + ", ".join(f"{n} {kind}" for kind, n in failures.items())
+                                                + ")" if failures else "")]
         if self.not_served:
             why = {"other": "another user's", "unsigned": "not written by your dbmagic (planted or edited)"}
             parts.append(f"{sum(self.not_served.values())} records in the checkpoint not used ("
@@ -165,6 +179,18 @@ class BatchResult(list):
 
     def __repr__(self) -> str:
         return f"BatchResult({self.summary()})"
+
+
+def failure_kind(error: BaseException | None) -> str:
+    """What a failed row is, in a few words: ``not sent (budget)``, ``missing a value``, ``cut``,
+    or the error's class (``RateLimited``, ``BadRequest``, ...)."""
+    if isinstance(error, NotSent):
+        return f"not sent ({error.reason})"
+    if isinstance(error, MissingValue):
+        return "missing a value"
+    if isinstance(error, Interrupted):
+        return "interrupted on its way"
+    return type(error).__name__ if error is not None else "no answer"
 
 
 def _answered(item: Any) -> bool:
@@ -378,6 +404,15 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                 f"(its columns: {', '.join(map(str, columns)) or 'none'}) nor a variable given to the batch. "
                 "Rename the {{ }} names, or add the columns."
             )
+    else:  # a list (or Series) of values or dicts: its names are checked before anything is sent too
+        names = set().union(*(c.keys() for c in contexts)) if contexts else set()
+        unknown = sorted(tpl.required - names - set(namespace) - JINJA_GLOBALS)
+        if unknown:
+            shown = ("{{ row }} (each row is a value)" if names == {"row"} else
+                     f"the rows' keys ({', '.join(sorted(names)[:10]) or 'none'})")
+            raise TemplateError(
+                f"The template uses {', '.join(unknown)}, which the rows do not have (they give {shown}) nor the "
+                "notebook. Rename the {{ }} names, or give rows that have them.")
     items: list[Any] = [None] * len(contexts)
     if timeout is not None:
         timeout = settings.coerce("timeout", timeout)
@@ -501,6 +536,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                               "interrupted": interrupted})
     reused += rows_run.reused
     not_served = ledger.not_served({identities[i] for i in todo}) if ledger is not None else {}
+    tracing.flush()  # the rows' traces are readable when the batch returns
     result = BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
                          concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate, schema=schema,
                          identities=identities, from_checkpoint=reused, not_served=not_served,
@@ -827,7 +863,19 @@ class _Rows:
         with self.cond:  # a call still on its way keeps what arrived, as every other
             for index, c in self.calls.items():
                 if self.items[index] is None:
-                    self.items[index] = c.completion or c.partial("interrupted")
+                    kept = c.completion or c.partial("interrupted")
+                    if kept.is_partial and kept.error is None:
+                        kept.error = Interrupted(f"Row {index}: the batch stopped while its answer was on its way; "
+                                                 f"{len(kept.text)} characters that arrived are kept. resume= sends "
+                                                 "it again.")
+                    self.items[index] = kept
+            why = "cancelled" if self.cancelled else "interrupted"
+            while self.todo:  # every row not sent says why
+                index = self.todo.popleft()
+                if self.items[index] is None:
+                    self.items[index] = NotSent(
+                        f"Row {index} was not sent: the batch was {'cancelled' if self.cancelled else 'interrupted (Ctrl-C)'}"
+                        " first. resume= (or the same checkpoint) sends it.", reason=why)
 
     def _work(self, call: Callable[[int], Call]) -> None:
         limiter = self.limiter
@@ -898,7 +946,7 @@ class _Rows:
         self.budget.settle(reserved[0], getattr(paid, "usage", None) if answered else None, reserved[1],
                            getattr(paid, "text", None) if answered else None)
         if self.budget.spent >= self.budget.limit:
-            self._give_up_all(lambda: DbMagicError(f"Not sent: {self.budget.said()}"))
+            self._give_up_all(lambda: NotSent(f"Not sent: {self.budget.said()}", reason="budget"))
 
     def _next(self) -> tuple[int | None, Any]:
         """The next row to send and its permit, once the limiter allows (called holding the lock)."""
@@ -912,7 +960,7 @@ class _Rows:
                 reserve = self.worst(self.todo[0])
                 if not self.budget.take(reserve[0]):
                     if not self.reservations:  # nothing in flight will give room back: the budget is spent
-                        self._give_up_all(lambda: DbMagicError(f"Not sent: {self.budget.said()}"))
+                        self._give_up_all(lambda: NotSent(f"Not sent: {self.budget.said()}", reason="budget"))
                         return None, None
                     self.cond.wait(0.5)  # an answer on its way may settle for less than it reserved
                     continue

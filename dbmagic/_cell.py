@@ -191,8 +191,10 @@ def _pumped(call: Call, *, tick: float) -> Iterator[tuple[int, str] | None]:
 
 
 def _keep_partial(partial: Completion, live: LiveOutput, keep: Callable[[Completion], None]) -> Completion:
-    """Store and show what arrived of an answer that did not end normally."""
+    """Store and show what arrived of an answer that did not end normally (a cut fails the cell with
+    an error that says where it is kept; a Stop and a Ctrl-C say it here)."""
     keep(partial)
-    live.finish(partial.text, note=f"The answer was {partial.finish_reason}: {len(partial.text)} characters kept "
-                                   f"in {LAST}.text.")
+    where = f" kept in {LAST}.text" if partial.error is None else ""
+    live.finish(partial.text, note=f"The answer was {partial.finish_reason}: {len(partial.text)} characters"
+                                   f"{where}.")
     return partial

@@ -431,7 +431,7 @@ def _transport_error(failure: TransportFailure, target: str, host: str, read_tim
         return ConnectionFailed(
             f"The connection to {host} dropped after the request for {target} was sent ({detail})", target=target,
             next_step="It may have run: it was not sent again. Run the cell again if a second call is fine.")
-    return ConnectionFailed(f"Could not reach {host} ({detail})", target=target, sent=False)
+    return ConnectionFailed(f"Could not reach {host}" + (f" ({detail})" if detail else ""), target=target, sent=False)
 
 
 def clean_interrupt() -> KeyboardInterrupt:

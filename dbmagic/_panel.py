@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import shlex
 import threading
 import traceback
@@ -36,6 +37,14 @@ _last_result: Completion | None = None
 # where the main controls stand; every other setting with a control goes under "More options"
 _ROWS = (("cluster_id", "port"), ("system",), ("temperature", "max_tokens", "stop", "format"),
          ("transform_input", "transform_output", "chat"))
+# the compare picker's chosen endpoints in the theme's own selection colours (the browser's default
+# grey is hard to tell from the rest), and a message's `code` as the notebook shows code
+_STYLE = """<style>
+.dbmagic-compare-endpoints select option:checked { background: var(--jp-brand-color1, #1976d2) linear-gradient(0deg,
+  var(--jp-brand-color1, #1976d2) 0%, var(--jp-brand-color1, #1976d2) 100%); color: white; }
+.dbmagic-status code { font-family: var(--jp-code-font-family, monospace); background: var(--jp-layout-color2, #eee);
+  padding: 0 2px; }
+</style>"""
 _WIDTHS = {"text": "30%", "number": "19%", "tags": "30%", "choice": "19%", "function": "34%", "checkbox": "24%",
            "json": "60%"}
 
@@ -143,7 +152,7 @@ class Panel:
         # compare mode: the same prompt to several endpoints at once, answers side by side
         self.compare_mode = w.ToggleButton(description="Compare", icon="columns",
                                            tooltip="Send to several endpoints at once, answers side by side")
-        self.compare_endpoints = w.SelectMultiple(description="Compare", rows=4,
+        self.compare_endpoints = w.SelectMultiple(description="Compare", rows=8,
                                                   layout=w.Layout(width="60%", display="none"))
         self.compare_endpoints.add_class("dbmagic-compare-endpoints")
         self.compare_mode.observe(lambda _: self._endpoint_changed(), names="value")
@@ -166,7 +175,7 @@ class Panel:
         self.cell_text = w.Textarea(rows=4, layout=w.Layout(width="100%", display="none"))
         self.cell_text.add_class("dbmagic-cell-text")
         self.history = w.HTML()
-        self.reset_button = w.Button(description="Reset conversation", icon="trash")
+        self.reset_button = w.Button(description="Reset conversation", icon="trash", layout=w.Layout(width="auto"))
         history_box = w.Accordion(children=[w.VBox([self.history, self.reset_button])], titles=("History",),
                                   selected_index=None)
         placed = {"endpoint", *(name for row in _ROWS for name in row)}
@@ -183,6 +192,9 @@ class Panel:
         if self.keys is not None:
             self.keys.on_msg(self._on_keys_message)
         self.endpoint.observe(lambda _: self._endpoint_changed(), names="value")
+        # a cell shown by Copy as cell follows the fields: it never shows a call the panel would not send
+        for control in (*self.controls.values(), self.prompt, self.compare_mode, self.compare_endpoints):
+            control.observe(lambda _: self._refresh_copied(), names="value")
 
         rows = [w.HBox([c for name in row for c in _labelled(w, settings.BY_NAME[name], self.controls[name])])
                 for row in _ROWS]
@@ -193,7 +205,7 @@ class Panel:
             *rows[2:], more_box,
             w.HBox([self.send_button, self.stop_button, self.clear_button, self.copy_button,
                     *([self.keys] if self.keys is not None else [])]),
-            self.status, self.output, self.cell_text, history_box,
+            self.status, self.output, self.cell_text, history_box, w.HTML(_STYLE),
         ], layout=w.Layout(width="100%", max_width="980px"))
         self.widget.add_class("dbmagic-panel")
         self.refresh_transforms()
@@ -438,7 +450,8 @@ class Panel:
 
     def _set_status(self, text: str, *, error: bool = False) -> None:
         color = "var(--jp-error-color1, #c62828)" if error else "var(--jp-ui-font-color1, inherit)"
-        self.status.value = f'<span style="color:{color}">{"⚠ " if error else ""}{html.escape(text)}</span>'
+        shown = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))  # a message's `code` as code
+        self.status.value = f'<span style="color:{color}">{"⚠ " if error else ""}{shown}</span>'
 
     # -- history and copy ---------------------------------------------------------------------
 
@@ -468,6 +481,16 @@ class Panel:
             at = next(i for i, word in enumerate(argv) if word.startswith("--endpoint="))
             argv[at] = "--compare=" + ",".join(v["endpoint"] for _, v in compared)
         return "%%dbllm " + shlex.join(argv) + "\n" + self.prompt.value.strip()
+
+    def _refresh_copied(self) -> None:
+        """The cell Copy as cell showed, made again from the fields as they are now (hidden when they
+        no longer make a call)."""
+        if self.cell_text.layout.display == "none":
+            return
+        try:
+            self.cell_text.value = self.as_cell()
+        except DbMagicError:
+            self.cell_text.layout.display = "none"
 
     def copy_as_cell(self) -> str:
         """Show the ``%%dbllm`` cell for the current settings and copy it to the clipboard."""

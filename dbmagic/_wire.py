@@ -324,10 +324,10 @@ class Usage:
         return "Usage(" + ", ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ")"
 
     def describe(self) -> str:
-        """``5 → 6 tokens`` (``?`` for a count not reported; ``""`` when none was), with the cache."""
+        """``5 tokens in, 6 out`` (``?`` for a count not reported; ``""`` when none was), with the cache."""
         if not self:
             return ""
-        text = f"{_shown(self.input)} → {_shown(self.output)} tokens"
+        text = f"{_shown(self.input)} tokens in, {_shown(self.output)} out"
         if self.cache_read:
             text += f" ({self.cache_read} from cache)"
         return text

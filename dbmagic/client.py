@@ -1407,7 +1407,7 @@ def _apply_input_transform(transform: Transform, request: dict[str, Any]) -> dic
     except Exception as exc:
         raise TransformError(
             f"transform_input {name!r} raised {exc.__class__.__name__}: {exc}. "
-            "Fix the function (its traceback is above) or run without it.",
+            "Fix the function (its traceback is shown with this message) or run without it.",
             transform=name,
         ) from exc
     if not isinstance(result, dict):
@@ -1426,7 +1426,7 @@ def _apply_output_transform(transform: Transform, value: Any) -> Any:
     except Exception as exc:
         raise TransformError(
             f"transform_output {name!r} raised {exc.__class__.__name__}: {exc}. "
-            "Fix the function (its traceback is above) or run without it.",
+            "Fix the function (its traceback is shown with this message) or run without it.",
             transform=name,
         ) from exc
 

@@ -7,6 +7,8 @@
     │   ├── SettingError             an option's value is refused (the same words from every front end)
     │   ├── TemplateError            the prompt template names something undefined, or is not Jinja2
     │   └── MissingValue             a batch row's template value is missing: the row was not sent
+    ├── NotSent                      a batch row that was not sent: ``.reason`` says why (interrupted, budget)
+    ├── Interrupted                  a batch row stopped while its answer was on its way (the text that came is kept)
     ├── TransformError               a transform_input/transform_output raised or returned the wrong type
     ├── FormatError                  the answer cannot be shown in the format asked for (-f json)
     ├── SchemaError                  the answer does not fit the schema asked for: ``.text`` keeps it
@@ -58,6 +60,22 @@ class TemplateError(ConfigurationError):
 
 class MissingValue(ConfigurationError):
     """A batch row whose template value is missing (None, NaN, NA): it was not sent (``send_missing``)."""
+
+
+class NotSent(DbMagicError):
+    """A batch row that was not sent. ``reason``: ``interrupted`` (Ctrl-C), ``cancelled`` (a
+    background batch's ``cancel()``) or ``budget`` (the batch's budget was reached). (A row with a
+    missing value is a `MissingValue`, one after a refused token an `AuthenticationError`, one after
+    a rate limit that resets only in an hour a `RateLimited`.) ``resume=`` sends it."""
+
+    def __init__(self, message: str, *, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Interrupted(DbMagicError):
+    """A batch row whose answer was on its way when the batch stopped: the row keeps what arrived
+    (a partial `Completion` whose ``error`` this is); ``resume=`` sends it again."""
 
 
 class FormatError(DbMagicError):
@@ -218,14 +236,16 @@ class EndpointTimeout(StatusError):
     ``DEADLINE_EXCEEDED``. The model may have run; the call is not sent again by itself."""
 
     next_step = (
-        "The endpoint ran out of time: ask for fewer tokens (--max-tokens), shorten the prompt, or try again."
+        "The endpoint ran out of time. The request may have run (and been paid for), so dbmagic did not send it "
+        "again: ask for fewer tokens (--max-tokens) or shorten the prompt, then run it again."
     )
 
 
 class ServerError(StatusError):
     next_step = (
-        "The endpoint failed or is scaling up from zero: check its state with "
-        "`%dbllm endpoints` and try again in a minute."
+        "The endpoint failed or is scaling up from zero. The request may have run (a 500 or 502 can come after "
+        "the model did), so dbmagic did not send it again: check its state with `%dbllm endpoints` and run it "
+        "again in a minute."
     )
 
 
@@ -253,7 +273,7 @@ class AnswerCut(TransportError):
     """The answer's body ended before its end. ``.partial`` holds the text that did arrive (and
     ``.completion``, when the client built one, the partial `Completion`)."""
 
-    next_step = "Run the cell again for a whole answer; the text that arrived is kept in .partial."
+    next_step = "What arrived is kept (in a notebook, in _dbllm.text); run the cell again for a whole answer."
 
     def __init__(self, what: str, *, partial: str = "", **kwargs: Any):
         self.partial = partial
@@ -264,7 +284,7 @@ class AnswerCut(TransportError):
 class StreamInterrupted(AnswerCut):
     """A streamed answer stopped before its end. ``.partial`` holds the text that did arrive."""
 
-    next_step = "The text that arrived is kept in .partial; run the cell again for a whole answer."
+    next_step = "What arrived is kept (in a notebook, in _dbllm.text); run the cell again for a whole answer."
 
 
 class BadResponse(RequestError):

@@ -116,6 +116,7 @@ def evaluate(result: Any, scorers: Sequence[Any], expectations: str | Sequence[A
         raise ConfigurationError("Nothing to judge: every row failed or has no answer (see its error column).")
     run = mlflow.genai.evaluate(data=items, scorers=checked)
     found = _found(run.result_df, [s.name for s in checked])
+    _refuse_silent(run.result_df, found, checked)
     if _is_batch(result):
         table = _columns(result, found, checked, len(groups[""]), column, error_column)
     else:
@@ -261,6 +262,20 @@ def _found(result_df: Any, names: list[str]) -> dict[tuple[str, int], dict[str, 
     return found
 
 
+def _refuse_silent(result_df: Any, found: dict[tuple[str, int], dict[str, Any]], scorers: list[Any]) -> None:
+    """A scorer that gave no verdict on any answer failed: say why (MLflow keeps the reason in its
+    result table, and only logs it), rather than return a column of nothing."""
+    for s in scorers:
+        if any(v.get(s.name) is not None for v in found.values()):
+            continue
+        column = f"{s.name}/error_message"
+        reasons = [r for r in (result_df[column].tolist() if column in result_df.columns else []) if r]
+        why = str(reasons[0])[:500] if reasons else "it returned no value"
+        raise ConfigurationError(f"The judge {s.name} gave no verdict on any answer: {why}. Fix the judge (its model, "
+                                 "its credentials), then judge the answers again with dbmagic.evaluate(_dbllm, ...): "
+                                 "they are kept.")
+
+
 def _plain_value(value: Any) -> Any:
     if value is None:
         return None
@@ -329,4 +344,44 @@ def scorers_named(text: str, namespace: Mapping[str, Any]) -> list[Any]:
             raise ConfigurationError(f"--judge {name}: the notebook has no scorer named {name!r}, and MLflow has no "
                                      "built-in scorer of that name. Define it (polite = dbmagic.judge(...)) first.")
         found.append(made())
+    for candidate in found:
+        check_judge_model(candidate)
     return found
+
+
+# what each of MLflow's judge model providers needs to be reached, as MLflow's own judges read it
+_PROVIDER_KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY",
+                  "mistral": "MISTRAL_API_KEY"}
+
+
+def check_judge_model(candidate: Any) -> None:
+    """Refuse, before anything is sent, one of MLflow's LLM judges whose model it cannot reach here:
+    its own ``model``, else MLflow's default (``databricks`` on a Databricks tracking server,
+    ``openai:/gpt-4.1-mini`` elsewhere), saying which model and how to give it another."""
+    import os
+
+    from mlflow.genai.scorers import Scorer
+
+    if not isinstance(candidate, Scorer) or not hasattr(candidate, "model") or type(candidate).__module__.startswith(
+            "dbmagic"):
+        return
+    model = getattr(candidate, "model", None)
+    if model is None:
+        from mlflow.genai.judges.utils import get_default_model
+
+        model = get_default_model()
+    provider = str(model).split(":", 1)[0]
+    name = getattr(candidate, "name", type(candidate).__name__)
+    fix = (f"Make it in the notebook with a model MLflow reaches, e.g. {name.lower()} = {type(candidate).__name__}"
+           f"(model=\"databricks:/databricks-claude-sonnet-4-5\") and --judge {name.lower()}, or use "
+           "dbmagic.judge(question, endpoint=...) (any target dbmagic reaches).")
+    if model == "databricks":
+        import mlflow
+        from mlflow.utils.uri import is_databricks_uri
+
+        if not is_databricks_uri(mlflow.get_tracking_uri()):
+            raise ConfigurationError(f"--judge {name} judges with Databricks' managed judge model ('databricks'), "
+                                     "which MLflow reaches only with a Databricks tracking server. " + fix)
+    elif provider in _PROVIDER_KEYS and not os.environ.get(_PROVIDER_KEYS[provider]):
+        raise ConfigurationError(f"--judge {name} judges with {model!r} (MLflow's default off Databricks, or its "
+                                 f"own), and {_PROVIDER_KEYS[provider]} is not set. " + fix)

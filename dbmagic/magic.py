@@ -57,7 +57,7 @@ from traitlets import Bool, TraitError, TraitType, Undefined, Unicode, validate
 
 from . import _cell, settings, tracing
 from ._notebook import Notebook
-from .errors import DbMagicError, SettingError, TransformError
+from .errors import DbMagicError, SettingError, TransformError, error_of
 from .render import extract_code
 from .templating import RegistryTemplate, Template
 
@@ -106,6 +106,11 @@ class SettingTrait(TraitType):
 
     def make_dynamic_default(self) -> Any:
         return settings.coerce(self.setting.name, None)  # a fresh [] or {}
+
+    def _validate(self, obj: Any, value: Any) -> Any:
+        if value is None and self.allow_none:  # traitlets takes None without asking validate: a repair too
+            obj.__dict__.setdefault("refused_settings", {}).pop(self.setting.name, None)
+        return super()._validate(obj, value)
 
     def validate(self, obj: Any, value: Any) -> Any:
         refused = obj.__dict__.setdefault("refused_settings", {})
@@ -249,11 +254,13 @@ class DbLLM(_Options):
             raise UsageError(str(exc)) from None
         except DbMagicError as exc:
             raise UsageError(str(exc)) from None
+        finally:  # a traced cell's traces are readable in the next cell (MLflow writes them in the background)
+            tracing.flush()
 
     # -- the adapter ---------------------------------------------------------------------------
 
     def _run(self, line: str, cell: str | None) -> None:
-        command = _subcommand(line) if cell is None else None
+        command = _subcommand(without_comment(line)) if cell is None else None
         if command is not None:
             return getattr(self, f"_cmd_{command[0]}")(command[1])
         argv, prompt = split_options(line)
@@ -299,11 +306,17 @@ class DbLLM(_Options):
         namespace, client = Notebook(self.shell.user_ns), get_client()
         rich = type(self.shell).__name__ != "TerminalInteractiveShell"
         compared = _compare.cells(values, axes)
+        judges = self._judges(values)  # resolved, and able to run, before anything is sent
         if values["over"]:  # one answer column (and one error column) per compared call
             from ._batch import is_frame
 
-            results = {label: self._over(cell_values, settings.spec_from(cell_values), template, client, rich,
-                                         store=False) for label, cell_values in compared}
+            results = {}
+            for label, cell_values in compared:
+                results[label] = self._over(cell_values, settings.spec_from(cell_values), template, client, rich,
+                                            store=False)
+                if results[label].interrupted:  # Ctrl-C: the columns so far are kept, the cell fails
+                    namespace[_cell.LAST] = results
+                    raise KeyboardInterrupt
             rows, output = namespace[values["over"]], results
             if is_frame(rows):
                 output = rows.copy()
@@ -311,10 +324,15 @@ class DbLLM(_Options):
                     output[f"{values['column']}:{label}"] = result.values
                     output[f"error:{label}"] = result.errors
             namespace[_cell.LAST] = results
-            if values["judge"]:
-                output = self._judged(values, results)
             if values["output"]:
                 namespace[values["output"]] = output
+            for label, result in results.items():
+                _fail_if_nothing(result, values, f"--over {values['over']} ({label})",
+                                 every=all(len(r.failed) == len(r) for r in results.values()))
+            if judges:
+                output = self._judged(values, results, judges)
+                if values["output"]:
+                    namespace[values["output"]] = output
             return None
         if values["dry_run"]:
             for label, cell_values in compared:
@@ -322,10 +340,18 @@ class DbLLM(_Options):
                 _cell.dry_run(settings.spec_from(cell_values), template, namespace, client, rich=rich)
             return None
         result = _compare.run(compared, template, namespace, client, repeat=values["repeat"], rich=rich)
-        if values["judge"]:
-            self._judged(values, result)
         if values["output"]:
             namespace[values["output"]] = result
+        failed = {label: error_of(v) if v is not None else DbMagicError("not run") for label, v in result.items()
+                  if v is None or error_of(v) is not None}
+        if failed and (len(failed) == len(result) or values["fail_on_error"]):
+            label, error = next(iter(failed.items()))
+            every = len(failed) == len(result)
+            raise UsageError(f"{'Every' if every else len(failed)} compared call{'' if len(failed) == 1 else 's'} "
+                             f"failed{'' if every else ' and --fail-on-error is on'} ({len(failed)} of {len(result)}; "
+                             f"the table above shows each): {label}: {error}")
+        if judges:
+            self._judged(values, result, judges)
         return None
 
     def _template(self, version: Any, body: str, one_line: bool, raw: bool = False,
@@ -360,7 +386,7 @@ class DbLLM(_Options):
         client = get_client()
         rich = type(self.shell).__name__ != "TerminalInteractiveShell"
         if values["over"]:
-            return self._over(values, spec, template, client, rich)
+            return self._over(values, spec, template, client, rich, judges=self._judges(values))
         if values["dry_run"]:
             _cell.dry_run(spec, template, namespace, client, rich=rich)
             return None
@@ -372,15 +398,19 @@ class DbLLM(_Options):
         return None
 
     def _over(self, values: dict[str, Any], spec: Any, template: str | Template, client: Any, rich: bool,
-              store: bool = True) -> Any:
+              store: bool = True, judges: list[Any] | None = None) -> Any:
         """``--over VAR``: the template once per row of a DataFrame or list, as `dbmagic.batch`
-        (``store=False``: return the `BatchResult` rather than keep it in the notebook)."""
+        (``store=False``: return the `BatchResult` rather than keep it in the notebook); a Spark
+        DataFrame's rows on its executors, as `dbmagic.spark.complete`."""
         namespace, name = Notebook(self.shell.user_ns), values["over"]
         if name not in namespace:
             raise UsageError(f"--over {name}: the notebook has no variable {name!r}. Name a DataFrame or a list.")
         if spec.chat:
             raise UsageError("--over sends each row on its own, so there is no conversation: drop --chat.")
         rows = namespace[name]
+        checkpoint = path_value(values["checkpoint"], namespace, "--checkpoint")
+        if _is_spark(rows):
+            return self._over_spark(values, spec, template, rows, client, store)
         if values["dry_run"]:  # how many rows, about how many tokens, and the first row's request
             from ._batch import estimate, row_contexts
 
@@ -400,7 +430,7 @@ class DbLLM(_Options):
                              "batch's result() with dbmagic.evaluate when it is done.")
         result, frame = _cell.run_batch(spec, template, rows, namespace, client, concurrency=values["concurrency"],
                                         column=values["column"], send_missing=values["send_missing"],
-                                        checkpoint=values["checkpoint"], shared_checkpoint=values["shared_checkpoint"],
+                                        checkpoint=checkpoint, shared_checkpoint=values["shared_checkpoint"],
                                         max_tokens_total=values["max_tokens_total"],
                                         max_cost=values["max_cost"], background=background)
         if background:  # the handle: its progress shows in this cell while other cells run
@@ -414,20 +444,68 @@ class DbLLM(_Options):
         if not store:
             return result
         namespace[_cell.LAST] = result
-        if values["judge"]:
-            frame = self._judged(values, result)
         if values["output"]:
             namespace[values["output"]] = frame if frame is not None else result
+        if result.interrupted:  # Ctrl-C: what arrived is kept (above), and the cell fails, so Run All stops
+            raise KeyboardInterrupt
+        _fail_if_nothing(result, values, f"--over {name}")
+        if judges:
+            frame = self._judged(values, result, judges)
+            if values["output"]:
+                namespace[values["output"]] = frame
         return None
 
-    def _judged(self, values: dict[str, Any], result: Any) -> Any:
-        """``--judge``: ``result`` (a batch's, or a comparison's) judged by the named scorers, shown."""
+    def _over_spark(self, values: dict[str, Any], spec: Any, template: str | Template, sdf: Any, client: Any,
+                    store: bool) -> Any:
+        """``--over`` a Spark DataFrame: `dbmagic.spark.complete` on its executors, cached and
+        counted here, so the answers are computed now, once (a Spark DataFrame is lazy)."""
+        import dbmagic.spark
+
+        if isinstance(template, RegistryTemplate):
+            raise UsageError("--over a Spark DataFrame takes the cell's own template: copy the registry prompt's text "
+                             "into the cell.")
+        if values["judge"] or values["checkpoint"] or values["background"] or values["max_tokens_total"] \
+                or values["max_cost"] or not store:
+            raise UsageError("--over a Spark DataFrame runs dbmagic.spark.complete, which takes no --judge, "
+                             "--checkpoint, --background, budget or comparison: collect a sample to pandas for those "
+                             "(--over sample with sample = df.limit(100).toPandas()).")
+        options, t_out = _cell.call_options(spec, Notebook(self.shell.user_ns))
+        endpoint = options.pop("endpoint")
+        source = template.source if isinstance(template, Template) else template
+        column, error = values["column"], "error"
+        out = dbmagic.spark.complete(sdf, source, endpoint, output_col=column, error_col=error, client=client,
+                                     transform_output=t_out, timeout=spec.timeout, send_missing=values["send_missing"],
+                                     **options).cache()
+        total = out.count()  # the job runs here, once; the cache keeps its answers for what follows
+        failed = out.filter(out[error].isNotNull()).count()
+        namespace = Notebook(self.shell.user_ns)
+        namespace[_cell.LAST] = out
+        if values["output"]:
+            namespace[values["output"]] = out
+        print(f"{total} rows on Spark: {total - failed} answered, {failed} failed (the result is cached: "
+              f"{values['output'] or _cell.LAST}.select(...), .write.saveAsTable(...)).")
+        if total and (failed == total or (failed and values["fail_on_error"])):
+            first = out.filter(out[error].isNotNull()).select(error).first()[0]
+            raise UsageError(f"{'Every row' if failed == total else f'{failed} of {total} rows'} of --over "
+                             f"{values['over']} failed{'' if failed == total else ' and --fail-on-error is on'}; "
+                             f"the first: {first}")
+        return None
+
+    def _judges(self, values: dict[str, Any]) -> list[Any] | None:
+        """The scorers ``--judge`` names, resolved and checked before anything is sent."""
+        if not values["judge"]:
+            return None
+        from . import judging
+
+        return judging.scorers_named(values["judge"], Notebook(self.shell.user_ns))
+
+    def _judged(self, values: dict[str, Any], result: Any, judges: list[Any]) -> Any:
+        """``--judge``: ``result`` (a batch's, or a comparison's) judged by ``judges``, shown."""
         from IPython.display import display
 
         from . import judging
 
-        judged = judging.evaluate(result, judging.scorers_named(values["judge"], Notebook(self.shell.user_ns)),
-                                  expectations=values["expect"])
+        judged = judging.evaluate(result, judges, expectations=values["expect"])
         display(judged)
         return judged
 
@@ -535,6 +613,44 @@ class DbLLM(_Options):
             _show_table(["", ""], rows, header=False)
 
 
+def _fail_if_nothing(result: Any, values: dict[str, Any], what: str, every: bool | None = None) -> None:
+    """A batch whose every row failed fails the cell (Run All and Jobs stop), naming the commonest
+    failure and its count; so does one with any failed row under ``--fail-on-error``."""
+    failed = result.failed
+    every = len(failed) == len(result) if every is None else every
+    if not failed or not (every or values["fail_on_error"]):
+        return
+    kinds = result.failures
+    kind, count = next(iter(kinds.items()))
+    first = next(str(error_of(result[i])) for i in failed
+                 if _batch_kind(error_of(result[i])) == kind)
+    how = "failed" if every else "failed and --fail-on-error is on"
+    raise UsageError(f"{'Every row' if every else f'{len(failed)} of {len(result)} rows'} of {what} {how} "
+                     f"({', '.join(f'{n} {k}' for k, n in kinds.items())}). The commonest, {count} times: {first}")
+
+
+def _batch_kind(error: Any) -> str:
+    from ._batch import failure_kind
+
+    return failure_kind(error)
+
+
+def _is_spark(rows: Any) -> bool:
+    """A Spark DataFrame (classic or Connect), without importing pyspark."""
+    return type(rows).__module__.startswith("pyspark.sql") and hasattr(rows, "mapInPandas")
+
+
+def path_value(value: str | None, namespace: Any, option: str) -> str | None:
+    """A path given to an option, with ``{{ name }}`` filled from the notebook as in the cell body
+    (``--checkpoint /Volumes/main/default/work/{{ run }}``)."""
+    if not value or "{" not in value:
+        return value
+    filled = Template(value).render(namespace, where="in the notebook")
+    if "{" in filled:
+        raise UsageError(f"{option} {value!r}: a path cannot hold {{ or }} once its {{{{ }}}} names are filled.")
+    return filled
+
+
 def _last_row(item: Any) -> list[str]:
     """endpoint, served model, finish, latency, tokens and error of one call's outcome."""
     if isinstance(item, Exception):
@@ -606,15 +722,17 @@ def split_options(line: str) -> tuple[list[str], str]:
     argv: list[str] = []
     expecting_value = False
     for start, end in _word_spans(line):
+        if line[start] == "#":  # a comment, as in Python: the rest of the line
+            return argv, ""
         try:
             (word,) = shlex.split(line[start:end])
         except ValueError:  # an unbalanced quote: it belongs to the prompt
-            return argv, line[start:].strip()
+            return argv, prompt_without_comment(line[start:])
         if expecting_value:
             argv.append(word)
             expecting_value = False
         elif word == "--":
-            return argv, line[end:].strip()
+            return argv, prompt_without_comment(line[end:])
         elif word.split("=", 1)[0] in _FLAGS:
             # argparse drops a value that is exactly "--" (`--stop=--`): it travels as _DASHES
             argv.append(word[:-2] + _DASHES if word.endswith("=--") else word)
@@ -623,8 +741,22 @@ def split_options(line: str) -> tuple[list[str], str]:
             raise UsageError(f"Unknown option {word.split('=', 1)[0]!r} (see %%dbllm?). "
                              "If the prompt starts with it, put -- before the prompt.")
         else:
-            return argv, line[start:].strip()
+            return argv, prompt_without_comment(line[start:])
     return argv, ""
+
+
+_PROMPT_COMMENT = re.compile(r"\s{2,}#.*$")
+
+
+def prompt_without_comment(prompt: str) -> str:
+    """A one-line prompt without a trailing comment: two spaces or more, then ``#`` (Python's style
+    for a comment after code), so a ``#`` of the prompt itself stays (``C#``, ``tag #1``)."""
+    return _PROMPT_COMMENT.sub("", prompt).strip()
+
+
+def without_comment(line: str) -> str:
+    """A subcommand's line without its comment: ``#`` after white space ends it (``%dbllm whoami  # who``)."""
+    return re.sub(r"(^|\s)#.*$", "", line).strip()
 
 
 def _word_spans(line: str) -> Iterator[tuple[int, int]]:

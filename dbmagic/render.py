@@ -53,9 +53,11 @@ def bundle(value: Any, fmt: str, *, rich: bool = True) -> dict[str, Any]:
     if not isinstance(value, str):
         try:
             pretty = json.dumps(value, indent=2, ensure_ascii=False)
-        except (TypeError, ValueError):
-            return {"text/plain": repr(value)}
-        return {"application/json": _jsonable(value), "text/plain": pretty} if rich else {"text/plain": pretty}
+        except (TypeError, ValueError, RecursionError):
+            return {"text/plain": repr(value)[:100_000]}
+        # a table (or JSON as code) in Markdown, which every front end renders as such: JupyterLab ranks
+        # application/json above Markdown and would show a collapsible tree (the value is in _dbllm)
+        return {"text/markdown": _table(value)[1], "text/plain": pretty} if rich else {"text/plain": pretty}
     if not rich or fmt == "text":
         return {"text/plain": value}
     if fmt == "markdown":
@@ -65,7 +67,8 @@ def bundle(value: Any, fmt: str, *, rich: bool = True) -> dict[str, Any]:
         return {"text/markdown": f"```{language}\n{code}\n```", "text/plain": code}
     if fmt == "json":
         data = parse_json(value)
-        return {"application/json": _jsonable(data), "text/plain": json.dumps(data, indent=2, ensure_ascii=False)}
+        pretty = json.dumps(data, indent=2, ensure_ascii=False)
+        return {"text/markdown": f"```json\n{pretty}\n```", "text/plain": pretty}
     if fmt == "html":
         return {"text/html": value, "text/plain": value}
     raise FormatError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
@@ -110,10 +113,7 @@ def answer_bundle(completion: Any, fmt: str, *, rich: bool = True,
     plain = "\n\n".join(p for p in parts_text if p)
     if not rich:
         return {"text/plain": plain}
-    out = {"text/markdown": "\n\n".join(p for p in parts_md if p), "text/plain": plain}
-    if data is not None:
-        out["application/json"] = _jsonable(data)
-    return out
+    return {"text/markdown": "\n\n".join(p for p in parts_md if p), "text/plain": plain}
 
 
 def _is_data(value: Any) -> bool:
@@ -163,11 +163,6 @@ def _encodable(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _jsonable(value: Any) -> Any:
-    # front ends render application/json only for objects and arrays
-    return value if isinstance(value, (dict, list)) else {"value": value}
-
-
 def output_metadata(completion: Any) -> dict[str, Any]:
     """What a notebook user can audit about an answer, stored in the output's metadata."""
     return {"dbmagic": {
@@ -178,6 +173,9 @@ def output_metadata(completion: Any) -> dict[str, Any]:
         "latency_ms": completion.latency_ms,
         "request_id": completion.request_id,
         **({"cached": True} if getattr(completion, "cached", False) else {}),  # answered by the cache, not sent
+        # an answer as data (a schema's value): kept here as JSON, as in _dbllm, while the cell shows a table
+        **({"value": _data(completion.value)} if getattr(completion, "schema", None) is not None
+           and _is_data(completion.value) else {}),
     }}
 
 

@@ -297,6 +297,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shared_checkpoint", bool, False, "with --checkpoint, the folder is shared on purpose: the answers "
             "other users wrote there are used too (by default only your own are)", ("--shared-checkpoint",),
             scope="cell"),
+    Setting("fail_on_error", bool, False, "with --over or a comparison, fail the cell when any row or compared call "
+            "failed (as ai_query's failOnError); without it a cell fails only when every one failed",
+            ("--fail-on-error",), scope="cell"),
     Setting("judge", str, None, "judge the answers of --over or a comparison with these MLflow scorers, "
             "comma-separated: the notebook's (dbmagic.judge(...), @scorer functions) or MLflow's built-ins "
             "(Safety)", ("--judge",), rule=_names_list, metavar="A,B", scope="cell"),

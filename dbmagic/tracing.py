@@ -42,7 +42,7 @@ from .errors import ConfigurationError, first_line
 if TYPE_CHECKING:
     from .client import Call, Completion, PreparedRequest
 
-__all__ = ["autolog", "enabled", "register_prompt", "load_prompt", "list_prompts", "prompt_settings", "rows_of"]
+__all__ = ["autolog", "enabled", "flush", "register_prompt", "load_prompt", "list_prompts", "prompt_settings", "rows_of"]
 
 log = logging.getLogger("dbmagic")
 _INSTALL = "Tracing and the prompt registry need MLflow: pip install 'dbmagic[mlflow]' (or mlflow-skinny)."
@@ -67,6 +67,18 @@ def autolog(disable: bool = False) -> None:
 def enabled() -> bool:
     """Whether every call is traced: the tracing subscriber is subscribed."""
     return _TRACER in hooks.GLOBAL.all()
+
+
+def flush() -> None:
+    """Write now what MLflow writes in the background (`mlflow.flush_trace_async_logging`), so the
+    traces of a cell or a batch that just ended are readable at once (``mlflow.search_traces``);
+    nothing when tracing is off."""
+    if not enabled():
+        return
+    try:
+        _mlflow().flush_trace_async_logging()
+    except Exception as exc:  # the traces are MLflow's to keep; a failure to flush them never fails a cell
+        log.warning("dbmagic could not flush MLflow's traces: %s", first_line(exc))
 
 
 def describe() -> str:

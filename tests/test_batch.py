@@ -44,7 +44,7 @@ def test_answers_keep_the_input_order(workspace, fast):
     assert result.texts == [f"Echo: Say row {i}" for i in range(12)]
     assert result.failed == [] and result.missing == []
     assert result.usage == dbmagic.Usage(input=36, output=48, total=84)
-    assert re.match(r"12 rows in \d+\.\d s \(\d+\.\d rows/s\): 12 answered, 0 failed, 36 → 48 tokens\.$", result.summary())
+    assert re.match(r"12 rows in \d+\.\d s \(\d+\.\d rows/s\): 12 answered, 0 failed, 36 tokens in, 48 out\.$", result.summary())
 
 
 def test_rows_run_concurrently_up_to_the_cap(workspace, fast):
@@ -120,8 +120,10 @@ def test_ctrl_c_keeps_the_answers_on_their_way_and_resume_sends_only_the_rest(wo
     assert first.interrupted
     assert returned - started < 1.4  # it waited for the pair in flight (due at 1.0 s), and sent no third
     done = [i for i, text in enumerate(first.texts) if text]
-    assert done == [0, 1, 2, 3] and first.missing == list(range(4, 12)) and first.failed == []
-    assert "8 not sent (interrupted)" in first.summary()
+    assert done == [0, 1, 2, 3] and first.missing == list(range(4, 12)) == first.failed  # each says why
+    assert "8 failed (8 not sent (interrupted))" in first.summary()
+    assert all(e.startswith(f"Row {i} was not sent: the batch was interrupted (Ctrl-C) first")
+               for i, e in enumerate(first.errors) if i >= 4)
     assert "keeping the 2 answers on the way for up to 2 s" in capsys.readouterr().out
     time.sleep(0.4)  # the requests that were on their way when Ctrl-C came land before the log is cleared
     workspace.requests.clear()
@@ -237,7 +239,7 @@ def test_over_prints_one_summary_line_and_dry_run_shows_the_first_row(shell, wor
     assert invocations(workspace, CHAT) == []
     shell.run_cell_magic("dbllm", f"-e {CHAT} --over texts", "About {{ row }}")
     out = capsys.readouterr().out
-    assert re.search(r"^2 rows in \d+\.\d s \(\d+\.\d rows/s\): 2 answered, 0 failed, .* tokens\.$", out, re.M)
+    assert re.search(r"^2 rows in \d+\.\d s \(\d+\.\d rows/s\): 2 answered, 0 failed, \d+ tokens in, \d+ out\.$", out, re.M)
 
 
 def test_a_column_or_variable_named_self_fills_the_template_like_any_other(shell, workspace, fast):

@@ -34,6 +34,7 @@ SAMPLES = {
     "max_steps": 3,
     "max_tool_runs": 7,
     "shared_checkpoint": True,
+    "fail_on_error": True,
     "max_answer_mb": 2.5,
 }
 TRANSFORMS = ("def shout(value):\n    return value.upper()\n"
