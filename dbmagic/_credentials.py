@@ -236,15 +236,20 @@ def resolve_credentials(
     token: str | None = None,
     profile: str | None = None,
     *,
+    client_id: str | None = None,
+    client_secret: Any = None,
     environ: Mapping[str, str] | None = None,
 ) -> Credentials:
-    """Find the workspace, trying each source in order; raise one error listing them all."""
+    """Find the workspace, trying each source in order; raise one error listing them all.
+    ``client_id`` and ``client_secret`` (with ``host``) sign in as a service principal (OAuth M2M)."""
     token = Secret(token.strip() if isinstance(token, str) else reveal(token).strip()) if token else None
     env = _Environment(os.environ if environ is None else environ)
     tried: list[str] = []
 
     # 1. explicit arguments
-    if host or token:
+    if client_id or client_secret:
+        found = _service_principal(host, token, client_id, client_secret)
+    elif host or token:
         if not (host and token):
             missing = "token=" if host else "host="
             raise ConfigurationError(f"Pass both host= and token= (or neither); {missing} is missing. {_FIX}")
@@ -275,6 +280,28 @@ def resolve_credentials(
     _log.debug("credentials: %s for %s (%s)%s", credentials.source, credentials.host, credentials.auth_type,
                "; skipped: " + "; ".join(credentials.skipped) if credentials.skipped else "")
     return credentials
+
+
+def _service_principal(host: str | None, token: Any, client_id: str | None, client_secret: Any) -> Credentials:
+    """A service principal given in code: ``host``, ``client_id`` and ``client_secret`` (OAuth M2M,
+    through databricks-sdk, which refreshes its tokens)."""
+    if token:
+        raise ConfigurationError("Give a token or a service principal's client_id= and client_secret=, not both.")
+    missing = [name for name, value in (("host=", host), ("client_id=", client_id), ("client_secret=", client_secret))
+               if not value]
+    if missing:
+        raise ConfigurationError(f"A service principal signs in with host=, client_id= and client_secret=; "
+                                 f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing.")
+    secret = Secret(client_secret)
+    declined = None
+    try:
+        return _sdk("explicit arguments (service principal)", normalize_host(host),
+                    {"client_id": client_id, "client_secret": secret.reveal(), "auth_type": "oauth-m2m"}, [secret])
+    except _Declined as exc:
+        declined = str(exc)
+    raise ConfigurationError(f"The service principal {client_id!r} could not sign in: {declined}. Check its client "
+                             "id and secret (an OAuth secret of the service principal, in the workspace or the "
+                             "account console).")
 
 
 def _with_environment_extras(found: Credentials, env: Mapping[str, str], skipped: tuple[str, ...]) -> Credentials:

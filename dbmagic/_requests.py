@@ -136,19 +136,26 @@ class _RequestsBody:
             waited = self._sock()
             if waited is not None:
                 waited.settimeout(min(left, waited.gettimeout() or left))
+        failure: BaseException
         try:
             # read1, not iter_content: the latter waits for a full buffer on close-delimited bodies;
             # decoded (gzip), at most `size` bytes a read however much a compressed chunk expands
             return raw.read1(size, decode_content=True)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("the call's timeout passed") from None
-            if "IncompleteRead" in repr(exc):  # a Content-Length or chunk the connection closed before
-                raise ConnectionError("the body ended before its length (IncompleteRead)") from None
-            raise ConnectionError(exc.__class__.__name__) from None
+                failure = TimeoutError("the call's timeout passed")
+            elif "IncompleteRead" in repr(exc):  # a Content-Length or chunk the connection closed before
+                failure = ConnectionError("the body ended before its length (IncompleteRead)")
+            else:
+                failure = ConnectionError(exc.__class__.__name__)
         except KeyboardInterrupt:
-            pass  # raised afresh below, outside the handler (see clean_interrupt)
-        raise clean_interrupt()
+            failure = clean_interrupt()
+        # raised here, outside the handler: no __context__ keeps urllib3's frames (and the connection's
+        # socket) alive in a row's kept error; the broken connection is closed now
+        del raw
+        self.abort()
+        self.close()
+        raise failure
 
     def read_all(self, limit: int | None = None, deadline: float | None = None) -> bytes:
         return read_all(self, limit, deadline)

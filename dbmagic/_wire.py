@@ -395,6 +395,16 @@ class Parsed:
     finish_reason: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
     reply: Any = None
+    choices: list[str] = field(default_factory=list)  # every answer's text, when ``n`` asked for several
+
+
+def _choice_texts(kind: str, choices: Any) -> list[str]:
+    """The text of each choice of a chat or completions answer, in ``index`` order."""
+    found = [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+    found.sort(key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0)
+    if kind == CHAT:
+        return [_content_text((c.get("message") or {}).get("content")) for c in found]
+    return [str(c.get("text") or "") for c in found]
 
 
 def parse_response(kind: str, data: Any) -> Parsed:
@@ -412,8 +422,9 @@ def parse_response(kind: str, data: Any) -> Parsed:
                          **({"tool_calls": message["tool_calls"]} if calls else {})}
             else:
                 text = choice.get("text") or ""
+            texts = _choice_texts(kind, data["choices"])
             return Parsed(text, text, Usage.from_wire(data.get("usage")), data.get("model"), choice.get("finish_reason"),
-                          calls, reply)
+                          calls, reply, texts if len(texts) > 1 else [])
         if kind == RESPONSES:
             output = data["output"]
             text = "".join(_output_text(item) for item in output)
@@ -457,9 +468,16 @@ class ChunkReader:
 
     def __init__(self) -> None:
         self._items_with_deltas: set[Any] = set()
+        self._others: dict[int, list[str]] = {}  # the text of each choice past the first (n > 1), by index
         self._chat_calls: dict[int, dict[str, Any]] = {}  # index -> {"id", "type", "function": {"name", "arguments"}}
         self._items: list[dict[str, Any]] = []  # Responses output items, whole (output_item.done)
         self._completed: list[Any] | None = None  # response.completed's output
+
+    def choices(self, first: str) -> list[str]:
+        """Every answer's text when ``n`` asked for several (``first``: the one that streamed), else []."""
+        if not self._others:
+            return []
+        return [first, *("".join(self._others.get(i, ())) for i in range(1, max(self._others) + 1))]
 
     def tool_calls(self) -> list[ToolCall]:
         """The tool calls the streamed answer asked for (chat deltas joined; Responses items)."""
@@ -491,15 +509,22 @@ class ChunkReader:
             return self._responses_event(kind, data), usage, "stop" if kind == "response.completed" else None
         choices = data.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            choice = choices[0]
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                text = _content_text(delta.get("content"))
-                if isinstance(delta.get("tool_calls"), list):
-                    self._tool_call_deltas(delta["tool_calls"])
-            else:
-                text = choice.get("text") or ""
-            return (text if isinstance(text, str) else ""), usage, choice.get("finish_reason")
+            shown, finish = "", None
+            for choice in (c for c in choices if isinstance(c, dict)):
+                index = choice.get("index") if isinstance(choice.get("index"), int) else 0
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    text = _content_text(delta.get("content"))
+                    if index == 0 and isinstance(delta.get("tool_calls"), list):
+                        self._tool_call_deltas(delta["tool_calls"])
+                else:
+                    text = choice.get("text") or ""
+                text = text if isinstance(text, str) else ""
+                if index == 0:  # the first answer streams; the others (n > 1) are kept for the end
+                    shown, finish = text, choice.get("finish_reason")
+                else:
+                    self._others.setdefault(index, []).append(text)
+            return shown, usage, finish
         delta = data.get("delta")
         if isinstance(delta, dict):
             return _content_text(delta.get("content")), usage, None

@@ -238,6 +238,7 @@ class PreparedRequest:
 class Completion:
     """One answer.
 
+    ``choices`` holds every answer's text when ``n`` asked for several (``text`` is the first).
     ``value`` is what ``transform_output`` returned (else the natural value: the text for chat and
     completions, the vectors for embeddings, ``predictions[0]`` for custom models, the JSON value for
     proxy apps); ``text`` is the answer as text; ``raw`` the parsed JSON the server sent (for a
@@ -277,6 +278,8 @@ class Completion:
     schema: Any = field(default=None, repr=False, compare=False)  # the dbmagic.schema.Schema the value fits
     where: str = _wire.SERVING  # serving endpoint, model service, app or driver-proxy app
     cached: bool = False  # answered from the ledger (a checkpoint, the cache): not sent, not paid again
+    # every answer's text when ``n`` asked for several (the first is ``text``); [] for one answer
+    choices: list[str] = field(default_factory=list, repr=False)
     # the answer's own value, before a schema and transform_output read it (what the ledger keeps)
     natural: Any = field(default=None, repr=False, compare=False)
 
@@ -328,7 +331,8 @@ def _brief(value: Any, limit: int = 120) -> str:
 class Client:
     """Talks to Databricks Model Serving endpoints and cluster driver-proxy apps.
 
-    Credentials are found in this order: ``host=``/``token=`` (or ``profile=``), the Databricks
+    Credentials are found in this order: ``host=``/``token=`` (or ``profile=``, or a service
+    principal's ``host=``, ``client_id=`` and ``client_secret=``: OAuth M2M), the Databricks
     notebook context, ``DATABRICKS_HOST``/``DATABRICKS_TOKEN``, then ``~/.databrickscfg``. They are
     resolved on first use; ``client.credentials.source`` says which one was used.
 
@@ -343,6 +347,8 @@ class Client:
         token: str | None = None,
         *,
         profile: str | None = None,
+        client_id: str | None = None,
+        client_secret: str | None = None,
         credentials: Credentials | None = None,
         timeouts: Timeouts = Timeouts(),
         retry: RetryPolicy = RetryPolicy(),
@@ -352,7 +358,9 @@ class Client:
         handler: Handler | None = None,
     ):
         token = Secret(token) if token else None  # from here on no frame holds it as a plain str
+        client_secret = Secret(client_secret) if client_secret else None
         self._explicit = (host, token, profile)
+        self._service_principal = (client_id, client_secret)
         self._credentials = credentials
         self._lock = threading.Lock()
         self._endpoints: dict[str, EndpointInfo] = {}
@@ -380,7 +388,9 @@ class Client:
             with self._lock:
                 if self._credentials is None:
                     host, token, profile = self._explicit
-                    self._credentials = resolve_credentials(host, token, profile)
+                    client_id, client_secret = self._service_principal
+                    self._credentials = resolve_credentials(host, token, profile, client_id=client_id,
+                                                            client_secret=client_secret)
         return self._credentials
 
     @property
@@ -1206,7 +1216,8 @@ class Call:
         calls = [_wire.ToolCall.read(c.id, scrub(c.name, secrets), scrub(c.raw_arguments, secrets))
                  for c in reader.tool_calls()]  # their arguments came in pieces too
         reply = scrub_value(reader.reply(kind, self.text), secrets) if kind in _wire.CONVERSATIONAL else None
-        self._answer = (_wire.Parsed(self.text, self.text, usage, model, finish, calls, reply), last)
+        choices = [scrub(c, secrets) for c in reader.choices(self.text)]
+        self._answer = (_wire.Parsed(self.text, self.text, usage, model, finish, calls, reply, choices), last)
 
     def _flush_scrubber(self) -> str:
         """What the stream scrubber held back (the stream ended, was cut or stopped), secrets masked."""
@@ -1255,6 +1266,7 @@ class Call:
             schema=prepared.schema,
             where=prepared.where,
             natural=parsed.value,
+            choices=list(parsed.choices),
         )
         if refused is not None:
             refused.completion = completion
@@ -1358,6 +1370,10 @@ def _apps_login(base: Credentials) -> tuple[Callable[[], Mapping[str, str]] | No
         if _JWT.fullmatch(base.token.reveal()):  # an OAuth access token given as the token (`databricks auth token`)
             return base.headers, "the OAuth access token given as the token"
         return None, "a personal access token"
+    if base.auth_type == "metadata-service" and _JWT.fullmatch(base.token.reveal()):
+        # the VS Code extension's metadata service hands out the OAuth access token of its own login
+        # (databricks-sdk's oauth_token() does not ask it), a JWT, which an app takes as it is
+        return base.headers, "the VS Code extension's OAuth token"
     if base._oauth_token is None:
         return None, f"a {base.auth_type} login"
     try:
@@ -1505,6 +1521,8 @@ def configure(host: str | None = None, token: str | None = None, *, profile: str
     """
     global _default
     token = Secret(token) if token else None  # no frame holds it as a plain str (Verbose tracebacks)
+    if client_options.get("client_secret"):
+        client_options["client_secret"] = Secret(client_options["client_secret"])
     with _default_lock:
         old, _default = _default, Client(host, token, profile=profile, **client_options)
     if old is not None:

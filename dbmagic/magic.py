@@ -347,9 +347,9 @@ class DbLLM(_Options):
         if failed and (len(failed) == len(result) or values["fail_on_error"]):
             label, error = next(iter(failed.items()))
             every = len(failed) == len(result)
-            raise UsageError(f"{'Every' if every else len(failed)} compared call{'' if len(failed) == 1 else 's'} "
-                             f"failed{'' if every else ' and --fail-on-error is on'} ({len(failed)} of {len(result)}; "
-                             f"the table above shows each): {label}: {error}")
+            head = "Every compared call failed" if every else (
+                f"{len(failed)} compared call{'' if len(failed) == 1 else 's'} failed and --fail-on-error is on")
+            raise UsageError(f"{head} ({len(failed)} of {len(result)}; the table above shows each): {label}: {error}")
         if judges:
             self._judged(values, result, judges)
         return None
@@ -646,8 +646,9 @@ def path_value(value: str | None, namespace: Any, option: str) -> str | None:
     if not value or "{" not in value:
         return value
     filled = Template(value).render(namespace, where="in the notebook")
-    if "{" in filled:
-        raise UsageError(f"{option} {value!r}: a path cannot hold {{ or }} once its {{{{ }}}} names are filled.")
+    if "{" in filled or "}" in filled:
+        raise UsageError(f"{option} {value!r}: a path holds no {{ or }}. To fill in a notebook variable, write "
+                         f"{{{{ name }}}} as in the cell (quoted when it has spaces: {option} \"{{{{ ck }}}}/run\").")
     return filled
 
 

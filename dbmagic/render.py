@@ -81,7 +81,9 @@ def answer_bundle(completion: Any, fmt: str, *, rich: bool = True,
     list). None for a plain answer (`bundle` shows it). ``stopped_by``: the limit that left the tool
     calls it asks for not run (``--max-steps 5``)."""
     value = completion.value
-    if not (completion.steps or completion.tool_calls or (completion.schema is not None and _is_data(value))):
+    choices = getattr(completion, "choices", None) or []
+    if not (completion.steps or completion.tool_calls or (completion.schema is not None and _is_data(value))
+            or len(choices) > 1):
         return None
     data = _data(value)
     if data is not None:
@@ -106,6 +108,14 @@ def answer_bundle(completion: Any, fmt: str, *, rich: bool = True,
             said += f" (not run: the call stopped at {stopped_by})"
         parts_md.append(f"**{said}:**\n\n{md}")
         parts_text.append(f"{said}:\n{text}")
+    if len(choices) > 1:  # -n: every answer, the first above
+        parts_md[0] = f"**Answer 1 of {len(choices)}:**\n\n{parts_md[0]}"
+        parts_text[0] = f"Answer 1 of {len(choices)}:\n{parts_text[0]}"
+        for i, text in enumerate(choices[1:], 2):
+            shown = bundle(text, fmt if fmt in ("markdown", "text", "code") else "text", rich=rich)
+            parts_md.append(f"**Answer {i} of {len(choices)}:**\n\n" + (shown.get("text/markdown") or
+                                                                        f"```\n{shown['text/plain']}\n```"))
+            parts_text.append(f"Answer {i} of {len(choices)}:\n{shown['text/plain']}")
     if completion.steps:
         lines = [f"{i}. {step.describe()}" for i, step in enumerate(completion.steps, 1)]
         parts_md.append("**Steps:**\n\n" + "\n".join(_md_cell(line) for line in lines))

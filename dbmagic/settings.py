@@ -229,7 +229,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("task", str, None, "override the endpoint's task: chat, completions, embeddings, responses, "
                                "chat_agent, custom",
             ("--task",), "text", _task, sweep=True, api=True),
-    Setting("n", int, None, "number of answers to ask for (chat and completions; the first is shown)",
+    Setting("n", int, None, "number of answers to ask for (chat and completions): all are shown, the first is the "
+            "value, _dbllm.choices holds them all",
             ("-n", "--n"), "number", _between(1, 16), label="Answers (n)", api=True),
     Setting("schema", str, None, "the answer as data: a pydantic model or JSON Schema dict in the notebook (its "
             "name), a JSON Schema, or the short form 'label: str, score: float, tags: list[str], reason: str?'",

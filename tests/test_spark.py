@@ -24,6 +24,8 @@ if _java() is None:  # on main the session fixture errored here, naming no cause
     pytest.skip("PySpark needs Java 17 (no java on PATH, no JAVA_HOME): apt-get install openjdk-17-jre-headless",
                 allow_module_level=True)
 
+from IPython.core.error import UsageError  # noqa: E402
+
 from dbmagic import Client, ConfigurationError, TemplateError  # noqa: E402
 from dbmagic.testing import Endpoint  # noqa: E402
 
@@ -200,3 +202,20 @@ def test_a_job_that_outlives_its_token_loses_no_row_and_a_resume_sends_only_the_
     with pytest.raises(ConfigurationError, match="resume=True takes an earlier result"):
         dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, resume=True, client=Client(host=workspace.host,
                                                                                             token=workspace.token))
+
+
+def test_over_a_spark_dataframe_runs_on_the_executors_now(spark, shell, workspace, capsys):
+    """First hour, round two, item 5: on main `--over` a Spark DataFrame said "got DataFrame" with no
+    pointer to dbmagic.spark; it now runs dbmagic.spark.complete, cached and counted in the cell."""
+    shell.user_ns["tickets"] = spark.createDataFrame([(i, f"t{i}") for i in range(4)], "id INT, text STRING")
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --over tickets -o out", "Classify {{ text }}")
+    out = shell.user_ns["out"]
+    assert sorted((r.id, r.answer, r.error) for r in out.collect()) == [(i, f"Echo: Classify t{i}", None)
+                                                                       for i in range(4)]
+    assert "4 rows on Spark: 4 answered, 0 failed" in capsys.readouterr().out
+    sent = len([r for r in workspace.requests if r.path.endswith("/invocations")])
+    out.count()
+    assert sent == 4 == len([r for r in workspace.requests if r.path.endswith("/invocations")])  # cached: once
+    workspace.fail(CHAT, 400, times=4)
+    with pytest.raises(UsageError, match="Every row of --over tickets failed"):
+        shell.run_cell_magic("dbllm", f"-e {CHAT} --over tickets", "Again {{ text }}")

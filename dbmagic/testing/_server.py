@@ -916,7 +916,8 @@ class _Handler(BaseHTTPRequestHandler):
             asked = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True
             only_when_asked = usage_when_asked or endpoint.endpoint_type == "EXTERNAL_MODEL"
             return self._stream(endpoint, text, finish, usage, shape, fault, calls,
-                                usage_chunk=False if endpoint.usage == "no" else asked if only_when_asked else None)
+                                usage_chunk=False if endpoint.usage == "no" else asked if only_when_asked else None,
+                                n=body.get("n") or 1)
         n = body.get("n") or 1
         answer: dict[str, Any]
         if shape == "responses":
@@ -931,17 +932,19 @@ class _Handler(BaseHTTPRequestHandler):
                 message = {"role": "assistant", "content": None, "tool_calls": [_chat_tool_call(c) for c in calls]}
             answer = {"id": f"chatcmpl-{_count(self)}", "object": "chat.completion", "created": 1700000000,
                       "model": endpoint.model, "usage": usage,
-                      "choices": [{"index": i, "message": message, "finish_reason": finish} for i in range(n)]}
+                      "choices": [{"index": i, "message": _nth(message, i), "finish_reason": finish}
+                                  for i in range(n)]}
         else:
             answer = {"id": f"cmpl-{_count(self)}", "object": "text_completion", "created": 1700000000,
                       "model": endpoint.model, "usage": usage,
-                      "choices": [{"index": i, "text": text, "finish_reason": finish} for i in range(n)]}
+                      "choices": [{"index": i, "text": _nth_text(text, i), "finish_reason": finish}
+                                  for i in range(n)]}
         if endpoint.usage == "no":
             answer.pop("usage", None)
         self._json(200, answer)
 
     def _stream(self, endpoint: Endpoint, text: str, finish: str, usage: dict, shape: str, fault: Fault | None,
-                calls: list[dict[str, Any]] | None = None, usage_chunk: bool | None = None) -> None:
+                calls: list[dict[str, Any]] | None = None, usage_chunk: bool | None = None, n: int = 1) -> None:
         """``usage_chunk`` None: usage in the last chunk (as the Foundation Model APIs send it); True:
         in a chunk of its own after it, with no choices (OpenAI's ``include_usage``); False: none."""
         ws = self.workspace
@@ -1006,6 +1009,14 @@ class _Handler(BaseHTTPRequestHandler):
                 if last and usage_chunk is None:
                     chunk["usage"] = usage
                 event(chunk)
+                for k in range(1, n):  # the other answers (n), each in chunks of its own index
+                    other = {**choice, "index": k}
+                    extra = _nth_text(" ", k)[1:] if last else ""
+                    if "delta" in other:
+                        other["delta"] = {"content": piece + extra}
+                    else:
+                        other["text"] = piece + extra
+                    event({**{key: v for key, v in chunk.items() if key != "usage"}, "choices": [other]})
                 if last and usage_chunk:
                     event({**chunk, "choices": [], "usage": usage})
             if ws.chunk_delay:
@@ -1114,6 +1125,16 @@ def _gzip_bomb(size: int) -> bytes:
 # the request and answer shape of each task
 _SHAPES = {"llm/v1/chat": "chat", "agent/v1/chat": "chat", "llm/v1/completions": "completions",
            "agent/v2/chat": "chat_agent", "agent/v1/responses": "responses"}
+
+
+def _nth_text(text: str, index: int) -> str:
+    """Answer ``index`` of several (``n``): the first as it is, the others told apart (``... [2]``)."""
+    return text if index == 0 or not text else f"{text} [{index + 1}]"
+
+
+def _nth(message: dict[str, Any], index: int) -> dict[str, Any]:
+    return {**message, "content": _nth_text(message["content"], index)} if isinstance(message.get("content"), str) \
+        else message
 
 
 def _scim_me(user: dict[str, Any]) -> dict[str, Any]:

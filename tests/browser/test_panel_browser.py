@@ -44,6 +44,18 @@ NOTEBOOK = {
 }
 
 
+# an answer as data, as a newcomer first meets it (README: "Answers as data")
+SCHEMA_NOTEBOOK = {
+    "cells": [{"cell_type": "code", "execution_count": None, "id": "model", "metadata": {}, "outputs": [],
+               "source": "%load_ext dbmagic\nfrom pydantic import BaseModel\n\nclass Review(BaseModel):\n"
+                         "    sentiment: str\n    stars: int\n"},
+              {"cell_type": "code", "execution_count": None, "id": "ask", "metadata": {}, "outputs": [],
+               "source": "%%dbllm -e databricks-meta-llama-3-3-70b-instruct --schema Review\n"
+                         "The battery lasts two days"}],
+    "metadata": NOTEBOOK["metadata"], "nbformat": 4, "nbformat_minor": 5,
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,6 +69,7 @@ def lab(tmp_path):
         root, config = tmp_path / "root", tmp_path / "jupyter"
         root.mkdir()
         (root / "panel.ipynb").write_text(json.dumps(NOTEBOOK))
+        (root / "schema.ipynb").write_text(json.dumps(SCHEMA_NOTEBOOK))
         (config / "config" / "labconfig").mkdir(parents=True)
         (config / "config" / "labconfig" / "page_config.json").write_text(json.dumps(
             {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
@@ -204,3 +217,29 @@ def test_panel_compare_mode_in_jupyterlab(lab):
         sent = sorted(r.path for r in ws.requests if r.path.endswith("/invocations"))
         assert sent == ["/serving-endpoints/databricks-meta-llama-3-3-70b-instruct/invocations",
                         "/serving-endpoints/local-completions/invocations"]
+
+
+def test_an_answer_as_data_is_a_table_in_jupyterlab(lab):
+    """First hour, round two, item 4: on main a schema's answer carried application/json, which
+    JupyterLab 4 ranks above Markdown: users got a collapsible JSON tree, not the table."""
+    url, _ = lab
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url.replace("panel.ipynb", "schema.ipynb"))
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+            expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
+            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return 1; }")
+            table = page.locator(".jp-OutputArea-output table")
+            expect(table).to_be_visible(timeout=30_000)
+            expect(table).to_contain_text("sentiment")
+            expect(table).to_contain_text("stars")
+            assert page.locator(".jp-RenderedJSON").count() == 0  # no JSON tree
+            page.screenshot(path=str(ARTIFACTS / "schema-table.png"), full_page=True)
+        finally:
+            browser.close()
