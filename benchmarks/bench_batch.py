@@ -176,7 +176,7 @@ def rate_limited(rows: int) -> None:
             time.sleep(1.1)
             failed: list[int] = []
 
-            def one(p: str) -> None:
+            def one(p: str, failed: list[int] = failed) -> None:
                 try:
                     client.complete(p, endpoint=CHAT)
                 except dbmagic.RateLimited:

@@ -123,7 +123,7 @@ def per_call(calls: int) -> None:
             contenders["LangChain Databricks.invoke"] = lambda: llm.invoke("Hi")
         samples: dict[str, list[float]] = {name: [] for name in contenders}
         counts: dict[str, list[int]] = {name: [0, 0] for name in contenders}
-        for name, call in contenders.items():
+        for call in contenders.values():
             for _ in range(5):
                 call()  # warm: connections, caches
         for _ in range(calls):  # interleaved, so that drift hits every contender alike

@@ -59,7 +59,7 @@ _LAZY = {
 
 __all__ = [
     *_LAZY,
-    "__version__",
+    "__version__",  # noqa: F405 (module __getattr__ gives it)
     "load_ipython_extension",
     *(name for name in _errors.__all__ if name not in ("error_from_response", "error_of")),
 ]

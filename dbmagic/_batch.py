@@ -46,11 +46,22 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import _deps, _pace, tracing
+from ._notebook import Notebook
 from ._pace import Limiter
 from ._wire import Usage
-from .errors import (AuthenticationError, ConfigurationError, DbMagicError, Interrupted, MissingValue, NotSent,
-                     RateLimited, SchemaError, StatusError, TemplateError, error_of)
-from ._notebook import Notebook
+from .errors import (
+    AuthenticationError,
+    ConfigurationError,
+    DbMagicError,
+    Interrupted,
+    MissingValue,
+    NotSent,
+    RateLimited,
+    SchemaError,
+    StatusError,
+    TemplateError,
+    error_of,
+)
 from .ledger import Ledger, completion_of, identity
 from .templating import JINJA_GLOBALS, Template
 
@@ -912,7 +923,7 @@ class _Rows:
                 if isinstance(outcome, AuthenticationError):  # every request after a 401 would be refused too
                     first, midway = outcome, self.signed_in or self.answers > 0  # the token expired (or was revoked)
                     outcome = _token_refused(first, midway)
-                    self._give_up_all(lambda: _token_refused(first, midway, sent=False))
+                    self._give_up_all(lambda first=first, midway=midway: _token_refused(first, midway, sent=False))
                 answered = isinstance(outcome, SchemaError) and outcome.completion is not None  # an answer, unfit
                 if getattr(c, "reused", False):  # not sent: nothing to learn the pace from
                     limiter.release(permit)

@@ -10,8 +10,8 @@ latency, time to first token, tokens and the served model; an error stays in its
 from __future__ import annotations
 
 import html
-import json
 import itertools
+import json
 import statistics
 import threading
 import time

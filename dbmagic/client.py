@@ -880,7 +880,7 @@ class Call:
                 if not self._from_cache():
                     self._open()
             except BaseException as exc:
-                raise self._ended_by(exc)
+                raise self._ended_by(exc)  # noqa: B904 (the same error, recorded: its own cause stays)
         return self
 
     def wait(self) -> Completion:
@@ -992,7 +992,7 @@ class Call:
                 self._end(self.completion or self.partial("stopped"))
             raise
         except BaseException as exc:
-            raise self._ended_by(exc)
+            raise self._ended_by(exc)  # noqa: B904 (the same error, recorded: its own cause stays)
         finally:
             if self.response is not None:
                 self.response.body.close()

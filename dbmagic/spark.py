@@ -151,10 +151,10 @@ def complete(
     def dbmagic_complete(batches: Iterator[Any]) -> Iterator[Any]:
         # runs on an executor: imports here, one client per task
         from dbmagic._batch import answer_columns, run
-        from dbmagic._wire import as_text
-        from dbmagic.spark import _for_spark
         from dbmagic._credentials import Credentials
+        from dbmagic._wire import as_text
         from dbmagic.client import Client
+        from dbmagic.spark import _for_spark
 
         worker = Client(credentials=Credentials(host, "the Spark driver", _token=secret,
                                                 extra_headers=extra_headers), retry=retry, timeouts=timeouts)

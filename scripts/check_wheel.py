@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("dbmagic/notebooks/quickstart.ipynb", "dbmagic/notebooks/panel.ipynb")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dbmagic
-
 import pytest
 
+import dbmagic
 from dbmagic.testing import Endpoint, LocalWorkspace
 
 from .conftest import CHAT

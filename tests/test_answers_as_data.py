@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 import dbmagic
 from dbmagic import Client, ConfigurationError, SchemaError, SettingError
-from dbmagic.schema import SHORT_FORM_EXAMPLE, extract_json, schema_of
+from dbmagic.schema import extract_json, schema_of
 from dbmagic.testing import Endpoint, schema_reply
 
 from .conftest import CHAT, COMPLETIONS, CUSTOM

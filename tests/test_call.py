@@ -30,7 +30,7 @@ from dbmagic import (
     TransportError,
     Usage,
 )
-from dbmagic.testing import MemoryHandler, TransportFailure, events, reply
+from dbmagic.testing import MemoryHandler, TransportFailure, reply
 
 from .conftest import CHAT, FakeClock
 

@@ -79,7 +79,7 @@ def test_cells_that_did_nothing_fail_and_stop_the_cells_queued_behind(kernel, wo
 
 def test_fail_on_error_fails_on_any_failed_row_and_the_summary_says_why(kernel, workspace):
     workspace.fail(CHAT, 400)
-    status, said = run(kernel, f"rows = ['a', 'b', 'c']\n")
+    status, said = run(kernel, "rows = ['a', 'b', 'c']\n")
     status, said = run(kernel, f"%%dbllm -e {CHAT} --over rows --concurrency 1\n{{{{ row }}}}")
     assert status == "ok" and "2 answered, 1 failed (1 BadRequest)" in said
     workspace.fail(CHAT, 400)
@@ -251,7 +251,7 @@ def test_a_service_principal_in_code_reaches_endpoints_and_apps(workspace):
     app = workspace.add_app("etl-agent")
     assert client.complete("hi", endpoint="apps/etl-agent").text == "Echo: hi" and app.requests[-1].credential == "oauth"
     with pytest.raises(dbmagic.ConfigurationError, match="client_secret= is missing"):
-        Client(host=workspace.host, client_id="sp-etl").credentials
+        _ = Client(host=workspace.host, client_id="sp-etl").credentials
 
 
 def test_a_vs_code_login_reaches_an_app(workspace, monkeypatch):

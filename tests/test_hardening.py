@@ -481,7 +481,7 @@ def test_a_token_budget_is_a_bound_whatever_the_endpoint_reports(workspace, usag
     answers = [t for t in result.texts if t is not None]
     assert 0 < len(sent) < 100 and len(answers) == len(sent)
     estimate = sum(dbmagic._batch.tokens_in(json.dumps(r.json, ensure_ascii=False)) + dbmagic._batch.tokens_in(t)
-                   for r, t in zip(sent, answers))
+                   for r, t in zip(sent, answers, strict=True))
     counted = result.usage.total if usage == "yes" else estimate
     assert counted <= 1000  # what was sent fits the budget, however many were in flight
     if usage != "yes":

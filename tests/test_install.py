@@ -10,8 +10,9 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import dbmagic
 from dbmagic import demo

@@ -21,8 +21,11 @@ from .test_tracing import experiment_in  # noqa: E402
 JUDGE = "local-judge"
 
 
+from .test_tracing import store_dir, tracking_uri  # noqa: E402,F401  (the module's store fixtures)
+
+
 @pytest.fixture
-def judged_store(tracking_uri, store_dir, tmp_path, workspace):
+def judged_store(tracking_uri, store_dir, tmp_path, workspace):  # noqa: F811 (pytest's fixtures, by name)
     mlflow.set_tracking_uri(tracking_uri)
     experiment_in(store_dir, f"judge-{tmp_path.name}")
     workspace.add_endpoint(Endpoint(JUDGE, "llm/v1/chat", judge=True, model="local-judge-1"))
@@ -30,9 +33,6 @@ def judged_store(tracking_uri, store_dir, tmp_path, workspace):
     from .test_tracing import DEFAULT_STORE
 
     mlflow.set_tracking_uri(DEFAULT_STORE)
-
-
-from .test_tracing import store_dir, tracking_uri  # noqa: E402,F401  (the module's store fixtures)
 
 
 def invocations(workspace, endpoint):
@@ -110,7 +110,6 @@ def test_a_judge_served_by_a_model_service(judged_store):
 
 
 def test_judge_a_comparison_and_a_compared_batch_in_the_cell(judged_store, shell):
-    workspace = judged_store
     shell.user_ns["mentions"] = dbmagic.judge('Does it say "Echo"?', endpoint=JUDGE, name="mentions")
     shell.user_ns["brief"] = lambda outputs: len(outputs) < 12
     shell.run_cell_magic("dbllm", f"-e {CHAT} -e {COMPLETIONS} --judge mentions,brief", "one two three")

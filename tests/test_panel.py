@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import html
+import json
 import re
 import threading
 import time

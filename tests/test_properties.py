@@ -8,7 +8,9 @@ import json
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from IPython.core.error import UsageError  # noqa: E402
 
 from dbmagic import _wire, settings  # noqa: E402

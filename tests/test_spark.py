@@ -115,8 +115,9 @@ def test_a_failed_job_does_not_show_the_token(spark, workspace):
 
 
 def test_a_schema_gives_real_typed_columns(spark, workspace):
-    import dbmagic.spark
     from pyspark.sql import types as T
+
+    import dbmagic.spark
 
     client = Client(host=workspace.host, token=workspace.token)
     sdf = spark.createDataFrame([(i, f"ticket number {i}") for i in range(40)], "id INT, text STRING").coalesce(1)
@@ -139,8 +140,9 @@ def test_a_schema_gives_real_typed_columns(spark, workspace):
 
 
 def test_a_model_with_a_nested_object_is_a_struct(spark, workspace):
-    import dbmagic.spark
     from pydantic import BaseModel
+
+    import dbmagic.spark
 
     class Place(BaseModel):
         city: str

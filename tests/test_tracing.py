@@ -19,7 +19,6 @@ from dbmagic._panel import Panel  # noqa: E402
 
 from .conftest import CHAT, COMPLETIONS, EMBEDDINGS, FakeClock, canaries_in  # noqa: E402
 
-
 # where MLflow goes between the tests: the temporary default the root conftest sets (MLflow 3 takes
 # set_tracking_uri(None) for ./mlflow.db in the checkout, whatever the environment says)
 DEFAULT_STORE = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
@@ -573,7 +572,7 @@ def test_an_echoed_token_never_reaches_a_trace(store, workspace, client, split):
     workspace.add_endpoint(Endpoint("echo-proxy", "llm/v1/chat", echo_headers=True))
     if split:
         workspace.fail("echo-proxy", chunk_chars=split)
-    for piece in client.stream("hello", endpoint="echo-proxy"):
+    for _piece in client.stream("hello", endpoint="echo-proxy"):
         pass
     client.complete("hello", endpoint="echo-proxy")
     found = traces(store)

@@ -1,0 +1,157 @@
+"""The house stays as docs/architecture.md draws it: no import circle between modules (lazy imports,
+inside functions, count; names imported only for type checking do not, as they are never
+imported), no module over 700 lines, no private name (``_x``) of one module used by another, and
+the rooms' arrows point only where the architecture allows. Read from the source with ``ast``."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dbmagic"
+MAX_LINES = 700
+
+
+def modules() -> dict[str, Path]:
+    """``dbmagic.x.y`` -> its file, for every module of the package."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def _type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _imports(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement, at any depth, except inside ``if TYPE_CHECKING:``."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if _type_checking(node):
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    if node.level == 0:
+        return node.module or ""
+    base = package.split(".")
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def graph() -> tuple[dict[str, set[str]], list[str]]:
+    """``module -> the package modules it imports`` and the private names one module takes from another."""
+    known = modules()
+    edges: dict[str, set[str]] = {m: set() for m in known}
+    private: list[str] = []
+    for module, path in known.items():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in _imports(tree):
+            if isinstance(node, ast.Import):
+                targets = [(a.name, None) for a in node.names]
+            else:
+                base = _resolve(module, path, node)
+                targets = []
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    targets.append((sub, None) if sub in known else (base, alias.name))
+            for target, name in targets:
+                while target and target not in known:
+                    target = target.rsplit(".", 1)[0] if "." in target else ""
+                if not target or target == module:
+                    continue
+                edges[module].add(target)
+                if name and name.startswith("_") and not name.startswith("__"):
+                    private.append(f"{module} imports {name} from {target}")
+        # x._name on anything but self or cls: an object of another module's class reached into (a name
+        # this module defines itself, an attribute or a method of its own classes, is its own business)
+        own = _private_names(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                    and node.attr not in own):
+                private.append(f"{module} uses {ast.unparse(node)}")
+    return edges, private
+
+
+def _private_names(tree: ast.AST) -> set[str]:
+    """The ``_names`` a module defines: functions, classes, their attributes (``self._x = ...``,
+    class-level ones, slots) and module globals."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("_"):
+            names.add(node.value)  # __slots__ = ("_value",), setattr(obj, "_x", ...)
+    return {n for n in names if n.startswith("_")}
+
+
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle_between_modules():
+    edges, _ = graph()
+    # a package's __init__ re-exports its modules: the package and its own modules are one room
+    for module in list(edges):
+        edges[module] = {t for t in edges[module] if not (module.startswith(t + ".") or t.startswith(module + "."))}
+    assert circles(edges) == []
+
+
+def test_no_module_is_over_700_lines():
+    long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_no_private_name_of_one_module_is_used_by_another():
+    _, private = graph()
+    assert private == []
