@@ -209,17 +209,17 @@ def spark() -> None:
 
 
 def spark_runs(session, client: Client) -> None:
-    import dbmagic.spark
+    import dbmagic.batching.spark
 
     sdf = session.createDataFrame([(i, f"row {i}") for i in range(1000)], "id INT, text STRING").cache()
     sdf.count()
-    dbmagic.spark.complete(sdf.limit(10), "{{ text }}", endpoint=CHAT, client=client).count()  # workers warm
+    dbmagic.batching.spark.complete(sdf.limit(10), "{{ text }}", endpoint=CHAT, client=client).count()  # workers warm
     print("Spark local[2], 1,000 rows at 50 ms, concurrency_per_task 8:")
     for partitions in (2, 1):
         frame = sdf.repartition(partitions)
         frame.count()
         started = time.perf_counter()
-        out = dbmagic.spark.complete(frame, "{{ text }}", endpoint=CHAT, client=client, concurrency_per_task=8)
+        out = dbmagic.batching.spark.complete(frame, "{{ text }}", endpoint=CHAT, client=client, concurrency_per_task=8)
         errors = out.filter("error IS NOT NULL").count()
         seconds = time.perf_counter() - started
         print(f"  {partitions} partition{'s' if partitions > 1 else ' '}   {1000 / seconds:6.1f} rows/s "

@@ -32,29 +32,29 @@ _LAZY = {
     "Completion": "client",
     "Stream": "client",
     "Call": "client",
-    "Usage": "_wire",
-    "ToolCall": "_wire",
+    "Usage": "call.wire",
+    "ToolCall": "call.wire",
     "Step": "client",
-    "Schema": "schema",
-    "subscribe": "hooks",
-    "Subscriber": "hooks",
+    "Schema": "call.schema",
+    "subscribe": "call.hooks",
+    "Subscriber": "call.hooks",
     "PreparedRequest": "client",
     "EndpointInfo": "client",
     "get_client": "client",
     "configure": "client",
-    "batch": "_batch",
-    "BatchResult": "_batch",
-    "autolog": "tracing",
-    "register_prompt": "tracing",
-    "evaluate": "judging",
-    "use_cache": "ledger",
-    "judge": "judging",
-    "Panel": "_panel",
-    "panel": "_panel",
-    "panel_result": "_panel",
-    "Credentials": "_credentials",
-    "Timeouts": "_http",
-    "RetryPolicy": "_http",
+    "batch": "batching.run",
+    "BatchResult": "batching.run",
+    "autolog": "observe.tracing",
+    "register_prompt": "observe.tracing",
+    "evaluate": "observe.judging",
+    "use_cache": "batching.ledger",
+    "judge": "observe.judging",
+    "Panel": "frontends.panel",
+    "panel": "frontends.panel",
+    "panel_result": "frontends.panel",
+    "Credentials": "transport.credentials",
+    "Timeouts": "transport.http",
+    "RetryPolicy": "transport.http",
 }
 
 __all__ = [
@@ -99,12 +99,12 @@ def __dir__() -> list[str]:
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext dbmagic``: register ``%%dbllm``, ``%dbllm`` and ``%config DbLLM``."""
-    from .magic import load_ipython_extension as load
+    from .frontends.magic import load_ipython_extension as load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from .magic import unload_ipython_extension as unload
+    from .frontends.magic import unload_ipython_extension as unload
 
     unload(ipython)

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import quote
 
-from . import _wire, hooks, settings
-from . import ledger as _ledger
-from ._credentials import Credentials, org_id_from_host, resolve_credentials
-from ._http import BodyTooLarge, Clock, Handler, Response, RetryPolicy, Timeouts, Transport
-from ._secret import Secret
-from ._wire import Usage
+from . import settings
+from .batching import ledger as _ledger
+from .call import hooks
+from .call import wire as _wire
+from .call.wire import Usage
 from .errors import (
     AnswerCut,
     BadResponse,
@@ -52,6 +51,9 @@ from .errors import (
     scrub,
     scrub_value,
 )
+from .transport.credentials import Credentials, org_id_from_host, resolve_credentials
+from .transport.http import BodyTooLarge, Clock, Handler, Response, RetryPolicy, Timeouts, Transport
+from .transport.secret import Secret
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -1007,7 +1009,7 @@ class Call:
         if refused is not None:
             if self._retries_left <= 0:
                 return None
-            from .schema import retry_note
+            from .call.schema import retry_note
 
             note = retry_note(refused)
             body = _wire.follow_up(sending.kind, sending.body, reply, [{"role": "user", "content": note}])
@@ -1329,7 +1331,7 @@ def _app_url_or_none(raw: Any, workspace_host: str) -> str | None:
     workspace). None otherwise."""
     from urllib3.util import parse_url
 
-    from ._credentials import normalize_host
+    from .transport.credentials import normalize_host
 
     if not isinstance(raw, str):
         return None
@@ -1396,12 +1398,12 @@ def _token_exchange(base: Credentials) -> Callable[[], dict[str, str]]:
 def _answer_shape(options: Mapping[str, Any], kind: str, target: str) -> tuple[Any, Any]:
     """The call's `Schema` and `Toolbox` (None when not asked for), refused for a kind that cannot
     use them, before anything is sent."""
-    from .schema import schema_of
+    from .call.schema import schema_of
 
     schema = schema_of(options["schema"]) if options["schema"] is not None else None
     toolbox = None
     if options["tools"] is not None:
-        from .tools import toolbox_of
+        from .call.tools import toolbox_of
 
         toolbox = toolbox_of(options["tools"])
     if schema is not None and kind == _wire.EMBEDDINGS:

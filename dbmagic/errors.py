@@ -421,7 +421,7 @@ def _html_summary(page: str) -> str:
 def scrub(text: str, secrets: Iterable[Any] = ()) -> str:
     """``text`` without the secrets (plain strings or `Secret`s) and without any ``Bearer`` value:
     the one scrubber every text from a server (or an SDK) goes through before it is shown or stored."""
-    from ._secret import reveal
+    from .transport.secret import reveal
 
     for secret in secrets:
         if secret:
@@ -468,7 +468,7 @@ def scrub_value(value: Any, secrets: Iterable[Any] = ()) -> Any:
 
 
 def _reveal(secret: Any) -> str:
-    from ._secret import reveal
+    from .transport.secret import reveal
 
     return reveal(secret) or ""
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from . import _wire
+from .call import wire as _wire
 from .errors import SettingError
 
 __all__ = ["FORMATS", "Setting", "SETTINGS", "BY_NAME", "CALL", "CLIENT_OPTIONS", "TARGET", "CallSpec", "coerce", "from_text",

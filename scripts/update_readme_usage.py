@@ -6,7 +6,7 @@ from pathlib import Path
 
 os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width
 
-from dbmagic.magic import DbLLM  # noqa: E402
+from dbmagic.frontends.magic import DbLLM  # noqa: E402
 
 readme = Path(__file__).resolve().parent.parent / "README.md"
 usage = DbLLM.dbllm.parser.format_help().split("\n", 2)[2].rstrip()

@@ -70,7 +70,8 @@ def audit_what_users_see(monkeypatch, tmp_path):
     A secret in any of them fails the test."""
     import ipywidgets.widgets.widget as widget_module
 
-    from dbmagic import _batch, _compare
+    from dbmagic.batching import run as _batch
+    from dbmagic.frontends import compare as _compare
 
     seen: list[object] = []
     original_init = _batch.BatchResult.__init__
@@ -106,7 +107,7 @@ def audit_what_users_see(monkeypatch, tmp_path):
             texts.append(repr(w.get_state()))
         except Exception:  # a widget half torn down: nothing it holds is shown
             continue
-    from dbmagic import ledger
+    from dbmagic.batching import ledger
 
     # the ledgers a test wrote (checkpoints, caches: JSON Lines files), wherever under its folder, and the
     # kernel's cache folder (not the test's own inputs there, such as a ~/.databrickscfg holding a secret)
@@ -164,7 +165,7 @@ def clean_env(monkeypatch, tmp_path):
     """No real DATABRICKS_* settings, a temporary HOME, and no shared client left from another test."""
     import os
 
-    from dbmagic import _credentials
+    from dbmagic.transport import credentials as _credentials
 
     for name in list(os.environ):
         if name.startswith("DATABRICKS_") or name in _credentials._SDK_ENV + _credentials._MODEL_SERVING_ENV:

@@ -88,7 +88,7 @@ def test_chat_cells_system_streaming_and_endpoints_for_agents(shell, workspace):
 
 
 def test_panel_talks_to_an_agent_and_keeps_its_conversation(shell, workspace):
-    from dbmagic._panel import Panel
+    from dbmagic.frontends.panel import Panel
 
     p = Panel(shell)
     p.endpoint.value = RESPONSES

@@ -12,8 +12,8 @@ import pytest
 
 import dbmagic
 from dbmagic import Client, ConfigurationError
-from dbmagic._credentials import resolve_credentials
 from dbmagic.testing import LocalWorkspace
+from dbmagic.transport.credentials import resolve_credentials
 
 from .conftest import CHAT, CLUSTER, PORT
 
@@ -170,7 +170,7 @@ def test_a_notebook_context_that_raises_falls_through(workspace, monkeypatch):
 
 
 def test_a_custom_container_runtime_is_detected_by_its_version_file(workspace, monkeypatch, tmp_path):
-    from dbmagic import _credentials
+    from dbmagic.transport import credentials as _credentials
 
     marker = tmp_path / "DBR_VERSION"
     marker.write_text("15.4")

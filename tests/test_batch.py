@@ -83,7 +83,8 @@ def test_a_rate_limited_endpoint_slows_the_batch_and_loses_no_row(workspace, fas
 def test_a_429_spell_without_retry_after_backs_off(workspace, fast, monkeypatch):
     import functools
 
-    from dbmagic import _batch, _pace
+    from dbmagic.batching import pace as _pace
+    from dbmagic.batching import run as _batch
 
     # the backoff's jitter drawn at its top (full jitter may draw a pause of ~0 s: on main this test
     # failed about once in eight runs)
@@ -134,10 +135,10 @@ def test_ctrl_c_keeps_the_answers_on_their_way_and_resume_sends_only_the_rest(wo
 
 
 def test_an_answer_later_than_the_grace_is_dropped_and_a_second_ctrl_c_does_not_wait(workspace, fast, monkeypatch):
-    import dbmagic._batch
+    import dbmagic.batching.run
 
     workspace.add_endpoint(Endpoint("slow", "llm/v1/chat", latency=1.0))
-    monkeypatch.setattr(dbmagic._batch, "GRACE", 0.2)
+    monkeypatch.setattr(dbmagic.batching.run, "GRACE", 0.2)
     timers = [threading.Timer(0.2, _thread.interrupt_main)]
     timers[0].start()
     started = time.monotonic()
@@ -147,7 +148,7 @@ def test_an_answer_later_than_the_grace_is_dropped_and_a_second_ctrl_c_does_not_
         timers[0].cancel()
     assert time.monotonic() - started < 0.8 and result.interrupted
     assert [c.finish_reason for c in result] == ["interrupted", "interrupted"]  # what arrived: nothing
-    monkeypatch.setattr(dbmagic._batch, "GRACE", 30.0)
+    monkeypatch.setattr(dbmagic.batching.run, "GRACE", 30.0)
     timers = [threading.Timer(t, _thread.interrupt_main) for t in (0.2, 0.4)]  # Ctrl-C, then Ctrl-C again
     for t in timers:
         t.start()

@@ -263,7 +263,7 @@ def test_usage_is_read_once_from_every_shape(wire, expected):
 @pytest.mark.parametrize("endpoint, stream", [(CHAT, False), (CHAT, True), ("local-completions", True),
                                               ("local-responses-agent", False), ("local-responses-agent", True)])
 def test_every_kind_streamed_or_not_reports_its_usage_and_the_panel_line_shows_it(workspace, endpoint, stream):
-    from dbmagic._panel import _summary
+    from dbmagic.frontends.panel import _summary
 
     client = Client(host=workspace.host, token=workspace.token)
     call = client.call(client.prepare("one two", endpoint, stream=stream))
@@ -302,7 +302,7 @@ def _in_cell(shell, workspace):
 
 
 def _in_panel(shell, workspace):
-    from dbmagic._panel import Panel
+    from dbmagic.frontends.panel import Panel
 
     p = Panel(shell)
     p.endpoint.value = CHAT
@@ -334,10 +334,10 @@ def test_a_cut_a_stop_and_a_ctrl_c_give_one_partial_completion_everywhere(shell,
                                                                           monkeypatch):
     if front_end == "panel" and how == "ctrl-c":
         pytest.skip("the panel answers in its own thread: Ctrl-C interrupts the cell, not the panel (Stop is its way)")
-    import dbmagic._batch
+    import dbmagic.batching.run
     from dbmagic.testing import Endpoint
 
-    monkeypatch.setattr(dbmagic._batch, "GRACE", 0.1)  # a batch's answer due after its grace: dropped, as a partial
+    monkeypatch.setattr(dbmagic.batching.run, "GRACE", 0.1)  # a batch's answer due after its grace: dropped, as a partial
 
     workspace.add_endpoint(Endpoint("other-chat", "llm/v1/chat"))
     streamed = front_end != "batch"  # a batch waits for whole answers
@@ -382,7 +382,7 @@ def test_a_cut_a_stop_and_a_ctrl_c_give_one_partial_completion_everywhere(shell,
 
 # -- structure: one path, and a core that knows nothing of the notebook or MLflow --------------------
 
-FRONT_END_MODULES = ("_cell.py", "_compare.py", "_panel.py", "_batch.py")
+FRONT_END_MODULES = ("frontends/cell.py", "frontends/compare.py", "frontends/panel.py", "batching/run.py")
 
 
 def test_no_front_end_chooses_a_client_method_or_reads_usage_keys():
@@ -393,12 +393,12 @@ def test_no_front_end_chooses_a_client_method_or_reads_usage_keys():
             assert not re.search(pattern, source), f"{name} has {pattern}"
 
 
-CORE = ("dbmagic.client", "dbmagic._http", "dbmagic._requests", "dbmagic._wire", "dbmagic.errors",
-        "dbmagic._credentials", "dbmagic.settings", "dbmagic.hooks", "dbmagic._pace", "dbmagic.schema",
-        "dbmagic.tools")
+CORE = ("dbmagic.client", "dbmagic.transport.http", "dbmagic.transport.requests_handler", "dbmagic.call.wire", "dbmagic.errors",
+        "dbmagic.transport.credentials", "dbmagic.settings", "dbmagic.call.hooks", "dbmagic.batching.pace", "dbmagic.call.schema",
+        "dbmagic.call.tools")
 # pydantic and jsonschema load with the first schema or tool, not with the modules that use them
-NOT_IN_CORE = ("dbmagic.tracing", "dbmagic.magic", "dbmagic._cell", "dbmagic._panel", "dbmagic._compare",
-               "dbmagic._batch", "dbmagic._history", "dbmagic.render", "IPython", "mlflow", "ipywidgets", "pandas",
+NOT_IN_CORE = ("dbmagic.observe.tracing", "dbmagic.frontends.magic", "dbmagic.frontends.cell", "dbmagic.frontends.panel", "dbmagic.frontends.compare",
+               "dbmagic.batching.run", "dbmagic.frontends.history", "dbmagic.frontends.render", "IPython", "mlflow", "ipywidgets", "pandas",
                "pydantic", "jsonschema")
 
 

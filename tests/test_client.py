@@ -17,9 +17,9 @@ from dbmagic import (
     StreamInterrupted,
     TransformError,
 )
-from dbmagic._credentials import Credentials
 from dbmagic.errors import error_class
 from dbmagic.testing import Endpoint, LocalWorkspace
+from dbmagic.transport.credentials import Credentials
 
 from .conftest import (
     CHAT,
@@ -124,7 +124,7 @@ def test_org_id_from_the_workspace_once_from_the_host_or_zero(workspace, clock):
     client.complete("y", cluster_id=CLUSTER, port=PORT)
     assert last(workspace).path == f"/driver-proxy-api/o/777/{CLUSTER}/{PORT}"
     assert [r.path for r in workspace.requests].count("/.well-known/databricks-config") == 1  # asked once
-    from dbmagic._credentials import org_id_from_host
+    from dbmagic.transport.credentials import org_id_from_host
 
     assert org_id_from_host("https://1234567890123456.7.gcp.databricks.com") == "1234567890123456"
     assert org_id_from_host("https://adb-42.3.azuredatabricks.net") == "42"

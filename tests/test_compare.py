@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from IPython.core.error import UsageError
 
-from dbmagic._compare import Comparison
+from dbmagic.frontends.compare import Comparison
 
 from .conftest import CHAT, COMPLETIONS, EMBEDDINGS
 

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from dbmagic import Client, ConfigurationError
-from dbmagic._credentials import normalize_host, resolve_credentials
+from dbmagic.transport.credentials import normalize_host, resolve_credentials
 
 from .conftest import CHAT
 

@@ -199,7 +199,7 @@ def test_messages_a_newcomer_reads(client, workspace):
         workspace.fail(CHAT, status)
         with pytest.raises(dbmagic.StatusError, match="may have run"):
             client.complete("x", endpoint=CHAT)
-    from dbmagic._http import TransportFailure, _transport_error
+    from dbmagic.transport.http import TransportFailure, _transport_error
 
     assert "()" not in str(_transport_error(TransportFailure("connect"), "endpoint 'x'", "https://h", 1.0))
 
@@ -214,7 +214,7 @@ def test_a_failing_transform_says_where_its_traceback_is(shell, workspace):
 def test_the_panel_copy_follows_the_fields_and_shows_code_as_code(shell, workspace):
     """Item 8: on main the Copy-as-cell box kept a stale cell, errors showed raw backticks, and the
     Reset conversation button was cut."""
-    from dbmagic._panel import Panel
+    from dbmagic.frontends.panel import Panel
 
     panel = Panel(shell)
     panel.endpoint.value = CHAT

@@ -126,7 +126,7 @@ def test_checking_an_answer_is_bounded_in_time(client, workspace):
     defs = {f"a{i}": {"anyOf": [{"type": "array", "items": {"$ref": f"#/$defs/a{i + 1}"}},
                                 {"type": "array", "items": {"$ref": f"#/$defs/a{i + 1}"}}]} for i in range(24)}
     defs["a24"] = {"type": "string"}
-    schema = dbmagic.schema.schema_of({"$defs": defs, "$ref": "#/$defs/a0"})
+    schema = dbmagic.call.schema.schema_of({"$defs": defs, "$ref": "#/$defs/a0"})
     value: object = 1
     for _ in range(24):
         value = [value]
@@ -232,7 +232,7 @@ def planted(folder, record):
 def test_a_planted_or_edited_record_is_never_served_and_is_counted(workspace, tmp_path):
     """Item 2: on main a copied record with other text, or one for a request never sent (its key is
     computable), was served as cached=True; with --insert it became the next cell."""
-    from dbmagic.ledger import identity
+    from dbmagic.batching.ledger import identity
 
     folder = tmp_path / "ck"
     client = Client(host=workspace.host, token=workspace.token)
@@ -303,7 +303,7 @@ def test_bad_files_are_skipped_and_counted_never_followed(workspace, tmp_path):
     dbmagic.use_cache(folder)
     try:
         from IPython.core.interactiveshell import InteractiveShell  # noqa: F401 (the magic's describe and clear)
-        store = dbmagic.ledger.cache()
+        store = dbmagic.batching.ledger.cache()
         assert "6 unreadable" in store.describe()["skipped"]
         assert store.clear() >= 1 and (folder / "e-zero.jsonl").is_symlink()  # what dbmagic did not write stays
     finally:
@@ -480,7 +480,7 @@ def test_a_token_budget_is_a_bound_whatever_the_endpoint_reports(workspace, usag
     sent = invocations(workspace, "counted")
     answers = [t for t in result.texts if t is not None]
     assert 0 < len(sent) < 100 and len(answers) == len(sent)
-    estimate = sum(dbmagic._batch.tokens_in(json.dumps(r.json, ensure_ascii=False)) + dbmagic._batch.tokens_in(t)
+    estimate = sum(dbmagic.batching.run.tokens_in(json.dumps(r.json, ensure_ascii=False)) + dbmagic.batching.run.tokens_in(t)
                    for r, t in zip(sent, answers, strict=True))
     counted = result.usage.total if usage == "yes" else estimate
     assert counted <= 1000  # what was sent fits the budget, however many were in flight
@@ -534,7 +534,7 @@ def test_a_batch_runs_a_notebook_function_one_call_at_a_time_unless_marked_threa
     assert result.failed == [] and most[0] == 1
     most[0] = 0
     result = dbmagic.batch("Check {{ row }}", [f"item{i}" for i in range(16)], CHAT, client=client, progress=False,
-                           concurrency=16, tools=[dbmagic.tools.thread_safe(lookup)], run_tools=True)
+                           concurrency=16, tools=[dbmagic.call.tools.thread_safe(lookup)], run_tools=True)
     assert result.failed == [] and most[0] > 1
 
 

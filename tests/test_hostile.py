@@ -14,7 +14,7 @@ from IPython.core.error import UsageError
 
 import dbmagic
 from dbmagic import Client, RetryPolicy, SettingError, Timeouts
-from dbmagic._panel import Panel
+from dbmagic.frontends.panel import Panel
 from dbmagic.testing import Endpoint
 
 from .conftest import CHAT, CUSTOM
@@ -229,7 +229,7 @@ def test_faults_through_a_batch(case, workspace):
 
 
 def test_an_expired_notebook_token_is_read_again(workspace):
-    from dbmagic._credentials import Credentials
+    from dbmagic.transport.credentials import Credentials
 
     tokens = iter(["expired-token", workspace.token])
     creds = Credentials(workspace.host, "notebook context", auth_type="notebook token",
@@ -331,7 +331,7 @@ def test_a_token_http_cannot_carry_is_refused_before_sending_without_showing_it(
 
 
 def test_messages_name_what_the_user_called_and_options_a_kind_cannot_use(shell, workspace, capsys):
-    from dbmagic import _wire
+    from dbmagic.call import wire as _wire
 
     client = Client(host=workspace.host, token=workspace.token)
     for call in (client.complete, client.stream):

@@ -23,7 +23,7 @@ from dbmagic import (
     Timeouts,
     TransportError,
 )
-from dbmagic._http import TransportFailure, parse_retry_after, retry_delay, retry_reason
+from dbmagic.transport.http import TransportFailure, parse_retry_after, retry_delay, retry_reason
 
 from .conftest import CHAT
 
@@ -40,7 +40,7 @@ def test_retry_reason_table():
     assert [retry_reason(s) for s in (429, 503)] == ["HTTP 429", "HTTP 503"]
     assert [retry_reason(s) for s in (400, 401, 403, 404, 500, 502, 504)] == [None] * 7  # may have run, or will fail
     # the requests handler's failures as kinds (the transport decides on the kind alone)
-    from dbmagic._requests import _failure
+    from dbmagic.transport.requests_handler import _failure
 
     refused = urllib3.exceptions.NewConnectionError(None, "Connection refused")
     kinds = [_failure(e).kind for e in (requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/", refused)),

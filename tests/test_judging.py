@@ -40,7 +40,7 @@ def invocations(workspace, endpoint):
 
 
 def test_the_local_judge_is_deterministic():
-    from dbmagic.judging import judge_material
+    from dbmagic.observe.judging import judge_material
 
     prompt = judge_material('Does it mention "Echo"?', "hi", "Echo: hi")
     assert judge_reply(prompt) == {"value": "yes", "rationale": "The answer contains 'Echo'."}

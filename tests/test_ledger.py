@@ -1,4 +1,4 @@
-"""The call ledger (dbmagic.ledger) under a batch's checkpoint: rows it answers are not sent again,
+"""The call ledger (dbmagic.batching.ledger) under a batch's checkpoint: rows it answers are not sent again,
 in this process, after a SIGKILL and from another process, asserted on the local workspace's log."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 import dbmagic
 from dbmagic import Client, ConfigurationError
-from dbmagic.ledger import Ledger
+from dbmagic.batching.ledger import Ledger
 from dbmagic.testing import Endpoint
 
 from .conftest import CHAT
@@ -263,7 +263,7 @@ def test_a_background_batch_cancelled_keeps_what_was_sent(workspace):
 
 
 def test_two_batches_at_once_on_one_endpoint_share_its_pace(workspace):
-    from dbmagic import _pace
+    from dbmagic.batching import pace as _pace
 
     workspace.add_endpoint(Endpoint("limited", "llm/v1/chat", latency=0.02, rate_limit=8, retry_after=False))
     client = Client(host=workspace.host, token=workspace.token)

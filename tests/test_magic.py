@@ -10,8 +10,8 @@ from IPython.core.displaypub import CapturingDisplayPublisher
 from IPython.core.error import UsageError
 
 import dbmagic
-from dbmagic._cell import LAST
-from dbmagic.render import LiveOutput
+from dbmagic.frontends.cell import LAST
+from dbmagic.frontends.render import LiveOutput
 
 from .conftest import (
     CHAT,

@@ -1,11 +1,11 @@
-"""The batch's limiter (`dbmagic._pace`) on a fake clock: no sleeping, every decision checked."""
+"""The batch's limiter (`dbmagic.batching.pace`) on a fake clock: no sleeping, every decision checked."""
 
 from __future__ import annotations
 
 import math
 
-from dbmagic._http import RetryPolicy, backoff
-from dbmagic._pace import SHARE, Limiter
+from dbmagic.batching.pace import SHARE, Limiter
+from dbmagic.transport.http import RetryPolicy, backoff
 
 from .conftest import FakeClock
 

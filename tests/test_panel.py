@@ -11,8 +11,8 @@ import time
 import pytest
 
 import dbmagic
-from dbmagic._cell import LAST
-from dbmagic._panel import PROXY, Panel
+from dbmagic.frontends.cell import LAST
+from dbmagic.frontends.panel import PROXY, Panel
 from dbmagic.testing import Endpoint
 
 from .conftest import CHAT, CLUSTER, COMPLETIONS, CUSTOM, PORT

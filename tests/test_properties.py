@@ -13,11 +13,12 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError  # noqa: E402
 
-from dbmagic import _wire, settings  # noqa: E402
-from dbmagic._credentials import normalize_host  # noqa: E402
+from dbmagic import settings
+from dbmagic.call import wire as _wire
 from dbmagic.errors import DbMagicError, parse_error_body  # noqa: E402
-from dbmagic.magic import split_options  # noqa: E402
-from dbmagic.templating import Template  # noqa: E402
+from dbmagic.frontends.magic import split_options  # noqa: E402
+from dbmagic.prompts.templating import Template  # noqa: E402
+from dbmagic.transport.credentials import normalize_host  # noqa: E402
 
 FAST = hsettings(max_examples=int(__import__("os").environ.get("DBMAGIC_EXAMPLES", "300")), deadline=None)
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -12,9 +12,10 @@ import pytest
 from IPython.core.error import UsageError
 from traitlets import TraitError
 
-from dbmagic import ConfigurationError, _history, settings
-from dbmagic._panel import PROXY, Panel
-from dbmagic.magic import DbLLM, split_options
+from dbmagic import ConfigurationError, settings
+from dbmagic.frontends import history as _history
+from dbmagic.frontends.magic import DbLLM, split_options
+from dbmagic.frontends.panel import PROXY, Panel
 
 from .conftest import CHAT, CLUSTER, CUSTOM, PORT
 
@@ -220,8 +221,8 @@ def test_each_module_imports_alone():
     failed = {m: run.communicate(timeout=60)[1].strip().splitlines()[-1:] for m, run in runs.items()}
     assert {m: err for m, err in failed.items() if runs[m].returncode} == {}
     # the panel is an adapter over the client, not over the magic (on main a source check looked for
-    # "dbmagic.magic" where the code imports relatively, so it could not fail)
-    loaded = subprocess.run([sys.executable, "-c", "import sys, dbmagic._panel; print('dbmagic.magic' in sys.modules)"],
+    # "dbmagic.frontends.magic" where the code imports relatively, so it could not fail)
+    loaded = subprocess.run([sys.executable, "-c", "import sys, dbmagic.frontends.panel; print('dbmagic.frontends.magic' in sys.modules)"],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "False"
 

@@ -1,4 +1,4 @@
-"""dbmagic.spark in local mode (local[2]) against the local workspace: answers, errors in place,
+"""dbmagic.batching.spark in local mode (local[2]) against the local workspace: answers, errors in place,
 columns checked before the job, and the token absent from the plan and from a failed job's text."""
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def spark():
 
 
 def test_a_few_hundred_rows_on_the_executors(spark, workspace):
-    import dbmagic.spark
+    import dbmagic.batching.spark
 
     client = Client(host=workspace.host, token=workspace.token)
     sdf = spark.createDataFrame([(i, f"ticket {i}") for i in range(300)], "id INT, text STRING").repartition(3)
-    out = dbmagic.spark.complete(sdf, "Classify {{ text }}", endpoint=CHAT, concurrency_per_task=4, client=client,
+    out = dbmagic.batching.spark.complete(sdf, "Classify {{ text }}", endpoint=CHAT, concurrency_per_task=4, client=client,
                                  transform_output=str.upper, temperature=0.1)
     rows = sorted(out.collect(), key=lambda r: r.id)
     assert out.columns == ["id", "text", "answer", "error"]
@@ -71,36 +71,36 @@ def test_a_few_hundred_rows_on_the_executors(spark, workspace):
 
 
 def test_row_errors_stay_in_place_scrubbed(spark, workspace):
-    import dbmagic.spark
+    import dbmagic.batching.spark
 
     workspace.add_endpoint(Endpoint("picky", None, "CUSTOM_MODEL", predict=lambda records: [
         1 / 0 if "bad" in r["prompt"] else r["prompt"] for r in records]))
     client = Client(host=workspace.host, token=workspace.token)
     sdf = spark.createDataFrame([("good",), ("bad",), ("fine",)], "text STRING").coalesce(1)
-    rows = dbmagic.spark.complete(sdf, "{{ text }}", endpoint="picky", client=client).collect()
+    rows = dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint="picky", client=client).collect()
     assert [r.answer for r in rows] == ["good", None, "fine"]
     assert "Model prediction failed: ZeroDivisionError" in rows[1].error
     # a server that echoes the Authorization header gets the token scrubbed from the row's error
     workspace.fail(CHAT, 400, body={"error_code": "BAD_REQUEST", "message": f"Bearer {workspace.token} refused"})
-    one = dbmagic.spark.complete(spark.createDataFrame([("x",)], "text STRING"), "{{ text }}", endpoint=CHAT,
+    one = dbmagic.batching.spark.complete(spark.createDataFrame([("x",)], "text STRING"), "{{ text }}", endpoint=CHAT,
                                  client=client).collect()[0]
     assert workspace.token not in one.error and "Bearer *** refused" in one.error
 
 
 def test_columns_are_checked_before_the_job(spark, workspace):
-    import dbmagic.spark
+    import dbmagic.batching.spark
 
     client = Client(host=workspace.host, token=workspace.token)
     sdf = spark.createDataFrame([("a",)], "text STRING")
     with pytest.raises(TemplateError, match=r"uses body, which is not a column of the DataFrame \(its columns: text\)"):
-        dbmagic.spark.complete(sdf, "{{ body }}", endpoint=CHAT, client=client)
+        dbmagic.batching.spark.complete(sdf, "{{ body }}", endpoint=CHAT, client=client)
     with pytest.raises(ConfigurationError, match="already has a column 'text'"):
-        dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client, output_col="text")
+        dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client, output_col="text")
     assert [r for r in workspace.requests if r.path.endswith("/invocations")] == []
 
 
 def test_a_failed_job_does_not_show_the_token(spark, workspace):
-    import dbmagic.spark
+    import dbmagic.batching.spark
 
     def stop_everything(value):
         raise SystemExit(f"stopped on {value}")
@@ -108,7 +108,7 @@ def test_a_failed_job_does_not_show_the_token(spark, workspace):
     client = Client(host=workspace.host, token=workspace.token)
     sdf = spark.createDataFrame([("a",)], "text STRING")
     with pytest.raises(Exception) as info:
-        dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client,
+        dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client,
                                transform_output=stop_everything).collect()
     text = str(info.value)
     assert "stopped on Echo: a" in text and workspace.token not in text
@@ -117,12 +117,12 @@ def test_a_failed_job_does_not_show_the_token(spark, workspace):
 def test_a_schema_gives_real_typed_columns(spark, workspace):
     from pyspark.sql import types as T
 
-    import dbmagic.spark
+    import dbmagic.batching.spark
 
     client = Client(host=workspace.host, token=workspace.token)
     sdf = spark.createDataFrame([(i, f"ticket number {i}") for i in range(40)], "id INT, text STRING").coalesce(1)
     workspace.fail(CHAT, off_schema=True, times=2)  # one row's two answers do not fit: it keeps its place
-    out = dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client, concurrency_per_task=1,
+    out = dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client, concurrency_per_task=1,
                                  schema="label: 'pos'|'neg', n: int, score: float, ok: bool?, tags: list[str]")
     assert out.schema == T.StructType([
         T.StructField("id", T.IntegerType()), T.StructField("text", T.StringType()),
@@ -142,7 +142,7 @@ def test_a_schema_gives_real_typed_columns(spark, workspace):
 def test_a_model_with_a_nested_object_is_a_struct(spark, workspace):
     from pydantic import BaseModel
 
-    import dbmagic.spark
+    import dbmagic.batching.spark
 
     class Place(BaseModel):
         city: str
@@ -154,24 +154,24 @@ def test_a_model_with_a_nested_object_is_a_struct(spark, workspace):
 
     client = Client(host=workspace.host, token=workspace.token)
     sdf = spark.createDataFrame([("a b",)], "text STRING")
-    assert dbmagic.spark.struct_type(Order).simpleString() == "struct<item:string,place:struct<city:string,zip:bigint>>"
-    [row] = dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client, schema=Order).collect()
+    assert dbmagic.batching.spark.struct_type(Order).simpleString() == "struct<item:string,place:struct<city:string,zip:bigint>>"
+    [row] = dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint=CHAT, client=client, schema=Order).collect()
     assert (row.item, row.place.city, row.place.zip, row.error) == ("a b", "a b", 2, None)
 
 
 def test_a_model_service_and_an_app_on_the_executors(spark, workspace, monkeypatch):
-    import dbmagic.spark
+    import dbmagic.batching.spark
 
     from .test_credentials import RotatingContext, install_dbruntime
 
     sdf = spark.createDataFrame([(i, f"t{i}") for i in range(6)], "id INT, text STRING").repartition(2)
     client = Client(host=workspace.host, token=workspace.token)
-    rows = sorted(dbmagic.spark.complete(sdf, "{{ text }}", endpoint="system.ai.claude-sonnet-4-5",
+    rows = sorted(dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint="system.ai.claude-sonnet-4-5",
                                          client=client).collect(), key=lambda r: r.id)
     assert [r.answer for r in rows] == [f"Echo: t{i}" for i in range(6)]
     app = workspace.add_app("support-agent")
     install_dbruntime(monkeypatch, RotatingContext(workspace.host, [workspace.token]))
-    rows = sorted(dbmagic.spark.complete(sdf, "{{ text }}", endpoint="apps/support-agent", client=Client()).collect(),
+    rows = sorted(dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint="apps/support-agent", client=Client()).collect(),
                   key=lambda r: r.id)
     assert [r.answer for r in rows] == [f"Echo: t{i}" for i in range(6)] and all(r.error is None for r in rows)
     assert len(app.requests) == 6 and {r.credential for r in app.requests} == {"oauth"}
@@ -179,12 +179,12 @@ def test_a_model_service_and_an_app_on_the_executors(spark, workspace, monkeypat
 
 
 def test_a_job_that_outlives_its_token_loses_no_row_and_a_resume_sends_only_the_rest(spark, workspace):
-    import dbmagic.spark
+    import dbmagic.batching.spark
 
     sdf = spark.createDataFrame([(i, f"t{i}") for i in range(8)], "id INT, text STRING").repartition(2)
     Client(host=workspace.host, token=workspace.token).endpoint(CHAT)
     workspace.expire_tokens_after(3)
-    first = dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, concurrency_per_task=1,
+    first = dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint=CHAT, concurrency_per_task=1,
                                    client=Client(host=workspace.host, token=workspace.token))
     done = first.collect()  # one action: a Spark DataFrame runs its job again at every action
     answered = [r for r in done if r.error is None]
@@ -195,20 +195,20 @@ def test_a_job_that_outlives_its_token_loses_no_row_and_a_resume_sends_only_the_
     assert [r.status for r in log].count(401) <= 2  # one per task at most: nothing is sent after it
     saved = spark.createDataFrame(done, first.schema)  # as a table saved between the two runs
     workspace.clear()
-    again = dbmagic.spark.complete(saved, "{{ text }}", endpoint=CHAT, resume=True,
+    again = dbmagic.batching.spark.complete(saved, "{{ text }}", endpoint=CHAT, resume=True,
                                    client=Client(host=workspace.host, token=workspace.token))  # a fresh token
     rows = sorted(again.collect(), key=lambda r: r.id)
     assert [(r.answer, r.error) for r in rows] == [(f"Echo: t{i}", None) for i in range(8)]
     resent = sorted(r.json["messages"][-1]["content"] for r in workspace.requests if r.path.endswith("/invocations"))
     assert resent == sorted(f"t{r.id}" for r in done if r.error is not None)  # only the rows without an answer
     with pytest.raises(ConfigurationError, match="resume=True takes an earlier result"):
-        dbmagic.spark.complete(sdf, "{{ text }}", endpoint=CHAT, resume=True, client=Client(host=workspace.host,
+        dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint=CHAT, resume=True, client=Client(host=workspace.host,
                                                                                             token=workspace.token))
 
 
 def test_over_a_spark_dataframe_runs_on_the_executors_now(spark, shell, workspace, capsys):
     """First hour, round two, item 5: on main `--over` a Spark DataFrame said "got DataFrame" with no
-    pointer to dbmagic.spark; it now runs dbmagic.spark.complete, cached and counted in the cell."""
+    pointer to dbmagic.batching.spark; it now runs dbmagic.batching.spark.complete, cached and counted in the cell."""
     shell.user_ns["tickets"] = spark.createDataFrame([(i, f"t{i}") for i in range(4)], "id INT, text STRING")
     shell.run_cell_magic("dbllm", f"-e {CHAT} --over tickets -o out", "Classify {{ text }}")
     out = shell.user_ns["out"]

@@ -11,7 +11,7 @@ import pytest
 
 import dbmagic
 from dbmagic import Client, ConfigurationError, ConnectionFailed, RateLimited, SettingError
-from dbmagic._wire import APP, MODEL_SERVICE, SERVING, target_of
+from dbmagic.call.wire import APP, MODEL_SERVICE, SERVING, target_of
 from dbmagic.client import _app_url_or_none
 from dbmagic.testing import LIMIT_MESSAGES
 

@@ -14,8 +14,9 @@ from IPython.core.error import UsageError
 mlflow = pytest.importorskip("mlflow")
 
 import dbmagic  # noqa: E402
-from dbmagic import Client, RetryPolicy, StreamInterrupted, tracing  # noqa: E402
-from dbmagic._panel import Panel  # noqa: E402
+from dbmagic import Client, RetryPolicy, StreamInterrupted
+from dbmagic.frontends.panel import Panel  # noqa: E402
+from dbmagic.observe import tracing
 
 from .conftest import CHAT, COMPLETIONS, EMBEDDINGS, FakeClock, canaries_in  # noqa: E402
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbmagic import _wire
+from dbmagic.call import wire as _wire
 
 
 @pytest.mark.parametrize("task, kind", [

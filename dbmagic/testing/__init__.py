@@ -24,17 +24,17 @@ dbmagic never falls back to it by itself.
 from ._memory import MemoryBody, MemoryHandler, Sent, TransportFailure, events, reply
 from ._process import in_another_process
 from ._server import (
-                      DEFAULT_ENDPOINTS,
-                      LIMIT_MESSAGES,
-                      App,
-                      Endpoint,
-                      Fault,
-                      LocalWorkspace,
-                      RecordedRequest,
-                      echo_reply,
-                      judge_reply,
-                      schema_reply,
-                      secret_fingerprint,
+           DEFAULT_ENDPOINTS,
+           LIMIT_MESSAGES,
+           App,
+           Endpoint,
+           Fault,
+           LocalWorkspace,
+           RecordedRequest,
+           echo_reply,
+           judge_reply,
+           schema_reply,
+           secret_fingerprint,
 )
 
 __all__ = ["LocalWorkspace", "Endpoint", "Fault", "App", "LIMIT_MESSAGES", "RecordedRequest", "echo_reply",

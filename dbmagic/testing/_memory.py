@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .._http import Headers, HttpRequest, Response, TransportFailure, read_all
+from ..transport.http import Headers, HttpRequest, Response, TransportFailure, read_all
 
 __all__ = ["MemoryHandler", "MemoryBody", "reply", "events", "Sent", "TransportFailure"]
 

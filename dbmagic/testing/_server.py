@@ -1256,7 +1256,7 @@ def _followed(root: Any, node: Any) -> dict[str, Any]:
 def _asked(turns: list[Any]) -> str:
     """The prompt a conversation asks about: the last user turn, or, when it asks again for an answer
     that did not fit a schema (dbmagic's retry), the question before it."""
-    from dbmagic.schema import RETRY_NOTE
+    from dbmagic.call.schema import RETRY_NOTE
 
     users = [_text(m.get("content")) for m in turns if isinstance(m, dict) and m.get("role") == "user"]
     asked = [u for u in users if not u.startswith(RETRY_NOTE)]
@@ -1299,7 +1299,7 @@ def _wanted_schema(shape: str, body: dict[str, Any]) -> dict[str, Any] | None:
 
 def _instructed(prompt: str) -> tuple[str, dict[str, Any] | None]:
     """A prompt that carries dbmagic's schema instruction: ``(the prompt before it, the schema)``."""
-    from dbmagic.schema import INSTRUCTION
+    from dbmagic.call.schema import INSTRUCTION
 
     before, found, after = prompt.partition(INSTRUCTION)
     if not found:

@@ -21,14 +21,17 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _cell, _history, _wire, settings
-from .errors import ConfigurationError, DbMagicError, TransformError, error_of
+from .. import settings
+from ..call import wire as _wire
+from ..errors import ConfigurationError, DbMagicError, TransformError, error_of
+from ..prompts.transforms import callables_in
+from ..settings import SETTINGS, Setting
+from . import cell as _cell
+from . import history as _history
 from .render import LiveOutput
-from .settings import SETTINGS, Setting
-from .transforms import callables_in
 
 if TYPE_CHECKING:
-    from .client import Call, Client, Completion
+    from ..client import Call, Client, Completion
 
 __all__ = ["Panel", "panel", "panel_result"]
 
@@ -128,7 +131,7 @@ class Panel:
         import ipywidgets as w
         from IPython import get_ipython
 
-        from .client import get_client
+        from ..client import get_client
 
         self.shell = shell or get_ipython()
         if self.shell is None:
@@ -317,7 +320,7 @@ class Panel:
         """The compared calls in compare mode (None otherwise)."""
         if not self.compare_mode.value:
             return None
-        from . import _compare
+        from . import compare as _compare
 
         names = list(self.compare_endpoints.value)
         if len(names) < 2:
@@ -363,7 +366,7 @@ class Panel:
                         self._answered, generation)
 
     def _work_compare(self, compared: list[tuple[str, dict[str, Any]]], template: str, generation: int) -> None:
-        from . import _compare
+        from . import compare as _compare
 
         self._in_worker(lambda: _compare.run(compared, template, self.namespace, self.client,
                                              sink=self._sink(generation), on_call=self._opened),

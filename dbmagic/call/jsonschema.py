@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import SchemaError, SettingError
+from ..errors import SchemaError, SettingError
 
 __all__ = ["validator_for", "first_error", "field_path", "check_size", "SECONDS", "MAX_DEPTH", "MAX_VALUES"]
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from . import _wire
-from .hooks import Subscriber
+from ..call import wire as _wire
+from ..call.hooks import Subscriber
 
 if TYPE_CHECKING:
-    from .client import Call, Client, Completion
+    from ..client import Call, Client, Completion
 
 __all__ = ["Conversations", "of"]
 

@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from . import _cell, _deps, settings
-from .errors import DbMagicError, error_of
+from .. import _deps, settings
+from ..errors import DbMagicError, error_of
+from . import cell as _cell
 
 if TYPE_CHECKING:
-    from .client import Call, Client
+    from ..client import Call, Client
 
 __all__ = ["Comparison", "cells", "run"]
 

@@ -45,11 +45,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import _deps, _pace, tracing
-from ._notebook import Notebook
-from ._pace import Limiter
-from ._wire import Usage
-from .errors import (
+from .. import _deps
+from ..call.wire import Usage
+from ..errors import (
     AuthenticationError,
     ConfigurationError,
     DbMagicError,
@@ -62,13 +60,17 @@ from .errors import (
     TemplateError,
     error_of,
 )
+from ..observe import tracing
+from ..prompts.namespace import Notebook
+from ..prompts.templating import JINJA_GLOBALS, Template
+from . import pace as _pace
 from .ledger import Ledger, completion_of, identity
-from .templating import JINJA_GLOBALS, Template
+from .pace import Limiter
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from .client import Call, CallOptions, Client
+    from ..client import Call, CallOptions, Client
 
 __all__ = ["batch", "BatchResult", "BackgroundBatch", "answer_columns", "is_frame", "row_contexts", "is_missing", "refuse_collisions",
            "refuse_field_collisions"]
@@ -357,7 +359,7 @@ _DTYPES = {"integer": "Int64", "number": "Float64", "boolean": "boolean", "strin
 
 
 def _typed(pd: Any, values: list[Any], node: Mapping[str, Any]) -> Any:
-    from .schema import kind_of
+    from ..call.schema import kind_of
 
     dtype = _DTYPES.get(kind_of(node)[0] or "")
     if dtype is not None:
@@ -389,9 +391,9 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``).
     ``signed_in``: the token was accepted before this batch (a Spark task's, by the driver), so a
     401 means that it expired or was revoked since."""
-    from . import settings
-    from .client import Completion, get_client, refuse_unknown_options
-    from .schema import schema_of
+    from .. import settings
+    from ..call.schema import schema_of
+    from ..client import Completion, get_client, refuse_unknown_options
 
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be a whole number of at least 1; got {concurrency!r}.")

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ._secret import Secret, reveal
-from .errors import ConfigurationError, first_line, scrub
+from ..errors import ConfigurationError, first_line, scrub
+from .secret import Secret, reveal
 
 __all__ = ["Credentials", "resolve_credentials", "normalize_host", "org_id_from_host"]
 

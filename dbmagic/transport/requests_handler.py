@@ -16,7 +16,7 @@ import requests.auth
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from ._http import HttpRequest, Response, TransportFailure, clean_interrupt, read_all
+from .http import HttpRequest, Response, TransportFailure, clean_interrupt, read_all
 
 __all__ = ["RequestsHandler"]
 
@@ -206,6 +206,6 @@ class _Signed(requests.auth.AuthBase):
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

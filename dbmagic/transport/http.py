@@ -23,8 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ._credentials import Credentials
-from .errors import (
+from ..errors import (
     AnswerCut,
     ConnectionFailed,
     RateLimited,
@@ -34,6 +33,7 @@ from .errors import (
     TransportError,
     error_from_response,
 )
+from .credentials import Credentials
 
 __all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "Body", "BodyTooLarge", "HttpRequest",
            "Response", "Handler", "TransportFailure", "retry_reason", "backoff", "ERROR_BODY_LIMIT"]
@@ -69,14 +69,14 @@ class Timeouts:
     read: float = 300.0
 
     def __post_init__(self) -> None:
-        from .settings import MAX_TIMEOUT
+        from ..settings import MAX_TIMEOUT
 
         for name in ("connect", "read"):
             value = getattr(self, name)
             ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                   and 0 < value <= MAX_TIMEOUT)
             if not ok:
-                from .errors import SettingError
+                from ..errors import SettingError
 
                 raise SettingError(f"Timeouts({name}=...) must be a number of seconds above 0 and at most "
                                    f"{MAX_TIMEOUT:g}; got {value!r}.")
@@ -287,7 +287,7 @@ class Transport:
         self.clock = clock or SystemClock()
         self.rand = rand
         if handler is None:
-            from ._requests import RequestsHandler
+            from .requests_handler import RequestsHandler
 
             handler = RequestsHandler(session=session, pool_size=pool_size)
         self.handler = handler

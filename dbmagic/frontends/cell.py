@@ -16,15 +16,17 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from . import _history, _wire, tracing
-from .errors import ConfigurationError, SchemaError
+from ..call import wire as _wire
+from ..errors import ConfigurationError, SchemaError
+from ..observe import tracing
+from ..prompts.templating import Template, render_prompt
+from ..prompts.transforms import resolve_transform
+from ..settings import CLIENT_OPTIONS, CallSpec
+from . import history as _history
 from .render import LiveOutput, answer_bundle, bundle, output_metadata
-from .settings import CLIENT_OPTIONS, CallSpec
-from .templating import Template, render_prompt
-from .transforms import resolve_transform
 
 if TYPE_CHECKING:  # the client (and requests) load with the first call, not with %load_ext
-    from .client import Call, Client, Completion, PreparedRequest
+    from ..client import Call, Client, Completion, PreparedRequest
 
 __all__ = ["CallSpec", "start", "run_prompt", "dry_run", "LAST"]
 
@@ -36,13 +38,13 @@ CUT_AT_LIMIT = ("The answer was cut at the token limit (finish_reason=length): r
 def call_options(spec: CallSpec, namespace: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
     """The `Client.prepare` keywords a spec means, with the names it holds found in the notebook
     (the transforms, the schema, the tools), and the output transform."""
-    from .schema import schema_named
+    from ..call.schema import schema_named
 
     options = {name: getattr(spec, name) for name in CLIENT_OPTIONS}
     options["transform_input"] = resolve_transform(spec.transform_input, namespace, "transform_input")
     options["schema"] = schema_named(spec.schema, namespace)
     if spec.tools:
-        from .tools import toolbox_named
+        from ..call.tools import toolbox_named
 
         options["tools"] = toolbox_named(spec.tools, namespace)
     return options, resolve_transform(spec.transform_output, namespace, "transform_output")
@@ -79,7 +81,7 @@ def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: Mu
               background: bool = False) -> tuple[Any, Any]:
     """The template over ``rows`` (see `dbmagic.batch`): ``(BatchResult, DataFrame with the answer
     and error columns, or None for a list)``; with ``background``, ``(BackgroundBatch, None)``."""
-    from ._batch import batch, is_frame, run, with_answers
+    from ..batching.run import batch, is_frame, run, with_answers
 
     options, t_out = call_options(spec, namespace)
     options.pop("endpoint")

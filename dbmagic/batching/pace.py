@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ._http import Clock, RetryPolicy, SystemClock, backoff
+from ..transport.http import Clock, RetryPolicy, SystemClock, backoff
 
 __all__ = ["Limiter", "Permit", "shared"]
 
