@@ -170,15 +170,12 @@ def test_a_notebook_context_that_raises_falls_through(workspace, monkeypatch):
 
 
 def test_a_custom_container_runtime_is_detected_by_its_version_file(workspace, monkeypatch, tmp_path):
-    from dbmagic.transport import credentials as _credentials
-
     marker = tmp_path / "DBR_VERSION"
     marker.write_text("15.4")
-    monkeypatch.setattr(_credentials, "DBR_VERSION_FILE", marker)
     main = types.ModuleType("__main__")
     main.dbutils = _FakeDbutils(workspace)
     monkeypatch.setitem(sys.modules, "__main__", main)
-    creds = resolve_credentials()
+    creds = resolve_credentials(runtime_marker=marker)
     assert (creds.source, creds.host, creds.cluster_id) == ("notebook context", workspace.host, CLUSTER)
     assert Client(credentials=creds).complete("Hi", endpoint=CHAT).text == "Echo: Hi"
 

@@ -23,7 +23,8 @@ from dbmagic import (
     Timeouts,
     TransportError,
 )
-from dbmagic.transport.http import TransportFailure, parse_retry_after, retry_delay, retry_reason
+from dbmagic.transport.http import TransportFailure
+from dbmagic.transport.retry import parse_retry_after, retry_delay, retry_reason
 
 from .conftest import CHAT
 

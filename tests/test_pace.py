@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from dbmagic.batching.pace import SHARE, Limiter
-from dbmagic.transport.http import RetryPolicy, backoff
+from dbmagic.transport.retry import RetryPolicy, backoff
 
 from .conftest import FakeClock
 

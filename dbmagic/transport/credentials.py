@@ -42,7 +42,8 @@ from typing import Any
 from ..errors import ConfigurationError, first_line, scrub
 from .secret import Secret, reveal
 
-__all__ = ["Credentials", "resolve_credentials", "normalize_host", "org_id_from_host"]
+__all__ = ["Credentials", "resolve_credentials", "normalize_host", "org_id_from_host", "is_loopback",
+           "OTHER_VARIABLES", "DBR_VERSION_FILE"]
 
 _log = logging.getLogger("dbmagic")
 
@@ -59,6 +60,8 @@ _SDK_ENV = ("DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_AUTH
             "DATABRICKS_AZURE_RESOURCE_ID", "DATABRICKS_GOOGLE_SERVICE_ACCOUNT", "GOOGLE_CREDENTIALS",
             "DATABRICKS_OIDC_TOKEN_ENV", "DATABRICKS_OIDC_TOKEN_FILEPATH")
 _MODEL_SERVING_ENV = ("IS_IN_DB_MODEL_SERVING_ENV", "IS_IN_DATABRICKS_MODEL_SERVING_ENV")
+# every variable besides DATABRICKS_* that the pipeline reads (a test's clean environment removes them)
+OTHER_VARIABLES = tuple(name for name in _SDK_ENV + _MODEL_SERVING_ENV if not name.startswith("DATABRICKS_"))
 # profile keys that are secrets (scrubbed from any message) or settings that are not auth
 _SECRET_KEYS = ("token", "client_secret", "password", "azure_client_secret", "google_credentials")
 _NOT_AUTH_KEYS = ("host", "cluster_id", "warehouse_id", "serverless_compute_id", "jobs_api_version", "account_id",
@@ -116,6 +119,18 @@ class Credentials:
             f"{failure}. Sign in again (e.g. `databricks auth login --host {self.host}`), "
             "or reconnect with dbmagic.configure()."
         )
+
+    @classmethod
+    def of_token(cls, host: str, token: Any, source: str, *, auth_type: str = "pat",
+                 extra_headers: tuple[tuple[str, str], ...] = ()) -> Credentials:
+        """Credentials that send ``token`` (a `Secret` or text) as a bearer token to ``host``: what a
+        Spark task is handed by the driver, or an app's OAuth token."""
+        return cls(host, source, auth_type=auth_type, _token=Secret(token), extra_headers=extra_headers)
+
+    def oauth_token(self) -> Any:
+        """databricks-sdk's OAuth token of an SDK login (``Config.oauth_token()``): it raises for a
+        login that gives none (basic, Azure CLI, ...); None when the login is not the SDK's."""
+        return self._oauth_token() if self._oauth_token is not None else None
 
     def secrets(self) -> list[Secret]:
         """The secret parts of the auth headers, and what signs in (a client secret): what every
@@ -182,7 +197,7 @@ def normalize_host(host: str) -> str:
         url = None
     if url is None or url.scheme not in ("https", "http") or not url.host or url.path not in (None, "", "/"):
         raise ConfigurationError(f"The Databricks host {shown!r} is not a workspace URL. {example}")
-    if url.scheme == "http" and not _is_loopback(url.host.strip("[]")):
+    if url.scheme == "http" and not is_loopback(url.host):
         raise ConfigurationError(
             f"Refusing plain http:// for {url.host}: the token would travel unencrypted. "
             f"Use https://{url.host} (http is allowed only for loopback test servers)."
@@ -190,7 +205,10 @@ def normalize_host(host: str) -> str:
     return f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
 
 
-def _is_loopback(hostname: str) -> bool:
+def is_loopback(hostname: str) -> bool:
+    """The one loopback rule: ``localhost`` or a loopback address (127.0.0.0/8, ``[::1]``), where plain
+    http is allowed (a test server) and no proxy is used."""
+    hostname = hostname.strip("[]")
     if hostname == "localhost":
         return True
     try:
@@ -211,8 +229,9 @@ class _Environment(Mapping[str, str]):
     """The environment as the sources read it, shown as ``<environment>``: a Verbose traceback
     would otherwise print every variable, the token among them."""
 
-    def __init__(self, variables: Mapping[str, str]):
+    def __init__(self, variables: Mapping[str, str], runtime_marker: Path = DBR_VERSION_FILE):
         self._variables = variables
+        self.runtime_marker = runtime_marker  # the file a custom-container Databricks runtime has
 
     def __getitem__(self, name: str) -> str:
         return self._variables[name]
@@ -239,11 +258,13 @@ def resolve_credentials(
     client_id: str | None = None,
     client_secret: Any = None,
     environ: Mapping[str, str] | None = None,
+    runtime_marker: Path = DBR_VERSION_FILE,
 ) -> Credentials:
     """Find the workspace, trying each source in order; raise one error listing them all.
-    ``client_id`` and ``client_secret`` (with ``host``) sign in as a service principal (OAuth M2M)."""
+    ``client_id`` and ``client_secret`` (with ``host``) sign in as a service principal (OAuth M2M).
+    ``environ`` and ``runtime_marker`` (the file a custom-container runtime has) are seams for tests."""
     token = Secret(token.strip() if isinstance(token, str) else reveal(token).strip()) if token else None
-    env = _Environment(os.environ if environ is None else environ)
+    env = _Environment(os.environ if environ is None else environ, runtime_marker)
     tried: list[str] = []
 
     # 1. explicit arguments
@@ -316,9 +337,9 @@ def _with_environment_extras(found: Credentials, env: Mapping[str, str], skipped
 # -- 2. the notebook context ------------------------------------------------------------------------
 
 def _from_notebook(env: Mapping[str, str]) -> Credentials | None:
-    if not env.get("DATABRICKS_RUNTIME_VERSION") and not DBR_VERSION_FILE.exists():
+    if not env.get("DATABRICKS_RUNTIME_VERSION") and not env.runtime_marker.exists():
         raise _Declined("notebook context: not in a Databricks runtime (no DATABRICKS_RUNTIME_VERSION, "
-                        f"no {DBR_VERSION_FILE})")
+                        f"no {env.runtime_marker})")
     reasons = []
     for read in (_from_repl_context, _from_dbutils):
         try:

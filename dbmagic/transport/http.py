@@ -1,14 +1,15 @@
-"""The one HTTP path: timeouts, the retry policy, the clock seam and the handler seam.
+"""The one HTTP path: timeouts, the handler seam, and the retries of `dbmagic.transport.retry`.
 
 A `Transport` sends an `HttpRequest` through a *handler* (``handle_request(request) -> Response``,
-as httpx's transports): `RequestsHandler` (one ``requests.Session``, the default) or an in-memory
-one for tests (`dbmagic.testing.MemoryHandler`). Above the handler, and the same for both, it signs
+as httpx's transports), which the `dbmagic.Client` chooses: `RequestsHandler` (one
+``requests.Session``, `dbmagic.transport.requests_handler`) or an in-memory one for tests
+(`dbmagic.testing.MemoryHandler`). Above the handler, and the same for both, it signs
 the request, retries what cannot have run, re-authenticates once on a 401 and maps an error answer
 to its `StatusError`. What comes back is dbmagic's own `Response` (status, headers, body, attempts,
 elapsed), so nothing above this module knows of ``requests``.
 
-`retry_reason` and `backoff` are pure functions; `Transport.request` is the only loop that sleeps,
-and it sleeps through an injectable `Clock`, so tests never wait for real. Ctrl-C
+`Transport.request` is the only loop that sleeps for a retry: its `RetryState` decides each wait,
+and it sleeps through the injectable `Clock`, so tests never wait for real. Ctrl-C
 (KeyboardInterrupt) is never caught: it stops a wait or a request at once. Each retry decision is
 logged at DEBUG on the ``dbmagic`` logger (``logging.getLogger("dbmagic").setLevel("DEBUG")``).
 """
@@ -34,29 +35,13 @@ from ..errors import (
     error_from_response,
 )
 from .credentials import Credentials
+from .retry import Clock, RetryPolicy, RetryState, SystemClock, parse_retry_after, retry_reason
 
 __all__ = ["Clock", "SystemClock", "Timeouts", "RetryPolicy", "Transport", "Body", "BodyTooLarge", "HttpRequest",
-           "Response", "Handler", "TransportFailure", "retry_reason", "backoff", "ERROR_BODY_LIMIT"]
+           "Response", "Handler", "TransportFailure", "ERROR_BODY_LIMIT", "read_all", "clean_interrupt",
+           "parse_retry_after", "retry_reason"]
 
 log = logging.getLogger("dbmagic")
-
-# the statuses that say the request did not run: rate limited, or the endpoint unavailable (scaling
-# from zero). A 500/502/504 may come after the model ran: an invocation costs money and may not be
-# idempotent, so it is not sent again silently.
-RETRY_STATUSES = frozenset({429, 503})
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    """The real clock."""
-
-    monotonic = staticmethod(time.monotonic)
-    sleep = staticmethod(time.sleep)
-
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -80,65 +65,6 @@ class Timeouts:
 
                 raise SettingError(f"Timeouts({name}=...) must be a number of seconds above 0 and at most "
                                    f"{MAX_TIMEOUT:g}; got {value!r}.")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries of what cannot have run: a 429, a 503, and a connection that was never made.
-
-    A 500, 502 or 504, a dropped connection and a read timeout are not retried: the model may have
-    run, and an invocation costs money. ``attempts`` counts the first try; ``deadline`` bounds the
-    whole call, waits included. A ``Retry-After`` header is honoured up to ``max_retry_after``;
-    without one the wait is `backoff`: exponential from ``backoff`` to ``max_backoff``, full jitter.
-    """
-
-    attempts: int = 5
-    deadline: float = 600.0
-    backoff: float = 1.0
-    max_backoff: float = 30.0
-    max_retry_after: float = 60.0
-    # False: a 429 is raised at once (RateLimited, with .retry_after), for a caller that paces
-    # many requests together (dbmagic.batch slows the whole batch down instead)
-    retry_rate_limited: bool = True
-
-
-def retry_reason(status: int | None, failure: TransportFailure | None = None) -> str | None:
-    """Why this outcome is worth another try, or None. Only what cannot have run is retried: a
-    connection that was never made, a 429 or a 503. Not: a connection that dropped after the request
-    was sent, a read timeout (the answer may still be running), 500/502/504 (the model may have run),
-    TLS failures and other 4xx (they fail the same way again)."""
-    if failure is not None:
-        return "could not connect" if failure.kind in ("connect", "connect_timeout") else None
-    if status in RETRY_STATUSES:
-        return f"HTTP {status}"
-    return None
-
-
-def backoff(policy: RetryPolicy, n: int, rand: Callable[[], float]) -> float:
-    """The wait before the ``n``-th retry (from 1) when the server gave no ``Retry-After``:
-    exponential from ``policy.backoff`` to ``policy.max_backoff``, with full jitter. The one backoff
-    of dbmagic: the transport's retries and a batch's pacing (`dbmagic._pace`) both use it."""
-    return min(policy.backoff * 2 ** (max(n, 1) - 1), policy.max_backoff) * rand()
-
-
-def retry_delay(policy: RetryPolicy, attempt: int, retry_after: float | None, rand: Callable[[], float]) -> float:
-    """Seconds to wait before try ``attempt + 1`` (attempt counts from 1): ``Retry-After`` when the
-    server gave one (bounded by ``max_retry_after``), else `backoff`."""
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), policy.max_retry_after)
-    return backoff(policy, attempt, rand)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds form; HTTP dates are rare here); None,
-    so that backoff applies, for anything that is not a finite number of at least 0."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 # -- the handler seam ----------------------------------------------------------------------------
@@ -268,29 +194,23 @@ class Handler(Protocol):
 
 
 class Transport:
-    """Retries, timeouts, signing and error mapping over one `Handler` (by default
-    `RequestsHandler`: one ``requests.Session``, its pool sized for batch concurrency)."""
+    """Retries, timeouts, signing and error mapping over one `Handler` (the client's choice:
+    `RequestsHandler`, one ``requests.Session``, its pool sized for batch concurrency)."""
 
     def __init__(
         self,
+        handler: Handler,
         *,
         timeouts: Timeouts = Timeouts(),
         retry: RetryPolicy = RetryPolicy(),
         clock: Clock | None = None,
-        session: Any = None,
-        pool_size: int = 16,
         rand: Callable[[], float] = random.random,
-        handler: Handler | None = None,
     ):
+        self.handler = handler
         self.timeouts = timeouts
         self.retry = retry
         self.clock = clock or SystemClock()
         self.rand = rand
-        if handler is None:
-            from .requests_handler import RequestsHandler
-
-            handler = RequestsHandler(session=session, pool_size=pool_size)
-        self.handler = handler
 
     def request(
         self,
@@ -317,10 +237,8 @@ class Transport:
         token may have expired between the read and the request.
         """
         policy = retry or self.retry
-        start = self.clock.monotonic()
-        attempt = 0
+        state = RetryState(policy, self.clock, self.rand)
         while True:
-            attempt += 1
             waits = self._waits(timeout, deadline, target)
             response, error, reason = self._try(credentials, method, path, target, json, stream, waits, timeout)
             if response is not None and response.status == 401 and credentials.refreshes_token:
@@ -329,31 +247,23 @@ class Transport:
                 response, error, reason = self._try(credentials, method, path, target, json, stream,
                                                     self._waits(timeout, deadline, target), timeout)
             if error is None:
-                response.attempts, response.elapsed = attempt, self.clock.monotonic() - start
+                response.attempts, response.elapsed = state.attempts + 1, state.elapsed()
                 return response
             response = None  # the error's traceback keeps this frame: it must not keep the connection
-            if isinstance(error, RateLimited) and (not policy.retry_rate_limited or
-                                                   (error.outlasts or 0) > policy.deadline):
-                raise error  # a batch paces itself; a limit that resets in an hour is not waited for
-            if reason is None or attempt >= policy.attempts:
+            if isinstance(error, RateLimited) and not policy.retry_rate_limited:
+                raise error  # a batch paces itself (and asks a RetryState of its own per row)
+            wait = state.failed(error, reason, deadline)
+            if wait is None:
                 if reason is not None:
-                    log.debug("%s: %s on try %d of %d; giving up", target, reason, attempt, policy.attempts)
-                raise error.gave_up_after(attempt) from None
-            wait = retry_delay(policy, attempt, getattr(error, "retry_after", None), self.rand)
-            if deadline is not None and time.monotonic() + wait >= deadline:
-                log.debug("%s: %s on try %d; a wait of %.2f s would pass the call's timeout; giving up", target,
-                          reason, attempt, wait)
-                raise error.gave_up_after(attempt) from None
-            if self.clock.monotonic() - start + wait > policy.deadline:
-                log.debug("%s: %s on try %d; a wait of %.2f s would pass the %g s deadline; giving up",
-                          target, reason, attempt, wait, policy.deadline)
-                raise error.gave_up_after(attempt) from None
-            log.debug("%s: %s on try %d of %d; trying again in %.2f s (%s)", target, reason, attempt,
+                    log.debug("%s: %s on try %d of %d; giving up (attempts, deadline, timeout or a limit that "
+                              "outlasts them)", target, reason, state.attempts, policy.attempts)
+                raise error.gave_up_after(state.attempts) from None
+            log.debug("%s: %s on try %d of %d; trying again in %.2f s (%s)", target, reason, state.attempts,
                       policy.attempts, wait, "Retry-After" if getattr(error, "retry_after", None) is not None
                       else "backoff")
             self.clock.sleep(wait)
             if cancelled is not None and cancelled():
-                raise error.gave_up_after(attempt) from None
+                raise error.gave_up_after(state.attempts) from None
 
     def _waits(self, timeout: float | None, deadline: float | None, target: str) -> tuple[float, float]:
         """``(connect, read)`` seconds for one try: the transport's, or what is left of ``deadline``."""

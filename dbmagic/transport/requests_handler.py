@@ -1,4 +1,4 @@
-"""The real handler: one ``requests.Session`` behind `dbmagic._http.Transport`.
+"""The real handler: one ``requests.Session`` behind `dbmagic.transport.http.Transport`.
 
 The one module that knows requests and urllib3: how to send, how their failures map to a
 `TransportFailure` kind, and how to read a body as it arrives.
@@ -119,7 +119,7 @@ def _never_sent(error: Exception) -> bool:
 
 
 class _RequestsBody:
-    """A `dbmagic._http.Body` over a requests response: the one place that knows urllib3's streaming internals."""
+    """A `dbmagic.transport.http.Body` over a requests response: the one place that knows urllib3's streaming internals."""
 
     def __init__(self, response: requests.Response):
         self._response = response
