@@ -34,6 +34,7 @@ No message ever contains the token: `RequestError` scrubs the secrets it is give
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterable
@@ -146,6 +147,14 @@ class RequestError(DbMagicError):
         self.what = scrub(what, secrets)
         self.attempts = 1
         super().__init__(self._compose())
+
+    def with_next_step(self, next_step: str) -> RequestError:
+        """This error with another next step: a new error, made whole before it is raised (what
+        an app's failure usually means, added to the transport's error)."""
+        made = copy.copy(self)
+        made.next_step = next_step
+        made.args = (made._compose(),)
+        return made
 
     def gave_up_after(self, attempts: int) -> RequestError:
         """Note in the message that this was the last of ``attempts`` tries."""

@@ -1,7 +1,7 @@
-"""The call ledger: checkpoints and the cache (`dbmagic.batching.ledger`).
+"""The call ledger: checkpoints and the cache (`dbmagic.call.ledger`).
 
-This module is the public import path; the code lives in `dbmagic.batching.ledger`.
+This module is the public import path; the code lives in `dbmagic.call.ledger`.
 """
 
-from .batching.ledger import *  # noqa: F403
-from .batching.ledger import __all__  # noqa: F401
+from .call.ledger import *  # noqa: F403
+from .call.ledger import __all__  # noqa: F401

@@ -62,41 +62,34 @@ def canaries_in(texts) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def audit_what_users_see(monkeypatch, tmp_path):
-    """The canary audit, for what a test's output capture does not hold: every batch result (its
-    answer and error columns), every compared call's metrics (the compare error column), every
-    display the shell captured, the state of every live widget (the panel), and every ledger file the
-    test left in its temporary folder or the kernel's cache folder (checkpoints, the cache).
-    A secret in any of them fails the test."""
+def audit_what_users_see(tmp_path):
+    """The canary audit, for what a test's output capture does not hold: how every call ended (its
+    text, value and error: a batch's answer and error columns, a compared call's column, the panel's
+    answer), heard as a subscriber of every client (`dbmagic.subscribe`, no patch), every display
+    the shell captured, the state of every live widget (the panel), and every ledger file the test
+    left in its temporary folder or the kernel's cache folder (checkpoints, the cache). A secret in
+    any of them fails the test."""
     import ipywidgets.widgets.widget as widget_module
 
-    from dbmagic.batching import run as _batch
-    from dbmagic.frontends import compare as _compare
+    seen: list[str] = []
 
-    seen: list[object] = []
-    original_init = _batch.BatchResult.__init__
+    class Audit(dbmagic.Subscriber):
+        def on_done(self, call, completion):
+            seen.extend([completion.text, repr(completion.value), str(completion.error or ""), repr(completion.raw)])
 
-    def recording_init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        seen.append(self)
+        def on_failed(self, call, error):
+            seen.append(str(error))
 
-    original_metrics = _compare._metrics
+        def on_refused(self, endpoint, prompt, error):
+            seen.append(str(error))
 
-    def recording_metrics(runs):
-        row = original_metrics(runs)
-        seen.append(row)
-        return row
-
-    monkeypatch.setattr(_batch.BatchResult, "__init__", recording_init)
-    monkeypatch.setattr(_compare, "_metrics", recording_metrics)
+    unsubscribe = dbmagic.subscribe(Audit())
     widgets_before = set(widget_module._instances)
-    yield
-    texts: list[str] = []
-    for item in seen:
-        if isinstance(item, _batch.BatchResult):
-            texts += [str(e) for e in item.errors] + [str(t) for t in item.texts] + [repr(item)]
-        else:
-            texts.append(repr(item))
+    try:
+        yield
+    finally:
+        unsubscribe()
+    texts: list[str] = list(seen)
     shell = InteractiveShell.initialized() and InteractiveShell.instance()
     if shell and isinstance(shell.display_pub, CapturingDisplayPublisher):
         texts += [repr(output) for output in shell.display_pub.outputs]
@@ -107,7 +100,7 @@ def audit_what_users_see(monkeypatch, tmp_path):
             texts.append(repr(w.get_state()))
         except Exception:  # a widget half torn down: nothing it holds is shown
             continue
-    from dbmagic.batching import ledger
+    from dbmagic import ledger
 
     # the ledgers a test wrote (checkpoints, caches: JSON Lines files), wherever under its folder, and the
     # kernel's cache folder (not the test's own inputs there, such as a ~/.databrickscfg holding a secret)
@@ -116,7 +109,7 @@ def audit_what_users_see(monkeypatch, tmp_path):
         texts += [_file_text(path) for path in ledger.cache().ledger.path.rglob("*")]
     leaks = canaries_in(texts)
     if leaks:
-        pytest.fail(f"A local workspace secret reached a batch or compare column, a display, a widget or a file "
+        pytest.fail(f"A local workspace secret reached an answer, an error, a display, a widget or a file "
                     f"(a checkpoint, the cache): {leaks}")
 
 
@@ -165,19 +158,17 @@ def clean_env(monkeypatch, tmp_path):
     """No real DATABRICKS_* settings, a temporary HOME, and no shared client left from another test."""
     import os
 
-    from dbmagic.transport import credentials as _credentials
+    from dbmagic.transport.credentials import OTHER_VARIABLES
 
     for name in list(os.environ):
-        if name.startswith("DATABRICKS_") or name in _credentials._SDK_ENV + _credentials._MODEL_SERVING_ENV:
+        if name.startswith("DATABRICKS_") or name in OTHER_VARIABLES:
             monkeypatch.delenv(name)
-    monkeypatch.setattr(_credentials, "DBR_VERSION_FILE", tmp_path / "no-dbr" / "DBR_VERSION")
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setattr(dbmagic.client, "_default", None)
+    dbmagic.client.set_default(None)
     yield home
-    if dbmagic.client._default is not None:
-        dbmagic.client._default.close()
+    dbmagic.client.set_default(None)  # closes the one a test made
 
 
 @pytest.fixture

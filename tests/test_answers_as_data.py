@@ -423,8 +423,8 @@ def test_the_magic_shows_the_calls_asked_for(shell, workspace):
 
 
 def test_an_agent_s_own_tool_calls_are_read_as_already_run():
+    from dbmagic.call.answers import parse_response
     from dbmagic.call.wire import RESPONSES as KIND
-    from dbmagic.call.wire import parse_response
 
     parsed = parse_response(KIND, {"output": [
         {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "search", "arguments": '{"q": "x"}'},

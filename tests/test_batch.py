@@ -80,17 +80,13 @@ def test_a_rate_limited_endpoint_slows_the_batch_and_loses_no_row(workspace, fas
         assert not early, f"{len(early)} requests arrived within a Retry-After of {answer.retry_after} s"
 
 
-def test_a_429_spell_without_retry_after_backs_off(workspace, fast, monkeypatch):
-    import functools
-
-    from dbmagic.batching import pace as _pace
-    from dbmagic.batching import run as _batch
-
+def test_a_429_spell_without_retry_after_backs_off(workspace):
     # the backoff's jitter drawn at its top (full jitter may draw a pause of ~0 s: on main this test
-    # failed about once in eight runs)
-    monkeypatch.setattr(_batch, "Limiter", functools.partial(_pace.Limiter, rand=lambda: 1.0))
+    # failed about once in eight runs): a client's jitter is a seam, passed in
+    steady = Client(host=workspace.host, token=workspace.token, retry=RetryPolicy(backoff=0.05, max_backoff=0.2),
+                    jitter=lambda: 1.0)
     workspace.fail(CHAT, 429, times=3)  # no Retry-After: the batch's own backoff
-    result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(6)], endpoint=CHAT, concurrency=3, client=fast,
+    result = dbmagic.batch("{{ row }}", [f"r{i}" for i in range(6)], endpoint=CHAT, concurrency=3, client=steady,
                            progress=False)
     assert result.failed == []
     log = invocations(workspace, CHAT)
@@ -134,27 +130,24 @@ def test_ctrl_c_keeps_the_answers_on_their_way_and_resume_sends_only_the_rest(wo
     assert sorted(prompt_of(r) for r in invocations(workspace, "steady")) == sorted(rows[4:])  # only the missing
 
 
-def test_an_answer_later_than_the_grace_is_dropped_and_a_second_ctrl_c_does_not_wait(workspace, fast, monkeypatch):
-    import dbmagic.batching.run
-
+def test_an_answer_later_than_the_grace_is_dropped_and_a_second_ctrl_c_does_not_wait(workspace, fast):
     workspace.add_endpoint(Endpoint("slow", "llm/v1/chat", latency=1.0))
-    monkeypatch.setattr(dbmagic.batching.run, "GRACE", 0.2)
     timers = [threading.Timer(0.2, _thread.interrupt_main)]
     timers[0].start()
     started = time.monotonic()
     try:
-        result = dbmagic.batch("{{ row }}", ["a", "b"], endpoint="slow", concurrency=2, client=fast, progress=False)
+        result = dbmagic.batch("{{ row }}", ["a", "b"], endpoint="slow", concurrency=2, client=fast, progress=False,
+                               grace=0.2)
     finally:
         timers[0].cancel()
     assert time.monotonic() - started < 0.8 and result.interrupted
     assert [c.finish_reason for c in result] == ["interrupted", "interrupted"]  # what arrived: nothing
-    monkeypatch.setattr(dbmagic.batching.run, "GRACE", 30.0)
     timers = [threading.Timer(t, _thread.interrupt_main) for t in (0.2, 0.4)]  # Ctrl-C, then Ctrl-C again
     for t in timers:
         t.start()
     started = time.monotonic()
     try:
-        result = dbmagic.batch("{{ row }}", ["c"], endpoint="slow", client=fast, progress=False)
+        result = dbmagic.batch("{{ row }}", ["c"], endpoint="slow", client=fast, progress=False, grace=30.0)
     finally:
         for t in timers:
             t.cancel()

@@ -232,7 +232,7 @@ def planted(folder, record):
 def test_a_planted_or_edited_record_is_never_served_and_is_counted(workspace, tmp_path):
     """Item 2: on main a copied record with other text, or one for a request never sent (its key is
     computable), was served as cached=True; with --insert it became the next cell."""
-    from dbmagic.batching.ledger import identity
+    from dbmagic.call.ledger import identity
 
     folder = tmp_path / "ck"
     client = Client(host=workspace.host, token=workspace.token)
@@ -303,7 +303,7 @@ def test_bad_files_are_skipped_and_counted_never_followed(workspace, tmp_path):
     dbmagic.use_cache(folder)
     try:
         from IPython.core.interactiveshell import InteractiveShell  # noqa: F401 (the magic's describe and clear)
-        store = dbmagic.batching.ledger.cache()
+        store = dbmagic.call.ledger.cache()
         assert "6 unreadable" in store.describe()["skipped"]
         assert store.clear() >= 1 and (folder / "e-zero.jsonl").is_symlink()  # what dbmagic did not write stays
     finally:
@@ -480,7 +480,7 @@ def test_a_token_budget_is_a_bound_whatever_the_endpoint_reports(workspace, usag
     sent = invocations(workspace, "counted")
     answers = [t for t in result.texts if t is not None]
     assert 0 < len(sent) < 100 and len(answers) == len(sent)
-    estimate = sum(dbmagic.batching.run.tokens_in(json.dumps(r.json, ensure_ascii=False)) + dbmagic.batching.run.tokens_in(t)
+    estimate = sum(dbmagic.batching.budget.tokens_in(json.dumps(r.json, ensure_ascii=False)) + dbmagic.batching.budget.tokens_in(t)
                    for r, t in zip(sent, answers, strict=True))
     counted = result.usage.total if usage == "yes" else estimate
     assert counted <= 1000  # what was sent fits the budget, however many were in flight
@@ -602,7 +602,7 @@ def test_a_cached_answer_keeps_its_tool_calls(client, workspace, tmp_path):
 
 def test_only_an_apps_own_subdomain_gets_a_token(client):
     """Item 6: on main the bare apex databricksapps.com was accepted."""
-    from dbmagic.client import _app_url_or_none
+    from dbmagic.transport.apps import app_url_or_none as _app_url_or_none
 
     assert _app_url_or_none("https://databricksapps.com", client.credentials.host) is None
     assert _app_url_or_none("https://agent-1.aws.databricksapps.com", client.credentials.host) is not None

@@ -1,4 +1,4 @@
-"""The call ledger (dbmagic.batching.ledger) under a batch's checkpoint: rows it answers are not sent again,
+"""The call ledger (dbmagic.call.ledger) under a batch's checkpoint: rows it answers are not sent again,
 in this process, after a SIGKILL and from another process, asserted on the local workspace's log."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 import dbmagic
 from dbmagic import Client, ConfigurationError
-from dbmagic.batching.ledger import Ledger
+from dbmagic.call.ledger import Ledger
 from dbmagic.testing import Endpoint
 
 from .conftest import CHAT
@@ -263,39 +263,15 @@ def test_a_background_batch_cancelled_keeps_what_was_sent(workspace):
 
 
 def test_two_batches_at_once_on_one_endpoint_share_its_pace(workspace):
-    from dbmagic.batching import pace as _pace
-
     workspace.add_endpoint(Endpoint("limited", "llm/v1/chat", latency=0.02, rate_limit=8, retry_after=False))
     client = Client(host=workspace.host, token=workspace.token)
-    seen = []
-    shared = _pace.shared
-
-    def spy(*args, **kwargs):
-        cm = shared(*args, **kwargs)
-        limiter = cm.__enter__()
-        seen.append(limiter)
-        return _Entered(cm, limiter)
-
-    class _Entered:
-        def __init__(self, cm, limiter):
-            self.cm, self.limiter = cm, limiter
-
-        def __enter__(self):
-            return self.limiter
-
-        def __exit__(self, *exc):
-            return self.cm.__exit__(*exc)
-
-    _pace.shared = spy
-    try:
-        a = dbmagic.batch("a {{ row }}", list(range(16)), "limited", client=client, progress=False, concurrency=4,
-                          background=True)
-        b = dbmagic.batch("b {{ row }}", list(range(16)), "limited", client=client, progress=False, concurrency=4,
-                          background=True)
-        first, second = a.result(timeout=60), b.result(timeout=60)
-    finally:
-        _pace.shared = shared
-    assert first.failed == [] == second.failed and seen[0] is seen[1]  # one limiter for both
+    a = dbmagic.batch("a {{ row }}", list(range(16)), "limited", client=client, progress=False, concurrency=4,
+                      background=True)
+    b = dbmagic.batch("b {{ row }}", list(range(16)), "limited", client=client, progress=False, concurrency=4,
+                      background=True)
+    a.result(timeout=60), b.result(timeout=60)
+    first, second = a.batch_result, b.batch_result
+    assert first.failed == [] == second.failed and first.limiter is second.limiter  # one pace for both
     log = [r for r in workspace.requests if r.path.endswith("/limited/invocations")]
     accepted = [r.at for r in log if r.status == 200]
     assert len(accepted) == 32

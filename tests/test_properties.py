@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from IPython.core.error import UsageError  # noqa: E402
 
 from dbmagic import settings
+from dbmagic.call import answers as _answers
 from dbmagic.call import wire as _wire
 from dbmagic.errors import DbMagicError, parse_error_body  # noqa: E402
 from dbmagic.frontends.magic import split_options  # noqa: E402
@@ -70,8 +71,8 @@ def test_templates_with_hostile_braces_and_names_render_or_explain(source, names
        st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=10))
 def test_sse_events_do_not_depend_on_how_the_bytes_were_split(datas, cuts):
     stream = b"".join(b"data: " + d.replace("\n", " ").replace("\r", " ").encode() + b"\n\n" for d in datas)
-    whole = list(_wire.SSEDecoder().feed(stream))
-    decoder, pieces, at, i = _wire.SSEDecoder(), [], 0, 0
+    whole = list(_answers.SSEDecoder().feed(stream))
+    decoder, pieces, at, i = _answers.SSEDecoder(), [], 0, 0
     while at < len(stream):
         step = cuts[i % len(cuts)]
         pieces += list(decoder.feed(stream[at:at + step]))
@@ -84,8 +85,8 @@ def test_sse_events_do_not_depend_on_how_the_bytes_were_split(datas, cuts):
 @given(st.sampled_from(_wire.KINDS), json_values)
 def test_any_json_answer_parses_or_is_a_wire_error(kind, data):
     try:
-        parsed = _wire.parse_response(kind, data)
-    except _wire.WireError:
+        parsed = _answers.parse_response(kind, data)
+    except _answers.WireError:
         return
     assert isinstance(parsed.text, str)
 
@@ -94,7 +95,7 @@ def test_any_json_answer_parses_or_is_a_wire_error(kind, data):
 @given(st.dictionaries(st.sampled_from(["type", "delta", "choices", "usage", "item", "item_id", "x"]), json_values,
                        max_size=4))
 def test_any_streamed_event_reads_as_text_or_nothing(event):
-    text, usage, finish = _wire.ChunkReader().read(event)
+    text, usage, finish = _answers.ChunkReader().read(event)
     assert isinstance(text, str)
 
 

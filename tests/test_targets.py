@@ -12,8 +12,8 @@ import pytest
 import dbmagic
 from dbmagic import Client, ConfigurationError, ConnectionFailed, RateLimited, SettingError
 from dbmagic.call.wire import APP, MODEL_SERVICE, SERVING, target_of
-from dbmagic.client import _app_url_or_none
 from dbmagic.testing import LIMIT_MESSAGES
+from dbmagic.transport.apps import app_url_or_none as _app_url_or_none
 
 from .conftest import CHAT
 from .test_credentials import RotatingContext, install_dbruntime

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dbmagic.call import answers as _answers
 from dbmagic.call import wire as _wire
 
 
@@ -45,26 +46,26 @@ def test_other_kinds_bodies():
 
 def test_parse_chat_content_parts_and_custom_predictions():
     data = {"choices": [{"message": {"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}}]}
-    assert _wire.parse_response("chat", data).text == "ab"
-    assert _wire.parse_response("custom", {"predictions": [{"x": 1}, {"x": 2}]}).value == {"x": 1}
-    assert _wire.parse_response("custom", {"predictions": {"x": 1}}).value == {"x": 1}
-    assert _wire.parse_response("proxy", {"a": [1]}).text == '{"a": [1]}'
+    assert _answers.parse_response("chat", data).text == "ab"
+    assert _answers.parse_response("custom", {"predictions": [{"x": 1}, {"x": 2}]}).value == {"x": 1}
+    assert _answers.parse_response("custom", {"predictions": {"x": 1}}).value == {"x": 1}
+    assert _answers.parse_response("proxy", {"a": [1]}).text == '{"a": [1]}'
 
 
 def test_parse_wrong_shape_is_a_wire_error():
-    with pytest.raises(_wire.WireError, match="a chat answer without the expected fields"):
-        _wire.parse_response("chat", {"predictions": ["x"]})
+    with pytest.raises(_answers.WireError, match="a chat answer without the expected fields"):
+        _answers.parse_response("chat", {"predictions": ["x"]})
 
 
 def test_chunk_shapes():
-    reader = _wire.ChunkReader()
+    reader = _answers.ChunkReader()
     assert reader.read({"choices": [{"delta": {"content": "x"}, "finish_reason": None}]}) == ("x", None, None)
     assert reader.read({"choices": [{"text": "y", "finish_reason": "stop"}], "usage": {"t": 1}}) == (
-        "y", _wire.Usage(), "stop")  # a usage with no count dbmagic knows
+        "y", _answers.Usage(), "stop")  # a usage with no count dbmagic knows
     assert reader.read({"choices": [{"text": "z"}], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}) == (
-        "z", _wire.Usage(2, 1, 3), None)
+        "z", _answers.Usage(2, 1, 3), None)
     assert reader.read({"type": "response.completed", "response": {"usage": {"input_tokens": 4, "output_tokens": 2}}}
-                       ) == ("", _wire.Usage(4, 2, 6), "stop")  # the Responses API's last event
+                       ) == ("", _answers.Usage(4, 2, 6), "stop")  # the Responses API's last event
     assert reader.read({"delta": {"role": "assistant", "content": "agent", "id": "m1"}}) == ("agent", None, None)
     assert reader.read({"trace_id": "tr-1"}) == ("", None, None)
 
@@ -72,14 +73,14 @@ def test_chunk_shapes():
 def test_responses_events_show_deltas_once():
     item = {"type": "message", "id": "msg_1", "role": "assistant",
             "content": [{"type": "output_text", "text": "Hello"}]}
-    reader = _wire.ChunkReader()
+    reader = _answers.ChunkReader()
     texts = [reader.read(e)[0] for e in (
         {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hel"},
         {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "lo"},
         {"type": "response.output_item.done", "item": item})]
     assert texts == ["Hel", "lo", ""]  # the closing item repeats the text: not shown twice
     # an agent that sends only whole items (no deltas) still shows its text, tool calls show none
-    reader = _wire.ChunkReader()
+    reader = _answers.ChunkReader()
     assert reader.read({"type": "response.output_item.done", "item": {"type": "function_call", "id": "fc_1"}})[0] == ""
     assert reader.read({"type": "response.output_item.done", "item": item})[0] == "Hello"
     assert reader.read({"type": "response.completed"})[2] == "stop"
@@ -106,14 +107,14 @@ def test_parse_agent_answers():
         {"type": "function_call_output", "call_id": "fc_1", "output": "42"},
         {"type": "message", "role": "assistant", "id": "msg_1",
          "content": [{"type": "output_text", "text": "The answer "}, {"type": "output_text", "text": "is 42."}]}]}
-    assert _wire.parse_response("responses", data).text == "The answer is 42."
+    assert _answers.parse_response("responses", data).text == "The answer is 42."
     data = {"messages": [{"role": "assistant", "content": "thinking", "id": "m0"},
                          {"role": "tool", "content": "42", "id": "t1"},
                          {"role": "assistant", "content": "It is 42.", "id": "m1"}]}
-    assert _wire.parse_response("chat_agent", data).text == "It is 42."
-    assert _wire.parse_response("custom", {"outputs": ["o1", "o2"]}).value == "o1"
-    with pytest.raises(_wire.WireError, match="a chat_agent answer without the expected fields"):
-        _wire.parse_response("chat_agent", {"messages": [{"role": "user", "content": "x"}]})
+    assert _answers.parse_response("chat_agent", data).text == "It is 42."
+    assert _answers.parse_response("custom", {"outputs": ["o1", "o2"]}).value == "o1"
+    with pytest.raises(_answers.WireError, match="a chat_agent answer without the expected fields"):
+        _answers.parse_response("chat_agent", {"messages": [{"role": "user", "content": "x"}]})
 
 
 STREAM = (
@@ -128,7 +129,7 @@ STREAM = (
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
 def test_sse_decoder_any_split(size):
-    decoder = _wire.SSEDecoder()
+    decoder = _answers.SSEDecoder()
     events = []
     for i in range(0, len(STREAM), size):
         events.extend(decoder.feed(STREAM[i:i + size]))
@@ -138,7 +139,7 @@ def test_sse_decoder_any_split(size):
 
 
 def test_sse_decoder_reports_a_partial_last_line():
-    decoder = _wire.SSEDecoder()
+    decoder = _answers.SSEDecoder()
     assert list(decoder.feed(b'data: {"a": 1}\n\ndata: {"b"')) == ['{"a": 1}']
     assert decoder.close() == []
     assert decoder.truncated is True

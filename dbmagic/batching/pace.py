@@ -1,6 +1,6 @@
 """A batch's pacing: how many requests may be in flight, and how fast they may start.
 
-`Limiter` is a pure state machine on the clock seam (`dbmagic._http.Clock`): the batch's workers
+`Limiter` is a pure state machine on the clock seam (`dbmagic.transport.retry.Clock`): the batch's workers
 ask it for a start (`delay`, then `acquire`), and tell it how each request went (`on_success`,
 `on_rate_limited`, `release`). Its unit tests drive it with a fake clock, without sleeping.
 
@@ -14,7 +14,7 @@ ask it for a start (`delay`, then `acquire`), and tell it how each request went 
   batch. A 429 again before any answer at the learned rate says the endpoint's window is full:
   starts wait until the oldest request it accepted in that window is a second old. When nothing
   has been answered lately there is nothing to learn from: every start waits a
-  `dbmagic._http.backoff` (the transport's own) that grows with each such 429.
+  `dbmagic.transport.retry.backoff` (the transport's own) that grows with each such 429.
 - A decrease counts once per *epoch*: the 429s of requests that started before the last decrease
   were sent at the old rate and say nothing new.
 - The window is the limit's own, as the 429's message names it (`dbmagic.errors.RateLimited.window`):
@@ -22,7 +22,7 @@ ask it for a start (`delay`, then `acquire`), and tell it how each request went 
   minute. Over a minute, what the endpoint accepted in the last minute sets the rate, a full
   window waits for its oldest request to be a minute old, and the rate grows by one request a
   minute each minute, or 5% a minute. (Limits of an hour or a day are not paced: the batch fails
-  fast, `dbmagic._batch`.)
+  fast, `dbmagic.batching.rows`.)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..transport.http import Clock, RetryPolicy, SystemClock, backoff
+from ..transport.retry import Clock, RetryPolicy, SystemClock, backoff
 
 __all__ = ["Limiter", "Permit", "shared"]
 

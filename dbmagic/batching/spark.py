@@ -78,7 +78,7 @@ if TYPE_CHECKING:
 
     from ..client import CallOptions, Client
 
-__all__ = ["complete", "struct_type"]
+__all__ = ["complete", "struct_type", "for_spark"]
 
 
 def complete(
@@ -143,25 +143,26 @@ def complete(
     secret = credentials.token  # a Secret: masked wherever it could show
     host, extra_headers = credentials.host, credentials.extra_headers
     # an app (apps/NAME): its URL and the current OAuth token for it travel too (the executors cannot exchange one)
-    app = (probe.host, client._credentials_for(probe).token) if probe.where == APP else None
+    app = (probe.host, client.credentials_for(probe).token) if probe.where == APP else None
     retry, timeouts = client.retry, client.timeouts
     schema = StructType([*[sdf.schema[c] for c in columns], *added])
     answered_by = f"{output_col}_raw" if typed else output_col  # with no error: a row answered before
 
     def dbmagic_complete(batches: Iterator[Any]) -> Iterator[Any]:
         # runs on an executor: imports here, one client per task
-        from dbmagic.batching.run import answer_columns, run
-        from dbmagic.batching.spark import _for_spark
-        from dbmagic.call.wire import as_text
+        from dbmagic.batching.result import answer_columns
+        from dbmagic.batching.run import run
+        from dbmagic.batching.spark import for_spark
+        from dbmagic.call.answers import as_text
         from dbmagic.client import Client
         from dbmagic.transport.credentials import Credentials
 
-        worker = Client(credentials=Credentials(host, "the Spark driver", _token=secret,
-                                                extra_headers=extra_headers), retry=retry, timeouts=timeouts)
-        if app is not None:
-            worker._app_urls[endpoint.removeprefix("apps/")] = app[0]
-            worker._app_credentials[app[0]] = Credentials(app[0], "the Spark driver (OAuth, for Databricks Apps)",
-                                                          auth_type="oauth (Databricks Apps)", _token=app[1])
+        # the app's URL and OAuth credentials, handed to the task's client (it cannot ask the Apps API for them)
+        apps = {endpoint.removeprefix("apps/"): (app[0], Credentials.of_token(
+            app[0], app[1], "the Spark driver (OAuth, for Databricks Apps)", auth_type="oauth (Databricks Apps)"))
+            } if app is not None else None
+        worker = Client(credentials=Credentials.of_token(host, secret, "the Spark driver", extra_headers=extra_headers),
+                        retry=retry, timeouts=timeouts, apps=apps)
         try:
             for frame in batches:
                 if resume:  # only the rows without an answer are sent; the others keep theirs
@@ -178,7 +179,7 @@ def complete(
                                  error_column=error_col, send_missing=send_missing, signed_in=True, **options)
                     if typed:
                         fields = answer_schema.fields()
-                        got = {name: [_for_spark(answer_schema, fields[name], v) for v in values] if name in fields
+                        got = {name: [for_spark(answer_schema, fields[name], v) for v in values] if name in fields
                                else values for name, values in answer_columns(result, output_col, error_col).items()}
                     else:
                         got = {output_col: [None if v is None else as_text(v) for v in result.values],
@@ -224,20 +225,20 @@ def _spark_type(schema: Any, node: Any, depth: int = 0) -> Any:
             "boolean": T.BooleanType()}.get(kind or "", T.StringType())
 
 
-def _for_spark(schema: Any, node: Any, value: Any, depth: int = 0) -> Any:
+def for_spark(schema: Any, node: Any, value: Any, depth: int = 0) -> Any:
     """``value`` as the Spark type of ``node`` takes it (`_spark_type`): a field of no single type
     (or an object without properties) as its JSON text."""
+    from ..call.answers import as_text
     from ..call.schema import kind_of
-    from ..call.wire import as_text
-    from .run import is_missing
+    from .result import is_missing
 
     if value is None or (not isinstance(value, (list, dict)) and is_missing(value)):
         return None
     kind, typed = kind_of(schema.resolve(node))
     if kind == "object" and typed.get("properties") and isinstance(value, dict) and depth <= 16:
-        return {name: _for_spark(schema, sub, value.get(name), depth + 1) for name, sub in typed["properties"].items()}
+        return {name: for_spark(schema, sub, value.get(name), depth + 1) for name, sub in typed["properties"].items()}
     if kind == "array" and isinstance(value, list) and depth <= 16:
-        return [_for_spark(schema, typed.get("items") or {}, v, depth + 1) for v in value]
+        return [for_spark(schema, typed.get("items") or {}, v, depth + 1) for v in value]
     if kind in ("string", "integer", "number", "boolean"):
         return float(value) if kind == "number" and isinstance(value, int) else value
     return as_text(value)

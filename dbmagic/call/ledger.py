@@ -65,7 +65,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 
-__all__ = ["Ledger", "identity", "ROTATE", "Cache", "use_cache", "cache", "CACHE_MODE", "completion_of", "Principal",
+__all__ = ["Ledger", "identity", "ROTATE", "Cache", "use_cache", "cache", "CACHE_MODE", "Principal",
            "Signer", "key_folder", "MAX_FILE", "MAX_LINE", "CLAIM_TTL"]
 
 ROTATE = 1000  # records a file, then the next file
@@ -572,38 +572,6 @@ def is_json(value: Any) -> bool:
     return True
 
 
-def completion_of(record: dict[str, Any], request: Any, transform_output: Any = None) -> Any:
-    """A recorded answer as the `Completion` of ``request`` (``cached``), read as a fresh one would
-    be: by the request's schema, then ``transform_output``; a `SchemaError` for an answer that did
-    not fit then either (it is not sent again)."""
-    from dataclasses import replace
-
-    from ..call.wire import ToolCall, Usage
-    from ..client import Completion, _apply_output_transform
-    from ..errors import SchemaError
-
-    text = record.get("text") or ""
-    value: Any = record["value"] if "value" in record else text
-    calls = [ToolCall.read(c.get("id"), c.get("name"), c.get("arguments")) for c in record.get("tool_calls") or ()
-             if isinstance(c, dict)]
-    completion = Completion(text=text, value=value, endpoint=request.name or request.target, kind=request.kind,
-                            usage=Usage(**{k: v for k, v in (record.get("usage") or {}).items()
-                                           if k in Usage.__dataclass_fields__}),
-                            latency=(record.get("latency_ms") or 0) / 1000, request=request.body,
-                            request_id=record.get("request_id"), served_model=record.get("served_model"),
-                            finish_reason=record.get("finish_reason"), schema=request.schema, where=request.where,
-                            cached=True, tool_calls=calls, natural=value)
-    if request.schema is not None and not calls:
-        try:
-            value = request.schema.parse(text, target=request.target)
-        except SchemaError as exc:
-            exc.completion = completion
-            return exc
-    if transform_output is not None:
-        value = _apply_output_transform(transform_output, value)
-    return replace(completion, value=value, text=value if isinstance(value, str) else text)
-
-
 # -- the cache: the same request answered from the ledger (Run All pays nothing the second time) ---------
 
 CACHE_MODES = ("auto", "always", "off")
@@ -635,13 +603,13 @@ class Cache:
         temperature, n = body.get("temperature"), body.get("n")
         return not (isinstance(temperature, (int, float)) and temperature > 0) and n in (None, 1)
 
-    def lookup(self, request: Any, signer: Signer, transform_output: Any = None, mode: str | None = None) -> Any:
-        """The cached `Completion` (or `SchemaError`) of ``request`` for ``signer``'s principal, or None."""
+    def lookup(self, request: Any, signer: Signer, mode: str | None = None) -> dict[str, Any] | None:
+        """The record that answers ``request`` for ``signer``'s principal, or None (the call makes its
+        `Completion`: `dbmagic.call.call.completion_of`)."""
         if not self.serves(request, mode):
             return None
         self.ledger.refresh()
-        record = self.ledger.answer(identity(request.url, request.body), signer)
-        return completion_of(record, request, transform_output) if record is not None else None
+        return self.ledger.answer(identity(request.url, request.body), signer)
 
     def record(self, request: Any, completion: Any, signer: Signer, mode: str | None = None) -> None:
         if self.serves(request, mode) and not completion.cached:

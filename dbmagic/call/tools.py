@@ -124,7 +124,7 @@ class Toolbox:
         return [t.definition() for t in self.tools.values()]
 
     def run(self, call: Any) -> None:
-        """Run one `dbmagic._wire.ToolCall`: its ``output`` is set to what the function returned, or
+        """Run one `dbmagic._answers.ToolCall`: its ``output`` is set to what the function returned, or
         to an error result (``error`` says why) for an unknown name, arguments the signature refuses,
         or a function that raised."""
         tool = self.tools.get(call.name)

@@ -224,7 +224,7 @@ class DbLLM(_Options):
 
     @staticmethod
     def _use_cache(folder: str | None, shared: bool) -> None:
-        from ..batching import ledger
+        from ..call import ledger
 
         try:
             ledger.use_cache(folder or None, shared=shared)
@@ -288,7 +288,7 @@ class DbLLM(_Options):
             values = settings.merge(settings.merge(config, tracing.prompt_settings(version)), overrides)
         template = self._template(version, " ".join(args.text) if cell is None else cell, cell is None,
                                   raw=values["raw"], given=values["vars"])
-        from ..batching.ledger import CACHE_MODE
+        from ..call.ledger import CACHE_MODE
 
         mode = CACHE_MODE.set(values["cache_mode"])  # this cell's --cache, for every call it makes
         try:
@@ -310,7 +310,7 @@ class DbLLM(_Options):
         compared = _compare.cells(values, axes)
         judges = self._judges(values)  # resolved, and able to run, before anything is sent
         if values["over"]:  # one answer column (and one error column) per compared call
-            from ..batching.run import is_frame
+            from ..batching.result import is_frame
 
             results = {}
             for label, cell_values in compared:
@@ -574,7 +574,7 @@ class DbLLM(_Options):
 
     def _cmd_cache(self, args: list[str]) -> None:
         """The cache's folder, mode and size (``%config DbLLM.cache``); ``clear`` empties it."""
-        from ..batching import ledger
+        from ..call import ledger
 
         store = ledger.cache()
         if store is None:
@@ -596,7 +596,7 @@ class DbLLM(_Options):
     def _cmd_last(self, args: list[str]) -> None:
         """The last answer (`_dbllm`): one call's details, a batch's summary, or one row per
         compared call (an answer, an error, or a batch over rows)."""
-        from ..batching.run import BatchResult
+        from ..batching.result import BatchResult
 
         last = self.shell.user_ns.get(_cell.LAST)
         if last is None:
@@ -632,7 +632,7 @@ def _fail_if_nothing(result: Any, values: dict[str, Any], what: str, every: bool
 
 
 def _batch_kind(error: Any) -> str:
-    from ..batching.run import failure_kind
+    from ..batching.result import failure_kind
 
     return failure_kind(error)
 

@@ -29,8 +29,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import _deps
-from ..batching.ledger import is_json
+from ..call import answers as _answers
 from ..call import wire as _wire
+from ..call.ledger import is_json
 from ..errors import ConfigurationError, error_of
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ _FAILED = object()  # a row with no answer to judge
 
 
 def _is_batch(result: Any) -> bool:
-    from ..batching.run import BatchResult, is_frame
+    from ..batching.result import BatchResult, is_frame
 
     return isinstance(result, BatchResult) or is_frame(result)
 
@@ -142,7 +143,7 @@ def _is_batch(result: Any) -> bool:
 def _groups(result: Any, column: str, error_column: str) -> dict[str, list[tuple[Any, dict[str, Any]]]]:
     """``label -> [(outputs or _FAILED, inputs)]``: one group for a batch, one per compared
     endpoint or setting for a comparison."""
-    from ..batching.run import BatchResult, is_frame
+    from ..batching.result import BatchResult, is_frame
     from ..frontends.compare import Comparison
 
     if isinstance(result, BatchResult):
@@ -174,7 +175,7 @@ def _entry(answer: Any, row: Any) -> tuple[Any, dict[str, Any]]:
     request = getattr(answer, "request", None) or {}
     kind = getattr(answer, "kind", "")
     prompt = _wire.user_turn(kind, request) if kind in _wire.CONVERSATIONAL else request.get("prompt", "")
-    inputs: dict[str, Any] = {"prompt": _wire.as_text(prompt)}
+    inputs: dict[str, Any] = {"prompt": _answers.as_text(prompt)}
     if isinstance(row, Mapping):
         inputs.update((str(k), v) for k, v in row.items() if is_json(v) and str(k) != "prompt")
     elif row is not None and is_json(row):
@@ -187,7 +188,7 @@ def _entry(answer: Any, row: Any) -> tuple[Any, dict[str, Any]]:
 
 def _frame_entries(frame: Any, column: str, error_column: str) -> list[tuple[Any, dict[str, Any]]]:
     """A DataFrame of answers: its other columns are what each was asked."""
-    from ..batching.run import is_missing
+    from ..batching.result import is_missing
 
     entries = []
     for record in frame.to_dict("records"):
@@ -200,7 +201,7 @@ def _frame_entries(frame: Any, column: str, error_column: str) -> list[tuple[Any
 
 
 def _is_missing_value(value: Any) -> bool:
-    from ..batching.run import is_missing
+    from ..batching.result import is_missing
 
     return not isinstance(value, (list, dict)) and is_missing(value)
 
@@ -291,7 +292,7 @@ def _plain_value(value: Any) -> Any:
 def _columns(result: Any, found: dict[tuple[str, int], dict[str, Any]], scorers: list[Any], n: int,
              column: str, error_column: str) -> Any:
     """The batch's DataFrame (its rows, answers and errors), a value and a rationale column per scorer."""
-    from ..batching.run import is_frame
+    from ..batching.result import is_frame
 
     table = result.copy() if is_frame(result) else result.to_pandas(column, error_column)
     for s in scorers:

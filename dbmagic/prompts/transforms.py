@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import TransformError
 
-__all__ = ["resolve_transform", "callables_in"]
+__all__ = ["resolve_transform", "callables_in", "apply_input", "apply_output", "name_of"]
 
 def resolve_transform(name: str | None, namespace: Mapping[str, Any], role: str) -> Callable[..., Any] | None:
     """The callable called ``name`` in ``namespace`` (``role`` is ``transform_input`` or
@@ -81,3 +81,42 @@ def callables_in(namespace: Mapping[str, Any]) -> list[str]:
         if isinstance(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
             names.append(key)
     return sorted(names)
+
+
+def apply_input(transform: Callable[..., Any], request: dict[str, Any]) -> dict[str, Any]:
+    """``transform(**request)``, which must give the request back (a dict); a `TransformError` that
+    names the function otherwise (its own traceback is the error's cause)."""
+    name = name_of(transform)
+    try:
+        result = transform(**request)
+    except Exception as exc:
+        raise TransformError(
+            f"transform_input {name!r} raised {exc.__class__.__name__}: {exc}. "
+            "Fix the function (its traceback is shown with this message) or run without it.",
+            transform=name,
+        ) from exc
+    if not isinstance(result, dict):
+        raise TransformError(
+            f"transform_input {name!r} returned {type(result).__name__}, not a dict. "
+            "It must return the request, e.g. `def f(**request): ...; return request`.",
+            transform=name,
+        )
+    return result
+
+
+def apply_output(transform: Callable[..., Any], value: Any) -> Any:
+    """``transform(value)``; a `TransformError` that names the function when it raises."""
+    name = name_of(transform)
+    try:
+        return transform(value)
+    except Exception as exc:
+        raise TransformError(
+            f"transform_output {name!r} raised {exc.__class__.__name__}: {exc}. "
+            "Fix the function (its traceback is shown with this message) or run without it.",
+            transform=name,
+        ) from exc
+
+
+def name_of(fn: Any) -> str:
+    """A function's name as messages give it (``helpers.clean``)."""
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)

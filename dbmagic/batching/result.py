@@ -1,0 +1,209 @@
+"""What a batch gives back: a `BatchResult` (one entry per row, in input order, each an answer or
+the error that says why it has none), and its answers as DataFrame columns (`answer_columns`:
+typed columns with a schema)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .. import _deps
+from ..call.answers import Usage
+from ..errors import Interrupted, MissingValue, NotSent, SchemaError, error_of
+
+__all__ = ["BatchResult", "failure_kind", "answered", "with_answers", "answer_columns", "is_missing", "is_frame"]
+
+
+class BatchResult(list):
+    """One entry per input row, in input order: the row's `Completion` (partial when its answer
+    was cut, or interrupted by Ctrl-C: its ``error`` says so), or the `DbMagicError` it failed with
+    (a row not sent is a `NotSent` that says why, a `MissingValue`, ...). Every row that has no
+    whole answer has an error.
+
+    ``texts``, ``values`` and ``errors`` are per row (a cut row's error is the cut); ``failed``
+    (every row with an error) and ``missing`` (not sent, or interrupted: what ``resume=`` sends
+    again besides the failures) are row indices; ``failures`` counts the failed rows by kind;
+    ``usage`` sums the token counts (a `Usage`); ``wall_time`` is in seconds; ``rate`` the pace
+    the endpoint's rate limit set (requests per second; None when it never limited). `to_pandas`
+    gives a DataFrame.
+    """
+
+    def __init__(self, items: Iterable[Any], *, rows: Sequence[Any], wall_time: float = 0.0,
+                 interrupted: bool = False, concurrency: int = 0, rate: float | None = None, schema: Any = None,
+                 identities: Sequence[str | None] | None = None, from_checkpoint: int = 0,
+                 not_served: Mapping[str, int] | None = None, unreadable: int = 0, by_estimate: int = 0,
+                 limiter: Any = None):
+        super().__init__(items)
+        self.limiter = limiter  # the pace it kept (`dbmagic.batching.pace.Limiter`), shared by the batches on its endpoint
+        self.by_estimate = by_estimate  # answers a budget counted by estimate (no usage, or less, reported)
+        # rows whose record in the checkpoint was not served (``other``: another user's; ``unsigned``:
+        # not written by this user's dbmagic: planted or edited), and lines of it that could not be read
+        self.not_served = dict(not_served or {})
+        self.unreadable = unreadable
+        self.rows = list(rows)
+        # per row, the identity of the request it sent (`dbmagic.ledger.identity`): what resume= checks
+        self.identities = list(identities) if identities is not None else [None] * len(self)
+        self.from_checkpoint = from_checkpoint  # rows a checkpoint answered, not sent
+        self.wall_time = wall_time
+        self.interrupted = interrupted
+        self.concurrency = concurrency
+        self.rate = rate
+        self.schema = schema
+
+    @property
+    def raw_texts(self) -> list[str | None]:
+        """Per row, the raw text of an answer that did not fit the schema (else None)."""
+        return [item.text if isinstance(item, SchemaError) else None for item in self]
+
+    @property
+    def texts(self) -> list[str | None]:
+        return [item.text if answered(item) else None for item in self]
+
+    @property
+    def values(self) -> list[Any]:
+        return [item.value if answered(item) else None for item in self]
+
+    @property
+    def errors(self) -> list[str | None]:
+        return [None if (error := error_of(item)) is None else str(error) for item in self]
+
+    @property
+    def failed(self) -> list[int]:
+        return [i for i, item in enumerate(self) if error_of(item) is not None]
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i, item in enumerate(self)
+                if item is None or isinstance(error_of(item), (NotSent, Interrupted))
+                or (error_of(item) is None and not answered(item))]
+
+    @property
+    def failures(self) -> dict[str, int]:
+        """How many rows failed of each kind (``not sent (interrupted)``, ``RateLimited``, ...),
+        the commonest first."""
+        counts: dict[str, int] = {}
+        for i in self.failed:
+            kind = failure_kind(error_of(self[i]))
+            counts[kind] = counts.get(kind, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    @property
+    def usage(self) -> Usage:
+        """Every round trip's tokens, the answers that did not fit the schema's included (they were paid for)."""
+        total = Usage()
+        for item in self:
+            if answered(item):
+                total += item.usage
+            elif isinstance(item, SchemaError) and item.completion is not None:
+                total += item.completion.usage
+        return total
+
+    def summary(self) -> str:
+        """One line: rows, time, rate, answered / failed / not sent, tokens."""
+        whole = sum(1 for item in self if answered(item))
+        rate = whole / self.wall_time if self.wall_time > 0 else 0.0
+        failures = self.failures
+        parts = [f"{len(self)} rows in {self.wall_time:.1f} s ({rate:.1f} rows/s): {whole} answered"
+                 + (f" ({self.from_checkpoint} from the checkpoint, not sent)" if self.from_checkpoint else ""),
+                 f"{len(self.failed)} failed" + (" (" + ", ".join(f"{n} {kind}" for kind, n in failures.items())
+                                                + ")" if failures else "")]
+        if self.not_served:
+            why = {"other": "another user's", "unsigned": "not written by your dbmagic (planted or edited)"}
+            parts.append(f"{sum(self.not_served.values())} records in the checkpoint not used ("
+                         + ", ".join(f"{n} {why.get(k, k)}" for k, n in sorted(self.not_served.items())) + ")")
+        if self.unreadable:
+            parts.append(f"{self.unreadable} unreadable lines or files of the checkpoint skipped")
+        if self.usage:
+            parts.append(self.usage.describe())
+        if self.by_estimate:
+            parts.append(f"{self.by_estimate} answers counted against the budget by estimate (they reported no "
+                         "usage, or less than the estimate)")
+        if self.rate is not None:
+            parts.append(f"paced at {self.rate:.1f} requests/s by the endpoint's rate limit")
+        return ", ".join(parts) + "."
+
+    def to_pandas(self, column: str = "answer", error_column: str = "error") -> Any:
+        """The rows (their columns, or ``row``) with the answer and error columns (with a schema:
+        a typed column per field, the error column, and ``{column}_raw``)."""
+        pd = _deps.pandas("to_pandas()")
+
+        frame = pd.DataFrame([row if isinstance(row, Mapping) else {"row": row} for row in self.rows])
+        return with_answers(frame, self, column, error_column)
+
+    def __repr__(self) -> str:
+        return f"BatchResult({self.summary()})"
+
+
+def failure_kind(error: BaseException | None) -> str:
+    """What a failed row is, in a few words: ``not sent (budget)``, ``missing a value``, ``cut``,
+    or the error's class (``RateLimited``, ``BadRequest``, ...)."""
+    if isinstance(error, NotSent):
+        return f"not sent ({error.reason})"
+    if isinstance(error, MissingValue):
+        return "missing a value"
+    if isinstance(error, Interrupted):
+        return "interrupted on its way"
+    return type(error).__name__ if error is not None else "no answer"
+
+
+def answered(item: Any) -> bool:
+    """A whole answer (a resumed one included), not an error nor a partial answer."""
+    return item is not None and not isinstance(item, Exception) and not getattr(item, "is_partial", False)
+
+
+def with_answers(frame: Any, result: BatchResult, column: str = "answer", error_column: str = "error") -> Any:
+    """A copy of ``frame`` with the batch's answer and error columns; with a schema whose answer
+    is an object, one typed column per field instead of the answer column (see `answer_columns`)."""
+    out = frame.copy()
+    for name, values in answer_columns(result, column, error_column).items():
+        out[name] = values
+    return out
+
+
+def answer_columns(result: BatchResult, column: str = "answer", error_column: str = "error") -> dict[str, Any]:
+    """The columns a batch adds, in order. Without a schema (or with one whose answer is not an
+    object): ``column`` and ``error_column``. With an object schema: one column per top-level field
+    with a fitting pandas dtype (``Int64``, ``Float64``, ``boolean``, ``string``; ``object`` for
+    lists, nested objects and values of more than one type), null for rows without an answer, then
+    ``error_column`` and ``{column}_raw``: the raw text of a row whose answer did not fit."""
+    fields = result.schema.fields() if result.schema is not None else {}
+    if not fields:
+        return {column: result.values, error_column: result.errors}
+    pd = _deps.pandas("a batch with a schema")
+    records = [result.schema.record(v) if v is not None else {} for v in result.values]
+    out: dict[str, Any] = {}
+    for name, node in fields.items():
+        out[name] = _typed(pd, [r.get(name) for r in records], node)
+    out[error_column] = result.errors
+    out[f"{column}_raw"] = result.raw_texts
+    return out
+
+
+_DTYPES = {"integer": "Int64", "number": "Float64", "boolean": "boolean", "string": "string"}
+
+
+def _typed(pd: Any, values: list[Any], node: Mapping[str, Any]) -> Any:
+    from ..call.schema import kind_of
+
+    dtype = _DTYPES.get(kind_of(node)[0] or "")
+    if dtype is not None:
+        try:
+            return pd.array(values, dtype=dtype)
+        except (TypeError, ValueError):  # a value pydantic took in its own way: kept as it is
+            pass
+    return pd.Series(values, dtype=object).array
+
+
+def is_missing(value: Any) -> bool:
+    """None, NaN, and pandas' and NumPy's missing values (``pd.NA``, ``NaT``): what a row lacks."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    kind = type(value).__name__
+    return kind in ("NAType", "NaTType") or (kind in ("datetime64", "timedelta64") and str(value) == "NaT")
+
+
+def is_frame(rows: Any) -> bool:
+    return hasattr(rows, "columns") and hasattr(rows, "to_dict") and hasattr(rows, "copy")
