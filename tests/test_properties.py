@@ -17,7 +17,7 @@ from dbmagic import settings
 from dbmagic.call import answers as _answers
 from dbmagic.call import wire as _wire
 from dbmagic.errors import DbMagicError, parse_error_body  # noqa: E402
-from dbmagic.frontends.magic import split_options  # noqa: E402
+from dbmagic.frontends.line import split_options  # noqa: E402
 from dbmagic.prompts.templating import Template  # noqa: E402
 from dbmagic.transport.credentials import normalize_host  # noqa: E402
 

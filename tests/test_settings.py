@@ -14,7 +14,8 @@ from traitlets import TraitError
 
 from dbmagic import ConfigurationError, settings
 from dbmagic.frontends import history as _history
-from dbmagic.frontends.magic import DbLLM, split_options
+from dbmagic.frontends.line import split_options
+from dbmagic.frontends.magic import DbLLM
 from dbmagic.frontends.panel import PROXY, Panel
 
 from .conftest import CHAT, CLUSTER, CUSTOM, PORT
@@ -214,8 +215,9 @@ def test_no_config_ignores_the_defaults_for_one_cell(shell, workspace):
 
 
 def test_each_module_imports_alone():
-    modules = [f"dbmagic.{p.stem}" for p in (ROOT / "dbmagic").glob("*.py") if p.stem != "__init__"]
-    modules += ["dbmagic.testing", "dbmagic.testing._server"]
+    # every module of the package, the grouped ones (dbmagic.call.wire, dbmagic.testing._handler) too
+    modules = [".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+               for p in sorted((ROOT / "dbmagic").rglob("*.py")) if p.name != "__main__.py"]
     runs = {m: subprocess.Popen([sys.executable, "-c", f"import {m}"], stderr=subprocess.PIPE, text=True)
             for m in modules}
     failed = {m: run.communicate(timeout=60)[1].strip().splitlines()[-1:] for m, run in runs.items()}

@@ -33,6 +33,7 @@ from ..call import answers as _answers
 from ..call import wire as _wire
 from ..call.ledger import is_json
 from ..errors import ConfigurationError, error_of
+from .tracing import mlflow_module
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -65,7 +66,7 @@ def judge(question: str, endpoint: str, *, name: str | None = None, client: Clie
     (`JUDGE_SCHEMA`), so it works with models that cannot take a response format too. ``name``
     (default: the question's first words) names the scorer and its columns; ``options`` are
     `Client.complete`'s (temperature defaults to 0)."""
-    _mlflow()  # says what to install when MLflow is missing
+    mlflow_module()  # says what to install when MLflow is missing
     from mlflow.entities import Feedback
     from mlflow.genai.scorers import scorer
 
@@ -98,7 +99,7 @@ def evaluate(result: Any, scorers: Sequence[Any], expectations: str | Sequence[A
     BatchResult}`` of a compared ``--over``). ``expectations``: a column of the rows
     (``"expected"``), or one value per row, each the row's ``expected_response`` (a dict is taken
     as the row's whole expectations)."""
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     checked = [_scorer_of(s) for s in scorers]
     if not checked:
         raise ConfigurationError("evaluate() needs at least one scorer: judge(...), an @scorer function, or one "
@@ -321,12 +322,6 @@ def _mean(values: list[Any]) -> float | None:
     numbers = [1.0 if v in (True, "yes") else 0.0 if v in (False, "no") else v for v in values]
     numbers = [float(v) for v in numbers if isinstance(v, (int, float))]
     return sum(numbers) / len(numbers) if numbers else None
-
-
-def _mlflow() -> Any:
-    from .tracing import _mlflow as load
-
-    return load()
 
 
 def scorers_named(text: str, namespace: Mapping[str, Any]) -> list[Any]:

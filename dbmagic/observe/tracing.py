@@ -59,7 +59,7 @@ def autolog(disable: bool = False) -> None:
     package to install, when MLflow is missing. Tracing is a subscriber of every client's calls
     (`dbmagic.hooks`): the client itself knows nothing of MLflow."""
     if not disable:
-        _mlflow()
+        mlflow_module()
         hooks.GLOBAL.add(_TRACER)
     else:
         hooks.GLOBAL.remove(_TRACER)
@@ -77,7 +77,7 @@ def flush() -> None:
     if not enabled():
         return
     try:
-        _mlflow().flush_trace_async_logging()
+        mlflow_module().flush_trace_async_logging()
     except Exception as exc:  # the traces are MLflow's to keep; a failure to flush them never fails a cell
         log.warning("dbmagic could not flush MLflow's traces: %s", first_line(exc))
 
@@ -86,7 +86,7 @@ def describe() -> str:
     """Whether tracing is on, and where the traces go."""
     if not enabled():
         return "Tracing is off. `%dbllm trace on` (or dbmagic.autolog()) records every call to MLflow."
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     where = mlflow.get_tracking_uri()
     try:  # MLflow has no public name for the active experiment; say less rather than fail
         from mlflow.tracking.fluent import _get_experiment_id
@@ -97,7 +97,9 @@ def describe() -> str:
     return f"Tracing every dbmagic call to MLflow, {where}. `%dbllm trace off` stops."
 
 
-def _mlflow() -> Any:
+def mlflow_module() -> Any:
+    """MLflow, imported when tracing or judging first needs it; a dbmagic error saying what to install
+    when it is missing."""
     try:
         import mlflow
     except ImportError:
@@ -111,7 +113,7 @@ class CallSpan:
     """The span of one call: opened before the request, closed with its outcome."""
 
     def __init__(self, prepared: PreparedRequest):
-        mlflow = _mlflow()
+        mlflow = mlflow_module()
         self.prepared = prepared
         body = prepared.body
         params = {k: body[k] for k in _PARAMS if k in body}
@@ -157,7 +159,7 @@ class CallSpan:
              tool_calls: list[Any] = (), usage: Any = None) -> None:
         """One round trip of a call that went on: a child span with what was sent and what came
         back (an error span for an answer that did not fit the schema), and a TOOL span per tool run."""
-        mlflow = _mlflow()
+        mlflow = mlflow_module()
         child = mlflow.start_span_no_context(
             name=f"{self.prepared.target} · step {len(self.children) + 1}",
             span_type=_SPAN_TYPES.get(self.prepared.kind, "LLM"), parent_span=self.span, inputs=request,
@@ -335,7 +337,7 @@ def failed_before_request(endpoint: str | None, prompt: Any, error: BaseExceptio
     endpoint not found, an option its kind cannot use): every failed call leaves a trace."""
     if not enabled() or _dry.get():
         return
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     span = mlflow.start_span_no_context(
         name=f"endpoint {endpoint!r}" if endpoint else "dbmagic call", span_type="LLM",
         parent_span=mlflow.get_current_active_span(), inputs={"prompt": prompt if isinstance(prompt, str) else str(prompt)},
@@ -387,7 +389,7 @@ class BatchSpan:
     ``mlflow.search_traces(filter_string="tags.`dbmagic.batch` = '<id>'")`` (`rows_of`)."""
 
     def __init__(self, template: str, rows: int, endpoint: str | None):
-        mlflow = _mlflow()
+        mlflow = mlflow_module()
         self.batch_id = uuid.uuid4().hex[:16]
         self.span = mlflow.start_span_no_context(
             name="dbmagic.batch", span_type="CHAIN", parent_span=mlflow.get_current_active_span(),
@@ -416,7 +418,7 @@ def batch_span(template: str, rows: int, endpoint: str | None) -> Iterator[Batch
 
 def rows_of(batch_id: str, **search: Any) -> list[Any]:
     """The traces of a batch's rows (``dbmagic.batch`` tag), in row order."""
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     found = mlflow.search_traces(filter_string=f"tags.`dbmagic.batch` = '{batch_id}'", return_type="list", **search)
     rows = [t for t in found if "dbmagic.row" in t.info.tags]
     return sorted(rows, key=lambda t: int(t.info.tags["dbmagic.row"]))
@@ -424,7 +426,7 @@ def rows_of(batch_id: str, **search: Any) -> list[Any]:
 
 def _tag(span: Any, tags: dict[str, str]) -> None:
     """Tag the trace of ``span``, a root span not in the context (MLflow tags the current trace)."""
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     try:
         from mlflow.tracing.provider import detach_span_from_context, set_span_in_context
 
@@ -445,7 +447,7 @@ def prompt_span(version: Any) -> Iterator[None]:
     if not enabled():
         yield
         return
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     uri = version_uri(version)
     with mlflow.start_span(name=f"dbmagic {uri}", span_type="CHAIN") as span:
         span.set_inputs({"prompt": uri})
@@ -498,7 +500,7 @@ def load_prompt(uri: str) -> Any:
     """The registered prompt version at ``uri`` (``prompts:/NAME/VERSION`` or ``prompts:/NAME@alias``)."""
     if not uri.startswith("prompts:/") or len(uri) <= len("prompts:/"):
         raise ConfigurationError(f"--prompt {uri!r} is not a prompt URI: use prompts:/NAME/VERSION or prompts:/NAME@alias.")
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     try:
         return mlflow.genai.load_prompt(uri)
     except Exception as exc:
@@ -515,7 +517,7 @@ def register_prompt(name: str, template: str | list[dict[str, str]], commit_mess
     ``catalog.schema.name``); returns the `PromptVersion` (its ``uri`` is what ``--prompt``
     takes). ``options`` go to ``mlflow.genai.register_prompt`` as they are (``response_format``,
     ``model_config``)."""
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     try:
         return mlflow.genai.register_prompt(name=name, template=template, commit_message=commit_message, tags=tags,
                                             **options)
@@ -525,7 +527,7 @@ def register_prompt(name: str, template: str | list[dict[str, str]], commit_mess
 
 def list_prompts() -> list[tuple[str, str, str]]:
     """``(name, latest version, its URI)`` of each registered prompt."""
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     rows = []
     try:
         for prompt in mlflow.genai.search_prompts():

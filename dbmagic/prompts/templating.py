@@ -5,7 +5,7 @@ safe. A prompt without ``{{``, ``{%`` or ``{#`` is used as it is, without loadin
 
 Two kinds, one line between them: a `Template` is the user's own cell and has the notebook's whole
 power (any name, any expression, as Python code in the cell would); a `RegistryTemplate` is text
-from the MLflow Prompt Registry, someone else's, and renders as data (`dbmagic._untrusted`).
+from the MLflow Prompt Registry, someone else's, and renders as data (`dbmagic.prompts.untrusted`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import TemplateError
+from .jinja import SELF, declared, parse, with_self
 
 __all__ = ["Template", "RegistryTemplate", "render_prompt", "JINJA_GLOBALS"]
 
@@ -23,33 +24,6 @@ __all__ = ["Template", "RegistryTemplate", "render_prompt", "JINJA_GLOBALS"]
 JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"})
 
 _MARKERS = ("{{", "{%", "{#")
-# Jinja2 reserves `self` (a template's own blocks); a variable or column of that name is renamed in
-# the parsed template, so `{{ self }}` is its value like any other name
-SELF = "_dbmagic_self"
-
-
-def parse(env: Any, source: str) -> Any:
-    """``source`` parsed by ``env``, with `self` a name like any other (see `SELF`)."""
-    from jinja2 import nodes
-
-    tree = env.parse(source)
-    for node in tree.find_all(nodes.Name):
-        if node.name == "self":
-            node.name = SELF
-    return tree
-
-
-def declared(env: Any, tree: Any) -> frozenset[str]:
-    """The variables a parsed template reads (`self` under its own name)."""
-    import jinja2.meta
-
-    return frozenset("self" if n == SELF else n for n in jinja2.meta.find_undeclared_variables(tree))
-
-
-def with_self(values: Mapping[str, Any]) -> Mapping[str, Any]:
-    return {**values, SELF: values["self"]} if "self" in values else values
-
-
 class Template:
     """A prompt template compiled once, to fill many times (a batch renders one per row).
 
@@ -130,10 +104,10 @@ class RegistryTemplate(Template):
     - a prompt with ``{% %}`` renders as Jinja2, an undefined name rendering as nothing (so an
       ``{% if name %}`` with ``name`` unset takes its ``else``), in dbmagic's cut-down sandbox
       (``{{ }}``, ``{% if %}``, ``{% for %}``, filters; output, loops and time bounded:
-      `dbmagic._untrusted`), which refuses what MLflow's sandbox would allow and a prompt needs not.
+      `dbmagic.prompts.untrusted`), which refuses what MLflow's sandbox would allow and a prompt needs not.
 
     Either way the registry text is someone else's, so it gets only the variables it names, each
-    plain data (`dbmagic._untrusted.plain`), from ``given`` (``--var NAME=VALUE``) first, then the
+    plain data (`dbmagic.prompts.untrusted.plain`), from ``given`` (``--var NAME=VALUE``) first, then the
     notebook. A chat prompt (a list of ``{"role", "content"}`` messages) renders to messages
     (`render_messages`), the cell's body a last user turn after them.
     """

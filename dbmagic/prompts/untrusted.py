@@ -229,7 +229,7 @@ def _environment() -> Any:
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
             if isinstance(__obj, jinja2.Undefined):
-                __obj._fail_with_undefined_error()  # `lipsum(...)`: a name it does not have
+                __obj()  # `lipsum(...)`: a name it does not have; calling an Undefined raises its error
             if not _callable_ok(__obj, jinja2.sandbox.safe_range):
                 raise Limited(f"it calls {getattr(__obj, '__name__', type(__obj).__name__)}(), which registry "
                               "prompts cannot call")
@@ -258,7 +258,7 @@ def compile_untrusted(source: str) -> tuple[Any, frozenset[str]]:
     from jinja2 import nodes
     from jinja2.visitor import NodeTransformer
 
-    from .templating import declared, parse
+    from .jinja import declared, parse
 
     if len(source) > LIMITS["source chars"]:
         raise Limited(f"it is longer than {LIMITS['source chars']:,} characters")
@@ -301,7 +301,7 @@ def compile_untrusted(source: str) -> tuple[Any, frozenset[str]]:
 
 def render_untrusted(compiled: Any, values: dict[str, Any]) -> str:
     """Render with a budget: `Limited` past the output size, the loop items or the time of `LIMITS`."""
-    from .templating import with_self
+    from .jinja import with_self
 
     _budget.items, _budget.deadline = 0, time.monotonic() + LIMITS["seconds"]
     pieces, size = [], 0
