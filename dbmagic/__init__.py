@@ -72,7 +72,9 @@ _MODULES = frozenset({"tools", "schema", "ledger", "spark", "tracing", "judging"
 
 def __getattr__(name: str) -> Any:
     if name == "__version__":  # read once, from the installed metadata (pyproject.toml's version)
-        globals()[name] = value = _version()
+        from ._version import version
+
+        globals()[name] = value = version()
         return value
     if name in _MODULES:
         return importlib.import_module(f".{name}", __name__)
@@ -82,15 +84,6 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("dbmagic")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "0+unknown"
 
 
 def __dir__() -> list[str]:

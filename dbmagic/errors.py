@@ -427,6 +427,11 @@ def _html_summary(page: str) -> str:
     return f"an HTML error page: {summary}" if summary else "the server sent an HTML error page"
 
 
+def with_article(noun: str) -> str:
+    """``a list``, ``an object``."""
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
 def scrub(text: str, secrets: Iterable[Any] = ()) -> str:
     """``text`` without the secrets (plain strings or `Secret`s) and without any ``Bearer`` value:
     the one scrubber every text from a server (or an SDK) goes through before it is shown or stored."""

@@ -28,6 +28,7 @@ from typing import Any
 
 from .call import wire as _wire
 from .errors import SettingError
+from .transport import MAX_TIMEOUT
 
 __all__ = ["FORMATS", "Setting", "SETTINGS", "BY_NAME", "CALL", "CLIENT_OPTIONS", "TARGET", "CallSpec", "coerce", "from_text",
            "unescape", "escape", "parse_param", "merge", "to_argv", "cell_argv", "spec_from"]
@@ -99,7 +100,6 @@ def _segment(value: str) -> str | None:
 
 # the longest wait dbmagic accepts, in seconds: Model Serving ends a request at 297 s, and a
 # driver-proxy app or a stream's chunk gets an hour at most (a larger number overflows the socket)
-MAX_TIMEOUT = 3600.0
 
 
 def _target_name(value: str) -> str | None:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from IPython.core.error import UsageError
 
-from dbmagic.frontends.compare import Comparison
+from dbmagic.batching.result import Comparison
 
 from .conftest import CHAT, COMPLETIONS, EMBEDDINGS
 

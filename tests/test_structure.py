@@ -12,6 +12,24 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "dbmagic"
 MAX_LINES = 700
 
+# the rooms, bottom up (docs/architecture.md): a module imports from its own room and the rooms below
+# it, never above. A room is a list of module names or prefixes; the observe folder holds two rooms
+# (tracing is a subscriber to calls, judging runs over batches). The package's doors (dbmagic,
+# dbmagic.__main__ and the public modules that re-export, dbmagic.spark, dbmagic.ledger, ...) may
+# import any room; dbmagic.testing sits beside, on what a call is made of.
+ROOMS: list[tuple[str, tuple[str, ...]]] = [
+    ("base", ("dbmagic.errors", "dbmagic._deps", "dbmagic._version", "dbmagic.transport.secret")),
+    ("transport", ("dbmagic.transport",)),
+    ("prompts", ("dbmagic.prompts",)),
+    ("call", ("dbmagic.call", "dbmagic.settings")),
+    ("tracing", ("dbmagic.observe.tracing",)),
+    ("client", ("dbmagic.client",)),
+    ("batching", ("dbmagic.batching",)),
+    ("judging", ("dbmagic.observe.judging",)),
+    ("frontends", ("dbmagic.frontends",)),
+]
+BESIDE = {"testing": ("dbmagic.testing", {"base", "transport", "call"})}
+
 
 def modules() -> dict[str, Path]:
     """``dbmagic.x.y`` -> its file, for every module of the package."""
@@ -137,6 +155,38 @@ def circles(edges: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def room_of(module: str) -> str:
+    """The room ``module`` is in (the longest prefix that names it), or "door"."""
+    best, length = "door", 0
+    for name, prefixes in [*ROOMS, *((n, (p,)) for n, (p, _) in BESIDE.items())]:
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > length:
+                best, length = name, len(prefix)
+    return best
+
+
+def test_every_arrow_points_down_or_within_its_room():
+    edges, _ = graph()
+    rank = {name: i for i, (name, _) in enumerate(ROOMS)}
+    wrong = []
+    for module, targets in sorted(edges.items()):
+        here = room_of(module)
+        if here == "door":
+            continue
+        for target in sorted(targets):
+            there = room_of(target)
+            allowed = (BESIDE[here][1] | {here} if here in BESIDE
+                       else there in rank and rank[there] <= rank[here])
+            if not allowed:
+                wrong.append(f"{module} ({here}) imports {target} ({there})")
+    assert wrong == []
+
+
+def test_every_module_is_in_a_room():
+    doors = sorted(m for m in modules() if room_of(m) == "door" and m.count(".") > 1)
+    assert doors == []
 
 
 def test_no_import_circle_between_modules():

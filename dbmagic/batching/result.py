@@ -1,10 +1,12 @@
-"""What a batch gives back: a `BatchResult` (one entry per row, in input order, each an answer or
-the error that says why it has none), and its answers as DataFrame columns (`answer_columns`:
-typed columns with a schema)."""
+"""What many calls give back: a batch's `BatchResult` (one entry per row, in input order, each an
+answer or the error that says why it has none), its answers as DataFrame columns (`answer_columns`:
+typed columns with a schema), and a comparison's `Comparison` (label -> answer, every repeat kept)."""
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,7 +14,7 @@ from .. import _deps
 from ..call.answers import Usage
 from ..errors import Interrupted, MissingValue, NotSent, SchemaError, error_of
 
-__all__ = ["BatchResult", "failure_kind", "answered", "with_answers", "answer_columns", "is_missing", "is_frame"]
+__all__ = ["BatchResult", "Comparison", "failure_kind", "answered", "with_answers", "answer_columns", "is_missing", "is_frame"]
 
 
 class BatchResult(list):
@@ -207,3 +209,57 @@ def is_missing(value: Any) -> bool:
 
 def is_frame(rows: Any) -> bool:
     return hasattr(rows, "columns") and hasattr(rows, "to_dict") and hasattr(rows, "copy")
+
+
+# -- a comparison: the same prompt sent to several endpoints or settings ---------------------------------
+
+class Comparison(dict):
+    """Label (``endpoint``, ``t=0.8``, ``endpoint · t=0.8``) -> that call's `Completion` (partial
+    when it was cut, stopped or interrupted), or the error it failed with, in the order compared.
+    ``runs`` holds every repeat, ``settings`` each label's call values; `to_pandas` a table."""
+
+    def __init__(self, first: Mapping[str, Any], runs: Mapping[str, list[Any]], values: Mapping[str, dict[str, Any]]):
+        super().__init__(first)
+        self.runs = dict(runs)
+        self.settings = dict(values)
+
+    def to_pandas(self) -> Any:
+        pd = _deps.pandas("to_pandas()")
+
+        return pd.DataFrame({label: column_metrics(runs) for label, runs in self.runs.items()})
+
+    def __repr__(self) -> str:
+        parts = [f"{label}: {'error' if isinstance(v, Exception) else (v.text[:40] if v is not None else 'not run')!r}"
+                 for label, v in self.items()]
+        return "Comparison(" + ", ".join(parts) + ")"
+
+
+def answer_shown(completion: Any) -> str:
+    """An answer as a comparison's column shows it: the text, or a schema's value as JSON, then any tool calls."""
+    value = completion.value
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    text = completion.text if isinstance(value, str) or value is None else json.dumps(value, ensure_ascii=False)
+    calls = "\n".join(f"→ {c.describe()}" for c in completion.pending_tool_calls)
+    return "\n".join(t for t in (text, calls) if t)
+
+
+def column_metrics(runs: list[Any]) -> dict[str, Any]:
+    """One compared column's row: its first answer, the median latency, tokens, its first error."""
+    answers = [r for r in runs if r is not None and not isinstance(r, Exception)]
+    errors = [str(e) for e in map(error_of, runs) if e is not None]
+    first = answers[0] if answers else None
+    row = {
+        "answer": answer_shown(first) if first is not None else None,
+        "latency_ms": round(statistics.median(a.latency for a in answers) * 1000, 1) if answers else None,
+        "time_to_first_token_ms": (round(first.time_to_first_token * 1000, 1)
+                                   if first is not None and first.time_to_first_token is not None else None),
+        "input_tokens": first.usage.input if first is not None else None,
+        "output_tokens": first.usage.output if first is not None else None,
+        "served_model": first.served_model if first is not None else None,
+        "error": errors[0] if errors else None,
+    }
+    if len(runs) > 1:
+        row["runs"] = len(runs)
+        row["distinct_answers"] = len({a.text for a in answers})
+    return row

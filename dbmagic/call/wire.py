@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, with_article
 from .answers import ToolCall, as_text, content_text
 from .kinds import (
     APP,
@@ -40,7 +40,7 @@ __all__ = ["APP", "APPS_PREFIX", "CHAT", "CHAT_AGENT", "COMPLETIONS", "CONVERSAT
            "EMBEDDINGS", "KINDS", "MODEL_SERVICE", "MODEL_SERVICES_PATH", "PROXY", "RESPONSES", "SCHEMA_ON_WIRE",
            "SERVING", "STREAMING_KINDS", "TOOL_KINDS", "is_url", "kind_for", "known_task", "target_of", "Plan",
            "build_request", "follow_up_request", "chat_prompt_refusal", "not_for_kind", "json_problem", "user_turn",
-           "tool_results", "with_article", "is_messages"]
+           "tool_results", "is_messages"]
 
 _CUSTOM_INPUT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
@@ -72,11 +72,6 @@ def not_for_kind(option: str, kind: str, target: str) -> str | None:
            "Register a text prompt for it, or use")
     return (f"{option} {_CONVERSATIONAL_ONLY[option]} with a chat or agent endpoint, and {target} takes {kind} "
             f"requests. {fix} a chat or agent endpoint.")
-
-
-def with_article(noun: str) -> str:
-    """``a list``, ``an object``."""
-    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
 
 
 def build_body(

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import html
 import itertools
-import json
-import statistics
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from .. import _deps, settings
-from ..errors import DbMagicError, error_of
+from .. import settings
+from ..batching.result import Comparison, column_metrics
+from ..call.model import brief
+from ..errors import DbMagicError
 from . import cell as _cell
 
 if TYPE_CHECKING:
@@ -31,27 +31,6 @@ _SHORT = {"temperature": "t", "max_tokens": "max_tokens", "system": "system", "t
           "transform_input": "in", "transform_output": "out"}
 
 
-class Comparison(dict):
-    """Label (``endpoint``, ``t=0.8``, ``endpoint · t=0.8``) -> that call's `Completion` (partial
-    when it was cut, stopped or interrupted), or the error it failed with, in the order compared.
-    ``runs`` holds every repeat, ``settings`` each label's call values; `to_pandas` a table."""
-
-    def __init__(self, first: Mapping[str, Any], runs: Mapping[str, list[Any]], values: Mapping[str, dict[str, Any]]):
-        super().__init__(first)
-        self.runs = dict(runs)
-        self.settings = dict(values)
-
-    def to_pandas(self) -> Any:
-        pd = _deps.pandas("to_pandas()")
-
-        return pd.DataFrame({label: _metrics(runs) for label, runs in self.runs.items()})
-
-    def __repr__(self) -> str:
-        parts = [f"{label}: {'error' if isinstance(v, Exception) else (v.text[:40] if v is not None else 'not run')!r}"
-                 for label, v in self.items()]
-        return "Comparison(" + ", ".join(parts) + ")"
-
-
 def cells(values: Mapping[str, Any], axes: Mapping[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
     """Every combination of the compared values, in the order given: ``(label, the call's values)``."""
     names = list(axes)
@@ -60,14 +39,9 @@ def cells(values: Mapping[str, Any], axes: Mapping[str, list[Any]]) -> list[tupl
         cell = {**values, **dict(zip(names, combo, strict=True))}
         if "endpoint" in names:
             cell["cluster_id"] = cell["port"] = None
-        label = " · ".join(str(v) if n == "endpoint" else f"{_SHORT.get(n, n)}={_brief(v)}" for n, v in zip(names, combo, strict=True))
+        label = " · ".join(str(v) if n == "endpoint" else f"{_SHORT.get(n, n)}={brief(v, 24)}" for n, v in zip(names, combo, strict=True))
         out.append((label or str(values.get("endpoint") or "call"), cell))
     return _unique(out)
-
-
-def _brief(value: Any) -> str:
-    text = str(value).replace("\n", " ")
-    return text if len(text) <= 24 else text[:21] + "..."
 
 
 def _unique(compared: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
@@ -162,42 +136,12 @@ def _one(spec: Any, template: Any, namespace: Any, client: Client, column: _Colu
         return DbMagicError(f"Unexpected {exc.__class__.__name__}: {exc}")
 
 
-def _shown(completion: Any) -> str:
-    """An answer as its column shows it: the text, or a schema's value as JSON, then any tool calls."""
-    value = completion.value
-    if hasattr(value, "model_dump"):
-        value = value.model_dump(mode="json")
-    text = completion.text if isinstance(value, str) or value is None else json.dumps(value, ensure_ascii=False)
-    calls = "\n".join(f"→ {c.describe()}" for c in completion.pending_tool_calls)
-    return "\n".join(t for t in (text, calls) if t)
-
-
-def _metrics(runs: list[Any]) -> dict[str, Any]:
-    answers = [r for r in runs if r is not None and not isinstance(r, Exception)]
-    errors = [str(e) for e in map(error_of, runs) if e is not None]
-    first = answers[0] if answers else None
-    row = {
-        "answer": _shown(first) if first is not None else None,
-        "latency_ms": round(statistics.median(a.latency for a in answers) * 1000, 1) if answers else None,
-        "time_to_first_token_ms": (round(first.time_to_first_token * 1000, 1)
-                                   if first is not None and first.time_to_first_token is not None else None),
-        "input_tokens": first.usage.input if first is not None else None,
-        "output_tokens": first.usage.output if first is not None else None,
-        "served_model": first.served_model if first is not None else None,
-        "error": errors[0] if errors else None,
-    }
-    if len(runs) > 1:
-        row["runs"] = len(runs)
-        row["distinct_answers"] = len({a.text for a in answers})
-    return row
-
-
 def _table(columns: Mapping[str, _Column], repeat: int, *, final: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The comparison as HTML and text, with every endpoint and model in the metadata."""
     shown = {}
     for label, column in columns.items():
         if final or column.done:
-            shown[label] = _metrics(column.runs) if column.runs else {"answer": column.text}
+            shown[label] = column_metrics(column.runs) if column.runs else {"answer": column.text}
         else:
             shown[label] = {"answer": column.text + " …"}
     names = ["answer", "latency_ms", "time_to_first_token_ms", "input_tokens", "output_tokens", "served_model"]

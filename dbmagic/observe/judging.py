@@ -144,8 +144,7 @@ def _is_batch(result: Any) -> bool:
 def _groups(result: Any, column: str, error_column: str) -> dict[str, list[tuple[Any, dict[str, Any]]]]:
     """``label -> [(outputs or _FAILED, inputs)]``: one group for a batch, one per compared
     endpoint or setting for a comparison."""
-    from ..batching.result import BatchResult, is_frame
-    from ..frontends.compare import Comparison
+    from ..batching.result import BatchResult, Comparison, is_frame
 
     if isinstance(result, BatchResult):
         return {"": _entries(result)}

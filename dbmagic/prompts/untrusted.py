@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from ..call.wire import with_article
+from ..errors import with_article
 
 __all__ = ["LIMITS", "Limited", "plain", "compile_untrusted", "render_untrusted", "RESERVED"]
 

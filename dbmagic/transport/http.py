@@ -34,6 +34,7 @@ from ..errors import (
     TransportError,
     error_from_response,
 )
+from . import MAX_TIMEOUT
 from .credentials import Credentials
 from .retry import Clock, RetryPolicy, RetryState, SystemClock, parse_retry_after, retry_reason
 
@@ -54,8 +55,6 @@ class Timeouts:
     read: float = 300.0
 
     def __post_init__(self) -> None:
-        from ..settings import MAX_TIMEOUT
-
         for name in ("connect", "read"):
             value = getattr(self, name)
             ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

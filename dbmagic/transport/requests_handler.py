@@ -206,6 +206,6 @@ class _Signed(requests.auth.AuthBase):
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import version
 
-    return __version__
+    return version()
