@@ -5,8 +5,8 @@ spelling and panel control. Everything else derives from this table:
 
 - the ``%config DbLLM.<name>`` traits and their validation (`dbmagic.magic`),
 - the ``%%dbllm`` flags and ``%%dbllm?`` (`dbmagic.magic`),
-- the panel's controls and its "Copy as cell" (`dbmagic._panel`),
-- `CallSpec`, what every front end hands to the cell runner (`dbmagic._cell`): a declared
+- the panel's controls and its "Copy as cell" (`dbmagic.frontends.panel`),
+- `CallSpec`, what every front end hands to the cell runner (`dbmagic.frontends.cell`): a declared
   dataclass whose every field carries its `Setting` (``fields(CallSpec)[i].metadata["setting"]``),
 - `CLIENT_OPTIONS`, the `Client.prepare` keywords among them, and the checks `dbmagic.Client`
   makes of the same values from Python.
@@ -105,7 +105,7 @@ def _segment(value: str) -> str | None:
 def _target_name(value: str) -> str | None:
     # a serving endpoint (one URL segment), apps/NAME (an app), or catalog.schema.name (a model service)
     kind, bare = _wire.target_of(value)
-    if kind == _wire.APP and _wire.is_url(value):  # which hosts get a token is the client's rule (`_app_url_or_none`)
+    if kind == _wire.APP and _wire.is_url(value):  # which hosts get a token is the client's rule (`dbmagic.transport.apps.app_url_or_none`)
         bad = len(bare) > 2048 or any(c.isspace() or ord(c) < 32 for c in bare)
         return "is an app URL with white space or control characters in it, or too long" if bad else None
     if kind == _wire.APP:

@@ -71,7 +71,8 @@ class Budget:
             self.by_estimate += 1
         self.spent += self.cost(Usage(counted.input, counted.output, (counted.input or 0) + (counted.output or 0)))
 
-    def said(self) -> str:
+    def refusal(self) -> str:
+        """Why a row is not sent once the budget is reached, and what to do."""
         amount = (lambda v: f"{v:,.0f} tokens") if self.unit == "tokens" else (lambda v: f"${v:,.4f}")
         return (f"the batch reached its budget of {amount(self.limit)} ({amount(self.spent)} by the answers so "
                 f"far). Raise {self.option}, or send the rest later with resume= (or the same checkpoint).")

@@ -230,7 +230,7 @@ class Rows:
         self.budget.settle(reserved[0], getattr(paid, "usage", None) if answered else None, reserved[1],
                            getattr(paid, "text", None) if answered else None)
         if self.budget.spent >= self.budget.limit:
-            self._give_up_all(lambda: NotSent(f"Not sent: {self.budget.said()}", reason="budget"))
+            self._give_up_all(lambda: NotSent(f"Not sent: {self.budget.refusal()}", reason="budget"))
 
     def _next(self) -> tuple[int | None, Any]:
         """The next row to send and its permit, once the limiter allows (called holding the lock)."""
@@ -244,7 +244,7 @@ class Rows:
                 reserve = self.worst(self.todo[0])
                 if not self.budget.take(reserve[0]):
                     if not self.reservations:  # nothing in flight will give room back: the budget is spent
-                        self._give_up_all(lambda: NotSent(f"Not sent: {self.budget.said()}", reason="budget"))
+                        self._give_up_all(lambda: NotSent(f"Not sent: {self.budget.refusal()}", reason="budget"))
                         return None, None
                     self.cond.wait(0.5)  # an answer on its way may settle for less than it reserved
                     continue

@@ -9,7 +9,7 @@ row's columns fill the template). Answers come back in input order: for a DataFr
 answer column and an error column; otherwise a `BatchResult`.
 
 - At most ``concurrency`` requests are in flight, paced at the endpoint's own rate
-  (`dbmagic._pace`): a 429 with ``Retry-After`` pauses the whole batch until then; one without it
+  (`dbmagic.batching.pace`): a 429 with ``Retry-After`` pauses the whole batch until then; one without it
   (as Databricks often answers) makes the batch learn the rate the endpoint accepts and keep just
   under it. A rate limit slows the batch down; it does not fail rows. Other failures are retried
   per row by the client's retry policy, with its timeouts.
@@ -125,7 +125,7 @@ class BackgroundBatch:
     what a foreground run returns (the DataFrame with its answers, or the `BatchResult`), or raises
     what stopped it; ``batch_result`` is its `BatchResult` once done. ``cancel()`` sends nothing
     more and keeps the answers already on their way, as Ctrl-C does a foreground batch. Batches on
-    the same endpoint, in the background or not, share its pace (`dbmagic._pace.shared`)."""
+    the same endpoint, in the background or not, share its pace (`dbmagic.batching.pace.shared`)."""
 
     def __init__(self, go: Callable[..., Any], *, total: int, progress: bool):
         self._rows: Rows | None = None

@@ -36,9 +36,6 @@ __all__ = ["Subscriber", "subscribe", "Hooks", "EVENTS"]
 
 log = logging.getLogger("dbmagic")
 
-EVENTS = ("on_request", "on_response", "on_event", "on_piece", "on_step", "on_done", "on_failed", "on_refused")
-
-
 class Subscriber:
     """The events of a call, each a no-op here: subclass and override the ones you need.
 
@@ -74,6 +71,10 @@ class Subscriber:
 
     def on_refused(self, endpoint: str | None, prompt: Any, error: BaseException) -> None:
         """A request could not be built (an unknown endpoint, an option its kind cannot take)."""
+
+
+# the events, in the order a call meets them: the methods of `Subscriber` (named once, there)
+EVENTS = tuple(name for name in vars(Subscriber) if name.startswith("on_"))
 
 
 class Hooks:

@@ -110,7 +110,7 @@ class EndpointInfo:
 
     @property
     def kind(self) -> str:
-        """The request shape dbmagic uses for it (see `dbmagic._wire`): chat, completions, embeddings,
+        """The request shape dbmagic uses for it (see `dbmagic.call.wire`): chat, completions, embeddings,
         responses, chat_agent or custom."""
         return kinds.kind_for(self.task)
 

@@ -12,7 +12,7 @@
   (``'pos'|'neg'|'neutral'``); ``?`` after a type makes the field optional (it may be null or left
   out). Every field is required otherwise, and no other field is allowed.
 
-How it reaches the endpoint (`dbmagic._wire.with_schema`): chat endpoints get
+How it reaches the endpoint (`dbmagic.call.wire.with_schema`): chat endpoints get
 ``response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``,
 Responses agents ``text.format``; completions endpoints, custom models, ChatAgents and driver-proxy
 apps cannot take a schema, so it is written into the prompt as an instruction, and the answer is
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SchemaError, SettingError
+from ..prompts.namespace import Unresolved, lookup
 from ..settings import is_dotted
 from .jsonschema import check_size, field_path, first_error, validator_for
 
@@ -133,7 +134,7 @@ class Schema:
         return {**data, **dict.fromkeys(missing)} if missing else data
 
     def validator(self) -> Any:
-        """The jsonschema validator of ``json_schema`` (`dbmagic._jsonschema.validator_for`: nothing
+        """The jsonschema validator of ``json_schema`` (`dbmagic.call.jsonschema.validator_for`: nothing
         outside the schema is read, patterns run in RE2, checking is bounded in time), made once."""
         if self._validator is None:
             object.__setattr__(self, "_validator", validator_for(self.json_schema, self.source or self.name))
@@ -281,16 +282,14 @@ def schema_named(text: str | None, namespace: Mapping[str, Any]) -> Schema | Non
     text = text.strip()
     if not is_dotted(text):
         return schema_of(text)
-    head, *rest = text.split(".")
-    if head not in namespace:
+    try:
+        obj = lookup(text, namespace)
+    except Unresolved as exc:
+        if exc.where is not None:
+            raise SettingError(f"schema {text!r}: {exc}.") from None
         raise SettingError(f"schema {text!r} is not defined in the notebook: define a pydantic model (class "
-                           f"{head}(BaseModel): ...) or a JSON Schema dict first, or write the short form, e.g. "
-                           f"--schema {SHORT_FORM_EXAMPLE!r}.")
-    obj = namespace[head]
-    for part in rest:
-        if not hasattr(obj, part):
-            raise SettingError(f"schema {text!r}: {head} has no attribute {part!r}.")
-        obj = getattr(obj, part)
+                           f"{exc.head}(BaseModel): ...) or a JSON Schema dict first, or write the short form, e.g. "
+                           f"--schema {SHORT_FORM_EXAMPLE!r}.") from None
     if isinstance(obj, str) or not (isinstance(obj, (Mapping, Schema)) or isinstance(obj, type)):
         raise SettingError(f"schema {text!r} is {type(obj).__name__}, not a pydantic model class or a JSON Schema "
                            "dict.")

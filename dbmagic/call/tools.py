@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError, SettingError
+from ..prompts.namespace import Unresolved, lookup
 
 __all__ = ["Tool", "Toolbox", "toolbox_of", "toolbox_named", "thread_safe"]
 
@@ -88,7 +89,7 @@ class Tool:
         return cls(function, name, doc.split("\n\n")[0].strip()[:1000], parameters, arguments)
 
     def definition(self) -> dict[str, Any]:
-        """``{"name", "description", "parameters"}`` (`dbmagic._wire.with_tools` puts it in the kind's shape)."""
+        """``{"name", "description", "parameters"}`` (`dbmagic.call.wire.with_tools` puts it in the kind's shape)."""
         return {"name": self.name, "description": self.description, "parameters": self.parameters}
 
     def check(self, arguments: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -124,7 +125,7 @@ class Toolbox:
         return [t.definition() for t in self.tools.values()]
 
     def run(self, call: Any) -> None:
-        """Run one `dbmagic._answers.ToolCall`: its ``output`` is set to what the function returned, or
+        """Run one `dbmagic.call.answers.ToolCall`: its ``output`` is set to what the function returned, or
         to an error result (``error`` says why) for an unknown name, arguments the signature refuses,
         or a function that raised."""
         tool = self.tools.get(call.name)
@@ -220,15 +221,13 @@ def toolbox_named(names: Sequence[str], namespace: Mapping[str, Any]) -> Toolbox
         for name in (n.strip() for n in written.split(",")):
             if not name:
                 continue
-            head, *rest = name.split(".")
-            if head not in namespace:
-                raise SettingError(f"--tools {name}: the notebook has no function {head!r}. Define it first "
-                                   f"(def {head}(...): ...).")
-            obj = namespace[head]
-            for part in rest:
-                if not hasattr(obj, part):
-                    raise SettingError(f"--tools {name}: {head} has no attribute {part!r}.")
-                obj = getattr(obj, part)
+            try:
+                obj = lookup(name, namespace)
+            except Unresolved as exc:
+                if exc.where is not None:
+                    raise SettingError(f"--tools {name}: {exc}.") from None
+                raise SettingError(f"--tools {name}: the notebook has no function {exc.head!r}. Define it first "
+                                   f"(def {exc.head}(...): ...).") from None
             if not callable(obj) or isinstance(obj, type):
                 raise SettingError(f"--tools {name} is {type(obj).__name__}, not a function.")
             tools.append(Tool.of(obj, name.split(".")[-1]))

@@ -2,7 +2,7 @@
 
 ``CallSpec`` is the whole description of a call (what the magic's options and ``%config`` defaults
 resolve to). `start` renders the template, resolves the transforms and makes the client's `Call`
-(tagged with its conversation for ``--chat``: the history, `dbmagic._history`, is a subscriber);
+(tagged with its conversation for ``--chat``: the history, `dbmagic.frontends.history`, is a subscriber);
 `run_prompt` shows its answer as it arrives and stores the `Completion` as ``_dbllm``, also a
 partial one (a cut stream, a Stop, a Ctrl-C). The compare table and the panel make their calls
 with `start` too, and read the same `Call`.

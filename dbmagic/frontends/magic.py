@@ -228,7 +228,7 @@ class DbLLM(_Options):
             CACHE_MODE.reset(mode)
 
     def _compare(self, values: dict[str, Any], axes: dict[str, list[Any]], template: str | Template) -> None:
-        """Several endpoints or settings side by side (`dbmagic._compare`)."""
+        """Several endpoints or settings side by side (`dbmagic.frontends.compare`)."""
         from . import compare as _compare
 
         if values["chat"]:

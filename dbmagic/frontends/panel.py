@@ -1,7 +1,7 @@
 """The widget panel: interactive prompting over the same client, settings, transforms and history.
 
 Open it with ``%dbllm panel`` or ``dbmagic.panel()``. It is a thin adapter: every Send goes through
-`dbmagic._cell.run_prompt` (templating, transforms, the shared client, rendering, chat history),
+`dbmagic.frontends.cell.run_prompt` (templating, transforms, the shared client, rendering, chat history),
 exactly as ``%%dbllm`` does, in a worker thread so the kernel stays responsive. The answer streams
 into the panel; ``_dbllm`` and ``dbmagic.panel_result()`` hold the last one.
 

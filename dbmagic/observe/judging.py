@@ -33,6 +33,7 @@ from ..call import answers as _answers
 from ..call import wire as _wire
 from ..call.ledger import is_json
 from ..errors import ConfigurationError, error_of
+from ..prompts.namespace import Unresolved, lookup
 from .tracing import mlflow_module
 
 if TYPE_CHECKING:
@@ -330,8 +331,12 @@ def scorers_named(text: str, namespace: Mapping[str, Any]) -> list[Any]:
     for name in (part.strip() for part in text.split(",")):
         if not name:
             continue
-        if name in namespace:
-            found.append(_scorer_of(namespace[name], name))
+        try:
+            value = lookup(name, namespace)
+        except Unresolved:  # not the notebook's: one of MLflow's built-in scorers?
+            pass
+        else:
+            found.append(_scorer_of(value, name))
             continue
         import mlflow.genai.scorers as builtin
 

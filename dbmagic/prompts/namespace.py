@@ -4,6 +4,10 @@
 dict would print every variable of the notebook (data, keys, whatever the user keeps there) under
 an unexpected error. `Notebook` wraps it (reads and writes go through to the namespace itself) and
 `Notebook.with_row` layers a batch row's values over it, both shown as a short summary.
+
+`lookup` is the one rule for a name an option gives (``--schema models.Ticket``, ``--tools
+helpers.lookup``, ``--transform-input clean``, ``--judge polite``): a notebook variable, then
+attributes after dots.
 """
 
 from __future__ import annotations
@@ -11,7 +15,32 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
-__all__ = ["Notebook"]
+__all__ = ["Notebook", "lookup", "Unresolved"]
+
+
+class Unresolved(LookupError):
+    """A dotted name that names nothing: the notebook has no ``head`` (``where`` is None), or
+    ``where`` (``helpers``, ``a.b``) has no attribute ``part``. Each option says it in its words."""
+
+    def __init__(self, head: str, where: str | None = None, part: str | None = None):
+        super().__init__(head if where is None else f"{where} has no attribute {part!r}")
+        self.head, self.where, self.part = head, where, part
+
+
+def lookup(name: str, namespace: Mapping[str, Any]) -> Any:
+    """What ``name`` (``Ticket``, ``models.Ticket``) is in the notebook: its first part a variable of
+    ``namespace``, each part after a dot an attribute of what came before. `Unresolved` when the
+    name names nothing."""
+    head, *rest = name.split(".")
+    if head not in namespace:
+        raise Unresolved(head)
+    value = namespace[head]
+    for i, part in enumerate(rest):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise Unresolved(head, ".".join([head, *rest[:i]]), part) from None
+    return value
 
 
 class Notebook(MutableMapping):

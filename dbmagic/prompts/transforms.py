@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import TransformError
+from .namespace import Unresolved, lookup
 
 __all__ = ["resolve_transform", "callables_in", "apply_input", "apply_output", "name_of"]
 
@@ -20,20 +21,16 @@ def resolve_transform(name: str | None, namespace: Mapping[str, Any], role: str)
     ``transform_output``, for the messages), or None when no name is given."""
     if not name:
         return None
-    head, *rest = name.split(".")
-    if head not in namespace:
+    try:
+        obj = lookup(name, namespace)
+    except Unresolved as exc:
+        if exc.where is not None:
+            raise TransformError(f"{role} {name!r}: {exc}.", transform=name) from None
         example = "def {}(**request): ...; return request" if role == "transform_input" else "def {}(value): ..."
         raise TransformError(
-            f"{role} {name!r} is not defined in the notebook. Define it first, e.g. `{example.format(head)}`.",
+            f"{role} {name!r} is not defined in the notebook. Define it first, e.g. `{example.format(exc.head)}`.",
             transform=name,
-        )
-    obj = namespace[head]
-    for i, part in enumerate(rest):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            where = ".".join([head, *rest[:i]])
-            raise TransformError(f"{role} {name!r}: {where} has no attribute {part!r}.", transform=name) from None
+        ) from None
     if not callable(obj):
         raise TransformError(
             f"{role} {name!r} is a {type(obj).__name__}, not a function. Name a function defined in the notebook.",

@@ -79,7 +79,7 @@ def retry_reason(status: int | None, failure: Any = None) -> str | None:
 def backoff(policy: RetryPolicy, n: int, rand: Callable[[], float]) -> float:
     """The wait before the ``n``-th retry (from 1) when the server gave no ``Retry-After``:
     exponential from ``policy.backoff`` to ``policy.max_backoff``, with full jitter. The one backoff
-    of dbmagic: the transport's retries and a batch's pacing (`dbmagic._pace`) both use it."""
+    of dbmagic: the transport's retries and a batch's pacing (`dbmagic.batching.pace`) both use it."""
     return min(policy.backoff * 2 ** (max(n, 1) - 1), policy.max_backoff) * rand()
 
 
