@@ -30,7 +30,6 @@ _LAZY = {
     "Client": "client",
     "CallOptions": "call.model",
     "Completion": "call.model",
-    "Stream": "client",
     "Call": "call.call",
     "Usage": "call.answers",
     "ToolCall": "call.answers",

@@ -53,11 +53,10 @@ from .transport.secret import Secret
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["Client", "CallOptions", "Call", "Completion", "Step", "Stream", "PreparedRequest", "EndpointInfo", "Usage",
+__all__ = ["Client", "CallOptions", "Call", "Completion", "Step", "PreparedRequest", "EndpointInfo", "Usage",
            "get_client", "configure", "set_default", "PARTIAL", "refuse_unknown_options"]
 
 log = logging.getLogger("dbmagic")
-Stream = Call  # the name `Client.stream` returned before every call was a `Call`
 _WORKSPACE_ANSWER_LIMIT = 64 << 20  # bytes of a workspace API's answer (an endpoint list, an app)
 
 

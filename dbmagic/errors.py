@@ -37,8 +37,10 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from .transport.secret import reveal
 
 __all__: list[str] = []  # every error class, filled in below from the classes themselves (listed once)
 
@@ -435,8 +437,6 @@ def with_article(noun: str) -> str:
 def scrub(text: str, secrets: Iterable[Any] = ()) -> str:
     """``text`` without the secrets (plain strings or `Secret`s) and without any ``Bearer`` value:
     the one scrubber every text from a server (or an SDK) goes through before it is shown or stored."""
-    from .transport.secret import reveal
-
     for secret in secrets:
         if secret:
             text = text.replace(reveal(secret), "***")
@@ -450,14 +450,20 @@ MIN_SECRET = 8
 
 def scrub_value(value: Any, secrets: Iterable[Any] = ()) -> Any:
     """A JSON value (an answer, a streamed event) with `scrub` applied to every string in it, keys
-    included; the same object when nothing in it changes. Iterative: any depth is fine."""
+    included; the same object when its JSON text holds nothing to scrub. Iterative: any depth is fine."""
     plain = [s for s in (_reveal(x) for x in secrets) if len(s) >= MIN_SECRET]
 
     def clean(text: str) -> str:
-        if any(secret in text for secret in plain) or "earer" in text or "EARER" in text:
-            return scrub(text, plain)
-        return text
+        return scrub(text, plain) if _holds(text, plain) else text
 
+    if isinstance(value, (dict, list)) and not any(_JSON_ESCAPED.search(s) for s in plain):
+        # one look at the value as JSON text finds nothing in most answers, and walks nothing
+        try:
+            whole = json.dumps(value, ensure_ascii=False, check_circular=False)
+        except (TypeError, ValueError, RecursionError):
+            whole = None
+        if whole is not None and not _holds(whole, plain):
+            return value
     if isinstance(value, str):
         return clean(value)
     if not isinstance(value, (dict, list)):
@@ -481,9 +487,17 @@ def scrub_value(value: Any, secrets: Iterable[Any] = ()) -> Any:
     return root[0]
 
 
-def _reveal(secret: Any) -> str:
-    from .transport.secret import reveal
+# characters json.dumps(ensure_ascii=False) writes escaped: a secret with one is not found as it is in
+# the JSON text (scrub_value then walks the value)
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
 
+
+def _holds(text: str, plain: Sequence[str]) -> bool:
+    """Whether `scrub` would change ``text``: a secret in it, or a ``Bearer`` value (any case)."""
+    return any(secret in text for secret in plain) or "bearer" in text.lower()
+
+
+def _reveal(secret: Any) -> str:
     return reveal(secret) or ""
 
 

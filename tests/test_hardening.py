@@ -416,6 +416,27 @@ def test_tool_arguments_and_custom_model_values_are_scrubbed(client, echoing):
     assert token not in json.dumps(value) and "Bearer ***" in json.dumps(value)
 
 
+def test_a_bearer_value_in_any_case_is_scrubbed_from_an_answer(client, workspace):
+    """The answer's check for a ``Bearer`` value looked for "earer" and "EARER" only, so a server
+    text with ``bEaReR <value>`` kept its value."""
+    workspace.fail(CHAT, text="send bEaReR abc.def-12345 with it")
+    assert client.complete("x", endpoint=CHAT).text == "send bEaReR *** with it"
+    workspace.fail(CHAT, text="send bEaReR abc.def-12345 with it", chunk_chars=3)
+    assert client.stream("x", endpoint=CHAT).wait().text == "send bEaReR *** with it"
+
+
+def test_a_secret_that_json_escapes_is_scrubbed_from_a_value():
+    """An answer is first looked at as JSON text; a secret with a quote, a backslash or a control
+    character is written escaped there, so the value is walked for it instead."""
+    from dbmagic.errors import scrub_value
+
+    secret = 'pa"ss\\word-12345'
+    answer = {"choices": [{"message": {"content": f"it is {secret}"}}], secret: 1}
+    assert scrub_value(answer, [secret]) == {"choices": [{"message": {"content": "it is ***"}}], "***": 1}
+    untouched = {"choices": [{"message": {"content": "nothing here"}}]}
+    assert scrub_value(untouched, ["dapi0123456789"]) is untouched  # nothing to scrub: nothing copied
+
+
 def test_a_cut_stream_keeps_no_half_of_a_token(client, workspace):
     workspace.fail(CHAT, text=f"the token is {workspace.token} end", chunk_chars=4, cut_after=6)
     call = client.stream("x", endpoint=CHAT)

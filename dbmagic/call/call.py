@@ -74,6 +74,7 @@ class Call:
         self._hooks = hooks
         self._cache = cache  # the kernel's cache (dbmagic.ledger.use_cache), or None
         self._signer = signer  # who keeps what in the cache: asked only when the cache is used
+        self._secrets_of: tuple[Any, Sequence[Secret]] | None = None  # (the response, its secrets)
         self._cache_mode = CACHE_MODE.get()  # the cell's --cache, read in the thread that made the call
         self._parts: list[str] = []  # the answer's text so far, in pieces (joined when read: linear time)
         self._scrubber: StreamScrubber | None = None  # a streamed answer's pieces, secrets taken out
@@ -358,7 +359,12 @@ class Call:
         return piece
 
     def _secrets(self) -> Sequence[Secret]:
-        return self._credentials.secrets()
+        """What this answer's text is scrubbed of: the credentials' secrets as this response was
+        asked for (asked once a response: a retried 401 may have asked for a fresh token)."""
+        response = self.response
+        if self._secrets_of is None or self._secrets_of[0] is not response:
+            self._secrets_of = (response, self._credentials.secrets())
+        return self._secrets_of[1]
 
     def _usage_so_far(self, last: Usage | None = None) -> Usage:
         total = Usage()
@@ -537,9 +543,6 @@ class Call:
             partial=self.text,
             target=self.prepared.target,
         )
-
-
-Stream = Call  # the name `Client.stream` returned before every call was a `Call`
 
 
 def read_answer(prepared: PreparedRequest, data: Any, secrets: Sequence[Secret] = ()) -> answers.Parsed:
