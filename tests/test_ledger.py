@@ -354,3 +354,30 @@ def test_a_reused_answer_goes_through_transform_output_once(workspace, tmp_path)
     reused = dbmagic.batch("{{ row }}", ["x"], "databricks-gte-large-en", client=client, progress=False,
                            checkpoint=tmp_path / "ck")
     assert reused.values == vectors.values and reused.from_checkpoint == 1  # an embedding's own value
+
+
+def test_a_checkpoint_written_faster_than_a_file_a_second_keeps_every_row(tmp_path):
+    """A writer closes its file every ROTATE records and starts another. On main the next file's
+    name (time to the second, process, writer) was the last one's when both came within a second,
+    and the batch died with FileExistsError. In memory, 2,500 answers take well under a second."""
+    from dbmagic.call.ledger import ROTATE
+    from dbmagic.testing import MemoryHandler, reply
+
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+
+    def respond(sent):
+        if sent.url.endswith("/invocations"):
+            return reply(200, answer)
+        return reply(404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "not here"})
+
+    handler = MemoryHandler(respond)
+    client = Client(host="https://adb-1.2.azuredatabricks.net", token="dapi-memory-token-1234", handler=handler)
+    rows = [f"row {i}" for i in range(2 * ROTATE + 500)]
+    first = dbmagic.batch("{{ row }}", rows, "memory-chat", client=client, progress=False, task="chat",
+                          checkpoint=tmp_path / "ck")
+    assert first.failed == [] and len(Ledger(tmp_path / "ck").answers) == len(rows)
+    assert len(list((tmp_path / "ck").glob("*.jsonl"))) >= 3
+    sent = len(handler.sent)
+    again = dbmagic.batch("{{ row }}", rows, "memory-chat", client=client, progress=False, task="chat",
+                          checkpoint=tmp_path / "ck")
+    assert again.from_checkpoint == len(rows) and not [s for s in handler.sent[sent:] if s.url.endswith("/invocations")]

@@ -69,6 +69,7 @@ __all__ = ["Ledger", "identity", "ROTATE", "Cache", "use_cache", "cache", "CACHE
            "Signer", "key_folder", "MAX_FILE", "MAX_LINE", "CLAIM_TTL"]
 
 ROTATE = 1000  # records a file, then the next file
+_MAX_TRIES = 100  # names tried for a new file before giving up
 MAX_FILE = 1 << 30  # bytes read of one file (a file larger is read this far, the rest skipped)
 MAX_LINE = 80 << 20  # bytes of one record (an answer's size cap, and room around it)
 CLAIM_TTL = 900.0  # seconds a claim from another machine holds (a call's retry deadline and its read timeout)
@@ -257,6 +258,7 @@ class Ledger:
         self._lock = threading.RLock()
         self._file: Any = None
         self._name: str | None = None
+        self._made = 0  # files this writer has made (a number in each one's name)
         self._written = 0
         self._sources: dict[str, _Source] = {}
         self.records = 0  # answers and failures read and written (claims not counted)
@@ -487,9 +489,7 @@ class Ledger:
         line = json.dumps(record, ensure_ascii=True) + "\n"
         with self._lock:
             if self._file is None:
-                self._name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self.writer}.jsonl"
-                descriptor = os.open(self.path / self._name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                self._file = os.fdopen(descriptor, "w", encoding="ascii")
+                self._file = self._new_file()
             self._file.write(line)
             self._file.flush()  # a killed process loses at most the calls in flight
             self._written += 1
@@ -497,6 +497,22 @@ class Ledger:
             if self._written >= ROTATE:
                 self._close()
         return record
+
+    def _new_file(self) -> Any:
+        """The next file this writer appends to, made new (never one that is there: a file of the
+        same name, planted or left over, is passed over). Numbered: a writer that fills `ROTATE`
+        records within one second makes several files in that second."""
+        for _ in range(_MAX_TRIES):
+            self._made += 1
+            name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self.writer}-{self._made}.jsonl"
+            try:
+                descriptor = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            self._name = name
+            return os.fdopen(descriptor, "w", encoding="ascii")
+        raise ConfigurationError(f"checkpoint {str(self.path)!r}: every name tried for a new file was taken "
+                                 f"({_MAX_TRIES} of them). Name another folder.")
 
     def _close(self) -> None:
         if self._file is not None:
