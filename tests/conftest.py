@@ -126,12 +126,27 @@ def _file_text(path: Path) -> str:
 
 _ROOT = Path(__file__).resolve().parent.parent
 _STORES = ("mlflow.db", "mlruns")
-_STORES_BEFORE = {name for name in _STORES if (_ROOT / name).exists()}
+
+
+def _stores() -> dict[str, object]:
+    """What is in the checkout's MLflow stores: each file's name, size and time (none when absent)."""
+    found: dict[str, object] = {}
+    for name in _STORES:
+        top = _ROOT / name
+        files = [top] if top.is_file() else sorted(top.rglob("*")) if top.is_dir() else []
+        found[name] = {(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files
+                       if path.is_file()} if top.exists() else None
+    return found
+
+
+_STORES_BEFORE = _stores()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A test run leaves no MLflow store in the checkout (they go to temporary folders)."""
-    left = {name for name in _STORES if (_ROOT / name).exists()} - _STORES_BEFORE
+    """A test run leaves nothing in an MLflow store of the checkout (they go to temporary folders):
+    a store made, or one that was there and was written to (so a local run sees what CI sees)."""
+    now = _stores()
+    left = {name for name in _STORES if now[name] is not None and now[name] != _STORES_BEFORE[name]}
     if left:
         session.config.get_terminal_writer().line(f"The test run left {', '.join(sorted(left))} in the checkout.",
                                                   red=True)

@@ -172,9 +172,12 @@ def test_a_checkpoint_path_takes_names_and_a_volume_path_is_never_made_here(shel
 def test_a_traced_cells_traces_are_readable_in_the_next_cell(shell, workspace, tmp_path):
     """Item 7: on main search_traces() right after a traced cell returned nothing for seconds."""
     mlflow = pytest.importorskip("mlflow")
+    before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        experiment = mlflow.set_experiment(f"first-hour-{tmp_path.name}")
+    try:  # the artifacts beside the store (MLflow's default is ./mlruns, the checkout)
+        experiment_id = mlflow.create_experiment(f"first-hour-{tmp_path.name}",
+                                                 artifact_location=(tmp_path / "artifacts").as_uri())
+        experiment = mlflow.set_experiment(experiment_id=experiment_id)
         shell.run_line_magic("dbllm", "trace on")
         shell.run_line_magic("dbllm", f"-e {CHAT} --no-stream hello")
         found = mlflow.search_traces(locations=[experiment.experiment_id], return_type="list")  # no flush here
@@ -185,7 +188,7 @@ def test_a_traced_cells_traces_are_readable_in_the_next_cell(shell, workspace, t
         assert len(found) == 4  # and the batch's: a trace a row, and its summary
     finally:
         shell.run_line_magic("dbllm", "trace off")
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(before)  # None would be ./mlflow.db in the checkout
 
 
 # -- 8. messages ----------------------------------------------------------------------------------------
