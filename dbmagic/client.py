@@ -85,7 +85,9 @@ class Client:
     transport and a batch's pace), ``session`` and ``handler`` (what sends one HTTP request:
     `dbmagic.testing.MemoryHandler` answers from memory) are seams for tuning and for tests.
     ``apps`` hands the client an app's URL and OAuth credentials (``{name: (url, credentials)}``:
-    what a Spark task gets from the driver). ``subscribe`` adds a subscriber to this client's calls
+    what a Spark task gets from the driver), and ``signer`` the principal and key that sign what it
+    keeps in a checkpoint (`dbmagic.ledger.Signer`: a Spark task's are the driver's, so every
+    executor's records verify wherever they are read). ``subscribe`` adds a subscriber to this client's calls
     (`dbmagic.hooks`).
     """
 
@@ -106,6 +108,7 @@ class Client:
         handler: Handler | None = None,
         jitter: Callable[[], float] = random.random,
         apps: Mapping[str, tuple[str, Credentials]] | None = None,
+        signer: ledger.Signer | None = None,
     ):
         token = Secret(token) if token else None  # from here on no frame holds it as a plain str
         client_secret = Secret(client_secret) if client_secret else None
@@ -120,8 +123,10 @@ class Client:
         self._app_credentials: dict[str, Credentials] = {}  # app URL -> OAuth credentials for it
         for name, (url, app_credentials) in (apps or {}).items():
             self._app_urls[name], self._app_credentials[url] = url, app_credentials
-        self._principal: ledger.Principal | None = None  # who the workspace says this login is (SCIM Me)
-        self._signer: ledger.Signer | None = None  # signs and verifies what this principal keeps in a ledger
+        # who the workspace says this login is (SCIM Me), and what signs and verifies what it keeps in a
+        # ledger; handed in (a Spark task's, by the driver: one key for every executor) or found on first use
+        self._principal: ledger.Principal | None = signer.principal if signer is not None else None
+        self._signer: ledger.Signer | None = signer
         self.hooks = hooks.Hooks(parent=hooks.GLOBAL)
         self.jitter = jitter
         if handler is None:  # the real one: a requests.Session (imported here: the transport knows no library)

@@ -37,6 +37,7 @@ NEEDS_A_WORKSPACE = {
     'checkpoint="/Volumes/main/default/work/tickets-classify"': "a Unity Catalog volume: /Volumes exists only on "
                                                                   "Databricks (elsewhere it is refused, never made)",
     "--checkpoint /Volumes/main/default/work/tickets-classify": "a Unity Catalog volume (as above)",
+    'checkpoint="/Volumes/main/default/work/classify-sdf"': "a Unity Catalog volume and table (as above)",
 }
 
 # what a reader's notebook holds before the README's examples (the data they name), and Spark

@@ -221,3 +221,85 @@ def test_over_a_spark_dataframe_runs_on_the_executors_now(spark, shell, workspac
     workspace.fail(CHAT, 400, times=4)
     with pytest.raises(UsageError, match="Every row of --over tickets failed"):
         shell.run_cell_magic("dbllm", f"-e {CHAT} --over tickets", "Again {{ text }}")
+
+
+# -- never paying twice (#34) -------------------------------------------------------------------------
+
+def _sent(workspace) -> list[str]:
+    return [r.json["messages"][-1]["content"] for r in workspace.requests if r.path.endswith("/invocations")]
+
+
+def test_a_result_evaluated_twice_with_a_checkpoint_pays_once(spark, workspace, tmp_path):
+    """A Spark DataFrame is lazy: on main `out.count()` then `out.collect()` sent every row twice.
+    With a checkpoint each task keeps its answers as they finish and reads the folder before sending;
+    the driver's own batch reads them too (the driver's login signs every task's records)."""
+    import dbmagic
+    import dbmagic.batching.spark
+
+    texts = [f"t{i}" for i in range(40)] + ["same"] * 4  # one prompt in four rows, in different tasks
+    sdf = spark.createDataFrame(list(enumerate(texts)), "id INT, text STRING").repartition(4)
+    client = Client(host=workspace.host, token=workspace.token)
+    out = dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint=CHAT, concurrency_per_task=4, client=client,
+                                          checkpoint=tmp_path / "ck")
+    assert out.count() == len(texts)
+    rows = sorted(out.collect(), key=lambda r: r.id)
+    assert [(r.answer, r.error) for r in rows] == [(f"Echo: {t}", None) for t in texts]
+    assert sorted(_sent(workspace)) == sorted(set(texts))  # each prompt once, over two evaluations
+    again = dbmagic.batch("{{ text }}", [{"text": t} for t in texts], CHAT, client=client, progress=False,
+                          checkpoint=tmp_path / "ck")
+    assert again.from_checkpoint == len(texts) and len(_sent(workspace)) == len(set(texts))
+
+
+def test_a_job_run_again_after_a_failed_task_sends_only_what_was_not_answered(spark, workspace, tmp_path):
+    """A job that failed after some tasks paid (here a later step fails on one row), run again:
+    every row is sent once in all."""
+    from pyspark.sql.functions import udf
+
+    import dbmagic.batching.spark
+
+    marker = tmp_path / "fixed"
+
+    @udf("int")
+    def later_step(i):
+        if i == 7 and not os.path.exists(marker):
+            raise ValueError("a later step failed")
+        return i
+
+    sdf = spark.createDataFrame([(i, f"t{i}") for i in range(24)], "id INT, text STRING").repartition(3)
+    out = dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint=CHAT, concurrency_per_task=2,
+                                          client=Client(host=workspace.host, token=workspace.token),
+                                          checkpoint=str(tmp_path / "ck"))
+    job = out.withColumn("checked", later_step("id"))
+    with pytest.raises(Exception, match="a later step failed"):
+        job.collect()
+    paid = _sent(workspace)
+    assert "t7" in paid  # the failed task had its answers
+    marker.touch()
+    job = out.withColumn("checked", later_step("id"))  # the job built again (Spark keeps a failed plan's error)
+    rows = sorted(job.collect(), key=lambda r: r.id)
+    assert [(r.answer, r.error) for r in rows] == [(f"Echo: t{i}", None) for i in range(24)]
+    assert sorted(_sent(workspace)) == sorted(f"t{i}" for i in range(24))  # once each, over both runs
+
+
+def test_a_checkpoint_on_a_databricks_cluster_is_a_folder_every_executor_sees(spark, workspace, tmp_path, monkeypatch):
+    import dbmagic.batching.spark
+
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
+    sdf = spark.createDataFrame([(1, "t1")], "id INT, text STRING")
+    with pytest.raises(ConfigurationError, match="Name a volume path"):
+        dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint=CHAT, checkpoint=tmp_path / "ck",
+                                        client=Client(host=workspace.host, token=workspace.token))
+    assert _sent(workspace) == [] and not (tmp_path / "ck").exists()
+
+
+def test_over_a_spark_dataframe_with_a_checkpoint_pays_once_across_cells(spark, shell, workspace, tmp_path, capsys):
+    """On main --checkpoint with --over a Spark DataFrame was refused."""
+    shell.user_ns["tickets"] = spark.createDataFrame([(i, f"t{i}") for i in range(6)], "id INT, text STRING")
+    cell = f"-e {CHAT} --over tickets -o out --checkpoint {tmp_path / 'ck'}"
+    shell.run_cell_magic("dbllm", cell, "{{ text }}")
+    shell.user_ns["out"].unpersist()
+    assert shell.user_ns["out"].count() == 6  # computed again: from the checkpoint
+    shell.run_cell_magic("dbllm", cell, "{{ text }}")  # the cell run again
+    assert sorted((r.id, r.answer) for r in shell.user_ns["out"].collect()) == [(i, f"Echo: t{i}") for i in range(6)]
+    assert sorted(_sent(workspace)) == [f"t{i}" for i in range(6)]
+    assert "6 rows on Spark: 6 answered, 0 failed" in capsys.readouterr().out

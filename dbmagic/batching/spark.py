@@ -56,6 +56,22 @@ fresh token (a new cell): rows already answered keep their answers, and only the
     again = dbmagic.spark.complete(spark.table("main.default.tickets_classified"),
                                    "Classify: {{ text }}", endpoint=E, resume=True)
 
+**Never paying twice.** A Spark DataFrame is lazy: ``out.count()`` then ``out.write...`` runs the
+job twice, and a retried or speculative task runs its rows again. With a checkpoint, each task
+keeps every answer in a folder as its call finishes, and reads that folder before it sends, so a
+second evaluation, a retried task, or the job run again after a failure sends only rows with no
+answer yet (two tasks holding the same prompt at once send it once)::
+
+    out = dbmagic.spark.complete(tickets, "Classify: {{ text }}", endpoint=E,
+                                 checkpoint="/Volumes/main/default/work/classify-tickets")
+    out.write.mode("overwrite").saveAsTable("main.default.tickets_classified")  # a Delta table
+
+The folder is a volume path, which every executor sees (on a Databricks cluster any other path is
+refused: a local folder is each machine's own). Its records are `dbmagic.ledger`'s, signed with
+the driver's login (its SCIM ``Me``, asked once, and its ledger key travel with the task as the
+token does), so a record verifies whichever executor wrote or reads it, and `dbmagic.batch` with
+the same folder reads them too.
+
 Use `complete` when you need what ``ai_query`` does not give: transforms, driver-proxy apps and
 agents on Databricks Apps (``endpoint="apps/NAME"``: the app's URL and the driver's current OAuth
 token for it travel with the task), custom request fields, an endpoint in another workspace, or a
@@ -66,7 +82,9 @@ PySpark is imported here only: ``import dbmagic`` never loads it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..call.wire import APP
@@ -94,6 +112,8 @@ def complete(
     timeout: float | None = None,
     send_missing: bool = False,
     resume: bool = False,
+    checkpoint: str | os.PathLike[str] | None = None,
+    shared_checkpoint: bool = False,
     **options: Unpack[CallOptions],
 ) -> Any:
     """``sdf`` with ``output_col`` (the answer, as text; JSON for other values) and ``error_col``
@@ -101,7 +121,10 @@ def complete(
     with a null in a column the template uses is not sent (its error names the column), unless
     ``send_missing=True``. ``resume=True``: ``sdf`` is an earlier result of `complete` (its answer
     and error columns included); its answered rows are kept as they are, and only the others
-    (failed, not sent) are sent."""
+    (failed, not sent) are sent. ``checkpoint``: a folder every executor reads and writes (a Unity
+    Catalog volume, ``/Volumes/...``) where each task keeps its answers as its calls finish, so
+    nothing answered is sent again (see "Never paying twice" in the module docstring);
+    ``shared_checkpoint`` as `dbmagic.batch`'s."""
     from pyspark.sql.types import StringType, StructField, StructType
 
     from ..call.schema import schema_of
@@ -136,6 +159,10 @@ def complete(
     refuse_collisions(columns, output_col, error_col, ("output_col=", "error_col="))
     refuse_field_collisions(columns, answer_schema, output_col, error_col)
     client = client or get_client()
+    signer = None
+    if checkpoint is not None:  # the folder checked and made here, and who signs its records: the driver's login
+        checkpoint = _checkpoint_folder(checkpoint, shared_checkpoint)
+        signer = client.signer()
     # on the driver: options checked, the endpoint's kind found once (executors then skip the lookup)
     probe = client.prepare("", endpoint, **{k: v for k, v in options.items() if k != "transform_input"})
     options = {**options, "task": options.get("task") or probe.kind}
@@ -162,7 +189,7 @@ def complete(
             app[0], app[1], "the Spark driver (OAuth, for Databricks Apps)", auth_type="oauth (Databricks Apps)"))
             } if app is not None else None
         worker = Client(credentials=Credentials.of_token(host, secret, "the Spark driver", extra_headers=extra_headers),
-                        retry=retry, timeouts=timeouts, apps=apps)
+                        retry=retry, timeouts=timeouts, apps=apps, signer=signer)
         try:
             for frame in batches:
                 if resume:  # only the rows without an answer are sent; the others keep theirs
@@ -176,7 +203,8 @@ def complete(
                 if todo:
                     result = run(template, frame, endpoint, concurrency=concurrency_per_task, progress=False,
                                  client=worker, transform_output=transform_output, timeout=timeout, column=output_col,
-                                 error_column=error_col, send_missing=send_missing, signed_in=True, **options)
+                                 error_column=error_col, send_missing=send_missing, signed_in=True,
+                                 checkpoint=checkpoint, shared_checkpoint=shared_checkpoint, **options)
                     if typed:
                         fields = answer_schema.fields()
                         got = {name: [for_spark(answer_schema, fields[name], v) for v in values] if name in fields
@@ -194,6 +222,25 @@ def complete(
             worker.close()
 
     return sdf.mapInPandas(dbmagic_complete, schema)
+
+
+_DATABRICKS_ROOTS = ("/Volumes/", "/dbfs/", "/Workspace/")
+
+
+def _checkpoint_folder(path: str | os.PathLike[str], shared: bool) -> str:
+    """``checkpoint=`` as the executors take it: an absolute path, the folder made (and checked)
+    here. On a Databricks cluster it must be a folder every machine sees (``/Volumes/...``,
+    ``/dbfs/...``, ``/Workspace/...``): a local path is each machine's own, and a task retried on
+    another machine would not find what the first one paid for."""
+    from ..call.ledger import Ledger
+
+    folder = Path(path).expanduser().absolute()
+    if os.environ.get("DATABRICKS_RUNTIME_VERSION") and not str(folder).startswith(_DATABRICKS_ROOTS):
+        raise ConfigurationError(f"checkpoint {str(folder)!r} is a folder of the driver alone: every executor of the "
+                                 "cluster reads and writes the checkpoint. Name a volume path, e.g. "
+                                 "/Volumes/<catalog>/<schema>/<volume>/checkpoints/<run>.")
+    Ledger(folder, shared=shared).close()  # a file there, or a folder that cannot be made: said now
+    return str(folder)
 
 
 def struct_type(schema: Any) -> Any:

@@ -340,7 +340,7 @@ class DbLLM(_Options):
         rows = namespace[name]
         checkpoint = path_value(values["checkpoint"], namespace, "--checkpoint")
         if _is_spark(rows):
-            return self._over_spark(values, spec, template, rows, client, store)
+            return self._over_spark(values, spec, template, rows, client, store, checkpoint)
         if values["dry_run"]:  # how many rows, about how many tokens, and the first row's request
             from ..batching.run import estimate, row_contexts
 
@@ -386,18 +386,19 @@ class DbLLM(_Options):
         return None
 
     def _over_spark(self, values: dict[str, Any], spec: Any, template: str | Template, sdf: Any, client: Any,
-                    store: bool) -> Any:
+                    store: bool, checkpoint: str | None) -> Any:
         """``--over`` a Spark DataFrame: `dbmagic.spark.complete` on its executors, cached and
-        counted here, so the answers are computed now, once (a Spark DataFrame is lazy)."""
+        counted here, so the answers are computed now, once (a Spark DataFrame is lazy); with
+        ``--checkpoint``, kept there as each task's calls finish, so a cached result Spark drops and
+        computes again, or the cell run again, sends nothing answered."""
         from ..batching import spark as spark_batch
 
         if isinstance(template, RegistryTemplate):
             raise UsageError("--over a Spark DataFrame takes the cell's own template: copy the registry prompt's text "
                              "into the cell.")
-        if values["judge"] or values["checkpoint"] or values["background"] or values["max_tokens_total"] \
-                or values["max_cost"] or not store:
+        if values["judge"] or values["background"] or values["max_tokens_total"] or values["max_cost"] or not store:
             raise UsageError("--over a Spark DataFrame runs dbmagic.spark.complete, which takes no --judge, "
-                             "--checkpoint, --background, budget or comparison: collect a sample to pandas for those "
+                             "--background, budget or comparison: collect a sample to pandas for those "
                              "(--over sample with sample = df.limit(100).toPandas()).")
         options, t_out = _cell.call_options(spec, Notebook(self.shell.user_ns))
         endpoint = options.pop("endpoint")
@@ -405,6 +406,7 @@ class DbLLM(_Options):
         column, error = values["column"], "error"
         out = spark_batch.complete(sdf, source, endpoint, output_col=column, error_col=error, client=client,
                                      transform_output=t_out, timeout=spec.timeout, send_missing=values["send_missing"],
+                                     checkpoint=checkpoint, shared_checkpoint=values["shared_checkpoint"],
                                      **options).cache()
         total = out.count()  # the job runs here, once; the cache keeps its answers for what follows
         failed = out.filter(out[error].isNotNull()).count()
