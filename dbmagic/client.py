@@ -304,6 +304,8 @@ class Client:
         target = self._target(endpoint, o["cluster_id"], o["port"], o["org_id"], o["task"])
         kind = target.kind
         problem = wire.not_for_kind("--system", kind, target.label) if o["system"] else None
+        if problem is None and o["service_tier"]:
+            problem = wire.no_service_tier(kind, target.where, target.label)
         if problem:  # never silently dropped
             raise ConfigurationError(problem)
         schema, toolbox = _answer_shape(o, kind, target.label)
@@ -312,7 +314,7 @@ class Client:
         plan = wire.Plan(
             kind=kind, where=target.where, name=target.name, target=target.label,
             params={"temperature": o["temperature"], "max_tokens": o["max_tokens"], "stop": o["stop"] or None,
-                    "n": o["n"], **(o["extra_params"] or {})},
+                    "n": o["n"], "service_tier": o["service_tier"], **(o["extra_params"] or {})},
             external=info is not None and info.endpoint_type == "EXTERNAL_MODEL",
             model=" ".join([target.name, *(info.served if info is not None else ())]).lower(),
             system=o["system"], history=tuple(o["history"] or ()), stream=stream, schema=schema, tools=toolbox,

@@ -206,6 +206,8 @@ def _json_fields(value: dict[str, Any]) -> str | None:
 
 # -- the table ------------------------------------------------------------------------------------
 
+SERVICE_TIERS = ("default", "priority")  # the body's service_tier, as the Foundation Model APIs take it
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("endpoint", str, None, "what to query (default: %config DbLLM.endpoint): a serving endpoint, "
             "apps/NAME (an agent on Databricks Apps, or its https://... URL) or catalog.schema.name (a model "
@@ -232,6 +234,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("n", int, None, "number of answers to ask for (chat and completions): all are shown, the first is the "
             "value, _dbllm.choices holds them all",
             ("-n", "--n"), "number", _between(1, 16), label="Answers (n)", api=True),
+    Setting("service_tier", str, None, "priority: Databricks' priority pay-per-token mode (served ahead of standard "
+            "traffic, at a higher price per token) for a pay-per-token chat, completions, embeddings or responses "
+            "endpoint; default: the standard tier", ("--service-tier",), "text", choices=SERVICE_TIERS,
+            metavar="TIER", label="Service tier", api=True),
     Setting("schema", str, None, "the answer as data: a pydantic model or JSON Schema dict in the notebook (its "
             "name), a JSON Schema, or the short form 'label: str, score: float, tags: list[str], reason: str?'",
             ("--schema",), "text", _schema_text, metavar="SCHEMA", label="Schema"),
@@ -534,6 +540,7 @@ class CallSpec:
     system: str | None = _field("system")
     task: str | None = _field("task")
     n: int | None = _field("n")
+    service_tier: str | None = _field("service_tier")
     schema: str | None = _field("schema")
     schema_retries: int = _field("schema_retries")
     tools: list[str] = _field("tools")

@@ -34,7 +34,7 @@ SAMPLES = {
     "expect": "expected", "compare": f"{CHAT},local-completions", "repeat": 3,
     "schema": "label: 'pos'|'neg', score: float", "schema_retries": 2, "tools": ["weather,lookup"], "run_tools": True,
     "max_steps": 3,
-    "max_tool_runs": 7,
+    "max_tool_runs": 7, "service_tier": "priority",
     "shared_checkpoint": True,
     "fail_on_error": True,
     "max_answer_mb": 2.5,

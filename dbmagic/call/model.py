@@ -32,6 +32,8 @@ class CallOptions(TypedDict, total=False):
     - ``system``: the system prompt; ``history``: earlier turns, ``[{"role": ..., "content": ...}]``
       (chat endpoints);
     - ``temperature``, ``max_tokens``, ``stop`` (a string or a list), ``n``: the usual parameters;
+    - ``service_tier``: ``"priority"`` for Databricks' priority pay-per-token mode (a higher price
+      per token), on pay-per-token chat, completions, embeddings and responses endpoints;
     - ``extra_params``: more request fields, merged into the request as they are
       (``{"top_p": 0.9}``), as LangChain's ``extra_params``; JSON values only;
     - ``transform_input``: ``f(**request) -> request``, applied before the endpoint's body is built;
@@ -56,6 +58,7 @@ class CallOptions(TypedDict, total=False):
     max_tokens: int | None
     stop: str | Sequence[str] | None
     n: int | None
+    service_tier: str | None
     extra_params: Mapping[str, Any] | None
     transform_input: Transform | None
     schema: Any

@@ -74,6 +74,20 @@ def not_for_kind(option: str, kind: str, target: str) -> str | None:
             f"requests. {fix} a chat or agent endpoint.")
 
 
+_TIERED = frozenset({CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES})  # the pay-per-token APIs' request shapes
+
+
+def no_service_tier(kind: str, where: str, target: str) -> str | None:
+    """Why ``--service-tier`` cannot go to ``target``, or None: a tier is the Foundation Model APIs'
+    pay-per-token mode, which an app, a driver-proxy app, an agent or a custom model has not."""
+    if kind in _TIERED and where in (SERVING, MODEL_SERVICE):
+        return None
+    what = f"{target} is {with_article(where)}" if where not in (SERVING, MODEL_SERVICE) else \
+        f"{target} takes {kind} requests"
+    return (f"--service-tier picks a pay-per-token tier of Databricks' Foundation Model APIs (chat, completions, "
+            f"embeddings, responses), and {what}. Drop --service-tier (or its %config DbLLM default).")
+
+
 def build_body(
     kind: str,
     request: dict[str, Any],

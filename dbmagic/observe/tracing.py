@@ -49,7 +49,7 @@ log = logging.getLogger("dbmagic")
 _INSTALL = "Tracing and the prompt registry need MLflow: pip install 'dbmagic[mlflow]' (or mlflow-skinny)."
 _SPAN_TYPES = {_wire.CHAT: "CHAT_MODEL", _wire.RESPONSES: "CHAT_MODEL", _wire.CHAT_AGENT: "CHAT_MODEL",
                _wire.EMBEDDINGS: "EMBEDDING"}
-_PARAMS = ("temperature", "max_tokens", "stop", "n")
+_PARAMS = ("temperature", "max_tokens", "stop", "n", "service_tier")
 _OPENAI_SHAPES = (_wire.CHAT, _wire.COMPLETIONS, _wire.RESPONSES)  # what mlflow.message.format "openai" parses
 _CHUNK_NAME, _CHUNK_VALUE = "mlflow.chunk.item.{index}", "mlflow.chunk.value"  # mlflow.tracing.constant's names
 
