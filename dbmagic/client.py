@@ -362,13 +362,15 @@ class Client:
 
     def call(self, prepared: PreparedRequest, *, transform_output: Transform | None = None,
              timeout: float | None = None, retry: RetryPolicy | None = None,
-             tags: Mapping[str, Any] | None = None) -> Call:
+             tags: Mapping[str, Any] | None = None, use_cache: bool = True) -> Call:
         """The `Call` that sends ``prepared`` (built by `prepare`; streamed when it was prepared with
         ``stream=True`` and its kind streams). Nothing is sent until it is iterated, waited on or
         started. ``retry`` overrides the client's policy for this call; ``tags`` are for the
-        subscribers (the notebook's history reads ``tags["conversation"]``)."""
+        subscribers (the notebook's history reads ``tags["conversation"]``). ``use_cache=False``:
+        the kernel's cache neither answers nor keeps it (a batch's packed request: the cache keeps
+        each row's answer)."""
         call = Call(prepared, transport=self.transport, credentials=self.credentials_for(prepared), hooks=self.hooks,
-                    cache=ledger.cache(), signer=self.signer, transform_output=transform_output,
+                    cache=ledger.cache() if use_cache else None, signer=self.signer, transform_output=transform_output,
                     timeout=None if timeout is None else settings.coerce("timeout", timeout), retry=retry,
                     tags=dict(tags or {}))
         if self.hooks:

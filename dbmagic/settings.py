@@ -287,6 +287,9 @@ SETTINGS: tuple[Setting, ...] = (
             "renders; by default it is not sent and its error names the column", ("--send-missing",), scope="cell"),
     Setting("concurrency", int, 8, "requests in flight at once with --over; fewer while the endpoint rate limits",
             ("--concurrency",), rule=_between(1, 256), scope="cell"),
+    Setting("rows_per_request", int, None, "with --over, rows sent in one request where the endpoint takes many "
+            "(embeddings, custom models): default 100, under 4 MB; 1 sends each row on its own",
+            ("--rows-per-request",), rule=_between(1, 2048), metavar="N", scope="cell"),
     Setting("cache_mode", str, "auto", "which calls the cache (%config DbLLM.cache) answers and records: auto "
             "(temperature 0 or unset, one answer), always, or off", ("--cache",), choices=("auto", "always", "off"),
             scope="cell"),

@@ -303,3 +303,21 @@ def test_over_a_spark_dataframe_with_a_checkpoint_pays_once_across_cells(spark, 
     assert sorted((r.id, r.answer) for r in shell.user_ns["out"].collect()) == [(i, f"Echo: t{i}") for i in range(6)]
     assert sorted(_sent(workspace)) == [f"t{i}" for i in range(6)]
     assert "6 rows on Spark: 6 answered, 0 failed" in capsys.readouterr().out
+
+
+def test_embeddings_on_the_executors_go_many_rows_a_request(spark, workspace, tmp_path):
+    """Each task packs its partition's rows (issue 34): 120 rows in 2 partitions, 50 a request."""
+    import dbmagic.batching.spark
+    from dbmagic.testing import Endpoint
+
+    workspace.add_endpoint(Endpoint("vectors", "llm/v1/embeddings"))
+    sdf = spark.createDataFrame([(i, f"doc {i}") for i in range(120)], "id INT, text STRING").repartition(2)
+    out = dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint="vectors", rows_per_request=50,
+                                          client=Client(host=workspace.host, token=workspace.token),
+                                          checkpoint=tmp_path / "ck")
+    rows = out.collect()
+    assert len(rows) == 120 and all(r.error is None and r.answer.startswith("[[") for r in rows)
+    sent = [r.json["input"] for r in workspace.requests if r.path == "/serving-endpoints/vectors/invocations"]
+    assert sum(len(s) for s in sent) == 120 and len(sent) <= 4 and max(len(s) for s in sent) == 50
+    out.count()  # evaluated again: every row from the checkpoint
+    assert len([r for r in workspace.requests if r.path == "/serving-endpoints/vectors/invocations"]) == len(sent)

@@ -47,12 +47,19 @@ class Rows:
     and store each row's outcome (`Call.outcome`) in ``items``. A 429 puts the row back first in
     line (until its attempts or the deadline are spent); Ctrl-C sends nothing more, waits up to
     its ``grace`` (seconds) for the calls in flight, then cancels those still on their way (each keeps what
-    arrived, as an ``interrupted`` answer)."""
+    arrived, as an ``interrupted`` answer).
+
+    What it sends may be several rows in one request (`dbmagic.batching.packs`): ``size(index)`` is
+    how many rows ``index`` stands for (counted done and failed), ``label(index)`` how messages name
+    it, and ``split(index, outcome)`` the indices to send instead of one that failed (its halves),
+    or None."""
 
     def __init__(self, cap: int, todo: list[int], items: list[Any], policy: Any, clock: Any, signed_in: bool = False,
                  on_outcome: Callable[[int, Any], None] | None = None, budget: Budget | None = None,
                  limiter: Limiter | None = None, worst: Callable[[int], tuple[float, int]] | None = None,
-                 grace: float = GRACE):
+                 grace: float = GRACE, size: Callable[[int], int] = lambda index: 1,
+                 label: Callable[[int], str] = lambda index: f"Row {index}",
+                 split: Callable[[int, Any], list[int] | None] | None = None):
         self.workers = min(cap, max(len(todo), 1))
         self.limiter = limiter if limiter is not None else Limiter(self.workers, policy, clock)
         self.clock = self.limiter.clock  # every wait for the pace goes through it
@@ -60,9 +67,11 @@ class Rows:
         self.todo = deque(todo)
         self.items = items
         self.policy = policy
-        self.remaining = len(todo)
-        self.failed = 0
-        self.done = 0
+        self.remaining = len(todo)  # what is still to send or on its way (rows, or packs of rows)
+        self.size, self.label, self.split = size, label, split
+        self.rows = sum(size(index) for index in todo)  # rows in all (what the progress bar counts)
+        self.failed = 0  # rows
+        self.done = 0  # rows
         self.answers = 0  # rows answered so far: a 429 after one of them starts the row's count afresh
         self.signed_in = signed_in  # the token worked before the batch: a 401 means it expired since
         self.on_outcome = on_outcome  # told each row's outcome as it is stored (the checkpoint writes it)
@@ -83,7 +92,7 @@ class Rows:
     def run(self, call: Callable[[int], Call], *, progress: bool, bar: Any = None) -> bool:
         """Send every row; True when interrupted (Ctrl-C, or `cancel` from another thread). ``bar``:
         a progress bar made by the caller (a background batch makes it in the cell that started it)."""
-        bar = bar if bar is not None else progress_bar(self.remaining) if progress and self.remaining else None
+        bar = bar if bar is not None else progress_bar(self.rows) if progress and self.remaining else None
         # each worker runs in a copy of this thread's context, so a trace's batch span is its rows' parent
         workers = [threading.Thread(target=contextvars.copy_context().run, args=(self._work, call),
                                     name=f"dbmagic-batch-{i}", daemon=True) for i in range(self.workers)]
@@ -149,7 +158,7 @@ class Rows:
                 if self.items[index] is None:
                     kept = c.completion or c.partial("interrupted")
                     if kept.is_partial and kept.error is None:
-                        kept.error = Interrupted(f"Row {index}: the batch stopped while its answer was on its way; "
+                        kept.error = Interrupted(f"{self.label(index)}: the batch stopped while its answer was on its way; "
                                                  f"{len(kept.text)} characters that arrived are kept. resume= sends "
                                                  "it again.")
                     self.items[index] = kept
@@ -158,7 +167,7 @@ class Rows:
                 index = self.todo.popleft()
                 if self.items[index] is None:
                     self.items[index] = NotSent(
-                        f"Row {index} was not sent: the batch was {'cancelled' if self.cancelled else 'interrupted (Ctrl-C)'}"
+                        f"{self.label(index)} was not sent: the batch was {'cancelled' if self.cancelled else 'interrupted (Ctrl-C)'}"
                         " first. resume= (or the same checkpoint) sends it.", reason=why)
 
     def _work(self, call: Callable[[int], Call]) -> None:
@@ -197,10 +206,18 @@ class Rows:
                     first, midway = outcome, self.signed_in or self.answers > 0  # the token expired (or was revoked)
                     outcome = _token_refused(first, midway)
                     self._give_up_all(lambda first=first, midway=midway: _token_refused(first, midway, sent=False))
+                halves = self.split(index, outcome) if self.split is not None and not self.stopped else None
+                if halves:  # a pack of rows failed for what one of them may hold: each half is sent again
+                    limiter.release(permit)
+                    self.todo.extendleft(reversed(halves))
+                    self.remaining += len(halves) - 1
+                    self._settle(index, None)
+                    self.cond.notify_all()
+                    continue
                 answered = isinstance(outcome, SchemaError) and outcome.completion is not None  # an answer, unfit
                 if getattr(c, "reused", False):  # not sent: nothing to learn the pace from
                     limiter.release(permit)
-                    self.reused += 1
+                    self.reused += self.size(index)
                 elif (isinstance(outcome, Exception) and not answered) or getattr(outcome, "is_partial", False):
                     limiter.release(permit)
                 else:
@@ -214,9 +231,9 @@ class Rows:
                         self.fatal, self.stopped = exc, True
                         self.stop.set()
                 self.remaining -= 1
-                self.done += 1
-                if error_of(outcome) is not None:
-                    self.failed += 1
+                self.done += self.size(index)
+                failed = getattr(outcome, "failed_rows", None)  # a pack's answers: its rows' own errors
+                self.failed += (self.size(index) if error_of(outcome) is not None else 0) if failed is None else failed
                 self._settle(index, outcome)
                 self.cond.notify_all()
 
@@ -287,8 +304,8 @@ class Rows:
             index = self.todo.popleft()
             self.items[index] = error()
             self.remaining -= 1
-            self.done += 1
-            self.failed += 1
+            self.done += self.size(index)
+            self.failed += self.size(index)
         self.cond.notify_all()
 
 

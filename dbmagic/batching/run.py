@@ -44,12 +44,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..call.answers import Usage
 from ..call.call import completion_of
-from ..call.ledger import Ledger, identity
+from ..call.ledger import CACHE_MODE, Ledger, identity
+from ..call.ledger import cache as cache_store
 from ..errors import ConfigurationError, DbMagicError, MissingValue, SchemaError, StatusError, TemplateError, error_of
 from ..observe import tracing
 from ..prompts.namespace import Notebook
 from ..prompts.templating import JINJA_GLOBALS, Template
+from ..prompts.transforms import apply_output
 from . import pace as _pace
+from . import packs
 from .budget import RESERVED_OUTPUT, budget_of, tokens_in
 from .pace import Limiter
 from .result import BatchResult, answer_columns, answered, is_frame, is_missing, with_answers
@@ -86,6 +89,7 @@ def batch(
     transform_output: Callable[[Any], Any] | None = None,
     timeout: float | None = None,
     background: bool = False,
+    rows_per_request: int | None = None,
     grace: float = GRACE,
     **options: Unpack[CallOptions],
 ) -> Any:
@@ -103,14 +107,16 @@ def batch(
     others say the budget was reached. ``max_cost`` (USD) does the same with the answers priced as
     MLflow prices a trace (it needs MLflow, and a price for the model). ``background=True`` returns at once a `BackgroundBatch`
     (its progress shows in this cell's output while other cells run; ``.result()`` is what a
-    foreground run returns).
+    foreground run returns). ``rows_per_request``: where the endpoint takes many inputs a request
+    (embeddings, custom models), at most this many rows go in one request (default 100, and under
+    4 MB; 1 sends each row on its own); see `dbmagic.batching.packs`.
     """
     def go(handle: BackgroundBatch | None = None, bar: Any = None) -> Any:
         result = run(template, rows, endpoint, concurrency=concurrency, resume=resume, progress=progress,
                      checkpoint=checkpoint, shared_checkpoint=shared_checkpoint, max_tokens_total=max_tokens_total,
                      max_cost=max_cost, namespace=namespace, client=client, transform_output=transform_output,
                      timeout=timeout, column=column, error_column=error_column, send_missing=send_missing,
-                     handle=handle, bar=bar, grace=grace, **options)
+                     handle=handle, bar=bar, grace=grace, rows_per_request=rows_per_request, **options)
         return with_answers(rows, result, column, error_column) if is_frame(rows) else result
 
     if background:
@@ -199,7 +205,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         column: str = "answer", error_column: str = "error", send_missing: bool = False,
         signed_in: bool = False, checkpoint: Any = None, max_tokens_total: int | None = None,
         max_cost: float | None = None, handle: BackgroundBatch | None = None, bar: Any = None,
-        shared_checkpoint: bool = False, grace: float = GRACE, **options: Any) -> BatchResult:
+        shared_checkpoint: bool = False, grace: float = GRACE, rows_per_request: int | None = None,
+        **options: Any) -> BatchResult:
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``).
     ``signed_in``: the token was accepted before this batch (a Spark task's, by the driver), so a
     401 means that it expired or was revoked since."""
@@ -213,6 +220,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         max_tokens_total = settings.coerce("max_tokens_total", max_tokens_total)
     if max_cost is not None:
         max_cost = settings.coerce("max_cost", max_cost)
+    if rows_per_request is not None:
+        rows_per_request = settings.coerce("rows_per_request", rows_per_request)
     refuse_unknown_options(options, "dbmagic.batch")
     client = client or get_client()
     namespace = Notebook(namespace if namespace is not None else {})  # its repr names no value (Verbose)
@@ -299,12 +308,29 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                 leaders[identities[i]] = i
                 sending.append(i)
         todo = sending
+    # rows packed per request where the endpoint takes many: a pack's place follows the rows' in items
+    rows_count = len(items)
+    members: dict[int, list[int]] = {}  # a pack's index -> its rows
+    size = packs.size_for(rows_per_request, request_of(todo[0])) if todo else 1
+    sends = list(todo)  # what the workers take: rows, and packs of rows
+    if size > 1:
+        sends = []
+        for unit in packs.plan(todo, request_of, size):
+            if len(unit) == 1:
+                sends.append(unit[0])
+            else:
+                members[len(items)] = unit
+                sends.append(len(items))
+                items.append(None)
     # a budget (checked before anything is sent), priced by the first row's model
     budget = (budget_of(max_tokens_total, max_cost, getattr(request_of(todo[0]), "llm", None))
               if todo and (max_tokens_total or max_cost) else None)
     worst: dict[int, tuple[float, int]] = {}  # row -> (its worst cost, its input tokens estimated)
 
     def worst_of(i: int) -> tuple[float, int]:
+        if i in members:  # a pack: its rows' together
+            parts = [worst_of(r) for r in members[i]]
+            return sum(p[0] for p in parts), sum(p[1] for p in parts)
         if i not in worst:
             request = request_of(i)
             worst[i] = budget.worst(request.body) if budget is not None and not isinstance(request, DbMagicError) \
@@ -321,7 +347,56 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
 
     batch: dict[str, Any] = {}  # with tracing on: the batch's id, which tags each row's trace
 
+    store = cache_store()  # the kernel's cache: a pack asks it for each row, and keeps each row's answer
+    from_ledger = [0]  # rows of packs a checkpoint answered (another batch's, while this one waited)
+
+    def call_pack(k: int) -> Any:
+        rows = members[k]
+        answered_before: dict[int, Any] = {}
+        sending: list[tuple[int, Any]] = []
+        checkpointed = 0  # rows the checkpoint answered
+        for r in rows:
+            request = request_of(r)
+            if ledger is not None:
+                record = ledger.turn(identities[r], request.url, signer, rows_run.stop)
+                if record is not None:
+                    answered_before[r] = completion_of(record, request, transform_output)
+                    checkpointed += 1
+                    continue
+            if store is not None:
+                record = store.lookup(request, client.signer(), CACHE_MODE.get())
+                if record is not None:
+                    answered_before[r] = completion_of(record, request, transform_output)
+                    continue
+            sending.append((r, request))
+        tags = {**batch, "row": rows[0]} if batch else None
+        if not sending:  # nothing to send: counted as reused when the checkpoint answered every row
+            pack = packs.Pack(rows, [], None, answered_before, lambda completion: {})
+            pack.reused = checkpointed == len(rows)
+            if not pack.reused:
+                from_ledger[0] += checkpointed
+            return pack
+        from_ledger[0] += checkpointed
+        if len(sending) == 1:  # the one row left: its own request, as an unpacked row
+            (r, request), = sending
+            c = client.call(request, transform_output=transform_output, timeout=timeout, retry=policy, tags=tags)
+            return packs.Pack(rows, [request], c, answered_before, lambda completion: {r: completion})
+        sent_rows, requests = [r for r, _ in sending], [q for _, q in sending]
+
+        def read(completion: Any) -> dict[int, Any]:
+            answers = packs.split_answer(completion, sent_rows, requests, transform_output, apply_output)
+            if store is not None:
+                for r, request in sending:
+                    if isinstance(answers[r], Completion) and answers[r].error is None:
+                        store.record(request, answers[r], client.signer(), CACHE_MODE.get())
+            return answers
+
+        c = client.call(packs.packed_request(requests), timeout=timeout, retry=policy, tags=tags, use_cache=False)
+        return packs.Pack(rows, requests, c, answered_before, read)
+
     def call(i: int) -> Any:
+        if i in members:
+            return call_pack(i)
         request = request_of(i)
         if isinstance(request, DbMagicError):
             raise request
@@ -333,17 +408,44 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                            tags={**batch, "row": i} if batch else None)
 
     def recorded(i: int, outcome: Any) -> None:  # each finished call, in the checkpoint as it finishes
+        if i in members:  # a pack: each row's answer (or the request's error) under the row's own identity
+            for r in members[i]:
+                recorded(r, outcome.outcomes.get(r) if isinstance(outcome, packs.PackOutcome) else outcome)
+            return
         answer = outcome.completion if isinstance(outcome, SchemaError) else outcome
         if ledger is not None and identities[i] is not None and not getattr(answer, "cached", False) and (
                 (isinstance(answer, Completion) and not answer.is_partial) or isinstance(answer, StatusError)):
             ledger.append(identities[i], built[i].url, answer, signer)
 
+    def pack_size(k: int) -> int:
+        return len(members[k]) if k in members else 1
+
+    def label(k: int) -> str:
+        rows = members.get(k)
+        return f"Row {k}" if rows is None else f"Rows {', '.join(map(str, rows[:3]))}{', ...' if len(rows) > 3 else ''} " \
+            f"(one request of {len(rows)} rows)"
+
+    def split(k: int, outcome: Any) -> list[int] | None:  # a pack refused: each half sent again (holding the lock)
+        halves = packs.splits(outcome, members[k]) if k in members else None
+        if halves is None:
+            return None
+        indices = []
+        for half in halves:
+            if len(half) == 1:
+                indices.append(half[0])
+            else:
+                members[len(items)] = half
+                indices.append(len(items))
+                items.append(None)
+        return indices
+
     started = time.perf_counter()
     pace = _pace.shared((id(client), endpoint, options.get("cluster_id"), options.get("port")),
-                        lambda: Limiter(min(concurrency, max(len(todo), 1)), policy, client.clock, rand=client.jitter))
+                        lambda: Limiter(min(concurrency, max(len(sends), 1)), policy, client.clock, rand=client.jitter))
     with pace as limiter, tracing.batch_span(tpl.source, len(todo), endpoint) as span:
-        rows_run = Rows(concurrency, todo, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
-                        budget=budget, limiter=limiter, worst=worst_of, grace=grace)
+        rows_run = Rows(concurrency, sends, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
+                        budget=budget, limiter=limiter, worst=worst_of, grace=grace, size=pack_size, label=label,
+                        split=split)
         if handle is not None:
             handle._attach(rows_run)
         if span is not None:
@@ -353,13 +455,21 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         finally:
             if ledger is not None:
                 ledger.close()
+        for k, rows in members.items():  # each pack's answers in its rows' places (a split pack's are its halves')
+            outcome = items[k]
+            for r in rows:
+                if isinstance(outcome, packs.PackOutcome):
+                    items[r] = outcome.outcomes.get(r, items[r])
+                elif outcome is not None:
+                    items[r] = outcome
+        del items[rows_count:]
         for follower, leader in followers.items():  # the same request: the same answer, sent once
             items[follower] = items[leader]
         if span is not None:
             span.set_outputs({"answered": sum(1 for i in todo if answered(items[i])),
                               "failed": sum(1 for i in todo if error_of(items[i]) is not None),
                               "interrupted": interrupted})
-    reused += rows_run.reused
+    reused += rows_run.reused + from_ledger[0]
     not_served = ledger.not_served({identities[i] for i in todo}) if ledger is not None else {}
     tracing.flush()  # the rows' traces are readable when the batch returns
     result = BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,

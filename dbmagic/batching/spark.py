@@ -114,6 +114,7 @@ def complete(
     resume: bool = False,
     checkpoint: str | os.PathLike[str] | None = None,
     shared_checkpoint: bool = False,
+    rows_per_request: int | None = None,
     **options: Unpack[CallOptions],
 ) -> Any:
     """``sdf`` with ``output_col`` (the answer, as text; JSON for other values) and ``error_col``
@@ -124,7 +125,7 @@ def complete(
     (failed, not sent) are sent. ``checkpoint``: a folder every executor reads and writes (a Unity
     Catalog volume, ``/Volumes/...``) where each task keeps its answers as its calls finish, so
     nothing answered is sent again (see "Never paying twice" in the module docstring);
-    ``shared_checkpoint`` as `dbmagic.batch`'s."""
+    ``shared_checkpoint`` and ``rows_per_request`` as `dbmagic.batch`'s."""
     from pyspark.sql.types import StringType, StructField, StructType
 
     from ..call.schema import schema_of
@@ -133,6 +134,10 @@ def complete(
 
     if not isinstance(concurrency_per_task, int) or isinstance(concurrency_per_task, bool) or concurrency_per_task < 1:
         raise ConfigurationError(f"concurrency_per_task must be a whole number of at least 1; got {concurrency_per_task!r}.")
+    if rows_per_request is not None:  # checked here, before the job
+        from .. import settings
+
+        rows_per_request = settings.coerce("rows_per_request", rows_per_request)
     answer_schema = schema_of(options.get("schema"))
     if answer_schema is not None:  # the executors check the answer against its JSON Schema (`Schema.portable`)
         answer_schema = options["schema"] = answer_schema.portable()
@@ -204,7 +209,8 @@ def complete(
                     result = run(template, frame, endpoint, concurrency=concurrency_per_task, progress=False,
                                  client=worker, transform_output=transform_output, timeout=timeout, column=output_col,
                                  error_column=error_col, send_missing=send_missing, signed_in=True,
-                                 checkpoint=checkpoint, shared_checkpoint=shared_checkpoint, **options)
+                                 checkpoint=checkpoint, shared_checkpoint=shared_checkpoint,
+                                 rows_per_request=rows_per_request, **options)
                     if typed:
                         fields = answer_schema.fields()
                         got = {name: [for_spark(answer_schema, fields[name], v) for v in values] if name in fields

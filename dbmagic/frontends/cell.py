@@ -78,7 +78,7 @@ def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: Mu
               concurrency: int, column: str, send_missing: bool = False, checkpoint: str | None = None,
               shared_checkpoint: bool = False,
               max_tokens_total: int | None = None, max_cost: float | None = None,
-              background: bool = False) -> tuple[Any, Any]:
+              background: bool = False, rows_per_request: int | None = None) -> tuple[Any, Any]:
     """The template over ``rows`` (see `dbmagic.batch`): ``(BatchResult, DataFrame with the answer
     and error columns, or None for a list)``; with ``background``, ``(BackgroundBatch, None)``."""
     from ..batching.run import batch, is_frame, run, with_answers
@@ -88,7 +88,7 @@ def run_batch(spec: CallSpec, template: str | Template, rows: Any, namespace: Mu
     given = dict(concurrency=concurrency, namespace=namespace, client=client, transform_output=t_out,
                  timeout=spec.timeout, column=column, send_missing=send_missing, checkpoint=checkpoint,
                  shared_checkpoint=shared_checkpoint,
-                 max_tokens_total=max_tokens_total, max_cost=max_cost, **options)
+                 max_tokens_total=max_tokens_total, max_cost=max_cost, rows_per_request=rows_per_request, **options)
     if background:
         return batch(template, rows, spec.endpoint, background=True, **given), None
     result = run(template, rows, spec.endpoint, **given)

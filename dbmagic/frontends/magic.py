@@ -362,7 +362,8 @@ class DbLLM(_Options):
                                         column=values["column"], send_missing=values["send_missing"],
                                         checkpoint=checkpoint, shared_checkpoint=values["shared_checkpoint"],
                                         max_tokens_total=values["max_tokens_total"],
-                                        max_cost=values["max_cost"], background=background)
+                                        max_cost=values["max_cost"], background=background,
+                                        rows_per_request=values["rows_per_request"])
         if background:  # the handle: its progress shows in this cell while other cells run
             namespace[_cell.LAST] = result
             if values["output"]:
@@ -407,7 +408,7 @@ class DbLLM(_Options):
         out = spark_batch.complete(sdf, source, endpoint, output_col=column, error_col=error, client=client,
                                      transform_output=t_out, timeout=spec.timeout, send_missing=values["send_missing"],
                                      checkpoint=checkpoint, shared_checkpoint=values["shared_checkpoint"],
-                                     **options).cache()
+                                     rows_per_request=values["rows_per_request"], **options).cache()
         total = out.count()  # the job runs here, once; the cache keeps its answers for what follows
         failed = out.filter(out[error].isNotNull()).count()
         namespace = Notebook(self.shell.user_ns)

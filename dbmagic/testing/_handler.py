@@ -337,6 +337,9 @@ class Handler(BaseHTTPRequestHandler):
             if inputs is None:
                 return self._error(400, "Missing required field 'input'.", "INVALID_PARAMETER_VALUE")
             items = inputs if isinstance(inputs, list) else [inputs]
+            if endpoint.max_inputs is not None and len(items) > endpoint.max_inputs:
+                return self._error(400, f"Input batch size {len(items)} exceeds the maximum of {endpoint.max_inputs}.",
+                                   "INVALID_PARAMETER_VALUE")
             return self._json(200, {
                 "object": "list", "model": endpoint.model,
                 "data": [{"object": "embedding", "index": i, "embedding": embed(t)} for i, t in enumerate(items)],
@@ -347,6 +350,9 @@ class Handler(BaseHTTPRequestHandler):
             records = records_of(body)
             if records is None:
                 return self._error(400, "Provide one of dataframe_split, dataframe_records, instances, inputs.")
+            if endpoint.max_inputs is not None and len(records) > endpoint.max_inputs:
+                return self._error(400, f"Input batch size {len(records)} exceeds the maximum of "
+                                        f"{endpoint.max_inputs}.", "INVALID_PARAMETER_VALUE")
             predict = endpoint.predict or echo_predictions
             try:
                 predictions = predict(records)

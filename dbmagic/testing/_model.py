@@ -57,6 +57,9 @@ class Endpoint:
     # a proxy or app that echoes what it was sent: every answer ends with the Authorization header it got
     echo_headers: bool = False
     usage: str = "yes"  # the usage it reports: "yes" (its word counts), "no" (none at all), "low" (1 and 1)
+    # inputs one request may carry (an embeddings ``input`` list, a custom model's records); more is a 400
+    # INVALID_PARAMETER_VALUE, as a served model with a batch limit answers
+    max_inputs: int | None = None
 
     def describe(self) -> dict[str, Any]:
         entity: dict[str, Any] = {"name": f"{self.name}-entity"}
