@@ -13,6 +13,8 @@ Prints rows per second for:
 - the same 500 rows with a schema (``"label: str, n: int, score: float, tags: list[str], reason: str?"``,
   then a pydantic model) next to the same batch without one (target: >= 0.95x: parsing and validating
   each answer must not become the bottleneck);
+- embeddings and a custom model, 2,000 rows at 20 ms, concurrency 8: rows packed per request (the
+  default) next to one row a request (target: >= 10x);
 - Spark local[2], 1,000 rows at 50 ms, two partitions and one (needs the spark extra).
 
 The workspace runs in its own process (``python -m dbmagic.testing``) unless the line says
@@ -226,15 +228,40 @@ def spark_runs(session, client: Client) -> None:
               f"(ideal {8 * partitions / 0.05:.0f}), {errors} failed rows")
 
 
+def packed(rows: int = 2000) -> None:
+    """Rows packed per request (default) next to one row a request, same concurrency (8), 20 ms of
+    server latency, the workspace in another process; medians of 3 interleaved runs."""
+    texts = [f"document number {i}: a short passage to embed" for i in range(rows)]
+    print(f"{rows} rows at 20 ms, concurrency 8, packed (default, 100 a request) vs one row a request:")
+    with served("--latency", "0.02") as client:
+        for label, endpoint in (("embeddings (input list)", "databricks-gte-large-en"),
+                                ("custom model (dataframe_records)", "local-custom-model")):
+            client.endpoint(endpoint)
+            rates: dict[int, list[float]] = {1: [], 100: []}
+            for _ in range(3):
+                for size in (1, 100):
+                    started = time.perf_counter()
+                    result = dbmagic.batch("{{ row }}", texts, endpoint, client=client, progress=False, concurrency=8,
+                                           rows_per_request=size)
+                    rates[size].append(rows / (time.perf_counter() - started))
+                    assert not result.failed
+            one, many = statistics.median(rates[1]), statistics.median(rates[100])
+            print(f"  {label:34} one a request {one:8.1f} rows/s   packed {many:9.1f} rows/s   {many / one:5.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=500)
     parser.add_argument("--no-spark", action="store_true")
     parser.add_argument("--only-schema", action="store_true", help="run only the schema comparison")
+    parser.add_argument("--only-packed", action="store_true", help="run only the packed-rows comparison")
     args = parser.parse_args()
     if args.only_schema:
         return with_a_schema(args.rows)
+    if args.only_packed:
+        return packed()
     throughput(args.rows)
+    packed()
     with_a_schema(args.rows)
     rate_limited(200)
     if not args.no_spark:
