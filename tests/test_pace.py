@@ -124,3 +124,79 @@ def test_a_429_that_names_no_limit_is_paced_over_a_second_as_before():
     answer(lim, clock, 20, 0.05)
     lim.on_rate_limited(lim.acquire(), None, None)
     assert lim.window == 1.0 and lim.rate == SHARE * 20
+
+
+# -- one of several tasks on one limit (a Spark job's, issue 34) ---------------------------------------
+
+def task_limiter(tasks, cap=4):
+    clock = FakeClock()
+    return Limiter(cap, RetryPolicy(), clock, rand=lambda: 1.0, share=1 / tasks), clock
+
+
+def test_a_task_learns_its_share_over_the_time_it_has_run_not_one_window():
+    """On main a task that had one answer in the last second took 0.95 request a second for its
+    rate, whatever it had been accepted over the seconds before (a noisy sample of its share)."""
+    lim, clock = task_limiter(tasks=4)
+    clock.now += 0.1
+    answer(lim, clock, 12, 0.25)  # 4 answers a second for three seconds
+    clock.now += 0.9  # the last second held one answer: another task's burst took the slots
+    lim.on_rate_limited(lim.acquire(), None)
+    assert math.isclose(lim.rate, SHARE * 12 / 4.0)  # what it saw accepted in the 4 s since it started
+
+
+def test_a_task_slows_by_a_step_of_its_own_rate():
+    lim, clock = task_limiter(tasks=4)
+    answer(lim, clock, 8, 0.25)
+    lim.on_rate_limited(lim.acquire(), None)
+    first = lim.rate
+    clock.now += 0.5
+    lim.on_success(lim.acquire())  # an answer at that rate, then a 429 in a new epoch
+    rate = lim.rate
+    lim.on_rate_limited(lim.acquire(), None)
+    assert math.isclose(lim.rate, rate * SHARE) and lim.rate < first
+
+
+def test_a_task_grows_by_its_share_and_faster_once_no_429_comes():
+    alone, clock = limiter()
+    task, task_clock = task_limiter(tasks=4)
+    for lim, c in ((alone, clock), (task, task_clock)):
+        answer(lim, c, 4, 0.25)
+        lim.on_rate_limited(lim.acquire(), None)
+        lim.rate = 2.0  # the same starting point
+        c.now += 0.5
+        lim.on_success(lim.acquire())
+    assert math.isclose(alone.rate - 2.0, 1 / 2.0)  # one request a second each second, per answer
+    assert math.isclose(task.rate - 2.0, 0.25 / 2.0 * 1.5)  # its share of that, half a window after the 429
+    task_clock.now += 20  # no 429 for 20 windows: the other tasks may have ended
+    before = task.rate
+    task.on_success(task.acquire())
+    assert math.isclose(task.rate - before, 0.25 / (before * 1.0) * 11)  # at most QUIET + 1 times
+
+
+def test_a_task_with_nothing_answered_lately_waits_at_most_a_window():
+    """Other tasks' answers say the endpoint is up: a task never backs off for the transport's
+    growing seconds (on main, 51 s of one job's 40 went to such pauses)."""
+    lim, clock = task_limiter(tasks=16)
+    for _ in range(6):
+        lim.on_rate_limited(lim.acquire(), None)
+        assert lim.delay() <= 1.0
+        clock.now += lim.delay()
+    alone, clock = limiter()
+    for _ in range(6):
+        alone.on_rate_limited(alone.acquire(), None)
+        clock.now += alone.delay()
+    assert alone.delay() == 0 and clock.now > 6  # the transport's backoff, growing
+
+
+def test_the_next_batch_on_an_endpoint_starts_at_the_rate_the_last_one_learned():
+    """A Spark worker runs one task after another: each started at its whole concurrency and met
+    the 429s its predecessor had learned from."""
+    from dbmagic.batching.pace import shared
+
+    url = "https://example.invalid/serving-endpoints/e/invocations"
+    with shared("first", lambda: Limiter(4, RetryPolicy(), FakeClock()), endpoint=url) as first:
+        first.rate, first.window = 3.5, 1.0
+    with shared("second", lambda: Limiter(4, RetryPolicy(), FakeClock()), endpoint=url) as second:
+        assert second.rate == 3.5
+    with shared("third", lambda: Limiter(4, RetryPolicy(), FakeClock()), endpoint=url + "-other") as other:
+        assert other.rate is None

@@ -32,6 +32,7 @@ import functools
 import math
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ WINDOW = 1.0  # seconds: a limit's window when its 429 names none (Databricks' Q
 LONGEST = 60.0  # the longest window paced (tokens or queries per minute); what is answered is kept this long
 SHARE = 0.95  # of the accepted rate, after a 429 without Retry-After
 GROWTH = 0.05  # per window, of the rate itself (and at least one request per window per window)
+QUIET = 10  # a task's growth is this many times more at most, after as many windows without a 429
 
 
 @dataclass(frozen=True, eq=False)  # each start is its own, even two at the same instant
@@ -69,9 +71,10 @@ class Limiter:
     on one endpoint share one (`shared`)."""
 
     def __init__(self, cap: int, policy: RetryPolicy = RetryPolicy(), clock: Clock | None = None,
-                 rand: Callable[[], float] = random.random):
+                 rand: Callable[[], float] = random.random, share: float = 1.0):
         self._lock = threading.RLock()
         self.cap = cap
+        self.share = share  # of the endpoint's limit this limiter's batch may expect (1 / the tasks sharing it)
         self.policy = policy
         self.clock = clock or SystemClock()
         self.rand = rand
@@ -86,7 +89,7 @@ class Limiter:
         self._answered: deque[float] = deque()  # start times of answered requests, last LONGEST seconds
         self._answered_since = 0  # answers since the last decrease
         self._open: dict[Permit, None] = {}  # requests in flight, oldest first
-        self.last_answer = self.clock.monotonic()
+        self.last_answer = self.started = self.last_limited = self.clock.monotonic()
 
     @_locked
     def delay(self) -> float:
@@ -127,8 +130,11 @@ class Limiter:
         self._answered_since += 1
         self._forget(now)
         if self.rate is not None:  # per answer, so that per window the rate grows by the larger of GROWTH
-            w = self.window  # of itself and one request per window
-            self.rate += max(GROWTH / w, 1.0 / (w * w * self.rate))
+            w = self.window  # of itself and one request per window (its share of one, when tasks share the limit)
+            step = max(GROWTH / w, self.share / (w * w * self.rate))
+            if self.share < 1:  # one of several tasks: the longer no 429 came, the faster it grows (the
+                step *= 1 + min((now - self.last_limited) / w, QUIET)  # others may have ended)
+            self.rate += step
 
     @_locked
     def on_rate_limited(self, permit: Permit, retry_after: float | None, window: float | None = None) -> None:
@@ -136,7 +142,7 @@ class Limiter:
         ``window`` in seconds of the limit its message named, or None for a second)."""
         self.release(permit)
         self.limited += 1
-        now = self.clock.monotonic()
+        now = self.last_limited = self.clock.monotonic()
         if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
             self.pause_until = max(self.pause_until, now + min(retry_after, self.policy.max_retry_after))
             return
@@ -146,16 +152,32 @@ class Limiter:
         self.window = w = min(window or WINDOW, LONGEST)
         self._forget(now)
         answered_since, self._answered_since = self._answered_since, 0
-        in_window = [t for t in self._answered if t > now - w]
-        accepted = len(in_window) + sum(1 for p in self._open if p.started > now - w)
+        # a task's share of the limit shows over more windows than one (as many as have passed)
+        seen = max(w, min(w / self.share, LONGEST, now - self.started))
+        in_window = [t for t in self._answered if t > now - seen]
+        accepted = len(in_window) + sum(1 for p in self._open if p.started > now - seen)
         if in_window:
-            self.rate = max(SHARE * accepted / w, 1.0 / max(self.policy.max_backoff, w))
+            if self.share < 1 and self.rate is not None:
+                # one of several tasks on the limit: what it alone saw accepted is a noisy sample of its
+                # share (another task's burst took its slots), so it slows by the same step each time
+                learned = self.rate * SHARE
+            else:
+                learned = SHARE * accepted / seen
+            self.rate = max(learned, 1.0 / max(self.policy.max_backoff, w))
             self._next_start = now + 1.0 / self.rate
-            if not answered_since:  # refused again at the learned rate: the window is full until its oldest ages out
-                self.pause_until = max(self.pause_until, in_window[0] + w)
-        else:  # nothing answered lately to learn a rate from: the transport's backoff, growing
-            self.backoffs += 1
-            self.pause_until = max(self.pause_until, now + backoff(self.policy, self.backoffs, self.rand))
+            recent = [t for t in in_window if t > now - w]
+            if not answered_since and recent:  # refused again at the learned rate: the window is full until
+                self.pause_until = max(self.pause_until, recent[0] + w)  # its oldest ages out
+        else:  # nothing answered lately to learn a rate from: the transport's backoff, growing (for one of
+            self.backoffs += 1  # several tasks, never past a window: the others' answers say the endpoint is up)
+            wait = backoff(self.policy, self.backoffs, self.rand)
+            self.pause_until = max(self.pause_until, now + (min(wait, w) if self.share < 1 else wait))
+
+    @_locked
+    def resume(self, rate: float, window: float) -> None:
+        """Start at ``rate`` starts a second over ``window``: what a batch before this one learned."""
+        self.rate, self.window = rate, window
+        self._next_start = self.clock.monotonic()
 
     @_locked
     def quiet_for(self) -> float:
@@ -169,18 +191,27 @@ class Limiter:
 
 _SHARED: dict[Any, list[Any]] = {}  # endpoint key -> [its Limiter, the batches using it]
 _SHARED_LOCK = threading.Lock()
+_LEARNED: dict[Any, tuple[float, float, float]] = {}  # endpoint -> (rate, window, when: time.monotonic())
 
 
 @contextlib.contextmanager
-def shared(key: Any, make: Callable[[], Limiter]) -> Iterator[Limiter]:
+def shared(key: Any, make: Callable[[], Limiter], endpoint: Any = None) -> Iterator[Limiter]:
     """The one `Limiter` of an endpoint (``key``) for every batch that runs on it at the same time,
     in the background or not: two batches together keep to the pace the endpoint accepts, rather
     than each learning it alone and doubling the 429s. The first batch ``make``s it; its cap and
-    policy hold until the last one ends."""
+    policy hold until the last one ends.
+
+    The rate it learned outlives it for a window (`LONGEST`), per ``endpoint`` (its URL): the next
+    batch on that endpoint in this process starts at that rate rather than at its whole
+    concurrency. On Spark, where each task is a batch and a Python worker runs one task after
+    another, a task starts at the pace the one before it learned."""
     with _SHARED_LOCK:
         entry = _SHARED.get(key)
         if entry is None:
             entry = _SHARED[key] = [make(), 0]
+            learned = _LEARNED.get(endpoint) if endpoint is not None else None
+            if learned is not None and time.monotonic() - learned[2] < LONGEST:
+                entry[0].resume(learned[0], learned[1])
         entry[1] += 1
     try:
         yield entry[0]
@@ -189,3 +220,6 @@ def shared(key: Any, make: Callable[[], Limiter]) -> Iterator[Limiter]:
             entry[1] -= 1
             if entry[1] == 0 and _SHARED.get(key) is entry:
                 del _SHARED[key]
+                limiter = entry[0]
+                if endpoint is not None and limiter.rate is not None:
+                    _LEARNED[endpoint] = (limiter.rate, limiter.window, time.monotonic())

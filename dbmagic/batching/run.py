@@ -206,10 +206,12 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         signed_in: bool = False, checkpoint: Any = None, max_tokens_total: int | None = None,
         max_cost: float | None = None, handle: BackgroundBatch | None = None, bar: Any = None,
         shared_checkpoint: bool = False, grace: float = GRACE, rows_per_request: int | None = None,
-        **options: Any) -> BatchResult:
+        tasks: int = 1, **options: Any) -> BatchResult:
     """`batch`, always returning the `BatchResult` (what ``%%dbllm --over`` keeps in ``_dbllm``).
     ``signed_in``: the token was accepted before this batch (a Spark task's, by the driver), so a
-    401 means that it expired or was revoked since."""
+    401 means that it expired or was revoked since. ``tasks``: how many batches like this one run
+    at once on the endpoint elsewhere too (a Spark job's tasks): the pace grows by its share, and a
+    row waits ``tasks`` times as many 429s for an answer before it fails."""
     from .. import settings
     from ..call.schema import schema_of
     from ..client import Completion, get_client, refuse_unknown_options
@@ -343,6 +345,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
             f"input's estimate plus its max_tokens, {RESERVED_OUTPUT} when unset), so nothing would be sent. Raise "
             f"{budget.option}, or set a lower max_tokens (--max-tokens).")
     policy = replace(client.retry, retry_rate_limited=False)  # a 429 slows the whole batch instead
+    if tasks > 1:  # the 429s between two answers of this batch are its share of every task's
+        policy = replace(policy, attempts=policy.attempts * tasks)
     client.ensure_pool(concurrency)
 
     batch: dict[str, Any] = {}  # with tracing on: the batch's id, which tags each row's trace
@@ -441,7 +445,10 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
 
     started = time.perf_counter()
     pace = _pace.shared((id(client), endpoint, options.get("cluster_id"), options.get("port")),
-                        lambda: Limiter(min(concurrency, max(len(sends), 1)), policy, client.clock, rand=client.jitter))
+                        lambda: Limiter(min(concurrency, max(len(sends), 1)), policy, client.clock, rand=client.jitter,
+                                        share=1.0 / max(tasks, 1)),
+                        endpoint=request_of(todo[0]).url if todo and not isinstance(request_of(todo[0]), DbMagicError)
+                        else None)
     with pace as limiter, tracing.batch_span(tpl.source, len(todo), endpoint) as span:
         rows_run = Rows(concurrency, sends, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
                         budget=budget, limiter=limiter, worst=worst_of, grace=grace, size=pack_size, label=label,

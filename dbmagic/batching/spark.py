@@ -177,6 +177,7 @@ def complete(
     # an app (apps/NAME): its URL and the current OAuth token for it travel too (the executors cannot exchange one)
     app = (probe.host, client.credentials_for(probe).token) if probe.where == APP else None
     retry, timeouts = client.retry, client.timeouts
+    tasks = _tasks_at_once(sdf)  # they share the endpoint's limit: each paces as its share
     schema = StructType([*[sdf.schema[c] for c in columns], *added])
     answered_by = f"{output_col}_raw" if typed else output_col  # with no error: a row answered before
 
@@ -210,7 +211,7 @@ def complete(
                                  client=worker, transform_output=transform_output, timeout=timeout, column=output_col,
                                  error_column=error_col, send_missing=send_missing, signed_in=True,
                                  checkpoint=checkpoint, shared_checkpoint=shared_checkpoint,
-                                 rows_per_request=rows_per_request, **options)
+                                 rows_per_request=rows_per_request, tasks=tasks, **options)
                     if typed:
                         fields = answer_schema.fields()
                         got = {name: [for_spark(answer_schema, fields[name], v) for v in values] if name in fields
@@ -228,6 +229,20 @@ def complete(
             worker.close()
 
     return sdf.mapInPandas(dbmagic_complete, schema)
+
+
+def _tasks_at_once(sdf: Any) -> int:
+    """How many of the job's tasks run at once: its partitions, at most the cluster's cores (Spark's
+    default parallelism); the partitions alone where the session does not say (Spark Connect)."""
+    try:
+        partitions = sdf.rdd.getNumPartitions()
+    except Exception:  # Spark Connect has no RDDs
+        return 1
+    try:
+        cores = sdf.sparkSession.sparkContext.defaultParallelism
+    except Exception:
+        return max(partitions, 1)
+    return max(min(partitions, cores), 1)
 
 
 _DATABRICKS_ROOTS = ("/Volumes/", "/dbfs/", "/Workspace/")

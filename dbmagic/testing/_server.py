@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from http.server import ThreadingHTTPServer
+from http.server import ThreadingHTTPServer as _ThreadingHTTPServer
 from typing import Any
 
 from ._handler import AppHandler, Handler
@@ -27,6 +27,13 @@ from ._replies import echo_reply, judge_reply, reply_text, schema_reply
 
 __all__ = ["LocalWorkspace", "Endpoint", "Fault", "App", "RecordedRequest", "echo_reply", "schema_reply", "judge_reply",
            "LIMIT_MESSAGES", "DEFAULT_ENDPOINTS", "secret_fingerprint"]
+
+
+class ThreadingHTTPServer(_ThreadingHTTPServer):
+    """The standard library's, with room for a cluster's connections at once: its listen backlog
+    of 5 reset connections when a Spark job's tasks (each with its own pool) all connected at once."""
+
+    request_queue_size = 512
 
 
 class LocalWorkspace:

@@ -1,0 +1,76 @@
+"""Prompts over a cluster, against a rate-limited endpoint (by hand, not in CI).
+
+    python benchmarks/bench_cluster.py [--rows 300] [--limit 20] [--partitions 4,16,64]
+
+Spark local[4] (four tasks at once) over ``--rows`` rows in 4, 16 and 64 partitions, against an
+endpoint of the local workspace (in this process, so its request log is read) that admits
+``--limit`` requests a second and answers the rest 429 without ``Retry-After``; next to
+`dbmagic.batch` over the same rows on the driver. Prints the share of the limit reached (rows a
+second over the limit), the 429s and the failed rows (target: >= 90% of the limit, 0 failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from dbmagic import Client
+from dbmagic.testing import Endpoint, LocalWorkspace
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=300)
+    parser.add_argument("--limit", type=float, default=20)
+    parser.add_argument("--partitions", default="4,16,64")
+    parser.add_argument("--retry-after", action="store_true", help="429s carry Retry-After")
+    args = parser.parse_args()
+    from pyspark.sql import SparkSession
+
+    import dbmagic.batching.spark
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+    spark = (SparkSession.builder.master("local[4]").config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false").config("spark.driver.host", "127.0.0.1")
+             .config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    name = "limited"
+    with LocalWorkspace(endpoints=[Endpoint(name, "llm/v1/chat", latency=0.05, rate_limit=args.limit,
+                                            retry_after=args.retry_after)]) as ws:
+        client = Client(host=ws.host, token=ws.token)
+        rows = [(i, f"row {i}") for i in range(args.rows)]
+        print(f"{time.strftime('%Y-%m-%d')}: {args.rows} rows, endpoint limit {args.limit:g}/s, 50 ms, 429s "
+              f"{'with' if args.retry_after else 'without'} Retry-After, concurrency 4 a task, local[4]")
+
+        def report(label: str, seconds: float, failed: int) -> None:
+            log = [r for r in ws.requests if r.path.endswith("/invocations")]
+            rate = args.rows / seconds
+            print(f"  {label:28} {rate:6.1f} rows/s  {rate / args.limit:6.1%} of the limit  "
+                  f"{sum(1 for r in log if r.status == 429):5d} 429s  {failed} failed")
+
+        sdf = spark.createDataFrame(rows, "id INT, text STRING")
+        dbmagic.batching.spark.complete(sdf.limit(4), "{{ text }}", endpoint=name, client=client).count()  # warm
+        time.sleep(1.5)
+        for partitions in [int(p) for p in args.partitions.split(",")]:
+            frame = sdf.repartition(partitions).cache()
+            frame.count()
+            time.sleep(1.5)  # the limit's window empty again
+            ws.clear()
+            started = time.perf_counter()
+            out = dbmagic.batching.spark.complete(frame, "{{ text }}", endpoint=name, client=client,
+                                                  concurrency_per_task=4)
+            failed = out.filter("error IS NOT NULL").count()
+            report(f"Spark, {partitions} partitions", time.perf_counter() - started, failed)
+        time.sleep(1.5)
+        ws.clear()
+        started = time.perf_counter()
+        result = dbmagic.batch("{{ row }}", [t for _, t in rows], name, client=client, progress=False, concurrency=16)
+        report("dbmagic.batch, concurrency 16", time.perf_counter() - started, len(result.failed))
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
