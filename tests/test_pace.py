@@ -200,3 +200,20 @@ def test_the_next_batch_on_an_endpoint_starts_at_the_rate_the_last_one_learned()
         assert second.rate == 3.5
     with shared("third", lambda: Limiter(4, RetryPolicy(), FakeClock()), endpoint=url + "-other") as other:
         assert other.rate is None
+
+
+def test_a_bug_in_the_pace_stops_the_batch_rather_than_leaving_rows_without_a_word():
+    """On main a worker that raised while waiting for its start died quietly: the batch returned
+    with rows that had neither an answer nor an error (found with a clock that could not wait)."""
+    import pytest
+
+    from dbmagic.batching.rows import Rows
+
+    class Broken(Limiter):
+        def delay(self):
+            raise RuntimeError("a bug in the pace")
+
+    items = [None] * 3
+    rows = Rows(2, [0, 1, 2], items, RetryPolicy(), FakeClock(), limiter=Broken(2, RetryPolicy(), FakeClock()))
+    with pytest.raises(RuntimeError, match="a bug in the pace"):
+        rows.run(lambda i: None, progress=False)

@@ -10,7 +10,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import dbmagic
-from dbmagic import Client, ConfigurationError
+from dbmagic import Client, ConfigurationError, RetryPolicy
 from dbmagic.testing import Endpoint
 
 from .conftest import CHAT, EMBEDDINGS
@@ -18,6 +18,10 @@ from .conftest import CHAT, EMBEDDINGS
 
 def _sent(workspace, name: str) -> list[dict]:
     return [r.json for r in workspace.requests if r.path == f"/serving-endpoints/{name}/invocations"]
+
+
+def _sent_log(workspace, name: str) -> list:
+    return [r for r in workspace.requests if r.path == f"/serving-endpoints/{name}/invocations"]
 
 
 def _inputs(body: dict) -> int:
@@ -111,11 +115,17 @@ def test_the_cache_keeps_and_serves_each_row(client, workspace, tmp_path):
         dbmagic.use_cache(None)
 
 
-def test_a_rate_limited_pack_waits_and_no_row_fails(client, workspace):
+def test_a_rate_limited_pack_waits_and_no_row_fails(workspace):
+    """A 429 is the whole request's: the pack waits and goes again whole, never split."""
     workspace.add_endpoint(Endpoint("busy-embeddings", "llm/v1/embeddings", rate_limit=2))
+    client = Client(host=workspace.host, token=workspace.token, retry=RetryPolicy(backoff=0.05, max_backoff=0.2))
     result = dbmagic.batch("{{ row }}", [f"t{i}" for i in range(600)], "busy-embeddings", client=client,
                            progress=False, concurrency=8)
-    assert result.failed == [] and len(result.values) == 600
+    client.close()
+    assert result.failed == [] and all(len(v) == 1 and len(v[0]) > 0 for v in result.values)
+    log = _sent_log(workspace, "busy-embeddings")
+    assert any(r.status == 429 for r in log), "the endpoint never said 429: the test proves nothing"
+    assert {len(r.json["input"]) for r in log} == {100}  # every try, 429 or not, the whole pack
 
 
 def test_transform_output_runs_once_a_row(client, workspace):
@@ -145,3 +155,9 @@ def test_rows_per_request_is_checked_before_sending(client, workspace, shell):
     shell.run_cell_magic("dbllm", f"-e {EMBEDDINGS} --over docs --rows-per-request 2", "{{ row }}")
     assert [b["input"] for b in _sent(workspace, EMBEDDINGS)] == [["a", "b"]]
     assert isinstance(Client, type)
+
+
+def test_a_first_row_that_cannot_render_does_not_stop_the_packing(client, workspace):
+    rows = [{"oops": 1}] + [{"text": f"t{i}"} for i in range(5)]
+    result = dbmagic.batch("{{ text }}", rows, EMBEDDINGS, client=client, progress=False)
+    assert result.failed == [0] and [b["input"] for b in _sent(workspace, EMBEDDINGS)] == [[f"t{i}" for i in range(5)]]

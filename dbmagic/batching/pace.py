@@ -23,6 +23,14 @@ ask it for a start (`delay`, then `acquire`), and tell it how each request went 
   window waits for its oldest request to be a minute old, and the rate grows by one request a
   minute each minute, or 5% a minute. (Limits of an hour or a day are not paced: the batch fails
   fast, `dbmagic.batching.rows`.)
+- **One of several tasks** on one limit (a Spark job's: ``share`` is 1 / the tasks that run at
+  once, and they cannot talk to each other): what a task alone saw accepted in the last window is a
+  noisy sample of its share, so it learns over the time it has run (up to ``window / share``), and
+  once it has a rate it slows by the same step of its own rate each time; it grows by its share of
+  one request per window each window, faster the longer no 429 came (up to `QUIET` times: the other
+  tasks may have ended); with nothing answered lately it waits a window at most (the others'
+  answers say the endpoint is up). `shared` remembers the rate an endpoint's batch learned, so a
+  Python worker's next task starts there.
 """
 
 from __future__ import annotations

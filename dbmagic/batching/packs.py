@@ -178,9 +178,8 @@ class Pack:
                  answered: dict[int, Any], read: Callable[[Completion], dict[int, Any]]):
         self.rows, self.requests, self._call, self._answered, self._read = list(rows), list(requests), call, answered, read
 
-    @property
-    def completion(self) -> Any:
-        return self._call.completion if self._call is not None else None
+    completion = None  # a batch stopped with this pack on its way keeps it as interrupted (`partial`), never
+    # the packed answer itself, which is every row's at once
 
     def partial(self, why: str) -> Any:
         return self._call.partial(why)

@@ -174,7 +174,13 @@ class Rows:
         limiter = self.limiter
         while True:
             with self.cond:
-                index, permit = self._next()
+                try:
+                    index, permit = self._next()
+                except BaseException as exc:  # a bug of ours: it stops the batch (raised), never a row left unsaid
+                    self.fatal, self.stopped = exc, True
+                    self.stop.set()
+                    self.cond.notify_all()
+                    return
                 if index is None:
                     return
             c: Any = None

@@ -182,7 +182,7 @@ class BackgroundBatch:
             return self.batch_result.summary()
         if rows is None:
             return "starting"
-        return f"running: {rows.done} done, {rows.failed} failed, {rows.remaining} to go"
+        return f"running: {rows.done} done, {rows.failed} failed, {rows.rows - rows.done} to go"
 
     def __repr__(self) -> str:
         return f"BackgroundBatch({self.progress()})"
@@ -313,17 +313,19 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     # rows packed per request where the endpoint takes many: a pack's place follows the rows' in items
     rows_count = len(items)
     members: dict[int, list[int]] = {}  # a pack's index -> its rows
-    size = packs.size_for(rows_per_request, request_of(todo[0])) if todo else 1
-    sends = list(todo)  # what the workers take: rows, and packs of rows
-    if size > 1:
-        sends = []
-        for unit in packs.plan(todo, request_of, size):
-            if len(unit) == 1:
-                sends.append(unit[0])
-            else:
-                members[len(items)] = unit
-                sends.append(len(items))
-                items.append(None)
+    first = next((request_of(i) for i in todo if not isinstance(request_of(i), DbMagicError)), None)
+    size = packs.size_for(rows_per_request, first)
+
+    def place(unit: list[int]) -> int:
+        """Where the workers find ``unit``: a row's own place, or a new one after the rows for a pack."""
+        if len(unit) == 1:
+            return unit[0]
+        members[len(items)] = unit
+        items.append(None)
+        return len(items) - 1
+
+    # what the workers take: rows, and packs of rows
+    sends = [place(unit) for unit in packs.plan(todo, request_of, size)] if size > 1 else list(todo)
     # a budget (checked before anything is sent), priced by the first row's model
     budget = (budget_of(max_tokens_total, max_cost, getattr(request_of(todo[0]), "llm", None))
               if todo and (max_tokens_total or max_cost) else None)
@@ -431,24 +433,13 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
 
     def split(k: int, outcome: Any) -> list[int] | None:  # a pack refused: each half sent again (holding the lock)
         halves = packs.splits(outcome, members[k]) if k in members else None
-        if halves is None:
-            return None
-        indices = []
-        for half in halves:
-            if len(half) == 1:
-                indices.append(half[0])
-            else:
-                members[len(items)] = half
-                indices.append(len(items))
-                items.append(None)
-        return indices
+        return None if halves is None else [place(half) for half in halves]
 
     started = time.perf_counter()
     pace = _pace.shared((id(client), endpoint, options.get("cluster_id"), options.get("port")),
                         lambda: Limiter(min(concurrency, max(len(sends), 1)), policy, client.clock, rand=client.jitter,
                                         share=1.0 / max(tasks, 1)),
-                        endpoint=request_of(todo[0]).url if todo and not isinstance(request_of(todo[0]), DbMagicError)
-                        else None)
+                        endpoint=first.url if first is not None else None)
     with pace as limiter, tracing.batch_span(tpl.source, len(todo), endpoint) as span:
         rows_run = Rows(concurrency, sends, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
                         budget=budget, limiter=limiter, worst=worst_of, grace=grace, size=pack_size, label=label,
