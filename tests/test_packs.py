@@ -161,3 +161,35 @@ def test_a_first_row_that_cannot_render_does_not_stop_the_packing(client, worksp
     rows = [{"oops": 1}] + [{"text": f"t{i}"} for i in range(5)]
     result = dbmagic.batch("{{ text }}", rows, EMBEDDINGS, client=client, progress=False)
     assert result.failed == [0] and [b["input"] for b in _sent(workspace, EMBEDDINGS)] == [[f"t{i}" for i in range(5)]]
+
+
+def test_rows_the_cache_answered_keep_their_answers_when_the_rest_of_their_pack_fails(client, workspace, tmp_path):
+    dbmagic.use_cache(tmp_path / "cache")
+    try:
+        dbmagic.batch("{{ row }}", ["one", "two"], EMBEDDINGS, client=client, progress=False)
+        workspace.fail(EMBEDDINGS, 403)
+        result = dbmagic.batch("{{ row }}", ["one", "two", "three", "four"], EMBEDDINGS, client=client,
+                               progress=False)
+    finally:
+        dbmagic.use_cache(None)
+    assert result.failed == [2, 3] and all(result[i].cached for i in (0, 1))
+    assert "PERMISSION_DENIED" in str(result.errors[2]) or "403" in str(result.errors[2])
+
+
+def test_a_resume_sends_the_failed_rows_of_a_pack_again(client, workspace):
+    accept = {"poison": False}
+
+    def predict(records):
+        if not accept["poison"] and any(r == {"prompt": "poison"} for r in records):
+            raise ValueError("cannot score poison")
+        return [r["prompt"].upper() for r in records]
+
+    workspace.add_endpoint(Endpoint("picky-then-fixed", None, endpoint_type="CUSTOM_MODEL", predict=predict))
+    rows = ["a", "poison", "c", "d"]
+    first = dbmagic.batch("{{ row }}", rows, "picky-then-fixed", client=client, progress=False)
+    assert first.failed == [1]
+    accept["poison"] = True
+    workspace.clear()
+    again = dbmagic.batch("{{ row }}", rows, "picky-then-fixed", client=client, progress=False, resume=first)
+    assert again.failed == [] and again.values == ["A", "POISON", "C", "D"]
+    assert [b["dataframe_records"] for b in _sent(workspace, "picky-then-fixed")] == [[{"prompt": "poison"}]]

@@ -355,6 +355,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
 
     store = cache_store()  # the kernel's cache: a pack asks it for each row, and keeps each row's answer
     from_ledger = [0]  # rows of packs a checkpoint answered (another batch's, while this one waited)
+    kept: dict[int, Any] = {}  # rows of packs the checkpoint or the cache answered: never sent, whatever the pack meets
 
     def call_pack(k: int) -> Any:
         rows = members[k]
@@ -363,6 +364,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         checkpointed = 0  # rows the checkpoint answered
         for r in rows:
             request = request_of(r)
+            if r in kept:  # answered by the checkpoint or the cache at an earlier try of this pack
+                continue
             if ledger is not None:
                 record = ledger.turn(identities[r], request.url, signer, rows_run.stop)
                 if record is not None:
@@ -375,6 +378,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                     answered_before[r] = completion_of(record, request, transform_output)
                     continue
             sending.append((r, request))
+        for r, answer in answered_before.items():  # kept in the row's place, whatever the request meets
+            items[r] = kept[r] = answer
         tags = {**batch, "row": rows[0]} if batch else None
         if not sending:  # nothing to send: counted as reused when the checkpoint answered every row
             pack = packs.Pack(rows, [], None, answered_before, lambda completion: {})
@@ -458,7 +463,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
             for r in rows:
                 if isinstance(outcome, packs.PackOutcome):
                     items[r] = outcome.outcomes.get(r, items[r])
-                elif outcome is not None:
+                elif outcome is not None and r not in kept:  # the request's error: the rows it carried
                     items[r] = outcome
         del items[rows_count:]
         for follower, leader in followers.items():  # the same request: the same answer, sent once
