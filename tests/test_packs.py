@@ -193,3 +193,11 @@ def test_a_resume_sends_the_failed_rows_of_a_pack_again(client, workspace):
     again = dbmagic.batch("{{ row }}", rows, "picky-then-fixed", client=client, progress=False, resume=first)
     assert again.failed == [] and again.values == ["A", "POISON", "C", "D"]
     assert [b["dataframe_records"] for b in _sent(workspace, "picky-then-fixed")] == [[{"prompt": "poison"}]]
+
+
+def test_a_requests_usage_is_shared_among_its_rows_by_the_size_of_their_inputs():
+    from dbmagic.batching.packs import _shares
+
+    assert _shares(10, [1, 1, 2]) == [3, 2, 5]  # 2.5, 2.5, 5: the remainder to the first largest fraction
+    assert sum(_shares(7, [3, 1, 1, 2])) == 7
+    assert _shares(3, [0, 0, 0]) == [1, 1, 1] and _shares(None, [1, 2]) == [None, None]

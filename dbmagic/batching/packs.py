@@ -26,7 +26,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..call.answers import Usage, parse_response
+from ..call.answers import Usage, WireError, parse_response
 from ..call.kinds import CUSTOM, EMBEDDINGS, MODEL_SERVICE, SERVING
 from ..call.model import Completion, PreparedRequest
 from ..errors import BadRequest, BadResponse, DbMagicError, StatusError, error_of
@@ -120,8 +120,9 @@ def _shares(total: int | None, weights: Sequence[int]) -> list[int | None]:
     """``total`` split in proportion to ``weights`` (whole numbers that add up to it)."""
     if total is None:
         return [None] * len(weights)
-    whole = sum(weights) or len(weights)
-    raw = [total * (w or (1 if not sum(weights) else 0)) / whole for w in weights]
+    if not any(weights):
+        weights = [1] * len(weights)
+    raw = [total * w / sum(weights) for w in weights]
     shares = [int(r) for r in raw]
     for j in sorted(range(len(raw)), key=lambda k: raw[k] - shares[k], reverse=True)[:total - sum(shares)]:
         shares[j] += 1
@@ -151,7 +152,10 @@ def split_answer(completion: Completion, rows: Sequence[int], requests: Sequence
         if usage else None
     answers: dict[int, Any] = {}
     for j, (row, request, piece) in enumerate(zip(rows, requests, slices, strict=True)):
-        parsed = parse_response(kind, piece)
+        try:
+            parsed = parse_response(kind, piece)
+        except WireError as exc:  # one output of the wrong shape: the pack is split, as any it cannot read
+            raise BadResponse(f"{request.target} sent {exc}", target=request.target) from None
         value = parsed.value
         row_usage = Usage(**{name: shares[j] for name, shares in split.items()}) if split else Usage()
         answer = dataclasses.replace(completion, text=parsed.text, value=value, natural=parsed.value, raw=piece,
