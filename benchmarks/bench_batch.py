@@ -13,6 +13,8 @@ Prints rows per second for:
 - the same 500 rows with a schema (``"label: str, n: int, score: float, tags: list[str], reason: str?"``,
   then a pydantic model) next to the same batch without one (target: >= 0.95x: parsing and validating
   each answer must not become the bottleneck);
+- an endpoint limited in input tokens, then output tokens, a second (target: >= 90% of the limit,
+  0 failed rows);
 - embeddings and a custom model, 2,000 rows at 20 ms, concurrency 8: rows packed per request (the
   default) next to one row a request (target: >= 10x);
 - Spark local[2], 1,000 rows at 50 ms, two partitions and one (needs the spark extra).
@@ -249,19 +251,45 @@ def packed(rows: int = 2000) -> None:
             print(f"  {label:34} one a request {one:8.1f} rows/s   packed {many:9.1f} rows/s   {many / one:5.1f}x")
 
 
+def token_limited(rows: int = 300, limit: int = 400) -> None:
+    """An endpoint limited in input, then output, tokens: ``limit`` tokens a second (the local
+    workspace's quick stand-in for Databricks' per-minute ITPM and OTPM), 429s without Retry-After."""
+    from dbmagic.testing import Endpoint, LocalWorkspace
+
+    prompts = [" ".join(f"w{i}" for i in range(20)) + f" row {j}" for j in range(rows)]  # 22 tokens in, 23 out
+    print(f"{rows} rows against a limit of {limit} tokens/s, 50 ms, concurrency 16, 429s without Retry-After:")
+    for kind in ("input", "output"):
+        with LocalWorkspace(endpoints=[Endpoint("tokens", "llm/v1/chat", latency=0.05, token_limit=limit,
+                                                token_kind=kind, token_window="second", retry_after=False)]) as ws:
+            client = Client(host=ws.host, token=ws.token)
+            client.endpoint("tokens")
+            started = time.perf_counter()
+            result = dbmagic.batch("{{ row }}", prompts, "tokens", client=client, progress=False, concurrency=16)
+            seconds = time.perf_counter() - started
+            spent = result.usage.input if kind == "input" else result.usage.output
+            limited = sum(1 for r in ws.requests if r.path.endswith("/invocations") and r.status == 429)
+            print(f"  {kind} tokens: {spent / seconds:6.1f} tokens/s, {spent / seconds / limit:6.1%} of the limit, "
+                  f"{limited} 429s, {len(result.failed)} failed")
+            client.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=500)
     parser.add_argument("--no-spark", action="store_true")
     parser.add_argument("--only-schema", action="store_true", help="run only the schema comparison")
     parser.add_argument("--only-packed", action="store_true", help="run only the packed-rows comparison")
+    parser.add_argument("--only-tokens", action="store_true", help="run only the token-limited endpoint")
     args = parser.parse_args()
+    if args.only_tokens:
+        return token_limited()
     if args.only_schema:
         return with_a_schema(args.rows)
     if args.only_packed:
         return packed()
     throughput(args.rows)
     packed()
+    token_limited()
     with_a_schema(args.rows)
     rate_limited(200)
     if not args.no_spark:

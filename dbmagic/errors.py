@@ -206,8 +206,9 @@ class EndpointNotFound(StatusError):
 
 
 # the limits Databricks names in a 429 (Foundation Model APIs, AI Gateway): what a message says -> (window, name)
-_LIMITS = ((re.compile(r"\bQPS\b|per second", re.I), 1.0, "queries per second"),
-           (re.compile(r"\bTPM\b|tokens per minute", re.I), 60.0, "tokens per minute"),
+_LIMITS = ((re.compile(r"tokens per second", re.I), 1.0, "tokens per second"),  # the local workspace's quick stand-in
+           (re.compile(r"\bQPS\b|per second", re.I), 1.0, "queries per second"),
+           (re.compile(r"\bI?O?TPM\b|tokens per minute", re.I), 60.0, "tokens per minute"),
            (re.compile(r"\bQPM\b|per minute", re.I), 60.0, "queries per minute"),
            (re.compile(r"\bQPH\b|per hour", re.I), 3600.0, "queries per hour"),
            (re.compile(r"per day|daily|budget", re.I), 86400.0, "daily budget"))
@@ -235,6 +236,16 @@ class RateLimited(StatusError):
                                        "dbmagic does not wait for it. Run the rest later (resume= sends only what is "
                                        "missing), or ask a workspace admin for a higher limit (AI Gateway rate limits).")
         super().__init__(what, **kwargs)
+
+    @property
+    def tokens(self) -> str | None:
+        """The tokens the limit counts when it is a token limit (``input``, ``output``, or ``total``
+        when the message says tokens alone), else None: a batch then paces its tokens, not its requests."""
+        message = self.server_message or ""
+        if not re.search(r"\bI?O?TPM\b|tokens per", message, re.I):
+            return None
+        return "input" if re.search(r"input tokens|\bITPM\b", message, re.I) else \
+            "output" if re.search(r"output tokens|\bOTPM\b", message, re.I) else "total"
 
     @property
     def outlasts(self) -> float | None:

@@ -336,3 +336,31 @@ def test_a_batch_looks_its_endpoint_up_once(workspace):
     assert result.failed == []
     lookups = [r for r in workspace.requests if r.path == "/api/2.0/serving-endpoints/looked-up"]
     assert len(lookups) == 1
+
+
+@pytest.mark.parametrize("kind", ["input", "output"])
+def test_an_endpoint_limited_in_tokens_is_paced_by_tokens_and_loses_no_row(workspace, fast, kind):
+    """Issue 34: a token limit (ITPM or OTPM; here per second, the local workspace's quick stand-in
+    for Databricks' minute) was paced as requests. The batch now counts tokens once a 429 names
+    them: every row answered, few 429s, and the pace said in tokens."""
+    workspace.add_endpoint(Endpoint("tokens", "llm/v1/chat", latency=0.02, token_limit=300, token_kind=kind,
+                                    token_window="second", retry_after=False))
+    rows = [" ".join(f"w{i}" for i in range(20)) + f" row {j}" for j in range(80)]  # 22 tokens in, 23 out
+    result = dbmagic.batch("{{ row }}", rows, endpoint="tokens", concurrency=16, client=fast, progress=False)
+    assert result.failed == [] and result.texts == [f"Echo: {r}" for r in rows]
+    log = invocations(workspace, "tokens")
+    limited = [r for r in log if r.status == 429]
+    assert limited, "the endpoint never said 429: the test proves nothing"
+    assert len(limited) < len(rows) / 2
+    assert f"{kind} tokens/s by the endpoint's token limit" in result.summary()
+
+
+def test_the_local_workspace_refuses_past_a_token_limit_as_databricks_words_it(workspace):
+    workspace.add_endpoint(Endpoint("itpm", "llm/v1/chat", token_limit=30, retry_after=False))
+    once = Client(host=workspace.host, token=workspace.token, retry=RetryPolicy(attempts=1))
+    once.complete("one two three four five six seven eight nine ten", endpoint="itpm")
+    with pytest.raises(dbmagic.RateLimited) as info:
+        once.complete(" ".join(["word"] * 25), endpoint="itpm")  # 10 + 25 > 30 input tokens this minute
+    assert "Exceeded the input tokens per minute rate limit" in str(info.value)
+    assert info.value.tokens == "input" and info.value.window == 60.0
+    once.close()

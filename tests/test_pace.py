@@ -217,3 +217,38 @@ def test_a_bug_in_the_pace_stops_the_batch_rather_than_leaving_rows_without_a_wo
     rows = Rows(2, [0, 1, 2], items, RetryPolicy(), FakeClock(), limiter=Broken(2, RetryPolicy(), FakeClock()))
     with pytest.raises(RuntimeError, match="a bug in the pace"):
         rows.run(lambda i: None, progress=False)
+
+
+# -- token limits (issue 34) ----------------------------------------------------------------------------
+
+def test_a_429_naming_a_token_limit_paces_tokens_learned_from_the_answers_usage():
+    lim, clock = limiter()
+    for _ in range(10):  # ten answers over a second, 30 input tokens each as their usage said
+        permit = lim.acquire()
+        clock.now += 0.1
+        lim.on_success(permit, {"input": 30, "output": 5, "total": 35})
+    lim.on_rate_limited(lim.acquire(), None, 60.0, "input")
+    assert lim.tokens == "input"
+    # the epoch that named tokens starts afresh: its own 429 says what was accepted, in tokens, over the window
+    assert math.isclose(lim.rate, SHARE * 300 / 60.0)  # 4.75 input tokens a second
+    first = lim.acquire(cost=60)  # a request estimated at 60 tokens: the next start 60 tokens' time later
+    assert math.isclose(lim.delay(), (1 + 60) / lim.rate)  # (after the refused one's single token)
+    clock.now += 5
+    lim.on_success(first, {"input": 30})  # it used half its estimate
+    clock.now += 100
+    second = lim.acquire(cost=60)
+    assert math.isclose(second.cost, 30.0)  # later estimates are corrected by what the usage said
+
+
+def test_the_tokens_a_429_names():
+    from dbmagic.errors import RateLimited
+
+    def named(message):
+        return RateLimited("429", server_message=message)
+
+    assert named("REQUEST_LIMIT_EXCEEDED: Exceeded the input tokens per minute rate limit for this endpoint.").tokens \
+        == "input"
+    assert named("Exceeded the output tokens per minute rate limit").tokens == "output"
+    assert named("AI Gateway TPM limit exceeded").tokens == "total"
+    assert named("REQUEST_LIMIT_EXCEEDED: Exceeded workspace QPS rate limit for this endpoint.").tokens is None
+    assert named("Exceeded the input tokens per second rate limit").window == 1.0  # the local workspace's stand-in

@@ -23,6 +23,11 @@ ask it for a start (`delay`, then `acquire`), and tell it how each request went 
   window waits for its oldest request to be a minute old, and the rate grows by one request a
   minute each minute, or 5% a minute. (Limits of an hour or a day are not paced: the batch fails
   fast, `dbmagic.batching.rows`.)
+- **A token limit**: once a 429 names one (`dbmagic.errors.RateLimited.tokens`: input, output, or
+  total tokens), the pace counts tokens, not requests: a start costs its request's tokens, estimated
+  by the batch (``acquire(cost)``) and corrected by the ratio of the answers' usage to their
+  estimates; the rate is learned in tokens from the usage the answers reported (``on_success(used)``),
+  and grows by a request's worth of tokens.
 - **One of several tasks** on one limit (a Spark job's: ``share`` is 1 / the tasks that run at
   once, and they cannot talk to each other): what a task alone saw accepted in the last window is a
   noisy sample of its share, so it learns over the time it has run (up to ``window / share``), and
@@ -42,7 +47,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,10 +64,13 @@ QUIET = 10  # a task's growth is this many times more at most, after as many win
 
 @dataclass(frozen=True, eq=False)  # each start is its own, even two at the same instant
 class Permit:
-    """One started request: when it started, and in which epoch."""
+    """One started request: when it started, in which epoch, and what it was counted to cost of a
+    token limit (its tokens estimated; 1 while the pace counts requests)."""
 
     started: float
     epoch: int
+    cost: float = 1.0
+    estimate: float = 1.0  # the cost as the batch estimated it, before the answers' usage corrected it
 
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -87,7 +95,8 @@ class Limiter:
         self.clock = clock or SystemClock()
         self.rand = rand
         self.in_flight = 0
-        self.rate: float | None = None  # starts per second; None: only the cap limits
+        self.rate: float | None = None  # starts per second (tokens per second when `tokens`); None: only the cap
+        self.tokens: str | None = None  # the tokens a limit counts ("input", "output", "total"), once a 429 named one
         self.pause_until = 0.0
         self.epoch = 0
         self.backoffs = 0  # 429s with nothing to learn from since the last answer: how long a pause is
@@ -95,6 +104,9 @@ class Limiter:
         self._next_start = 0.0
         self.window = WINDOW  # the limit's window, as the last 429 without Retry-After named it
         self._answered: deque[float] = deque()  # start times of answered requests, last LONGEST seconds
+        self._used: deque[Mapping[str, float]] = deque()  # the tokens each of them used, as its usage said
+        # since the pace counts tokens: the tokens its estimates said and the answers' usage counted
+        self._tokens_since, self._estimated, self._counted = 0, 0.0, 0.0
         self._answered_since = 0  # answers since the last decrease
         self._open: dict[Permit, None] = {}  # requests in flight, oldest first
         self.last_answer = self.started = self.last_limited = self.clock.monotonic()
@@ -111,14 +123,19 @@ class Limiter:
         return max(wait, 0.0)
 
     @_locked
-    def acquire(self) -> Permit:
-        """Start a request now (after `delay` said 0)."""
+    def acquire(self, cost: float = 1.0) -> Permit:
+        """Start a request now (after `delay` said 0); ``cost``: its tokens estimated, of the kind
+        `tokens` names (what a token limit counts it for; unused while the pace counts requests)."""
         now = self.clock.monotonic()
-        permit = Permit(now, self.epoch)
+        estimate = cost if self.tokens else 1.0
+        if self.tokens and self._estimated:  # estimates corrected by what the answers' usage said of them
+            cost = estimate * self._counted / self._estimated
+        permit = Permit(now, self.epoch, cost if self.tokens else 1.0, estimate)
         self.in_flight += 1
         self._open[permit] = None
         if self.rate is not None:
-            self._next_start = max(self._next_start, now - 1.0 / self.rate) + 1.0 / self.rate
+            step = permit.cost / self.rate
+            self._next_start = max(self._next_start, now - step) + step
         return permit
 
     @_locked
@@ -128,27 +145,40 @@ class Limiter:
             self.in_flight -= 1
 
     @_locked
-    def on_success(self, permit: Permit) -> None:
-        """The request was answered: the endpoint accepted it."""
+    def on_success(self, permit: Permit, used: Mapping[str, float] | None = None) -> None:
+        """The request was answered: the endpoint accepted it (``used``: the tokens its usage reported,
+        ``{"input", "output", "total"}``, what a token limit counts)."""
         self.release(permit)
         now = self.clock.monotonic()
         self.last_answer = now
         self.backoffs = 0
         self._answered.append(permit.started)
+        self._used.append(used or {})
+        if self.tokens and permit.epoch >= self._tokens_since and (used or {}).get(self.tokens):
+            self._estimated += permit.estimate
+            self._counted += float(used[self.tokens])
         self._answered_since += 1
         self._forget(now)
         if self.rate is not None:  # per answer, so that per window the rate grows by the larger of GROWTH
             w = self.window  # of itself and one request per window (its share of one, when tasks share the limit)
-            step = max(GROWTH / w, self.share / (w * w * self.rate))
+            weight = self._weight(permit, used) if self.tokens else 1.0  # a request's worth (in tokens, its own)
+            step = max(GROWTH / w, self.share / (w * w * (self.rate / weight)))
             if self.share < 1:  # one of several tasks: the longer no 429 came, the faster it grows (the
                 step *= 1 + min((now - self.last_limited) / w, QUIET)  # others may have ended)
-            self.rate += step
+            self.rate += step * weight
 
     @_locked
-    def on_rate_limited(self, permit: Permit, retry_after: float | None, window: float | None = None) -> None:
+    def on_rate_limited(self, permit: Permit, retry_after: float | None, window: float | None = None,
+                        tokens: str | None = None) -> None:
         """The request was answered 429 (with the server's ``Retry-After`` in seconds, or None; the
-        ``window`` in seconds of the limit its message named, or None for a second)."""
+        ``window`` in seconds of the limit its message named, or None for a second; ``tokens``: the
+        tokens the limit counts, when it is a token limit: then the pace counts them)."""
         self.release(permit)
+        if tokens and self.tokens != tokens:  # from now on the pace is in tokens: what it learned in requests
+            self.tokens, self.rate = tokens, None  # does not hold, and its epoch starts afresh
+            self.epoch += 1
+            self._tokens_since, self._estimated, self._counted = self.epoch, 0.0, 0.0
+            permit = Permit(permit.started, self.epoch, permit.cost, permit.estimate)
         self.limited += 1
         now = self.last_limited = self.clock.monotonic()
         if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
@@ -163,7 +193,12 @@ class Limiter:
         # a task's share of the limit shows over more windows than one (as many as have passed)
         seen = max(w, min(w / self.share, LONGEST, now - self.started))
         in_window = [t for t in self._answered if t > now - seen]
-        accepted = len(in_window) + sum(1 for p in self._open if p.started > now - seen)
+        if self.tokens:  # a token limit: what was accepted is the tokens, as each answer's usage said
+            used = [u for t, u in zip(self._answered, self._used, strict=True) if t > now - seen]
+            accepted = sum(self._weight(None, u) for u in used) + sum(
+                p.cost for p in self._open if p.started > now - seen)
+        else:
+            accepted = len(in_window) + sum(1 for p in self._open if p.started > now - seen)
         if in_window:
             if self.share < 1 and self.rate is not None:
                 # one of several tasks on the limit: what it alone saw accepted is a noisy sample of its
@@ -171,8 +206,9 @@ class Limiter:
                 learned = self.rate * SHARE
             else:
                 learned = SHARE * accepted / seen
-            self.rate = max(learned, 1.0 / max(self.policy.max_backoff, w))
-            self._next_start = now + 1.0 / self.rate
+            floor = 1.0 / max(self.policy.max_backoff, w)  # a request per longest backoff, at the least
+            self.rate = max(learned, floor * (permit.cost if self.tokens else 1.0))
+            self._next_start = now + (permit.cost if self.tokens else 1.0) / self.rate
             recent = [t for t in in_window if t > now - w]
             if not answered_since and recent:  # refused again at the learned rate: the window is full until
                 self.pause_until = max(self.pause_until, recent[0] + w)  # its oldest ages out
@@ -182,10 +218,22 @@ class Limiter:
             self.pause_until = max(self.pause_until, now + (min(wait, w) if self.share < 1 else wait))
 
     @_locked
-    def resume(self, rate: float, window: float) -> None:
-        """Start at ``rate`` starts a second over ``window``: what a batch before this one learned."""
-        self.rate, self.window = rate, window
+    def resume(self, rate: float, window: float, tokens: str | None = None) -> None:
+        """Start at ``rate`` starts (or ``tokens``) a second over ``window``: what a batch before this
+        one learned."""
+        self.rate, self.window, self.tokens = rate, window, tokens
         self._next_start = self.clock.monotonic()
+
+    def _weight(self, permit: Permit | None, used: Mapping[str, float] | None) -> float:
+        """The tokens one answer counted for: its usage of the kind `tokens` names, else its estimate."""
+        found = (used or {}).get(self.tokens or "")
+        if found:
+            return float(found)
+        return permit.cost if permit is not None else (self._mean_cost() or 1.0)
+
+    def _mean_cost(self) -> float | None:
+        costs = [float(u[self.tokens]) for u in self._used if self.tokens and u.get(self.tokens)]
+        return sum(costs) / len(costs) if costs else None
 
     @_locked
     def quiet_for(self) -> float:
@@ -195,11 +243,12 @@ class Limiter:
     def _forget(self, now: float) -> None:
         while self._answered and self._answered[0] <= now - LONGEST:
             self._answered.popleft()
+            self._used.popleft()
 
 
 _SHARED: dict[Any, list[Any]] = {}  # endpoint key -> [its Limiter, the batches using it]
 _SHARED_LOCK = threading.Lock()
-_LEARNED: dict[Any, tuple[float, float, float]] = {}  # endpoint -> (rate, window, when: time.monotonic())
+_LEARNED: dict[Any, tuple[float, float, float, str | None]] = {}  # endpoint -> (rate, window, when, tokens)
 
 
 @contextlib.contextmanager
@@ -219,7 +268,7 @@ def shared(key: Any, make: Callable[[], Limiter], endpoint: Any = None) -> Itera
             entry = _SHARED[key] = [make(), 0]
             learned = _LEARNED.get(endpoint) if endpoint is not None else None
             if learned is not None and time.monotonic() - learned[2] < LONGEST:
-                entry[0].resume(learned[0], learned[1])
+                entry[0].resume(learned[0], learned[1], learned[3])
         entry[1] += 1
     try:
         yield entry[0]
@@ -230,4 +279,4 @@ def shared(key: Any, make: Callable[[], Limiter], endpoint: Any = None) -> Itera
                 del _SHARED[key]
                 limiter = entry[0]
                 if endpoint is not None and limiter.rate is not None:
-                    _LEARNED[endpoint] = (limiter.rate, limiter.window, time.monotonic())
+                    _LEARNED[endpoint] = (limiter.rate, limiter.window, time.monotonic(), limiter.tokens)

@@ -122,7 +122,9 @@ class BatchResult(list):
             parts.append(f"{self.by_estimate} answers counted against the budget by estimate (they reported no "
                          "usage, or less than the estimate)")
         if self.rate is not None:
-            parts.append(f"paced at {self.rate:.1f} requests/s by the endpoint's rate limit")
+            tokens = getattr(self.limiter, "tokens", None)
+            unit = f"{tokens} tokens/s by the endpoint's token limit" if tokens else "requests/s by the endpoint's rate limit"
+            parts.append(f"paced at {self.rate:,.1f} {unit}")
         return ", ".join(parts) + "."
 
     def to_pandas(self, column: str = "answer", error_column: str = "error") -> Any:

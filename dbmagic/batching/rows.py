@@ -59,7 +59,8 @@ class Rows:
                  limiter: Limiter | None = None, worst: Callable[[int], tuple[float, int]] | None = None,
                  grace: float = GRACE, size: Callable[[int], int] = lambda index: 1,
                  label: Callable[[int], str] = lambda index: f"Row {index}",
-                 split: Callable[[int, Any], list[int] | None] | None = None):
+                 split: Callable[[int, Any], list[int] | None] | None = None,
+                 cost: Callable[[int, str], float] = lambda index, tokens: 1.0):
         self.workers = min(cap, max(len(todo), 1))
         self.limiter = limiter if limiter is not None else Limiter(self.workers, policy, clock)
         self.clock = self.limiter.clock  # every wait for the pace goes through it
@@ -68,7 +69,7 @@ class Rows:
         self.items = items
         self.policy = policy
         self.remaining = len(todo)  # what is still to send or on its way (rows, or packs of rows)
-        self.size, self.label, self.split = size, label, split
+        self.size, self.label, self.split, self.cost = size, label, split, cost
         self.rows = sum(size(index) for index in todo)  # rows in all (what the progress bar counts)
         self.failed = 0  # rows
         self.done = 0  # rows
@@ -227,7 +228,7 @@ class Rows:
                 elif (isinstance(outcome, Exception) and not answered) or getattr(outcome, "is_partial", False):
                     limiter.release(permit)
                 else:
-                    limiter.on_success(permit)
+                    limiter.on_success(permit, _used(outcome))
                     self.answers += 1
                 self.items[index] = outcome
                 if self.on_outcome is not None:  # recorded before the row counts as done: a batch that has
@@ -272,7 +273,7 @@ class Rows:
                     self.cond.wait(0.5)  # an answer on its way may settle for less than it reserved
                     continue
                 self.reservations[self.todo[0]] = reserve
-            permit = limiter.acquire()
+            permit = limiter.acquire(self.cost(self.todo[0], limiter.tokens) if limiter.tokens else 1.0)
             index = self.todo.popleft()
             return index, permit
         return None, None
@@ -282,7 +283,7 @@ class Rows:
         time are up (it then fails with the 429, as any call past its retry policy). When nothing has
         answered for the policy's deadline, the rows not yet sent fail with it too (holding the lock)."""
         limiter, policy = self.limiter, self.policy
-        limiter.on_rate_limited(permit, exc.retry_after, exc.window)
+        limiter.on_rate_limited(permit, exc.retry_after, exc.window, exc.tokens)
         if (exc.outlasts or 0) > policy.deadline:  # a limit that resets in an hour: fail fast, every row saying so
             self._give_up_all(lambda: _not_sent(exc, f"and its {exc.limit} limit resets only after the retry deadline"))
             return False
@@ -313,6 +314,15 @@ class Rows:
             self.done += self.size(index)
             self.failed += self.size(index)
         self.cond.notify_all()
+
+
+def _used(outcome: Any) -> dict[str, float]:
+    """The tokens an answer's usage reported (what a token limit counted), by kind."""
+    usage = getattr(getattr(outcome, "completion", None) or outcome, "usage", None)
+    if usage is None:
+        return {}
+    return {kind: value for kind, value in (("input", usage.input), ("output", usage.output),
+                                            ("total", usage.total)) if value}
 
 
 def _not_sent(exc: RateLimited, why: str) -> RateLimited:
@@ -351,5 +361,7 @@ def progress_bar(total: int) -> Any:
 def _show(bar: Any, rows: Rows) -> None:
     bar.n = rows.done
     rate = rows.limiter.rate
-    bar.set_postfix(failed=rows.failed, **({"pace": f"{rate:.1f}/s"} if rate is not None else {}), refresh=False)
+    pace = f"{rate:.1f} {rows.limiter.tokens} tokens/s" if rate is not None and rows.limiter.tokens else \
+        f"{rate:.1f}/s" if rate is not None else None
+    bar.set_postfix(failed=rows.failed, **({"pace": pace} if pace else {}), refresh=False)
     bar.refresh()

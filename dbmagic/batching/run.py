@@ -38,6 +38,7 @@ import contextvars
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -356,6 +357,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     store = cache_store()  # the kernel's cache: a pack asks it for each row, and keeps each row's answer
     from_ledger = [0]  # rows of packs a checkpoint answered (another batch's, while this one waited)
     kept: dict[int, Any] = {}  # rows of packs the checkpoint or the cache answered: never sent, whatever the pack meets
+    seen_output: deque[int] = deque(maxlen=256)  # output tokens the last answers reported, for a request's estimate
 
     def call_pack(k: int) -> Any:
         rows = members[k]
@@ -424,9 +426,24 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                 recorded(r, outcome.outcomes.get(r) if isinstance(outcome, packs.PackOutcome) else outcome)
             return
         answer = outcome.completion if isinstance(outcome, SchemaError) else outcome
+        if isinstance(answer, Completion) and answer.usage.output:
+            seen_output.append(answer.usage.output)
         if ledger is not None and identities[i] is not None and not getattr(answer, "cached", False) and (
                 (isinstance(answer, Completion) and not answer.is_partial) or isinstance(answer, StatusError)):
             ledger.append(identities[i], built[i].url, answer, signer)
+
+
+    def cost(k: int, tokens: str) -> float:
+        """The tokens send ``k`` is estimated to cost of a token limit: its input (4 characters a token),
+        its output (its max_tokens, else the answers' mean so far, else RESERVED_OUTPUT), or both."""
+        if k in members:
+            return sum(cost(r, tokens) for r in members[k])
+        request = request_of(k)
+        body = request.body if not isinstance(request, DbMagicError) else {}
+        given = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else None
+        output = given or (sum(seen_output) / len(seen_output) if seen_output else RESERVED_OUTPUT)
+        tokens_in_body = tokens_in(json.dumps(body, default=str))
+        return {"input": tokens_in_body, "output": output}.get(tokens, tokens_in_body + output)
 
     def pack_size(k: int) -> int:
         return len(members[k]) if k in members else 1
@@ -448,7 +465,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     with pace as limiter, tracing.batch_span(tpl.source, len(todo), endpoint) as span:
         rows_run = Rows(concurrency, sends, items, policy, client.clock, signed_in=signed_in, on_outcome=recorded,
                         budget=budget, limiter=limiter, worst=worst_of, grace=grace, size=pack_size, label=label,
-                        split=split)
+                        split=split, cost=cost)
         if handle is not None:
             handle._attach(rows_run)
         if span is not None:

@@ -35,9 +35,10 @@ from ._server import (
            judge_reply,
            schema_reply,
            secret_fingerprint,
+           token_limit_message,
 )
 
 __all__ = ["LocalWorkspace", "Endpoint", "Fault", "App", "LIMIT_MESSAGES", "RecordedRequest", "echo_reply",
-           "schema_reply", "judge_reply", "secret_fingerprint",
+           "schema_reply", "judge_reply", "secret_fingerprint", "token_limit_message",
            "in_another_process", "DEFAULT_ENDPOINTS", "MemoryHandler", "MemoryBody", "Sent", "TransportFailure",
            "reply", "events"]

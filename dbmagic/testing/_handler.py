@@ -25,6 +25,7 @@ from ._model import (
     Fault,
     RecordedRequest,
     secret_fingerprint,
+    token_limit_message,
 )
 from ._replies import (
     SHAPES,
@@ -42,6 +43,7 @@ from ._replies import (
     reply_to,
     responses_usage,
     text_of,
+    tokens_asked,
 )
 
 if TYPE_CHECKING:
@@ -305,6 +307,11 @@ class Handler(BaseHTTPRequestHandler):
         if wait:
             return self._error(429, LIMIT_MESSAGES[WINDOWS[endpoint.rate_window][1]], "REQUEST_LIMIT_EXCEEDED",
                                extra={"Retry-After": f"{wait:.3f}"} if endpoint.retry_after else None)
+        wait = ws.admit_tokens(endpoint, tokens_asked(body))
+        if wait:
+            return self._error(429, token_limit_message(endpoint.token_kind, endpoint.token_window),
+                               "REQUEST_LIMIT_EXCEEDED",
+                               extra={"Retry-After": f"{wait:.3f}"} if endpoint.retry_after else None)
         fault = self._fault(endpoint.name, path)
         if fault is True:
             return
@@ -393,6 +400,7 @@ class Handler(BaseHTTPRequestHandler):
         if endpoint.echo_headers:
             text += f" (it came with Authorization: {getattr(self, '_authorization', '')})"
         completion_tokens = len(pieces_of(text)) + sum(len(c["arguments"]) // 4 + 1 for c in calls or ())
+        self.workspace.spent(endpoint, completion_tokens)
         if endpoint.usage == "low":  # an endpoint that under-reports
             prompt_tokens = completion_tokens = 1
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -60,6 +60,13 @@ class Endpoint:
     # inputs one request may carry (an embeddings ``input`` list, a custom model's records); more is a 400
     # INVALID_PARAMETER_VALUE, as a served model with a batch limit answers
     max_inputs: int | None = None
+    # tokens admitted per token_window ("minute", as Databricks' ITPM and OTPM limits; "second", a quick
+    # stand-in for tests), of token_kind ("input": the prompt's, counted before answering; "output": the
+    # answers', counted after): past it, 429 naming the limit (`LIMIT_MESSAGES`), with Retry-After as
+    # retry_after says
+    token_limit: int | None = None
+    token_kind: str = "input"
+    token_window: str = "minute"
 
     def describe(self) -> dict[str, Any]:
         entity: dict[str, Any] = {"name": f"{self.name}-entity"}
@@ -169,7 +176,14 @@ LIMIT_MESSAGES = {
     "qpm": "REQUEST_LIMIT_EXCEEDED: Exceeded the queries per minute (QPM) rate limit of this endpoint's AI Gateway.",
     "tpm": "REQUEST_LIMIT_EXCEEDED: Exceeded the input tokens per minute rate limit for this endpoint.",
     "qph": "REQUEST_LIMIT_EXCEEDED: Exceeded the queries per hour rate limit for this endpoint.",
+    "otpm": "REQUEST_LIMIT_EXCEEDED: Exceeded the output tokens per minute rate limit for this endpoint.",
 }
+TOKEN_WINDOWS = {"second": 1.0, "minute": 60.0}
+
+
+def token_limit_message(kind: str, window: str) -> str:
+    """The 429's message for a token limit of ``kind`` (input, output) per ``window``."""
+    return f"REQUEST_LIMIT_EXCEEDED: Exceeded the {kind} tokens per {window} rate limit for this endpoint."
 WINDOWS = {"second": (1.0, "qps"), "minute": (60.0, "qpm"), "hour": (3600.0, "qph")}
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"

@@ -36,6 +36,22 @@ def pieces_of(text: str) -> list[str]:
     return re.findall(r"\s*\S+(?:\s+$)?", text) or ([text] if text else [])
 
 
+def tokens_asked(body: Any) -> int:
+    """The input tokens of a request body, as the local workspace counts them (`pieces_of` every
+    text it carries: messages, a prompt, inputs)."""
+    if not isinstance(body, dict):
+        return 0
+    texts: list[str] = []
+    for field in ("messages", "input"):
+        value = body.get(field)
+        items = value if isinstance(value, list) else [value] if value is not None else []
+        for item in items:
+            texts.append(text_of(item.get("content")) if isinstance(item, dict) else str(item))
+    if "prompt" in body:
+        texts.append(str(body["prompt"]))
+    return sum(len(pieces_of(t)) for t in texts)
+
+
 def embed(text: str, dim: int = 8) -> list[float]:
     digest = hashlib.sha256(str(text).encode()).digest()
     raw = [(b - 127.5) / 127.5 for b in digest[:dim]]

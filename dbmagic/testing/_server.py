@@ -17,16 +17,18 @@ from ._handler import AppHandler, Handler
 from ._model import (
     DEFAULT_ENDPOINTS,
     LIMIT_MESSAGES,
+    TOKEN_WINDOWS,
     WINDOWS,
     Endpoint,
     Fault,
     RecordedRequest,
     secret_fingerprint,
+    token_limit_message,
 )
 from ._replies import echo_reply, judge_reply, reply_text, schema_reply
 
 __all__ = ["LocalWorkspace", "Endpoint", "Fault", "App", "RecordedRequest", "echo_reply", "schema_reply", "judge_reply",
-           "LIMIT_MESSAGES", "DEFAULT_ENDPOINTS", "secret_fingerprint"]
+           "LIMIT_MESSAGES", "DEFAULT_ENDPOINTS", "secret_fingerprint", "token_limit_message"]
 
 
 class ThreadingHTTPServer(_ThreadingHTTPServer):
@@ -91,6 +93,7 @@ class LocalWorkspace:
         self._users: dict[str, dict[str, Any]] = {}  # another token -> its user
         self.denied: dict[str, set[str]] = {}  # endpoint name -> the userNames refused with 403 PERMISSION_DENIED
         self._admitted: dict[str, deque[float]] = {}  # endpoint -> monotonic times within the last second
+        self._tokens: dict[str, deque[tuple[float, int]]] = {}  # endpoint -> (time, tokens) within its token window
         self.metadata_path = "/metadata-service/" + secrets.token_hex(8)
         self._faults: dict[str, deque[Fault]] = {}
         # its HTTP side (`dbmagic.testing._handler`) reads and changes this state under `lock` (issued,
@@ -282,6 +285,33 @@ class LocalWorkspace:
                 window.append(now)
                 return 0.0
             return max(window[0] + span - now, 0.001)
+
+    def admit_tokens(self, endpoint: Endpoint, tokens: int) -> float:
+        """0 when ``endpoint``'s token limit admits a request now (of ``tokens`` input tokens, for an
+        input limit, which counts them; an output limit counts answers with `spent`), else the seconds
+        until enough of its window frees."""
+        if not endpoint.token_limit:
+            return 0.0
+        span = TOKEN_WINDOWS[endpoint.token_window]
+        now = time.monotonic()
+        with self.lock:
+            window = self._tokens.setdefault(endpoint.name, deque())
+            while window and window[0][0] <= now - span:
+                window.popleft()
+            used = sum(t for _, t in window)
+            asked = tokens if endpoint.token_kind == "input" else 0
+            fits = used + asked <= endpoint.token_limit or not window if asked else used < endpoint.token_limit
+            if fits:  # (a request larger than the whole limit passes alone, into an empty window)
+                if asked:
+                    window.append((now, asked))
+                return 0.0
+            return max(window[0][0] + span - now, 0.001)
+
+    def spent(self, endpoint: Endpoint, output_tokens: int) -> None:
+        """An answer of ``output_tokens``: what an output token limit counts."""
+        if endpoint.token_limit and endpoint.token_kind == "output":
+            with self.lock:
+                self._tokens.setdefault(endpoint.name, deque()).append((time.monotonic(), output_tokens))
 
     def accepts(self, authorization: str) -> bool:
         return self.user_of(authorization) is not None
