@@ -12,12 +12,15 @@ second over the limit), the 429s and the failed rows (target: >= 90% of the limi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
+from pathlib import Path
 
-from dbmagic import Client
-from dbmagic.testing import Endpoint, LocalWorkspace
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_batch import spark_session  # noqa: E402
+
+from dbmagic import Client  # noqa: E402
+from dbmagic.testing import Endpoint, LocalWorkspace  # noqa: E402
 
 
 def main() -> None:
@@ -27,16 +30,9 @@ def main() -> None:
     parser.add_argument("--partitions", default="4,16,64")
     parser.add_argument("--retry-after", action="store_true", help="429s carry Retry-After")
     args = parser.parse_args()
-    from pyspark.sql import SparkSession
-
     import dbmagic.batching.spark
 
-    os.environ["PYSPARK_PYTHON"] = sys.executable
-    os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
-    spark = (SparkSession.builder.master("local[4]").config("spark.ui.enabled", "false")
-             .config("spark.ui.showConsoleProgress", "false").config("spark.driver.host", "127.0.0.1")
-             .config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = spark_session("local[4]")
     name = "limited"
     with LocalWorkspace(endpoints=[Endpoint(name, "llm/v1/chat", latency=0.05, rate_limit=args.limit,
                                             retry_after=args.retry_after)]) as ws:
