@@ -173,14 +173,14 @@ def split_answer(completion: Completion, rows: Sequence[int], requests: Sequence
 
 class Pack:
     """A pack's call as the batch's workers see one (`dbmagic.batching.rows.Rows`): ``outcome()``
-    gives a `PackOutcome` (the rows answered before sending, by a checkpoint or the cache, with
-    the others), or the request's error."""
+    gives a `PackOutcome` of the rows it sent (``read`` cuts the answer into them), or the
+    request's error. ``call`` is None when the checkpoint or the cache answered every row (the
+    batch keeps those answers in the rows' places itself)."""
 
     reused = False
 
-    def __init__(self, rows: Sequence[int], requests: Sequence[PreparedRequest], call: Any,
-                 answered: dict[int, Any], read: Callable[[Completion], dict[int, Any]]):
-        self.rows, self.requests, self._call, self._answered, self._read = list(rows), list(requests), call, answered, read
+    def __init__(self, call: Any, read: Callable[[Completion], dict[int, Any]]):
+        self._call, self._read = call, read
 
     completion = None  # a batch stopped with this pack on its way keeps it as interrupted (`partial`), never
     # the packed answer itself, which is every row's at once
@@ -194,7 +194,7 @@ class Pack:
 
     def outcome(self) -> Any:
         if self._call is None:
-            return PackOutcome(dict(self._answered), None)
+            return PackOutcome({}, None)
         outcome = self._call.outcome()
         if isinstance(outcome, BaseException) or getattr(outcome, "is_partial", False):
             return outcome
@@ -202,7 +202,7 @@ class Pack:
             answers = self._read(outcome)
         except DbMagicError as exc:  # the wrong number of outputs: split, as any failed pack
             return exc
-        return PackOutcome({**self._answered, **answers}, outcome.usage)
+        return PackOutcome(answers, outcome.usage)
 
 
 def splits(outcome: Any, rows: Sequence[int]) -> tuple[list[int], list[int]] | None:

@@ -361,30 +361,23 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
 
     def call_pack(k: int) -> Any:
         rows = members[k]
-        answered_before: dict[int, Any] = {}
         sending: list[tuple[int, Any]] = []
         checkpointed = 0  # rows the checkpoint answered
         for r in rows:
             request = request_of(r)
             if r in kept:  # answered by the checkpoint or the cache at an earlier try of this pack
                 continue
-            if ledger is not None:
-                record = ledger.turn(identities[r], request.url, signer, rows_run.stop)
-                if record is not None:
-                    answered_before[r] = completion_of(record, request, transform_output)
-                    checkpointed += 1
-                    continue
-            if store is not None:
+            record = ledger.turn(identities[r], request.url, signer, rows_run.stop) if ledger is not None else None
+            checkpointed += record is not None
+            if record is None and store is not None:
                 record = store.lookup(request, client.signer(), CACHE_MODE.get())
-                if record is not None:
-                    answered_before[r] = completion_of(record, request, transform_output)
-                    continue
-            sending.append((r, request))
-        for r, answer in answered_before.items():  # kept in the row's place, whatever the request meets
-            items[r] = kept[r] = answer
+            if record is None:
+                sending.append((r, request))
+            else:  # kept in the row's place, whatever the request for the others meets
+                items[r] = kept[r] = completion_of(record, request, transform_output)
         tags = {**batch, "row": rows[0]} if batch else None
         if not sending:  # nothing to send: counted as reused when the checkpoint answered every row
-            pack = packs.Pack(rows, [], None, answered_before, lambda completion: {})
+            pack = packs.Pack(None, lambda completion: {})
             pack.reused = checkpointed == len(rows)
             if not pack.reused:
                 from_ledger[0] += checkpointed
@@ -393,7 +386,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         if len(sending) == 1:  # the one row left: its own request, as an unpacked row
             (r, request), = sending
             c = client.call(request, transform_output=transform_output, timeout=timeout, retry=policy, tags=tags)
-            return packs.Pack(rows, [request], c, answered_before, lambda completion: {r: completion})
+            return packs.Pack(c, lambda completion: {r: completion})
         sent_rows, requests = [r for r, _ in sending], [q for _, q in sending]
 
         def read(completion: Any) -> dict[int, Any]:
@@ -405,7 +398,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
             return answers
 
         c = client.call(packs.packed_request(requests), timeout=timeout, retry=policy, tags=tags, use_cache=False)
-        return packs.Pack(rows, requests, c, answered_before, read)
+        return packs.Pack(c, read)
 
     def call(i: int) -> Any:
         if i in members:
