@@ -114,9 +114,9 @@ def _kill(server: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def panel_page(url: str, block: str | None = None) -> Iterator[tuple[Any, list[str]]]:
-    """Chromium on the lab's notebook, every cell run and the panel's prompt shown: ``(page, the
-    URLs blocked)``. ``block`` is a URL pattern whose requests are refused."""
+def notebook_page(url: str, block: str | None = None, height: int = 1000) -> Iterator[tuple[Any, list[str]]]:
+    """Chromium on a notebook of the lab, every cell run (the kernel idle first): ``(page, the URLs
+    blocked)``. ``block`` is a URL pattern whose requests are refused."""
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -125,7 +125,7 @@ def panel_page(url: str, block: str | None = None) -> Iterator[tuple[Any, list[s
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page = browser.new_page(viewport={"width": 1280, "height": height})
             blocked: list[str] = []
             if block:
                 page.route(block, lambda route: (blocked.append(route.request.url), route.abort()))
@@ -133,10 +133,19 @@ def panel_page(url: str, block: str | None = None) -> Iterator[tuple[Any, list[s
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
             expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
             page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return 1; }")
-            expect(page.locator(".dbmagic-prompt textarea")).to_be_visible(timeout=30_000)
             yield page, blocked
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def panel_page(url: str, block: str | None = None) -> Iterator[tuple[Any, list[str]]]:
+    """The panel notebook (`notebook_page`), once the panel's prompt shows."""
+    from playwright.sync_api import expect
+
+    with notebook_page(url, block) as (page, blocked):
+        expect(page.locator(".dbmagic-prompt textarea")).to_be_visible(timeout=30_000)
+        yield page, blocked
 
 
 def test_panel_streams_an_answer_in_jupyterlab(lab):
@@ -223,23 +232,12 @@ def test_an_answer_as_data_is_a_table_in_jupyterlab(lab):
     """First hour, round two, item 4: on main a schema's answer carried application/json, which
     JupyterLab 4 ranks above Markdown: users got a collapsible JSON tree, not the table."""
     url, _ = lab
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url.replace("panel.ipynb", "schema.ipynb"))
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
-            expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return 1; }")
-            table = page.locator(".jp-OutputArea-output table")
-            expect(table).to_be_visible(timeout=30_000)
-            expect(table).to_contain_text("sentiment")
-            expect(table).to_contain_text("stars")
-            assert page.locator(".jp-RenderedJSON").count() == 0  # no JSON tree
-            page.screenshot(path=str(ARTIFACTS / "schema-table.png"), full_page=True)
-        finally:
-            browser.close()
+    with notebook_page(url.replace("panel.ipynb", "schema.ipynb"), height=900) as (page, _):
+        table = page.locator(".jp-OutputArea-output table")
+        expect(table).to_be_visible(timeout=30_000)
+        expect(table).to_contain_text("sentiment")
+        expect(table).to_contain_text("stars")
+        assert page.locator(".jp-RenderedJSON").count() == 0  # no JSON tree
+        page.screenshot(path=str(ARTIFACTS / "schema-table.png"), full_page=True)
