@@ -259,16 +259,19 @@ def packed(rows: int = 2000) -> None:
             print(f"  {label:34} one a request {one:8.1f} rows/s   packed {many:9.1f} rows/s   {many / one:5.1f}x")
 
 
-def token_limited(rows: int = 300, limit: int = 400) -> None:
-    """An endpoint limited in input, then output, tokens: ``limit`` tokens a second (the local
-    workspace's quick stand-in for Databricks' per-minute ITPM and OTPM), 429s without Retry-After."""
+def token_limited(rows: int = 300, limit: int = 400, window: str = "second") -> None:
+    """An endpoint limited in input, then output, tokens: ``limit`` tokens a second, counted over a
+    ``window``: a second (the local workspace's quick stand-in) or a minute (Databricks' ITPM and OTPM:
+    ``limit * 60`` a minute; give it rows for several minutes), 429s without Retry-After."""
     from dbmagic.testing import Endpoint, LocalWorkspace
 
     prompts = [" ".join(f"w{i}" for i in range(20)) + f" row {j}" for j in range(rows)]  # 22 tokens in, 23 out
-    print(f"{rows} rows against a limit of {limit} tokens/s, 50 ms, concurrency 16, 429s without Retry-After:")
+    print(f"{rows} rows against a limit of {limit} tokens/s counted a {window}, 50 ms, concurrency 16, 429s without "
+          "Retry-After:")
     for kind in ("input", "output"):
-        with LocalWorkspace(endpoints=[Endpoint("tokens", "llm/v1/chat", latency=0.05, token_limit=limit,
-                                                token_kind=kind, token_window="second", retry_after=False)]) as ws:
+        with LocalWorkspace(endpoints=[Endpoint("tokens", "llm/v1/chat", latency=0.05,
+                                                token_limit=limit * (60 if window == "minute" else 1),
+                                                token_kind=kind, token_window=window, retry_after=False)]) as ws:
             client = Client(host=ws.host, token=ws.token)
             client.endpoint("tokens")
             started = time.perf_counter()
@@ -288,9 +291,11 @@ def main() -> None:
     parser.add_argument("--only-schema", action="store_true", help="run only the schema comparison")
     parser.add_argument("--only-packed", action="store_true", help="run only the packed-rows comparison")
     parser.add_argument("--only-tokens", action="store_true", help="run only the token-limited endpoint")
+    parser.add_argument("--token-window", choices=("second", "minute"), default="second",
+                        help="with --only-tokens: the window the limit counts over (minute: give --rows 5000)")
     args = parser.parse_args()
     if args.only_tokens:
-        return token_limited()
+        return token_limited(args.rows if args.token_window == "minute" else 300, window=args.token_window)
     if args.only_schema:
         return with_a_schema(args.rows)
     if args.only_packed:

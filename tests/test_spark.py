@@ -1,4 +1,4 @@
-"""dbmagic.batching.spark in local mode (local[2]) against the local workspace: answers, errors in place,
+"""dbmagic.batching.spark in local mode (local[4]) against the local workspace: answers, errors in place,
 columns checked before the job, and the token absent from the plan and from a failed job's text."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def spark():
 
     os.environ["PYSPARK_PYTHON"] = sys.executable  # the executors' Python: this environment, with dbmagic
     os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"  # loopback only
-    session = (SparkSession.builder.master("local[2]").appName("dbmagic-tests")
+    session = (SparkSession.builder.master("local[4]").appName("dbmagic-tests")
                .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
                .config("spark.driver.host", "127.0.0.1")
                .config("spark.driver.bindAddress", "127.0.0.1").config("spark.sql.shuffle.partitions", "2")

@@ -104,7 +104,8 @@ class Limiter:
         self._next_start = 0.0
         self.window = WINDOW  # the limit's window, as the last 429 without Retry-After named it
         self._answered: deque[float] = deque()  # start times of answered requests, last LONGEST seconds
-        self._used: deque[Mapping[str, float]] = deque()  # the tokens each of them used, as its usage said
+        # the tokens each of them used, as its usage said: (input, output, total), None when it said none
+        self._used: deque[tuple[float | None, ...] | None] = deque()
         # since the pace counts tokens: the tokens its estimates said and the answers' usage counted
         self._tokens_since, self._estimated, self._counted = 0, 0.0, 0.0
         self._answered_since = 0  # answers since the last decrease
@@ -153,7 +154,7 @@ class Limiter:
         self.last_answer = now
         self.backoffs = 0
         self._answered.append(permit.started)
-        self._used.append(used or {})
+        self._used.append(tuple(used.get(kind) for kind in _KINDS) if used else None)
         if self.tokens and permit.epoch >= self._tokens_since and (used or {}).get(self.tokens):
             self._estimated += permit.estimate
             self._counted += float(used[self.tokens])
@@ -195,7 +196,7 @@ class Limiter:
         in_window = [t for t in self._answered if t > now - seen]
         if self.tokens:  # a token limit: what was accepted is the tokens, as each answer's usage said
             used = [u for t, u in zip(self._answered, self._used, strict=True) if t > now - seen]
-            accepted = sum(self._weight(None, u) for u in used) + sum(
+            accepted = sum(self._weight(None, _as_used(u)) for u in used) + sum(
                 p.cost for p in self._open if p.started > now - seen)
         else:
             accepted = len(in_window) + sum(1 for p in self._open if p.started > now - seen)
@@ -218,6 +219,13 @@ class Limiter:
             self.pause_until = max(self.pause_until, now + (min(wait, w) if self.share < 1 else wait))
 
     @_locked
+    def done(self) -> None:
+        """No batch uses it any more: what it remembered of each answer goes (a batch's result keeps
+        the limiter for what it learned, not a window of timestamps a row)."""
+        self._answered.clear()
+        self._used.clear()
+
+    @_locked
     def resume(self, rate: float, window: float, tokens: str | None = None) -> None:
         """Start at ``rate`` starts (or ``tokens``) a second over ``window``: what a batch before this
         one learned."""
@@ -232,7 +240,7 @@ class Limiter:
         return permit.cost if permit is not None else (self._mean_cost() or 1.0)
 
     def _mean_cost(self) -> float | None:
-        costs = [float(u[self.tokens]) for u in self._used if self.tokens and u.get(self.tokens)]
+        costs = [float(found) for u in self._used if self.tokens and (found := _as_used(u).get(self.tokens))]
         return sum(costs) / len(costs) if costs else None
 
     @_locked
@@ -244,6 +252,14 @@ class Limiter:
         while self._answered and self._answered[0] <= now - LONGEST:
             self._answered.popleft()
             self._used.popleft()
+
+
+_KINDS = ("input", "output", "total")  # the tokens a limit counts
+
+
+def _as_used(kept: tuple[float | None, ...] | None) -> dict[str, float]:
+    """An answer's tokens as the limiter keeps them (a tuple of `_KINDS`), by kind."""
+    return {kind: value for kind, value in zip(_KINDS, kept or (), strict=False) if value is not None}
 
 
 _SHARED: dict[Any, list[Any]] = {}  # endpoint key -> [its Limiter, the batches using it]
@@ -280,3 +296,4 @@ def shared(key: Any, make: Callable[[], Limiter], endpoint: Any = None) -> Itera
                 limiter = entry[0]
                 if endpoint is not None and limiter.rate is not None:
                     _LEARNED[endpoint] = (limiter.rate, limiter.window, time.monotonic(), limiter.tokens)
+                limiter.done()

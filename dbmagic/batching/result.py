@@ -7,17 +7,18 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .. import _deps
 from ..call.answers import Usage
 from ..errors import Interrupted, MissingValue, NotSent, SchemaError, error_of
+from .columns import Answers, answered
 
 __all__ = ["BatchResult", "Comparison", "failure_kind", "answered", "with_answers", "answer_columns", "is_missing", "is_frame"]
 
 
-class BatchResult(list):
+class BatchResult(Sequence):
     """One entry per input row, in input order: the row's `Completion` (partial when its answer
     was cut, or interrupted by Ctrl-C: its ``error`` says so), or the `DbMagicError` it failed with
     (a row not sent is a `NotSent` that says why, a `MissingValue`, ...). Every row that has no
@@ -28,24 +29,31 @@ class BatchResult(list):
     again besides the failures) are row indices; ``failures`` counts the failed rows by kind;
     ``usage`` sums the token counts (a `Usage`); ``wall_time`` is in seconds; ``rate`` the pace
     the endpoint's rate limit set (requests per second; None when it never limited). `to_pandas`
-    gives a DataFrame.
+    gives a DataFrame; ``rows`` are the input rows (a DataFrame's as dicts).
+
+    A batch keeps what users read of each answer, as columns (`dbmagic.batching.columns`): its text,
+    value, usage, request id, latency, served model, finish reason and tool calls. ``result[i]``
+    builds row ``i``'s `Completion` when read, without the server's raw response (``raw`` is None:
+    take what else you need with ``transform_output``) or the request body (``request(i)`` gives it).
     """
 
     def __init__(self, items: Iterable[Any], *, rows: Sequence[Any], wall_time: float = 0.0,
                  interrupted: bool = False, concurrency: int = 0, rate: float | None = None, schema: Any = None,
                  identities: Sequence[str | None] | None = None, from_checkpoint: int = 0,
                  not_served: Mapping[str, int] | None = None, unreadable: int = 0, by_estimate: int = 0,
-                 limiter: Any = None):
-        super().__init__(items)
+                 limiter: Any = None, request: Callable[[int], Any] | None = None, source: Any = None):
+        self._answers = items if isinstance(items, Answers) else Answers.of(items)
         self.limiter = limiter  # the pace it kept (`dbmagic.batching.pace.Limiter`), shared by the batches on its endpoint
         self.by_estimate = by_estimate  # answers a budget counted by estimate (no usage, or less, reported)
         # rows whose record in the checkpoint was not served (``other``: another user's; ``unsigned``:
         # not written by this user's dbmagic: planted or edited), and lines of it that could not be read
         self.not_served = dict(not_served or {})
         self.unreadable = unreadable
-        self.rows = list(rows)
+        self.rows = rows
+        self._source = source  # the DataFrame the rows came from (kept as it is, not copied), or None
+        self._request = request
         # per row, the identity of the request it sent (`dbmagic.ledger.identity`): what resume= checks
-        self.identities = list(identities) if identities is not None else [None] * len(self)
+        self.identities = identities if identities is not None else [None] * len(self)
         self.from_checkpoint = from_checkpoint  # rows a checkpoint answered, not sent
         self.wall_time = wall_time
         self.interrupted = interrupted
@@ -53,32 +61,60 @@ class BatchResult(list):
         self.rate = rate
         self.schema = schema
 
+    def __len__(self) -> int:
+        return self._answers.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._answers[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError("BatchResult index out of range")
+        return self._answers[i % len(self)]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self._answers[i] for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (BatchResult, list)) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def request(self, i: int) -> dict[str, Any] | None:
+        """The request body row ``i`` sent (built again from its row, and given only when it is the very
+        request that was sent: its identity matches), or None (not sent, or the notebook's values changed)."""
+        return self._request(i) if self._request is not None else None
+
     @property
     def raw_texts(self) -> list[str | None]:
         """Per row, the raw text of an answer that did not fit the schema (else None)."""
-        return [item.text if isinstance(item, SchemaError) else None for item in self]
+        return [item.text if isinstance(item, SchemaError) else None for item in self._objects()]
 
     @property
     def texts(self) -> list[str | None]:
-        return [item.text if answered(item) else None for item in self]
+        a = self._answers
+        return [a.text(i) if a.whole(i) else None for i in range(len(self))]
 
     @property
     def values(self) -> list[Any]:
-        return [item.value if answered(item) else None for item in self]
+        a = self._answers
+        return [a.value(i) if a.whole(i) else None for i in range(len(self))]
 
     @property
     def errors(self) -> list[str | None]:
-        return [None if (error := error_of(item)) is None else str(error) for item in self]
+        a = self._answers
+        return [None if (error := a.error(i)) is None else str(error) for i in range(len(self))]
 
     @property
     def failed(self) -> list[int]:
-        return [i for i, item in enumerate(self) if error_of(item) is not None]
+        a = self._answers
+        return [i for i in range(len(self)) if a.error(i) is not None]
 
     @property
     def missing(self) -> list[int]:
-        return [i for i, item in enumerate(self)
-                if item is None or isinstance(error_of(item), (NotSent, Interrupted))
-                or (error_of(item) is None and not answered(item))]
+        a = self._answers
+        return [i for i in range(len(self))
+                if a.empty(i) or isinstance(a.error(i), (NotSent, Interrupted))
+                or (a.error(i) is None and not a.whole(i))]
 
     @property
     def failures(self) -> dict[str, int]:
@@ -86,24 +122,22 @@ class BatchResult(list):
         the commonest first."""
         counts: dict[str, int] = {}
         for i in self.failed:
-            kind = failure_kind(error_of(self[i]))
+            kind = failure_kind(self._answers.error(i))
             counts[kind] = counts.get(kind, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
     @property
     def usage(self) -> Usage:
         """Every round trip's tokens, the answers that did not fit the schema's included (they were paid for)."""
-        total = Usage()
-        for item in self:
-            if answered(item):
-                total += item.usage
-            elif isinstance(item, SchemaError) and item.completion is not None:
-                total += item.completion.usage
-        return total
+        return self._answers.usage()
+
+    def _objects(self) -> list[Any]:
+        """Per row, what is kept as an object (an error, ...), else None."""
+        return [self._answers.kept(i) for i in range(len(self))]
 
     def summary(self) -> str:
         """One line: rows, time, rate, answered / failed / not sent, tokens."""
-        whole = sum(1 for item in self if answered(item))
+        whole = sum(map(self._answers.whole, range(len(self))))
         rate = whole / self.wall_time if self.wall_time > 0 else 0.0
         failures = self.failures
         parts = [f"{len(self)} rows in {self.wall_time:.1f} s ({rate:.1f} rows/s): {whole} answered"
@@ -132,6 +166,8 @@ class BatchResult(list):
         a typed column per field, the error column, and ``{column}_raw``)."""
         pd = _deps.pandas("to_pandas()")
 
+        if self._source is not None:
+            return with_answers(self._source, self, column, error_column)
         frame = pd.DataFrame([row if isinstance(row, Mapping) else {"row": row} for row in self.rows])
         return with_answers(frame, self, column, error_column)
 
@@ -149,11 +185,6 @@ def failure_kind(error: BaseException | None) -> str:
     if isinstance(error, Interrupted):
         return "interrupted on its way"
     return type(error).__name__ if error is not None else "no answer"
-
-
-def answered(item: Any) -> bool:
-    """A whole answer (a resumed one included), not an error nor a partial answer."""
-    return item is not None and not isinstance(item, Exception) and not getattr(item, "is_partial", False)
 
 
 def with_answers(frame: Any, result: BatchResult, column: str = "answer", error_column: str = "error") -> Any:

@@ -47,7 +47,7 @@ from ..call.answers import Usage
 from ..call.call import completion_of
 from ..call.ledger import CACHE_MODE, Ledger, identity
 from ..call.ledger import cache as cache_store
-from ..errors import ConfigurationError, DbMagicError, MissingValue, SchemaError, StatusError, TemplateError, error_of
+from ..errors import ConfigurationError, DbMagicError, MissingValue, SchemaError, StatusError, TemplateError
 from ..observe import tracing
 from ..prompts.namespace import Notebook
 from ..prompts.templating import JINJA_GLOBALS, Template
@@ -55,6 +55,7 @@ from ..prompts.transforms import apply_output
 from . import pace as _pace
 from . import packs
 from .budget import RESERVED_OUTPUT, budget_of, tokens_in
+from .columns import Answers, Digests, RowValues
 from .pace import Limiter
 from .result import BatchResult, answer_columns, answered, is_frame, is_missing, with_answers
 from .rows import GRACE, Reused, Rows, progress_bar
@@ -250,28 +251,31 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
             raise TemplateError(
                 f"The template uses {', '.join(unknown)}, which the rows do not have (they give {shown}) nor the "
                 "notebook. Rename the {{ }} names, or give rows that have them.")
-    items: list[Any] = [None] * len(contexts)
+    items: Any = Answers(len(contexts))  # each row's outcome, kept as columns
     if timeout is not None:
         timeout = settings.coerce("timeout", timeout)
     ledger = Ledger(checkpoint, shared=shared_checkpoint) if checkpoint is not None else None
     signer = client.signer() if ledger is not None else None
     prepare = client.preparer(endpoint, **options)  # options checked, the endpoint looked up: once
     built: dict[int, Any] = {}  # row -> its PreparedRequest (or the error that kept it from being built)
-    identities: list[str | None] = [None] * len(contexts)
+    identities = Digests(len(contexts))
+
+    def build(i: int, values: dict[str, Any]) -> Any:
+        prompt = tpl.render(namespace.with_row(values), where=f"in row {i} (its values: "
+                                                          f"{', '.join(map(str, values)) or 'none'})")
+        return prepare(prompt.strip() if isinstance(prompt, str) else prompt)
 
     def request_of(i: int) -> Any:
         if i not in built:
             try:
-                prompt = tpl.render(namespace.with_row(contexts[i]), where=f"in row {i} (its values: "
-                                                  f"{', '.join(map(str, contexts[i])) or 'none'})")
-                built[i] = prepare(prompt.strip() if isinstance(prompt, str) else prompt)
+                built[i] = build(i, contexts[i])
                 identities[i] = identity(built[i].url, built[i].body)
             except DbMagicError as exc:  # the row keeps the error, as a row whose call failed
                 built[i] = exc
         return built[i]
 
     if resume is not None:
-        items = _resumed(resume, len(contexts), column, error_column)
+        items = Answers.of(_resumed(resume, len(contexts), column, error_column))
         old = getattr(resume, "identities", None)
         if old is not None and len(old) == len(items):  # an answer to another request is not this row's
             for i, item in enumerate(items):
@@ -279,7 +283,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                     request_of(i)  # builds the row's request, and so its identity
                     if identities[i] != old[i]:
                         items[i] = None
-    todo = [i for i, item in enumerate(items) if not answered(item)]
+    todo = [i for i in range(len(items)) if not items.whole(i)]
     if not send_missing:  # as ai_query: a row with a missing value gets no call, a null answer and an error
         skipped = set()
         for i in todo:
@@ -424,7 +428,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         if ledger is not None and identities[i] is not None and not getattr(answer, "cached", False) and (
                 (isinstance(answer, Completion) and not answer.is_partial) or isinstance(answer, StatusError)):
             ledger.append(identities[i], built[i].url, answer, signer)
-
+        built.pop(i, None)  # the row is done: its request is built again only if asked for (`BatchResult.request`)
 
     def cost(k: int, tokens: str) -> float:
         """The tokens send ``k`` is estimated to cost of a token limit: its input (4 characters a token),
@@ -479,17 +483,30 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
         for follower, leader in followers.items():  # the same request: the same answer, sent once
             items[follower] = items[leader]
         if span is not None:
-            span.set_outputs({"answered": sum(1 for i in todo if answered(items[i])),
-                              "failed": sum(1 for i in todo if error_of(items[i]) is not None),
+            span.set_outputs({"answered": sum(1 for i in todo if items.whole(i)),
+                              "failed": sum(1 for i in todo if items.error(i) is not None),
                               "interrupted": interrupted})
     reused += rows_run.reused + from_ledger[0]
     not_served = ledger.not_served({identities[i] for i in todo}) if ledger is not None else {}
     tracing.flush()  # the rows' traces are readable when the batch returns
+    rows_given = originals  # what the result reads a row's values from, once the batch is over
+
+    def sent(i: int) -> dict[str, Any] | None:
+        """The body row ``i`` sent, built again from its row: given only when it is that very request."""
+        if identities[i] is None:
+            return None
+        try:
+            request = build(i, rows_given[i] if isinstance(rows_given, RowValues) else RowValues(rows_given)[i])
+        except DbMagicError:
+            return None
+        return request.body if identity(request.url, request.body) == identities[i] else None
+
     result = BatchResult(items, rows=originals, wall_time=time.perf_counter() - started, interrupted=interrupted,
                          concurrency=rows_run.limiter.cap, rate=rows_run.limiter.rate, schema=schema,
                          identities=identities, from_checkpoint=reused, not_served=not_served,
                          unreadable=ledger.skipped if ledger is not None else 0,
-                         by_estimate=budget.by_estimate if budget is not None else 0, limiter=rows_run.limiter)
+                         by_estimate=budget.by_estimate if budget is not None else 0, limiter=rows_run.limiter,
+                         request=sent, source=rows if is_frame(rows) else None)
     if handle is not None:
         handle.batch_result = result
     return result
@@ -531,9 +548,10 @@ def refuse_collisions(columns: list[Any], column: str, error_column: str,
             )
 
 
-def row_contexts(rows: Any) -> tuple[list[dict[str, Any]], list[Any] | None, list[Any]]:
-    """The values each row fills the template with, the DataFrame's columns (None otherwise), and
-    the rows as given (what the result keeps)."""
+def row_contexts(rows: Any) -> tuple[Sequence[dict[str, Any]], list[Any] | None, Sequence[Any]]:
+    """The values each row fills the template with (`RowValues`: a dict a row, made when read), the
+    DataFrame's columns (None otherwise), and the rows as the result keeps them (a list's values as
+    given; a DataFrame's rows as dicts, read from it when asked)."""
     if is_frame(rows):
         names = [str(c) for c in rows.columns]
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -542,8 +560,8 @@ def row_contexts(rows: Any) -> tuple[list[dict[str, Any]], list[Any] | None, lis
                 f"The DataFrame has more than one column named {', '.join(map(repr, twice))}, and a row can fill "
                 "a template with only one of them: rename them first (df.columns = [...])."
             )
-        contexts = [{str(k): v for k, v in record.items()} for record in rows.to_dict("records")]
-        return contexts, list(rows.columns), contexts
+        contexts = RowValues(rows, names)
+        return contexts, list(rows.columns), contexts.slim()
     if hasattr(rows, "to_list"):  # a pandas Series: its values are rows
         rows = rows.to_list()
     if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
@@ -551,7 +569,7 @@ def row_contexts(rows: Any) -> tuple[list[dict[str, Any]], list[Any] | None, lis
             f"rows must be a list of strings or dicts, or a pandas DataFrame; got {type(rows).__name__}."
         )
     rows = list(rows)
-    return [dict(r) if isinstance(r, Mapping) else {"row": r} for r in rows], None, rows
+    return RowValues(rows), None, rows
 
 
 def _resumed(previous: Any, n: int, column: str, error_column: str) -> list[Any]:

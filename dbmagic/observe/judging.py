@@ -164,16 +164,23 @@ def _groups(result: Any, column: str, error_column: str) -> dict[str, list[tuple
 
 
 def _entries(result: Any) -> list[tuple[Any, dict[str, Any]]]:
-    rows = list(result.rows) if result.rows is not None else [None] * len(result)
-    return [_entry(answer, row) for answer, row in zip(result, rows, strict=True)]
+    """A batch's rows: each answer, with the request its row sent (`BatchResult.request`) and the row."""
+    rows = result.rows if result.rows is not None else [None] * len(result)
+    return [_entry(answer, rows[i], result.request(i) if _whole(answer) else None)
+            for i, answer in enumerate(result)]
 
 
-def _entry(answer: Any, row: Any) -> tuple[Any, dict[str, Any]]:
+def _whole(answer: Any) -> bool:
+    return answer is not None and error_of(answer) is None and not getattr(answer, "is_partial", False)
+
+
+def _entry(answer: Any, row: Any, request: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """What the answer was asked (the prompt sent, its last user turn, and the row's own values),
-    and the answer (or its value, when a schema read it as data)."""
-    if answer is None or error_of(answer) is not None or getattr(answer, "is_partial", False):
+    and the answer (or its value, when a schema read it as data). ``request``: the body sent, when
+    the answer does not carry it (a batch's)."""
+    if not _whole(answer):
         return _FAILED, {}
-    request = getattr(answer, "request", None) or {}
+    request = request or getattr(answer, "request", None) or {}
     kind = getattr(answer, "kind", "")
     prompt = _wire.user_turn(kind, request) if kind in _wire.CONVERSATIONAL else request.get("prompt", "")
     inputs: dict[str, Any] = {"prompt": _answers.as_text(prompt)}

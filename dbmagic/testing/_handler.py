@@ -445,7 +445,8 @@ class Handler(BaseHTTPRequestHandler):
         self._record.status = 200
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
-        self.send_header("x-request-id", ws.next_id())
+        self._record.request_id = ws.next_id()
+        self.send_header("x-request-id", self._record.request_id)
         self.send_header("x-databricks-org-id", ws.workspace_id)
         if chunked:
             self.send_header("Transfer-Encoding", "chunked")
@@ -586,7 +587,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
-        self.send_header("x-request-id", self.workspace.next_id())
+        self._record.request_id = self.workspace.next_id()
+        self.send_header("x-request-id", self._record.request_id)
         self.send_header("x-databricks-org-id", self.workspace.workspace_id)
         for name, value in (extra or {}).items():
             self.send_header(name, value)

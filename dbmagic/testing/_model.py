@@ -155,7 +155,8 @@ class RecordedRequest:
     """One request the local workspace received. ``headers['Authorization']`` is masked.
 
     ``at`` is when it arrived (``time.monotonic()``); ``status`` the status it was answered with and
-    ``retry_after`` the ``Retry-After`` it was given (both None until answered).
+    ``retry_after`` the ``Retry-After`` it was given and ``request_id`` the ``x-request-id`` (None
+    until answered).
     """
 
     method: str
@@ -166,6 +167,7 @@ class RecordedRequest:
     at: float = 0.0
     status: int | None = None
     retry_after: str | None = None
+    request_id: str | None = None  # the x-request-id it was answered with
     chunks_sent_at: list[float] = field(default_factory=list, repr=False)  # perf_counter of each SSE write
     credential: str = ""  # at an app: "oauth", "personal access token", "other" or "none" (never the token)
 
