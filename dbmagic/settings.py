@@ -270,6 +270,9 @@ SETTINGS: tuple[Setting, ...] = (
             "choice", choices=FORMATS),
     Setting("insert", bool, False, "put the answer's code into the next cell", ("--insert",), scope="cell"),
     Setting("raw", bool, False, "send the prompt as written: no {{ }} templating", ("--raw",), scope="cell"),
+    Setting("attach", list, [], "an image or document to add after the prompt, repeatable: a notebook variable "
+            "(bytes, a PIL image) or a file's path (a PDF goes as its pages' images)", ("--attach",),
+            metavar="VAR_OR_PATH", scope="cell"),
     Setting("prompt", str, None, "use this MLflow Prompt Registry template (prompts:/NAME/VERSION or "
             "prompts:/NAME@alias); the cell, if any, is appended", ("--prompt",), rule=_prompt_uri, metavar="URI",
             scope="cell"),

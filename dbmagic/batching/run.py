@@ -49,6 +49,7 @@ from ..call.ledger import CACHE_MODE, Ledger, identity
 from ..call.ledger import cache as cache_store
 from ..errors import ConfigurationError, DbMagicError, MissingValue, SchemaError, StatusError, TemplateError
 from ..observe import tracing
+from ..prompts.attachments import Parts
 from ..prompts.namespace import Notebook
 from ..prompts.templating import JINJA_GLOBALS, Template
 from ..prompts.transforms import apply_output
@@ -263,7 +264,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     def build(i: int, values: dict[str, Any]) -> Any:
         prompt = tpl.render(namespace.with_row(values), where=f"in row {i} (its values: "
                                                           f"{', '.join(map(str, values)) or 'none'})")
-        return prepare(prompt.strip() if isinstance(prompt, str) else prompt)
+        return prepare(prompt.strip() if isinstance(prompt, (str, Parts)) else prompt)
 
     def request_of(i: int) -> Any:
         if i not in built:

@@ -5,11 +5,13 @@ the body of a call that goes on (`follow_up_request`). Pure functions over dicts
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigurationError, with_article
+from ..prompts.attachments import IMAGE_KINDS, MAX_REQUEST_BYTES, AttachmentError, Parts
 from .answers import ToolCall, as_text, content_text
 from .kinds import (
     APP,
@@ -109,7 +111,7 @@ def build_body(
         if turns is None:
             turns = [{"role": "system", "content": system}] if system else []
             turns += [dict(turn) for turn in history]
-            turns.append({"role": "user", "content": as_text(prompt)})
+            turns.append({"role": "user", "content": content_of(kind, prompt)})
         body = {field: turns, **body}
     elif kind == EMBEDDINGS:
         if "input" not in body:
@@ -122,6 +124,37 @@ def build_body(
     if stream and kind in STREAMING_KINDS:
         body["stream"] = True
     return body
+
+
+def content_of(kind: str, prompt: Any) -> Any:
+    """A user turn's content: the prompt's text, or for a prompt with attachments (`Parts`) the
+    kind's content parts, in order: chat's ``text`` and ``image_url`` (a ``data:`` URL; a file as
+    OpenAI's ``file`` part), the Responses API's ``input_text``, ``input_image`` and ``input_file``."""
+    if not isinstance(prompt, Parts):
+        return as_text(prompt)
+    responses = kind == RESPONSES
+    parts: list[dict[str, Any]] = []
+    for item in prompt:
+        if isinstance(item, str):
+            parts.append({"type": "input_text" if responses else "text", "text": item})
+        elif item.is_image:
+            parts.append({"type": "input_image", "image_url": item.data_url()} if responses else
+                         {"type": "image_url", "image_url": {"url": item.data_url()}})
+        else:
+            parts.append({"type": "input_file", "filename": item.filename, "file_data": item.data_url()} if responses
+                         else {"type": "file", "file": {"filename": item.filename, "file_data": item.data_url()}})
+    return parts
+
+
+def attachments_refusal(kind: str, target: str, prompt: Any) -> str | None:
+    """Why a prompt with images or documents cannot go to ``kind``, or None: only chat and the
+    Responses API take content parts (an agent of those shapes too)."""
+    if not isinstance(prompt, Parts) or kind in IMAGE_KINDS:
+        return None
+    return (f"{target} takes {kind} requests, which carry text only, so the prompt's images and documents cannot go "
+            f"with it. Images and documents go to chat endpoints, model services and Responses API endpoints and apps; "
+            f"use one of those, send a document as its text (document(x, as_=\"text\")), or turn the parts into "
+            f"what the endpoint takes with transform_input.")
 
 
 def user_turn(kind: str, body: dict[str, Any]) -> str:
@@ -319,10 +352,14 @@ def build_request(plan: Plan, prompt: Any) -> dict[str, Any]:
             raise ConfigurationError(problem)
         prompt = [{"role": str(m["role"]), "content": m.get("content")} for m in prompt]
     elif plan.schema is not None and kind not in SCHEMA_ON_WIRE:
-        prompt = f"{as_text(prompt)}\n\n{plan.schema.instruction()}"
+        prompt = (Parts([*prompt, f"\n\n{plan.schema.instruction()}"]) if isinstance(prompt, Parts)
+                  else f"{as_text(prompt)}\n\n{plan.schema.instruction()}")
     request = seed_request(prompt, plan.params)
     if plan.transform is not None:
         request = plan.transform(request)
+    problem = attachments_refusal(kind, plan.target, request.get("prompt"))
+    if problem:
+        raise ConfigurationError(problem)
     body = build_body(kind, request, system=plan.system, history=plan.history, stream=plan.stream)
     if plan.where == MODEL_SERVICE or (plan.where == APP and not is_url(plan.name)):
         body = {"model": plan.name, **body}
@@ -337,7 +374,18 @@ def build_request(plan: Plan, prompt: Any) -> dict[str, Any]:
     if "tools" in body:
         body = databricks_quirks(kind, body, plan.model)
     check_sendable(body)
+    if isinstance(prompt, Parts):
+        check_size(body, plan.target)
     return body
+
+
+def check_size(body: dict[str, Any], target: str) -> None:
+    """A request with attachments fits Databricks' 4 MB request limit, or is refused before it is sent."""
+    size = len(json.dumps(body, ensure_ascii=False).encode())
+    if size > MAX_REQUEST_BYTES:
+        raise AttachmentError(
+            f"The request to {target} would be {size / 1e6:.1f} MB, over Databricks' 4 MB request limit. Send fewer "
+            f"or smaller images (image(x, max_side=1024)), or fewer pages (document(x, pages=\"1-3\")).")
 
 
 def follow_up_request(kind: str, body: dict[str, Any], reply: Any, added: Sequence[dict[str, Any]],

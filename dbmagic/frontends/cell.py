@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..call import wire as _wire
 from ..errors import ConfigurationError, SchemaError
 from ..observe import tracing
+from ..prompts.attachments import Parts
 from ..prompts.templating import Template, render_prompt
 from ..prompts.transforms import resolve_transform
 from ..settings import CLIENT_OPTIONS, CallSpec
@@ -54,7 +55,7 @@ def prepare(spec: CallSpec, template: str | Template, namespace: MutableMapping[
             *, stream: bool = False) -> tuple[PreparedRequest, Any]:
     """Render the prompt and build the request; returns it and the output transform."""
     prompt = render_prompt(template, namespace)
-    prompt = prompt.strip() if isinstance(prompt, str) else prompt  # a registry chat prompt's messages as they are
+    prompt = prompt.strip() if isinstance(prompt, (str, Parts)) else prompt  # a registry chat prompt's messages as they are
     options, t_out = call_options(spec, namespace)
     if spec.chat and _wire.is_messages(prompt):
         raise ConfigurationError("A chat prompt brings its own messages, so --chat has no conversation to keep: "

@@ -56,7 +56,7 @@ from .. import settings
 from ..errors import DbMagicError, SettingError, TransformError, error_of
 from ..observe import tracing
 from ..prompts.namespace import Notebook
-from ..prompts.templating import RegistryTemplate, Template
+from ..prompts.templating import Attached, RegistryTemplate, Template
 from . import cell as _cell
 from .line import SUBCOMMANDS, flag_arguments, split_options, subcommand, whole_dbllm_lines, without_comment
 from .render import extract_code
@@ -216,6 +216,11 @@ class DbLLM(_Options):
             values = settings.merge(settings.merge(config, tracing.prompt_settings(version)), overrides)
         template = self._template(version, " ".join(args.text) if cell is None else cell, cell is None,
                                   raw=values["raw"], given=values["vars"])
+        if values["attach"]:  # loaded once, before anything is sent
+            from ..prompts.attachments import attached
+
+            template = Attached(template if isinstance(template, Template) else Template(template),
+                                attached(values["attach"], self.shell.user_ns))
         from ..call.ledger import CACHE_MODE
 
         mode = CACHE_MODE.set(values["cache_mode"])  # this cell's --cache, for every call it makes

@@ -15,13 +15,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import TemplateError
+from ..errors import DbMagicError, TemplateError
 from .jinja import SELF, declared, parse, with_self
 
-__all__ = ["Template", "RegistryTemplate", "render_prompt", "JINJA_GLOBALS"]
+__all__ = ["Template", "RegistryTemplate", "Attached", "render_prompt", "JINJA_GLOBALS"]
 
 # names Jinja2 itself defines: a template may use them without a column or variable of that name
-JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"})
+JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop", "image", "document"})
 
 _MARKERS = ("{{", "{%", "{#")
 class Template:
@@ -39,7 +39,10 @@ class Template:
         if not raw and any(m in source for m in _MARKERS):
             import jinja2
 
+            from .attachments import document, image
+
             env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+            env.globals.update(image=image, document=document)  # a picture or a document where it stands
             try:
                 tree = parse(env, source)
                 self.names = declared(env, tree)
@@ -51,11 +54,18 @@ class Template:
                 ) from None
         self.required: frozenset[str] = self.names  # the names that must have a value: every one it reads
 
-    def render(self, values: Mapping[str, Any], *, where: str = "in the notebook") -> str:
+    def render(self, values: Mapping[str, Any], *, where: str = "in the notebook") -> Any:
+        """The prompt's text; with ``{{ image(x) }}`` or ``{{ document(x) }}``, its `Parts` (text and
+        attachments, in order)."""
         if self._compiled is None:
             return self.source
+        from .attachments import collecting
+
         try:
-            return self._compiled.render(with_self(values))  # a mapping, never **values: `self` is a name
+            with collecting() as split:
+                return split(self._compiled.render(with_self(values)))  # a mapping, never **values: `self` is a name
+        except DbMagicError:  # an attachment that cannot be sent says so itself
+            raise
         except Exception as exc:  # an undefined name, a division by zero, a function that raises, {% include %} ...
             raise render_error(exc, "The prompt template", where, define="Define it, or write {{ '{{' }} to keep "
                                "literal braces.", fix="Fix the {{ }} expression, or send the text as it is with "
@@ -210,6 +220,23 @@ def _message_texts(source: Any, uri: str) -> list[str]:
         raise TemplateError(f"The registry prompt {uri} is neither text nor a list of {{role, content}} messages "
                             "with text content, so dbmagic cannot send it.")
     return [m["content"] for m in source]
+
+
+class Attached(Template):
+    """A template with attachments after what it renders (``--attach``), loaded once."""
+
+    def __init__(self, inner: Template, items: list[Any]):
+        self.inner, self.items = inner, items
+        self.source, self.names, self.required = inner.source, inner.names, inner.required
+
+    def render(self, values: Mapping[str, Any], *, where: str = "in the notebook") -> Any:
+        from .attachments import Parts
+
+        prompt = self.inner.render(values, where=where)
+        if not isinstance(prompt, (str, Parts)):
+            raise TemplateError("--attach adds to a text prompt; a chat prompt from the registry brings its own "
+                                "messages. Put the image in the registry prompt's text, or drop --attach.")
+        return Parts([*(prompt if isinstance(prompt, Parts) else [prompt]), "\n", *self.items])
 
 
 def render_prompt(template: str | Template, namespace: Mapping[str, Any]) -> Any:

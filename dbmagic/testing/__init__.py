@@ -21,6 +21,7 @@ From a shell: ``python -m dbmagic.testing`` prints the two variables to export, 
 dbmagic never falls back to it by itself.
 """
 
+from ._documents import text_pdf
 from ._memory import MemoryBody, MemoryHandler, Sent, TransportFailure, events, reply
 from ._process import in_another_process
 from ._server import (
@@ -41,4 +42,4 @@ from ._server import (
 __all__ = ["LocalWorkspace", "Endpoint", "Fault", "App", "LIMIT_MESSAGES", "RecordedRequest", "echo_reply",
            "schema_reply", "judge_reply", "secret_fingerprint", "token_limit_message",
            "in_another_process", "DEFAULT_ENDPOINTS", "MemoryHandler", "MemoryBody", "Sent", "TransportFailure",
-           "reply", "events"]
+           "reply", "events", "text_pdf"]

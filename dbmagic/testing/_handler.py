@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._model import (
     CODES,
+    CUSTOM_REQUEST_LIMIT,
     LIMIT_MESSAGES,
     PAT_TOKEN_TYPE,
+    REQUEST_LIMIT,
     TOKEN_EXCHANGE,
     WINDOWS,
     Endpoint,
@@ -94,6 +96,7 @@ class Handler(BaseHTTPRequestHandler):
         recorded (the Authorization value masked), the Authorization value sent, and the path."""
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        self._request_bytes = len(raw)
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
@@ -339,6 +342,10 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             return self._error(400, "The request body must be a JSON object.")
         task = endpoint.task
+        limit = CUSTOM_REQUEST_LIMIT if task is None else REQUEST_LIMIT
+        if getattr(self, "_request_bytes", 0) > limit:
+            return self._error(400, f"Request size {self._request_bytes / (1 << 20):.1f} MB exceeds the limit of "
+                                    f"{limit >> 20} MB.", "BAD_REQUEST")
         if task == "llm/v1/embeddings":
             inputs = body.get("input")
             if inputs is None:

@@ -181,6 +181,10 @@ LIMIT_MESSAGES = {
     "otpm": "REQUEST_LIMIT_EXCEEDED: Exceeded the output tokens per minute rate limit for this endpoint.",
 }
 TOKEN_WINDOWS = {"second": 1.0, "minute": 60.0}
+# the largest request body served, as the Model Serving limits page gives them: 4 MB for foundation,
+# external and agent endpoints, 16 MB for custom models (read as MiB here; dbmagic keeps under 4,000,000 bytes)
+REQUEST_LIMIT = 4 << 20
+CUSTOM_REQUEST_LIMIT = 16 << 20
 
 
 def token_limit_message(kind: str, window: str) -> str:

@@ -3,7 +3,9 @@ verdict, an answer that follows a schema, scripted tool calls, custom models' pr
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import math
 import re
@@ -75,10 +77,44 @@ def nth(message: dict[str, Any], index: int) -> dict[str, Any]:
 
 
 def text_of(content: Any) -> str:
-    """A message's content as text: a string, or a list of parts with ``text``."""
+    """A message's content as text: a string, or a list of parts: their ``text``, and each image or
+    file as what arrived (`what_arrived`), in order."""
     if isinstance(content, list):
-        return "".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+        return "".join(what_arrived(p) if isinstance(p, dict) and p.get("type") not in (None, "text", "input_text")
+                       else str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
     return "" if content is None else str(content)
+
+
+def what_arrived(part: dict[str, Any]) -> str:
+    """An image or file part as the local workspace read it: ``[image/jpeg 800x600]``, ``[application/pdf,
+    3 pages: first words]``, or ``[unreadable image/png]`` (chat's ``image_url`` and ``file`` parts, the
+    Responses API's ``input_image`` and ``input_file``)."""
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if url is None:
+        file = part.get("file") if isinstance(part.get("file"), dict) else part
+        url = file.get("file_data")
+    match = re.match(r"data:([\w/+.-]+);base64,(.*)$", str(url or ""), re.S)
+    if match is None:
+        return f"[{part.get('type')} without a data URL]"
+    mime = match.group(1)
+    try:
+        data = base64.b64decode(match.group(2), validate=True)
+        if mime == "application/pdf":
+            import pypdfium2
+
+            pdf = pypdfium2.PdfDocument(data)
+            try:
+                first = pdf[0].get_textpage().get_text_range().split() if len(pdf) else []
+                return f"[{mime}, {len(pdf)} pages: {' '.join(first[:6])}]"
+            finally:
+                pdf.close()
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as picture:
+            return f"[{Image.MIME.get(picture.format, mime)} {picture.size[0]}x{picture.size[1]}]"
+    except Exception:  # what a model would refuse: said as such
+        return f"[unreadable {mime}]"
 
 
 def output_item(text: str) -> dict[str, Any]:
