@@ -178,3 +178,27 @@ def test_attach_adds_pictures_and_documents_after_the_cell(shell, workspace, tmp
 
     with pytest.raises(UsageError, match="--attach nothere: it is neither a variable of the notebook nor a file"):
         shell.run_cell_magic("dbllm", f"-e {CHAT} --attach nothere", "What?")
+
+
+def test_the_cell_shows_what_was_sent_and_a_dry_run_says_what_it_would_send(shell, workspace, capsys):
+    shell.user_ns["photo"] = picture(300, 150)
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --no-stream", "Describe {{ image(photo) }}")
+    shown = shell.display_pub.outputs[-1]["data"]
+    assert shown["text/markdown"].startswith("![sent](data:image/jpeg;base64,")
+    assert "*Sent: 1 image (image/png 300x150)*" in shown["text/markdown"]
+    assert shown["text/plain"] == "Sent: 1 image (image/png 300x150)\nEcho: Describe [image/png 300x150]"
+    thumb = shown["text/markdown"].split("(", 1)[1].split(")", 1)[0]
+    with Image.open(io.BytesIO(base64.b64decode(thumb.partition(",")[2]))) as small:
+        assert small.size == (96, 48)  # a thumbnail, not the picture sent
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --dry-run", "Describe {{ image(photo) }}")
+    request = shell.display_pub.outputs[-1]["data"]["text/plain"]
+    assert "data:image/png;base64,... (" in request and "300x150, about 60 input tokens)" in request
+    assert len(request) < 2000  # the picture is described, not printed
+    shell.user_ns["rows"] = [{"p": picture(750, 100)}, {"p": picture(750, 200)}]
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --over rows --dry-run", "{{ image(p) }}")
+    assert "about 300 input tokens" in capsys.readouterr().out  # 100 and 200 for the images, no text
+    before = len(invocations(workspace, CHAT))
+    shell.run_cell_magic("dbllm", f"-e {CHAT} --over rows", "{{ image(p) }}")
+    assert "2 answered" in capsys.readouterr().out and len(invocations(workspace, CHAT)) == before + 2
+    assert shell.user_ns["_dbllm"].attachments == 2 and "2 images or files in the rows' requests" in \
+        shell.user_ns["_dbllm"].summary()

@@ -343,3 +343,31 @@ def test_the_tasks_of_a_job_share_a_rate_limit_without_losing_a_row(spark, works
     limited = sum(1 for r in log if r.status == 429)
     assert sum(1 for r in log if r.status == 200) == rows  # every row answered once
     assert limited < rows * 0.45, f"{limited} 429s for {rows} rows"
+
+
+def test_images_in_a_binary_column_travel_to_the_executors(spark, workspace, tmp_path):
+    """Issue 35: a binary column (as spark.read.format("binaryFile") gives) fills {{ image(...) }} on the executors."""
+    pytest.importorskip("PIL")
+    import io
+
+    from PIL import Image
+
+    import dbmagic.batching.spark
+
+    def png(width: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (width, 10), (9, 9, 9)).save(out, "PNG")
+        return out.getvalue()
+
+    for i in range(3):
+        (tmp_path / f"p{i}.png").write_bytes(png(10 + i))
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    files = spark.read.format("binaryFile").load(str(tmp_path))
+    out = dbmagic.batching.spark.complete(files, "What is in {{ image(content) }}?", endpoint=CHAT,
+                                          client=Client(host=workspace.host, token=workspace.token))
+    got = {r.path.rsplit("/", 1)[-1]: (r.answer, r.error) for r in out.collect()}
+    assert {name: answer for name, (answer, _) in got.items()} == {
+        "p0.png": "Echo: What is in [image/png 10x10]?", "p1.png": "Echo: What is in [image/png 11x10]?",
+        "p2.png": "Echo: What is in [image/png 12x10]?", "broken.png": None}
+    assert "is not an image Pillow can read" in got["broken.png"][1]
+    assert len([r for r in workspace.requests if r.path.endswith("/invocations")]) == 3

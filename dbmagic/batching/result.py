@@ -41,7 +41,8 @@ class BatchResult(Sequence):
                  interrupted: bool = False, concurrency: int = 0, rate: float | None = None, schema: Any = None,
                  identities: Sequence[str | None] | None = None, from_checkpoint: int = 0,
                  not_served: Mapping[str, int] | None = None, unreadable: int = 0, by_estimate: int = 0,
-                 limiter: Any = None, request: Callable[[int], Any] | None = None, source: Any = None):
+                 limiter: Any = None, request: Callable[[int], Any] | None = None, source: Any = None,
+                 attachments: int = 0):
         self._answers = items if isinstance(items, Answers) else Answers.of(items)
         self.limiter = limiter  # the pace it kept (`dbmagic.batching.pace.Limiter`), shared by the batches on its endpoint
         self.by_estimate = by_estimate  # answers a budget counted by estimate (no usage, or less, reported)
@@ -55,6 +56,7 @@ class BatchResult(Sequence):
         # per row, the identity of the request it sent (`dbmagic.ledger.identity`): what resume= checks
         self.identities = identities if identities is not None else [None] * len(self)
         self.from_checkpoint = from_checkpoint  # rows a checkpoint answered, not sent
+        self.attachments = attachments  # images and files in the rows' requests
         self.wall_time = wall_time
         self.interrupted = interrupted
         self.concurrency = concurrency
@@ -144,6 +146,8 @@ class BatchResult(Sequence):
                  + (f" ({self.from_checkpoint} from the checkpoint, not sent)" if self.from_checkpoint else ""),
                  f"{len(self.failed)} failed" + (" (" + ", ".join(f"{n} {kind}" for kind, n in failures.items())
                                                 + ")" if failures else "")]
+        if self.attachments:
+            parts.append(f"{self.attachments} image{'' if self.attachments == 1 else 's'} or files in the rows' requests")
         if self.not_served:
             why = {"other": "another user's", "unsigned": "not written by your dbmagic (planted or edited)"}
             parts.append(f"{sum(self.not_served.values())} records in the checkpoint not used ("

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ..call import wire as _wire
 from ..call.answers import Usage
 from ..call.call import completion_of
 from ..call.ledger import CACHE_MODE, Ledger, identity
@@ -266,10 +267,14 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                                                           f"{', '.join(map(str, values)) or 'none'})")
         return prepare(prompt.strip() if isinstance(prompt, (str, Parts)) else prompt)
 
+    attached = [0]  # images and files in the rows' requests (each row counted once)
+
     def request_of(i: int) -> Any:
         if i not in built:
             try:
                 built[i] = build(i, contexts[i])
+                if identities[i] is None:
+                    attached[0] += _wire.attachments_in(built[i].body)
                 identities[i] = identity(built[i].url, built[i].body)
             except DbMagicError as exc:  # the row keeps the error, as a row whose call failed
                 built[i] = exc
@@ -507,7 +512,7 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
                          identities=identities, from_checkpoint=reused, not_served=not_served,
                          unreadable=ledger.skipped if ledger is not None else 0,
                          by_estimate=budget.by_estimate if budget is not None else 0, limiter=rows_run.limiter,
-                         request=sent, source=rows if is_frame(rows) else None)
+                         request=sent, source=rows if is_frame(rows) else None, attachments=attached[0])
     if handle is not None:
         handle.batch_result = result
     return result
@@ -522,7 +527,8 @@ def estimate(template: str | Template, rows: Any, namespace: Mapping[str, Any] |
              send_missing: bool = False) -> tuple[int, int, int]:
     """What a batch would send, sending nothing: ``(rows it would send, rows a missing value keeps
     back, an estimate of the input tokens)``; the estimate counts a token per 4 characters of the
-    rendered prompts (the usual rule of thumb for English; the endpoint's own count decides)."""
+    rendered prompts (the usual rule of thumb for English; the endpoint's own count decides), and an
+    image about width x height / 750."""
     contexts, _, _ = row_contexts(rows)
     tpl = template if isinstance(template, Template) else Template(template)
     sent = held = tokens = 0
@@ -531,7 +537,8 @@ def estimate(template: str | Template, rows: Any, namespace: Mapping[str, Any] |
             held += 1
             continue
         prompt = tpl.render(Notebook(namespace or {}).with_row(context))
-        tokens += tokens_in(prompt if isinstance(prompt, str) else json.dumps(prompt))
+        tokens += (prompt.tokens(tokens_in) if isinstance(prompt, Parts) else
+                   tokens_in(prompt if isinstance(prompt, str) else json.dumps(prompt)))
         sent += 1
     return sent, held, tokens
 

@@ -190,8 +190,22 @@ class PreparedRequest:
             "method": "POST",
             "url": self.url,
             "headers": {"Authorization": "Bearer ***", "Content-Type": "application/json"},
-            "json": self.body,
+            "json": _shown(self.body),
         }
+
+
+def _shown(value: Any) -> Any:
+    """A body as a dry run shows it: each image or file's ``data:`` URL as what it holds
+    (`dbmagic.prompts.attachments.described_url`), not thousands of base64 characters."""
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shown(v) for v in value]
+    if isinstance(value, str) and value.startswith("data:") and len(value) > 256:
+        from ..prompts.attachments import described_url
+
+        return described_url(value)
+    return value
 
 
 @dataclass

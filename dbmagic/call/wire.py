@@ -146,6 +146,17 @@ def content_of(kind: str, prompt: Any) -> Any:
     return parts
 
 
+def attachments_in(body: Any) -> int:
+    """How many images and files a request body's turns hold (chat's ``image_url`` and ``file`` parts,
+    the Responses API's ``input_image`` and ``input_file``)."""
+    turns = ((body.get("messages") or body.get("input")) if isinstance(body, dict) else None) or []
+    return sum(1 for t in turns if isinstance(t, dict) and isinstance(t.get("content"), list)
+               for p in t["content"] if isinstance(p, dict) and p.get("type") in _ATTACHED_PARTS)
+
+
+_ATTACHED_PARTS = ("image_url", "input_image", "file", "input_file")
+
+
 def attachments_refusal(kind: str, target: str, prompt: Any) -> str | None:
     """Why a prompt with images or documents cannot go to ``kind``, or None: only chat and the
     Responses API take content parts (an agent of those shapes too)."""

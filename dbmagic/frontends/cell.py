@@ -24,7 +24,7 @@ from ..prompts.templating import Template, render_prompt
 from ..prompts.transforms import resolve_transform
 from ..settings import CLIENT_OPTIONS, CallSpec
 from . import history as _history
-from .render import LiveOutput, answer_bundle, bundle, output_metadata
+from .render import LiveOutput, answer_bundle, bundle, output_metadata, with_what_was_sent
 
 if TYPE_CHECKING:  # the client (and requests) load with the first call, not with %load_ext
     from ..client import Call, Client, Completion, PreparedRequest
@@ -151,8 +151,10 @@ def run_prompt(spec: CallSpec, template: str | Template, namespace: MutableMappi
     if completion.is_partial:  # stopped
         return _keep_partial(completion, live, keep)
     keep(completion)
-    live.finish(completion.value, output_metadata(completion),
-                data=answer_bundle(completion, spec.format, rich=live.rich, stopped_by=call.stopped_by))
+    data = answer_bundle(completion, spec.format, rich=live.rich, stopped_by=call.stopped_by)
+    if _wire.attachments_in(completion.request):  # what was sent, as thumbnails above the answer
+        data = with_what_was_sent(data or bundle(completion.value, spec.format, rich=live.rich), completion.request)
+    live.finish(completion.value, output_metadata(completion), data=data)
     if completion.finish_reason == "length":
         print(CUT_AT_LIMIT)
     return completion

@@ -355,7 +355,8 @@ class DbLLM(_Options):
             sent, held, tokens = estimate(template, rows, namespace, values["send_missing"])
             print(f"--over {name}: {sent:,} rows would be sent" + (f" ({held:,} kept back by a missing value)"
                                                                     if held else "")
-                  + f", about {tokens:,} input tokens (4 characters a token); nothing was sent. The first row's "
+                  + f", about {tokens:,} input tokens (4 characters a token, an image width x height / 750); nothing "
+                  "was sent. The first row's "
                   "request:")
             _cell.dry_run(spec, template, namespace.with_row(contexts[0]), client, rich=rich)
             return None

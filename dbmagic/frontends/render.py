@@ -126,6 +126,51 @@ def answer_bundle(completion: Any, fmt: str, *, rich: bool = True,
     return {"text/markdown": "\n\n".join(p for p in parts_md if p), "text/plain": plain}
 
 
+def with_what_was_sent(data: dict[str, Any], request: Any) -> dict[str, Any]:
+    """``data`` (a bundle) with a strip of thumbnails of the images the request sent above it (small
+    JPEGs made here, not the images themselves); as it is when the request sent none."""
+    shown = thumbnails(request)
+    if shown is None:
+        return data
+    md, text = shown
+    return {k: (f"{md}\n\n{v}" if k == "text/markdown" else f"{text}\n{v}" if k == "text/plain" else v)
+            for k, v in data.items()}
+
+
+def thumbnails(request: Any, side: int = 96) -> tuple[str, str] | None:
+    """``(markdown, text)`` of the images a request body carried (chat's ``image_url`` parts, the
+    Responses API's ``input_image``): a thumbnail each and ``Sent: 2 images (image/jpeg 800x600, ...)``."""
+    urls = []
+    for turn in (request or {}).get("messages") or (request or {}).get("input") or []:
+        content = turn.get("content") if isinstance(turn, dict) else None
+        for part in content if isinstance(content, list) else []:
+            url = part.get("image_url") if isinstance(part, dict) else None
+            url = url.get("url") if isinstance(url, dict) else url
+            if isinstance(url, str) and url.startswith("data:image/"):
+                urls.append(url)
+    if not urls:
+        return None
+    import base64
+    import io
+
+    from PIL import Image
+
+    pictures, said = [], []
+    for url in urls:
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))) as picture:
+                said.append(f"{Image.MIME.get(picture.format, picture.format)} {picture.size[0]}x{picture.size[1]}")
+                small = picture.convert("RGB")
+                small.thumbnail((side, side))
+                out = io.BytesIO()
+                small.save(out, "JPEG", quality=70)
+            pictures.append(f"![sent]({'data:image/jpeg;base64,' + base64.b64encode(out.getvalue()).decode()})")
+        except Exception:  # a picture that cannot be shown is named, not drawn
+            said.append("an image")
+    text = f"Sent: {len(urls)} image{'' if len(urls) == 1 else 's'} ({', '.join(said)})"
+    return " ".join(pictures) + f"\n\n*{text}*", text
+
+
 def _is_data(value: Any) -> bool:
     return hasattr(value, "model_dump") or isinstance(value, (dict, list))
 

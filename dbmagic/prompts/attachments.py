@@ -35,7 +35,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 
-__all__ = ["Attachment", "Parts", "AttachmentError", "image", "document", "collecting", "MAX_REQUEST_BYTES",
+__all__ = ["Attachment", "Parts", "described_url", "AttachmentError", "image", "document", "collecting", "MAX_REQUEST_BYTES",
            "MAX_SIDE", "QUALITY", "MAX_PAGES", "IMAGE_KINDS"]
 
 MAX_REQUEST_BYTES = 4_000_000  # Databricks' request limit for foundation, external and agent endpoints (4 MB)
@@ -90,6 +90,23 @@ class Attachment:
         return f"Attachment({self.describe()}, from {self.source})"
 
 
+def described_url(url: str) -> str:
+    """A ``data:`` URL as a dry run shows it: ``data:image/jpeg;base64,... (91 KB, 1568x1045, about
+    3,276 input tokens)``."""
+    head, _, data = url.partition(",")
+    size = len(data) * 3 // 4
+    shown = f"{head},... ({size / 1000:,.0f} KB"
+    if head.startswith("data:image/"):
+        try:
+            Image = _pil()
+            with Image.open(io.BytesIO(base64.b64decode(data))) as picture:
+                width, height = picture.size
+            shown += f", {width}x{height}, about {max(1, width * height // 750):,} input tokens"
+        except Exception:  # shown without its size
+            pass
+    return shown + ")"
+
+
 class Parts(list):
     """A prompt with attachments: text (``str``) and `Attachment` items, in order."""
 
@@ -105,6 +122,11 @@ class Parts(list):
     @property
     def attachments(self) -> list[Attachment]:
         return [item for item in self if isinstance(item, Attachment)]
+
+    def tokens(self, per_text: Any) -> int:
+        """About how many input tokens: ``per_text(text)`` for the text, each attachment's estimate."""
+        return per_text("".join(item for item in self if isinstance(item, str))) + sum(
+            a.tokens for a in self.attachments)
 
     def text(self) -> str:
         """The text, with each attachment as ``[image/jpeg 800x600, 91 KB]``."""
