@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -584,3 +585,31 @@ def test_an_echoed_token_never_reaches_a_trace(store, workspace, client, split):
     if split:  # the split secret: the chunk events are left out, an event says so
         events = [e.name for e in found[0].data.spans[0].events]
         assert "dbmagic.scrubbed" in events and not any(n.startswith("mlflow.chunk.item") for n in events)
+
+
+def test_an_image_call_is_traced_as_mlflows_openai_autologger_traces_it(store, workspace, client):
+    """Issue 35: the image parts go into the span's inputs as the OpenAI autologger records them."""
+    pytest.importorskip("PIL")
+    import io
+
+    from PIL import Image
+
+    from dbmagic.prompts.templating import Template
+
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), (5, 6, 7)).save(out, "PNG")
+    parts = Template("What is this? {{ image(p) }}").render({"p": out.getvalue()})
+    client.complete(parts, endpoint=CHAT, temperature=0.2)
+    ours = traces(store)[-1].data.spans[0]
+    messages = workspace.requests[-1].json["messages"]  # what the server received, sent again by openai
+    theirs = _openai_autolog_span(workspace, store, messages=messages, temperature=0.2)
+    assert messages[-1]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+    def kept(span):  # MLflow keeps each image as a trace attachment, named by a fresh id in that trace
+        return re.sub(r"mlflow-attachment://[0-9a-f-]+\?(.*)&trace_id=tr-[0-9a-f]+", r"mlflow-attachment://ID?\1",
+                      json.dumps(span.inputs["messages"]))
+
+    assert kept(ours) == kept(theirs)
+    assert "mlflow-attachment://ID?content_type=image%2Fpng&size=" in kept(ours)
+    assert ours.outputs["choices"][0]["message"]["content"] == theirs.outputs["choices"][0]["message"]["content"] \
+        == "Echo: What is this? [image/png 40x30]"
