@@ -202,3 +202,16 @@ def test_the_cell_shows_what_was_sent_and_a_dry_run_says_what_it_would_send(shel
     assert "2 answered" in capsys.readouterr().out and len(invocations(workspace, CHAT)) == before + 2
     assert shell.user_ns["_dbllm"].attachments == 2 and "2 images or files in the rows' requests" in \
         shell.user_ns["_dbllm"].summary()
+
+
+def test_a_checkpoint_knows_each_picture_by_its_bytes(workspace, client, tmp_path):
+    rows = [{"p": picture(10, 10)}, {"p": picture(11, 10)}, {"p": picture(10, 10)}]
+    first = dbmagic.batch("{{ image(p) }}", rows, CHAT, client=client, progress=False,
+                          checkpoint=str(tmp_path / "ck"))
+    assert first.texts == ["Echo: [image/png 10x10]", "Echo: [image/png 11x10]", "Echo: [image/png 10x10]"]
+    assert len(invocations(workspace, CHAT)) == 2  # the same picture twice is one request
+    rows.append({"p": picture(12, 10)})
+    again = dbmagic.batch("{{ image(p) }}", rows, CHAT, client=client, progress=False,
+                          checkpoint=str(tmp_path / "ck"))
+    assert again.from_checkpoint == 3 and again.texts[3] == "Echo: [image/png 12x10]"
+    assert len(invocations(workspace, CHAT)) == 3

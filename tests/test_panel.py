@@ -317,3 +317,31 @@ def test_stop_frees_the_panel_at_once_before_any_byte(panel, workspace, mode):
     assert "Stopped" in status(panel)
     if mode == "call":  # nor over the notebook's last answer, which may be a newer Send's by then
         assert LAST not in panel.namespace
+
+
+def test_attach_sends_the_files_given_after_the_prompt(panel, workspace):
+    """Issue 35: the panel takes a file (as --attach): a picture, and a PDF as its pages' images."""
+    pytest.importorskip("PIL")
+    import datetime
+    import io
+
+    from PIL import Image
+
+    png, pdf = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (60, 30), (1, 2, 3)).save(png, "PNG")
+    Image.new("RGB", (72, 144), (255, 255, 255)).save(pdf, "PDF")
+    def upload(name: str, kind: str, data: bytes) -> dict:  # what the browser's FileUpload sends
+        return {"name": name, "type": kind, "size": len(data), "content": memoryview(data),
+                "last_modified": datetime.datetime(2026, 12, 7, tzinfo=datetime.timezone.utc)}
+
+    panel.attach.value = (upload("a.png", "image/png", png.getvalue()), upload("b.pdf", "application/pdf", pdf.getvalue()))
+    ask(panel, "What are these?", format="text")
+    sent = posts(workspace)[-1].json["messages"][-1]["content"]
+    assert [p["type"] for p in sent] == ["text", "text", "image_url", "image_url"]
+    assert answer(panel)["text/plain"].endswith("Echo: What are these?\n[image/png 60x30][image/jpeg 200x400]")
+    assert "Sent: 2 images" in answer(panel)["text/plain"]
+    assert panel.as_cell().split("\n")[0].endswith("# and the 2 files given to Attach: save them and add --attach PATH")
+    panel.attach.value = (upload("c.txt", "text/plain", b"abc"),)
+    before = len(posts(workspace))
+    ask(panel, "And this?")
+    assert "is not an image Pillow can read" in status(panel) and len(posts(workspace)) == before

@@ -56,6 +56,13 @@ inventory = {"main": {"printer toner": 3}}
 spark = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
          .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
 sdf = spark.createDataFrame([(1, "The battery lasts two days")], "id INT, text STRING")
+import io
+from PIL import Image
+_picture = io.BytesIO()
+Image.new("RGB", (400, 300), "white").save(_picture, "PNG")
+receipt = _picture.getvalue()
+os.makedirs("scans", exist_ok=True)
+Image.new("RGB", (200, 300), "white").save("scans/form.pdf")
 '''
 
 

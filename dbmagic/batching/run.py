@@ -320,6 +320,8 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
             else:
                 leaders[identities[i]] = i
                 sending.append(i)
+            if _wire.attachments_in(request.body):  # made again when sent: a batch never holds every row's images
+                built.pop(i, None)
         todo = sending
     # rows packed per request where the endpoint takes many: a pack's place follows the rows' in items
     rows_count = len(items)

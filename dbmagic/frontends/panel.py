@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .. import settings
 from ..call import wire as _wire
 from ..errors import ConfigurationError, DbMagicError, TransformError, error_of
+from ..prompts.templating import Attached, Template
 from ..prompts.transforms import callables_in
 from ..settings import SETTINGS, Setting
 from . import cell as _cell
@@ -166,6 +167,10 @@ class Panel:
         self.keys = keys() if keys is not None else None
         self.refresh_transforms_button = w.Button(icon="refresh", tooltip="Refresh the transform lists",
                                                   layout=w.Layout(width="36px"))
+        # pictures and PDFs sent after the prompt (as --attach), read from the browser's files
+        self.attach = w.FileUpload(accept="image/*,.pdf", multiple=True, description="Attach",
+                                   tooltip="Pictures or PDFs to send after the prompt (a PDF as its pages' images)")
+        self.attach.add_class("dbmagic-attach")
         self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = w.Button(description="Stop", icon="stop", disabled=True)
         self.clear_button = w.Button(description="Clear", icon="eraser")
@@ -206,7 +211,7 @@ class Panel:
         self.widget = w.VBox([
             w.HBox([self.endpoint, self.refresh_button, self.compare_mode]), self.compare_endpoints, self.proxy_row, rows[1].children[0], self.prompt,
             *rows[2:], more_box,
-            w.HBox([self.send_button, self.stop_button, self.clear_button, self.copy_button,
+            w.HBox([self.send_button, self.stop_button, self.clear_button, self.copy_button, self.attach,
                     *([self.keys] if self.keys is not None else [])]),
             self.status, self.output, self.cell_text, history_box, w.HTML(_STYLE),
         ], layout=w.Layout(width="100%", max_width="980px"))
@@ -300,6 +305,7 @@ class Panel:
         try:
             spec = self.spec()
             compared = self._compared()
+            template = self._with_uploads(template)
         except DbMagicError as exc:
             self._set_status(str(exc), error=True)
             return
@@ -315,6 +321,15 @@ class Panel:
             work, args = self._work, (spec, template, self._generation)
         self._thread = threading.Thread(target=work, args=args, name="dbmagic-panel", daemon=True)
         self._thread.start()
+
+    def _with_uploads(self, template: str) -> str | Template:
+        """The prompt with the files given to Attach after it (as ``--attach``), or as it is."""
+        uploads = list(self.attach.value or ())
+        if not uploads:
+            return template
+        from ..prompts.attachments import load_any
+
+        return Attached(Template(template), [part for u in uploads for part in load_any(bytes(u["content"]))])
 
     def _compared(self) -> list[tuple[str, dict[str, Any]]] | None:
         """The compared calls in compare mode (None otherwise)."""
@@ -359,7 +374,7 @@ class Panel:
         _history.of(self.client).reset(self._target_key())
         self._show_history()
 
-    def _work(self, spec: _cell.CallSpec, template: str, generation: int) -> None:
+    def _work(self, spec: _cell.CallSpec, template: str | Template, generation: int) -> None:
         live = LiveOutput(spec.format, sink=self._sink(generation))
         self._in_worker(lambda: _cell.run_prompt(spec, template, self.namespace, self.client, live=live,
                                                  on_call=self._opened, keep=self._keeper(generation)),
@@ -483,7 +498,10 @@ class Panel:
         if compared is not None:  # the first endpoint stands for all of them
             at = next(i for i, word in enumerate(argv) if word.startswith("--endpoint="))
             argv[at] = "--compare=" + ",".join(v["endpoint"] for _, v in compared)
-        return "%%dbllm " + shlex.join(argv) + "\n" + self.prompt.value.strip()
+        uploads = len(self.attach.value or ())
+        note = (f"  # and the {uploads} file{'s' if uploads > 1 else ''} given to Attach: save {'them' if uploads > 1 else 'it'}"
+                " and add --attach PATH") if uploads else ""
+        return "%%dbllm " + shlex.join(argv) + note + "\n" + self.prompt.value.strip()
 
     def _refresh_copied(self) -> None:
         """The cell Copy as cell showed, made again from the fields as they are now (hidden when they

@@ -205,10 +205,15 @@ def attached(given: list[str], namespace: Any) -> list[Any]:
         else:
             raise AttachmentError(f"--attach {name}: it is neither a variable of the notebook nor a file. Give a "
                                   "variable that holds bytes or a PIL image, or a file's path.")
-        is_pdf = (isinstance(value, (bytes, bytearray)) and bytes(value[:5]) == b"%PDF-") or (
-            isinstance(value, str) and value.lower().endswith(".pdf"))
-        items.extend(load_document(value) if is_pdf else [load_image(value)])
+        items.extend(load_any(value))
     return items
+
+
+def load_any(value: Any) -> list[Any]:
+    """A picture or a PDF (bytes, a path, a PIL image) as the parts it becomes: a PDF its pages' images."""
+    is_pdf = (isinstance(value, (bytes, bytearray, memoryview)) and bytes(value[:5]) == b"%PDF-") or (
+        isinstance(value, str) and value.lower().endswith(".pdf"))
+    return load_document(value) if is_pdf else [load_image(value)]
 
 
 # -- reading what was given --------------------------------------------------------------------------
@@ -264,19 +269,25 @@ def load_image(x: Any, *, max_side: int = MAX_SIDE, quality: int = QUALITY,
     else:
         data, source = _read(x, "image")
         try:
-            picture = Image.open(io.BytesIO(data))
-            picture.load()
+            picture = Image.open(io.BytesIO(data))  # its header: what it is and its size
+            if not _as_is(picture, data, max_side, budget):
+                picture.load()  # its pixels, to be re-encoded (a file cut short fails here)
         except Exception as exc:  # not an image, or a corrupt one: Pillow raises several kinds
             raise AttachmentError(f"image(): {source} is not an image Pillow can read "
                                   f"({exc.__class__.__name__}). Give a JPEG, PNG, GIF or WebP.") from None
     return fit(picture, data, source, max_side=max_side, quality=quality, budget=budget)
 
 
+def _as_is(picture: Any, data: bytes | None, max_side: int, budget: int) -> bool:
+    """A JPEG or PNG that needs no change: sent as it is (its pixels are never decoded)."""
+    return data is not None and picture.format in SENT_AS_IS and max(picture.size) <= max_side and len(data) <= budget
+
+
 def fit(picture: Any, data: bytes | None, source: str, *, max_side: int, quality: int, budget: int) -> Attachment:
     """The picture as an `Attachment` of at most ``budget`` bytes (see `load_image`)."""
     Image = _pil()
     width, height = picture.size
-    if data is not None and picture.format in SENT_AS_IS and max(width, height) <= max_side and len(data) <= budget:
+    if _as_is(picture, data, max_side, budget):
         return Attachment(SENT_AS_IS[picture.format], data, source, width, height)
     clear = picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info)
     side = min(max_side, max(width, height))
