@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent / "notebooks"
-NOTEBOOKS = ("quickstart", "panel", "batch", "data", "judge")
+NOTEBOOKS = ("quickstart", "panel", "batch", "data", "judge", "documents")
 # a package a shipped notebook imports -> the extra that installs it
 _EXTRAS = {"pyspark": "spark", "pyarrow": "spark", "pandas": "spark", "mlflow": "mlflow"}
 
