@@ -215,3 +215,13 @@ def test_a_checkpoint_knows_each_picture_by_its_bytes(workspace, client, tmp_pat
                           checkpoint=str(tmp_path / "ck"))
     assert again.from_checkpoint == 3 and again.texts[3] == "Echo: [image/png 12x10]"
     assert len(invocations(workspace, CHAT)) == 3
+
+
+def test_a_comparison_shows_what_every_column_was_sent(shell, workspace):
+    shell.user_ns["photo"] = picture(200, 100)
+    shell.run_cell_magic("dbllm", f"-e {CHAT} -e {RESPONSES}", "What is it? {{ image(photo) }}")
+    shown = shell.display_pub.outputs[-1]["data"]
+    assert shown["text/html"].startswith("<div class='dbmagic-sent'><img src='data:image/jpeg;base64,")
+    assert shown["text/html"].count("<img") == 1 and "Sent: 1 image (image/png 200x100)" in shown["text/html"]
+    assert shown["text/plain"].startswith("Sent: 1 image (image/png 200x100)")
+    assert shown["text/html"].count("Echo: What is it? [image/png 200x100]") == 2

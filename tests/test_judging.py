@@ -155,3 +155,28 @@ def test_an_echoed_token_never_reaches_a_judge_or_its_rationale(judged_store):
     assert list(judged["echoed"]) == ["yes", "yes"]
     assert all(workspace.token not in r for r in judged["echoed_rationale"])
     assert all(workspace.token not in json.dumps(r.json) for r in invocations(workspace, JUDGE))
+
+
+def test_a_batch_of_pictures_is_judged_on_its_answers(judged_store):
+    """Issue 35: the judge reads each answer and the prompt's text (the pictures are not sent to it)."""
+    pytest.importorskip("PIL")
+    import io
+
+    from PIL import Image
+
+    workspace = judged_store
+    client = Client(host=workspace.host, token=workspace.token)
+    pictures = []
+    for width in (10, 20):
+        out = io.BytesIO()
+        Image.new("RGB", (width, 10), (1, 1, 1)).save(out, "PNG")
+        pictures.append({"p": out.getvalue()})
+    result = dbmagic.batch("Describe {{ image(p) }}", pictures, CHAT, client=client, progress=False)
+    judged = dbmagic.evaluate(result, [dbmagic.judge('Does it say "10x10"?', endpoint=JUDGE, client=client,
+                                                    name="small")])
+    assert list(judged["small"]) == ["yes", "no"]
+    sent = [r.json["messages"][-1]["content"] for r in invocations(workspace, JUDGE)]
+    materials = [json.loads(text[text.index("{"):]) for text in sent]
+    assert [json.loads(m["input"]) for m in materials] == [{"prompt": "Describe [image]"}] * 2
+    assert sorted(m["answer"] for m in materials) == ["Echo: Describe [image/png 10x10]",
+                                                      "Echo: Describe [image/png 20x10]"]

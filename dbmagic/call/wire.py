@@ -169,10 +169,15 @@ def attachments_refusal(kind: str, target: str, prompt: Any) -> str | None:
 
 
 def user_turn(kind: str, body: dict[str, Any]) -> str:
-    """The text of the last user turn of a body (what ``--chat`` keeps), or ``""``."""
+    """The text of the last user turn of a body (what ``--chat`` keeps, what a judge reads), each
+    picture or file in it as ``[image]`` or ``[file]``, or ``""``."""
     turns = body.get("input" if kind == RESPONSES else "messages")
     if kind in CONVERSATIONAL and isinstance(turns, list) and turns and isinstance(turns[-1], dict):
-        return content_text(turns[-1].get("content"))
+        content = turns[-1].get("content")
+        if isinstance(content, list):  # a picture or a file as a word in its place (a judge, --chat's history)
+            content = [{"text": "[image]" if p.get("type") in ("image_url", "input_image") else "[file]"}
+                       if isinstance(p, dict) and p.get("type") in _ATTACHED_PARTS else p for p in content]
+        return content_text(content)
     return as_text(body.get("prompt", ""))
 
 

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 from .. import settings
 from ..batching.result import Comparison, column_metrics
 from ..call.model import brief
+from ..call.wire import attachments_in
 from ..errors import DbMagicError
 from . import cell as _cell
+from .render import sent_html, sent_line, sent_pictures
 
 if TYPE_CHECKING:
     from ..client import Call, Client
@@ -165,7 +167,11 @@ def _table(columns: Mapping[str, _Column], repeat: int, *, final: bool) -> tuple
             cells_html.append(f"<td{style}>{html.escape(text)}</td>")
         body.append(f"<tr><th>{name.replace('_', ' ')}</th>{''.join(cells_html)}</tr>")
     table = f"<table class='dbmagic-compare'><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-    text = "\n\n".join(
+    sent = next((sent_pictures(r.request) for c in columns.values() for r in c.runs[:1]
+                 if final and not isinstance(r, Exception) and r is not None and attachments_in(r.request)), [])
+    if sent:  # the prompt every column was sent, its pictures as thumbnails above the table
+        table = sent_html(sent) + table
+    text = ("" if not sent else sent_line(sent) + "\n\n") + "\n\n".join(
         f"--- {label}\n" + str(m.get("answer") or "") + (("\n" if m.get("answer") else "") + f"⚠ {m['error']}"
                                                           if m.get("error") else "")
         + "".join(f"\n{n}: {m[n]}" for n in names[1:] if m.get(n) is not None)

@@ -7,6 +7,7 @@ latency_ms, request_id}}`` in its metadata. Terminal IPython gets plain text.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sys
@@ -129,17 +130,33 @@ def answer_bundle(completion: Any, fmt: str, *, rich: bool = True,
 def with_what_was_sent(data: dict[str, Any], request: Any) -> dict[str, Any]:
     """``data`` (a bundle) with a strip of thumbnails of the images the request sent above it (small
     JPEGs made here, not the images themselves); as it is when the request sent none."""
-    shown = thumbnails(request)
-    if shown is None:
+    sent = sent_pictures(request)
+    if not sent:
         return data
-    md, text = shown
-    return {k: (f"{md}\n\n{v}" if k == "text/markdown" else f"{text}\n{v}" if k == "text/plain" else v)
-            for k, v in data.items()}
+    said = sent_line(sent)
+    md = " ".join(f"![sent]({thumb})" for thumb, _ in sent if thumb) + f"\n\n*{said}*"
+    html_strip = sent_html(sent)
+    out = {}
+    for k, v in data.items():
+        out[k] = f"{md}\n\n{v}" if k == "text/markdown" else f"{said}\n{v}" if k == "text/plain" else \
+            f"{html_strip}{v}" if k == "text/html" else v
+    return out
 
 
-def thumbnails(request: Any, side: int = 96) -> tuple[str, str] | None:
-    """``(markdown, text)`` of the images a request body carried (chat's ``image_url`` parts, the
-    Responses API's ``input_image``): a thumbnail each and ``Sent: 2 images (image/jpeg 800x600, ...)``."""
+def sent_line(sent: list[tuple[str | None, str]]) -> str:
+    """``Sent: 2 images (image/jpeg 800x600, ...)``."""
+    return f"Sent: {len(sent)} image{'' if len(sent) == 1 else 's'} ({', '.join(said for _, said in sent)})"
+
+
+def sent_html(sent: list[tuple[str | None, str]]) -> str:
+    """The thumbnails and `sent_line` as HTML (above a comparison's table)."""
+    pictures = "".join(f"<img src='{thumb}' alt='sent' style='margin-right:4px'>" for thumb, _ in sent if thumb)
+    return f"<div class='dbmagic-sent'>{pictures}<div><i>{html.escape(sent_line(sent))}</i></div></div>"
+
+
+def sent_pictures(request: Any, side: int = 96) -> list[tuple[str | None, str]]:
+    """Per image a request body carried (chat's ``image_url`` parts, the Responses API's
+    ``input_image``): a thumbnail's ``data:`` URL (None when it cannot be drawn) and what it is."""
     urls = []
     for turn in (request or {}).get("messages") or (request or {}).get("input") or []:
         content = turn.get("content") if isinstance(turn, dict) else None
@@ -149,26 +166,25 @@ def thumbnails(request: Any, side: int = 96) -> tuple[str, str] | None:
             if isinstance(url, str) and url.startswith("data:image/"):
                 urls.append(url)
     if not urls:
-        return None
+        return []
     import base64
     import io
 
     from PIL import Image
 
-    pictures, said = [], []
+    sent: list[tuple[str | None, str]] = []
     for url in urls:
         try:
             with Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))) as picture:
-                said.append(f"{Image.MIME.get(picture.format, picture.format)} {picture.size[0]}x{picture.size[1]}")
+                said = f"{Image.MIME.get(picture.format, picture.format)} {picture.size[0]}x{picture.size[1]}"
                 small = picture.convert("RGB")
                 small.thumbnail((side, side))
                 out = io.BytesIO()
                 small.save(out, "JPEG", quality=70)
-            pictures.append(f"![sent]({'data:image/jpeg;base64,' + base64.b64encode(out.getvalue()).decode()})")
+            sent.append(("data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode(), said))
         except Exception:  # a picture that cannot be shown is named, not drawn
-            said.append("an image")
-    text = f"Sent: {len(urls)} image{'' if len(urls) == 1 else 's'} ({', '.join(said)})"
-    return " ".join(pictures) + f"\n\n*{text}*", text
+            sent.append((None, "an image"))
+    return sent
 
 
 def _is_data(value: Any) -> bool:
