@@ -6,6 +6,7 @@
     ├── ConfigurationError           no credentials, a refused host, a bad option
     │   ├── SettingError             an option's value is refused (the same words from every front end)
     │   ├── TemplateError            the prompt template names something undefined, or is not Jinja2
+    │   ├── AttachmentError          an image or document that cannot be sent (unreadable, too large)
     │   └── MissingValue             a batch row's template value is missing: the row was not sent
     ├── NotSent                      a batch row that was not sent: ``.reason`` says why (interrupted, budget)
     ├── Interrupted                  a batch row stopped while its answer was on its way (the text that came is kept)
@@ -59,6 +60,10 @@ class SettingError(ConfigurationError):
 
 class TemplateError(ConfigurationError):
     """A prompt template names something undefined, or is not valid Jinja2."""
+
+
+class AttachmentError(ConfigurationError):
+    """An image or document that cannot be sent: unreadable, not an image or PDF, too large to fit."""
 
 
 class MissingValue(ConfigurationError):

@@ -30,7 +30,7 @@ SAMPLES = {
     "system": "Line one\nline two", "task": "completions", "timeout": 30.0, "transform_input": "concise",
     "transform_output": "shout", "dry_run": True, "output": "answer", "format": "text", "insert": True,
     "stream": False, "chat": True, "raw": True, "over": "tickets", "column": "summary", "send_missing": True, "concurrency": 4, "rows_per_request": 50,
-    "prompt": "prompts:/summarise/2", "vars": {"audience": "engineers", "n": 3}, "judge": "polite,Safety", "checkpoint": "/Volumes/main/default/work/tickets", "max_tokens_total": 50000, "max_cost": 2.5, "cache_mode": "always", "background": True,
+    "attach": ["receipt", "scans/form.pdf"], "prompt": "prompts:/summarise/2", "vars": {"audience": "engineers", "n": 3}, "judge": "polite,Safety", "checkpoint": "/Volumes/main/default/work/tickets", "max_tokens_total": 50000, "max_cost": 2.5, "cache_mode": "always", "background": True,
     "expect": "expected", "compare": f"{CHAT},local-completions", "repeat": 3,
     "schema": "label: 'pos'|'neg', score: float", "schema_retries": 2, "tools": ["weather,lookup"], "run_tools": True,
     "max_steps": 3,

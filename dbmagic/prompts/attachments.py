@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigurationError
+from ..errors import AttachmentError, ConfigurationError
 
 __all__ = ["Attachment", "Parts", "described_url", "AttachmentError", "image", "document", "collecting", "MAX_REQUEST_BYTES",
            "MAX_SIDE", "QUALITY", "MAX_PAGES", "IMAGE_KINDS"]
@@ -48,10 +48,6 @@ MIN_SIDE = 256  # an image is not shrunk below this to make a request fit: the r
 SENT_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png"}
 # request kinds that take images (content parts); the others take text only
 IMAGE_KINDS = ("chat", "responses")
-
-
-class AttachmentError(ConfigurationError):
-    """An image or document that cannot be sent: unreadable, not an image or PDF, too large to fit."""
 
 
 @dataclass(frozen=True, eq=False)
