@@ -21,13 +21,15 @@ import argparse
 import base64
 import json
 import os
-import queue
 import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_batch import threads  # noqa: E402
 
 CHAT = "databricks-meta-llama-3-3-70b-instruct"
 
@@ -72,32 +74,20 @@ def one(kind: str, folder: str, concurrency: int) -> None:
             session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=concurrency))
             url = f"{env['DATABRICKS_HOST']}/serving-endpoints/{CHAT}/invocations"
             headers = {"Authorization": f"Bearer {env['DATABRICKS_TOKEN']}"}
-            todo: queue.SimpleQueue = queue.SimpleQueue()
-            for p in paths:
-                todo.put(p)
             failures = []
 
-            def loop() -> None:
-                while True:
-                    try:
-                        path = todo.get_nowait()
-                    except queue.Empty:
-                        return
-                    with open(path, "rb") as f:
-                        data = base64.b64encode(f.read()).decode()
-                    content = [{"type": "text", "text": "What is in this picture? "},
-                               {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}}]
-                    response = session.post(url, json={"messages": [{"role": "user", "content": content}]},
-                                            headers=headers)
-                    if response.status_code != 200:
-                        failures.append(path)
+            def send(path: str) -> None:
+                with open(path, "rb") as f:
+                    data = base64.b64encode(f.read()).decode()
+                content = [{"type": "text", "text": "What is in this picture? "},
+                           {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}}]
+                response = session.post(url, json={"messages": [{"role": "user", "content": content}]},
+                                        headers=headers)
+                if response.status_code != 200:
+                    failures.append(path)
 
             started = time.perf_counter()
-            pool = [threading.Thread(target=loop) for _ in range(concurrency)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join()
+            threads(concurrency, send, paths)
             seconds, failed = time.perf_counter() - started, len(failures)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"seconds": seconds, "rows": len(paths), "peak_mib": peak, "start_mib": start, "failed": failed}))

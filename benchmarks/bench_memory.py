@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import queue
-import threading
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import requests
 
@@ -25,6 +25,9 @@ import dbmagic
 from dbmagic import Client
 from dbmagic.batching.run import run
 from dbmagic.testing import in_another_process
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_batch import threads  # noqa: E402
 
 CHAT = "databricks-meta-llama-3-3-70b-instruct"
 
@@ -49,24 +52,12 @@ def bare_threads(url: str, token: str, prompts: list[str], n: int) -> list[str |
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=n))
     headers = {"Authorization": f"Bearer {token}"}
     answers: list[str | None] = [None] * len(prompts)
-    todo: queue.SimpleQueue = queue.SimpleQueue()
-    for i in range(len(prompts)):
-        todo.put(i)
 
-    def loop() -> None:
-        while True:
-            try:
-                i = todo.get_nowait()
-            except queue.Empty:
-                return
-            response = session.post(url, json={"messages": [{"role": "user", "content": prompts[i]}]}, headers=headers)
-            answers[i] = response.json()["choices"][0]["message"]["content"]
+    def one(i: int) -> None:
+        response = session.post(url, json={"messages": [{"role": "user", "content": prompts[i]}]}, headers=headers)
+        answers[i] = response.json()["choices"][0]["message"]["content"]
 
-    pool = [threading.Thread(target=loop) for _ in range(n)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    threads(n, one, list(range(len(prompts))))
     session.close()
     return answers
 
