@@ -112,6 +112,14 @@ def test_a_partial_answer_keeps_its_error_and_counts_as_failed(workspace):
     assert result.missing == [1] and result.failed == [0]  # a cut answer failed (resume= sends it again)
 
 
+def test_a_value_of_none_beside_a_text_reads_back_as_none():
+    from dbmagic.call.model import Completion
+
+    answers = Answers.of([Completion(text="asked for a tool", value=None, endpoint=CHAT, kind="chat"),
+                          Completion(text="plain", value="plain", endpoint=CHAT, kind="chat")])
+    assert answers[0].value is None and answers[0].text == "asked for a tool" and answers[1].value == "plain"
+
+
 def test_request_ids_and_identities_round_trip():
     answers = Answers(3)
     from dbmagic.call.model import Completion

@@ -27,6 +27,7 @@ from ..errors import SchemaError, error_of
 __all__ = ["Answers", "Digests", "RowValues", "answered"]
 
 _EMPTY, _ANSWER, _OBJECT = 0, 1, 2
+_TEXT = object()  # a row's value is its text
 _NONE = -1  # a token count the endpoint did not report
 _COUNTS = ("input", "output", "total")  # the usage kept in the counts array; the others go with the rare fields
 # what repeats from row to row: kept once, in the shapes table
@@ -50,7 +51,8 @@ class Answers:
         self.n = n
         self._state = bytearray(n)
         self._text: list[str | None] = [None] * n
-        self._values: list[Any] | None = None  # made when a value is not its text (a transform, a schema, vectors)
+        # made when a value is not its text (a transform, a schema, vectors); _TEXT where it is the text
+        self._values: list[Any] | None = None
         self._counts = array("q", [_NONE]) * (len(_COUNTS) * n)
         self._latency = array("d", bytes(8 * n))
         self._first = array("d", bytes(8 * n))  # time to the first token; NaN for None
@@ -89,7 +91,7 @@ class Answers:
         self._rare.pop(i, None)
         self._objects.pop(i, None)
         if self._values is not None:
-            self._values[i] = None
+            self._values[i] = _TEXT
         if type(item) is not Completion:  # an error, a resumed value, nothing yet: kept as it is
             self._text[i] = None
             self._state[i] = _OBJECT if item is not None else _EMPTY
@@ -101,7 +103,7 @@ class Answers:
         value = item.value
         if value is not item.text and not (type(value) is str and value == item.text):
             if self._values is None:
-                self._values = [None] * self.n
+                self._values = [_TEXT] * self.n
             self._values[i] = value
         usage = item.usage
         for k, name in enumerate(_COUNTS):
@@ -140,7 +142,7 @@ class Answers:
 
     def _completion(self, i: int) -> Completion:
         text = self._text[i]
-        value = self._values[i] if self._values is not None and self._values[i] is not None else text
+        value = text if self._values is None or self._values[i] is _TEXT else self._values[i]
         endpoint, kind, where, served_model, finish_reason, attempts, cached, schema = self._shapes[self._shape[i]]
         rare = self._rare.get(i, {})
         counts = [None if c == _NONE else c for c in self._counts[len(_COUNTS) * i: len(_COUNTS) * (i + 1)]]
@@ -169,7 +171,7 @@ class Answers:
     def value(self, i: int) -> Any:
         if self._state[i] != _ANSWER:
             return getattr(self[i], "value", None)
-        return self._values[i] if self._values is not None and self._values[i] is not None else self._text[i]
+        return self._text[i] if self._values is None or self._values[i] is _TEXT else self._values[i]
 
     def whole(self, i: int) -> bool:
         """A whole answer: neither an error nor a partial answer (see `dbmagic.batching.result.answered`)."""

@@ -497,14 +497,15 @@ def run(template: str | Template, rows: Any, endpoint: str | None = None, *, con
     reused += rows_run.reused + from_ledger[0]
     not_served = ledger.not_served({identities[i] for i in todo}) if ledger is not None else {}
     tracing.flush()  # the rows' traces are readable when the batch returns
-    rows_given = originals  # what the result reads a row's values from, once the batch is over
+    # what the result reads a row's values from once the batch is over (a DataFrame's rows when asked)
+    given = originals if isinstance(originals, RowValues) else RowValues(originals)
 
     def sent(i: int) -> dict[str, Any] | None:
         """The body row ``i`` sent, built again from its row: given only when it is that very request."""
         if identities[i] is None:
             return None
         try:
-            request = build(i, rows_given[i] if isinstance(rows_given, RowValues) else RowValues(rows_given)[i])
+            request = build(i, given[i])
         except DbMagicError:
             return None
         return request.body if identity(request.url, request.body) == identities[i] else None
