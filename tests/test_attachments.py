@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 import dbmagic  # noqa: E402
 from dbmagic import Client, ConfigurationError  # noqa: E402
 from dbmagic.prompts.attachments import AttachmentError  # noqa: E402
+from dbmagic.prompts.templating import Template  # noqa: E402
 from dbmagic.testing import text_pdf  # noqa: E402
 
 from .conftest import CHAT, CUSTOM, EMBEDDINGS  # noqa: E402
@@ -80,7 +81,7 @@ def test_an_image_goes_where_it_stands_in_the_prompt(workspace, client, tmp_path
 def test_a_large_image_is_brought_under_the_limit(workspace, client):
     big = picture(4000, 3000, noise=True)  # about 36 MB as PNG
     assert len(big) > 4_000_000
-    answer = client.complete(dbmagic.prompts.templating.Template("{{ image(big) }} what is it?").render({"big": big}),
+    answer = client.complete(Template("{{ image(big) }} what is it?").render({"big": big}),
                              endpoint=CHAT)
     request = invocations(workspace, CHAT)[-1]
     assert received_images(request) == [("data:image/jpeg;base64", (1568, 1176))]
@@ -100,13 +101,13 @@ def test_a_corrupt_image_fails_its_row_alone_before_sending(workspace, client, t
 
 def test_nothing_is_fetched_from_a_url(workspace, client):
     with pytest.raises(AttachmentError, match="does not fetch URLs"):
-        client.complete(dbmagic.prompts.templating.Template("{{ image(u) }}").render(
+        client.complete(Template("{{ image(u) }}").render(
             {"u": "http://127.0.0.1:1/x.png"}), endpoint=CHAT)
     assert invocations(workspace, CHAT) == []
 
 
 def test_kinds_that_take_text_only_are_refused_before_sending(workspace, client):
-    parts = dbmagic.prompts.templating.Template("{{ image(p) }}").render({"p": picture(8, 8)})
+    parts = Template("{{ image(p) }}").render({"p": picture(8, 8)})
     for endpoint, kind in ((EMBEDDINGS, "embeddings"), (CUSTOM, "custom"), ("local-completions", "completions")):
         with pytest.raises(ConfigurationError, match=f"takes {kind} requests, which carry text only"):
             client.complete(parts, endpoint=endpoint)
@@ -114,7 +115,7 @@ def test_kinds_that_take_text_only_are_refused_before_sending(workspace, client)
 
 
 def test_the_responses_api_gets_input_image_parts(workspace, client):
-    parts = dbmagic.prompts.templating.Template("Look {{ image(p) }}").render({"p": picture(20, 10)})
+    parts = Template("Look {{ image(p) }}").render({"p": picture(20, 10)})
     answer = client.complete(parts, endpoint=RESPONSES)
     sent = invocations(workspace, RESPONSES)[-1].json["input"][-1]["content"]
     assert [p["type"] for p in sent] == ["input_text", "input_image"]
@@ -123,7 +124,7 @@ def test_the_responses_api_gets_input_image_parts(workspace, client):
 
 def test_a_pdf_as_its_pages_its_text_or_the_file(workspace, client):
     pdf = text_pdf([["Invoice 42", "Total: 12.50 EUR"], ["Thank you"], ["Terms"]])
-    render = dbmagic.prompts.templating.Template
+    render = Template
     as_images = client.complete(render("{{ document(d, pages='1-2') }}").render({"d": pdf}), endpoint=CHAT)
     assert [size for _, size in received_images(invocations(workspace, CHAT)[-1])] == [(1109, 1568), (1109, 1568)]
     assert as_images.text == "Echo: [image/jpeg 1109x1568][image/jpeg 1109x1568]"
@@ -141,7 +142,7 @@ def test_a_pdf_as_its_pages_its_text_or_the_file(workspace, client):
 
 def test_a_request_over_4_mb_fails_before_sending_and_the_server_refuses_one(workspace, client):
     many = {f"p{i}": picture(1500, 1500, "JPEG", noise=True) for i in range(4)}
-    template = dbmagic.prompts.templating.Template(" ".join(f"{{{{ image(p{i}, quality=95) }}}}" for i in range(4)))
+    template = Template(" ".join(f"{{{{ image(p{i}, quality=95) }}}}" for i in range(4)))
     with pytest.raises(AttachmentError, match=r"over Databricks' 4 MB request limit. Send fewer or smaller images"):
         client.complete(template.render(many), endpoint=CHAT)
     assert invocations(workspace, CHAT) == []
@@ -156,7 +157,7 @@ def test_a_request_over_4_mb_fails_before_sending_and_the_server_refuses_one(wor
 def test_two_different_images_are_never_one_cache_entry(workspace, client, tmp_path):
     dbmagic.use_cache(str(tmp_path / "cache"))
     try:
-        template = dbmagic.prompts.templating.Template("What colour? {{ image(p) }}")
+        template = Template("What colour? {{ image(p) }}")
         red, blue = picture(16, 16), io.BytesIO()
         Image.new("RGB", (16, 16), (0, 0, 200)).save(blue, "PNG")
         first = client.complete(template.render({"p": red}), endpoint=CHAT, temperature=0)
@@ -225,3 +226,18 @@ def test_a_comparison_shows_what_every_column_was_sent(shell, workspace):
     assert shown["text/html"].count("<img") == 1 and "Sent: 1 image (image/png 200x100)" in shown["text/html"]
     assert shown["text/plain"].startswith("Sent: 1 image (image/png 200x100)")
     assert shown["text/html"].count("Echo: What is it? [image/png 200x100]") == 2
+
+
+def test_a_custom_model_takes_pictures_through_transform_input(workspace, client):
+    from dbmagic.prompts.attachments import Attachment
+
+    def as_records(**request):  # the parts: text, and Attachment (mime, data, data_url())
+        parts = request.pop("prompt")
+        text = "".join(p for p in parts if isinstance(p, str))
+        pictures = [base64.b64encode(p.data).decode() for p in parts if isinstance(p, Attachment)]
+        return {"dataframe_records": [{"prompt": text, "image": pictures[0]}]}
+
+    parts = Template("Count the cats {{ image(p) }}").render({"p": picture(9, 9)})
+    client.complete(parts, endpoint=CUSTOM, transform_input=as_records)
+    [record] = invocations(workspace, CUSTOM)[-1].json["dataframe_records"]
+    assert record["prompt"] == "Count the cats " and base64.b64decode(record["image"]) == picture(9, 9)
