@@ -128,6 +128,8 @@ def test_request_ids_and_identities_round_trip():
     for i, request_id in enumerate(ids):
         answers[i] = Completion(text="x", value="x", endpoint=CHAT, kind="chat", request_id=request_id)
     assert [answers[i].request_id for i in range(3)] == ids
+    answers[1] = Completion(text="x", value="x", endpoint=CHAT, kind="chat", request_id=ids[0])  # written again
+    assert [answers[i].request_id for i in range(3)] == [ids[0], ids[0], ids[2]]
     digests = Digests(2)
     digests[0] = "ab" * 32
     assert list(digests) == ["ab" * 32, None]

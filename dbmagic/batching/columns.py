@@ -204,16 +204,18 @@ class Answers:
 
 
 class _Ids:
-    """Request ids: a UUID (as Databricks' ``x-request-id``) in 16 bytes, any other id as its string."""
+    """Request ids: a UUID (as Databricks' ``x-request-id``) in 16 bytes, any other id as its string
+    (in a list made when the first such id comes)."""
 
     def __init__(self, n: int):
         self._uuids = bytearray(16 * n)
         self._is_uuid = bytearray(n)
-        self._other: dict[int, str] = {}
+        self._other: list[str | None] | None = None
 
     def __setitem__(self, i: int, value: str | None) -> None:
-        self._other.pop(i, None)
         self._is_uuid[i] = False
+        if self._other is not None:
+            self._other[i] = None
         if value is None:
             return
         if len(value) == 36 and value == value.lower():
@@ -223,12 +225,14 @@ class _Ids:
             except ValueError:
                 pass
         if not self._is_uuid[i]:
+            if self._other is None:
+                self._other = [None] * len(self._is_uuid)
             self._other[i] = value
 
     def __getitem__(self, i: int) -> str | None:
         if self._is_uuid[i]:
             return str(uuid.UUID(bytes=bytes(self._uuids[16 * i: 16 * (i + 1)])))
-        return self._other.get(i)
+        return self._other[i] if self._other is not None else None
 
 
 class Digests:
