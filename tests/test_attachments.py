@@ -241,3 +241,14 @@ def test_a_custom_model_takes_pictures_through_transform_input(workspace, client
     client.complete(parts, endpoint=CUSTOM, transform_input=as_records)
     [record] = invocations(workspace, CUSTOM)[-1].json["dataframe_records"]
     assert record["prompt"] == "Count the cats " and base64.b64decode(record["image"]) == picture(9, 9)
+
+
+def test_a_registry_prompt_cannot_attach_a_file(tmp_path):
+    """A registry prompt is someone else's text: image() and document() are the cell's own, never its."""
+    from dbmagic.prompts.templating import RegistryTemplate
+
+    secret = tmp_path / "id_rsa.png"
+    secret.write_bytes(picture(4, 4))
+    template = RegistryTemplate("{% if 1 %}Look {{ image('" + str(secret) + "') }}{% endif %}", "prompts:/look/1")
+    with pytest.raises(dbmagic.TemplateError, match="image"):
+        template.render({})
