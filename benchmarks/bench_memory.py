@@ -91,18 +91,18 @@ def main() -> None:
             "{{ text }}", frame, CHAT, client=client, progress=False, concurrency=args.concurrency))
         assert kept_result.texts == answers
         client.close()
-    columns = out[["answer", "error"]].memory_usage(deep=True, index=False).sum()
-    n = args.rows
-    print(f"{n:,} rows of 200-character prompts, concurrency {args.concurrency}, workspace in another process "
-          f"(tracemalloc; bytes a row):")
-    print(f"  output columns (answer, error)      {columns / n:8.0f}")
-    print(f"  bare threads keeping the answers    peak {bare_peak / n:8.0f}, kept {bare_kept / n:8.0f}  "
-          f"({n / bare_s:,.0f} rows/s)")
-    print(f"  dbmagic.batch (DataFrame returned)  peak {peak / n:8.0f}, kept {kept / n:8.0f}  ({n / seconds:,.0f} rows/s)")
-    print(f"  BatchResult (what --over keeps)     peak {result_peak / n:8.0f}, kept {result_kept / n:8.0f}")
-    print(f"  dbmagic.batch / output columns      peak {peak / columns:8.2f}x, kept {kept / columns:6.2f}x")
-    print(f"  BatchResult / output columns        peak {result_peak / columns:8.2f}x, kept {result_kept / columns:6.2f}x")
-    print(f"  dbmagic.batch / bare threads        peak {peak / bare_peak:8.2f}x, kept {kept / bare_kept:6.2f}x")
+        columns = out[["answer", "error"]].memory_usage(deep=True, index=False).sum()
+        n = args.rows
+        print(f"{n:,} rows of 200-character prompts, concurrency {args.concurrency}, workspace in another process "
+              f"(tracemalloc; bytes a row):")
+        print(f"  output columns (answer, error)      {columns / n:8.0f}")
+        print(f"  bare threads keeping the answers    peak {bare_peak / n:8.0f}, kept {bare_kept / n:8.0f}  "
+              f"({n / bare_s:,.0f} rows/s)")
+        print(f"  dbmagic.batch (DataFrame returned)  peak {peak / n:8.0f}, kept {kept / n:8.0f}  ({n / seconds:,.0f} rows/s)")
+        print(f"  BatchResult (what --over keeps)     peak {result_peak / n:8.0f}, kept {result_kept / n:8.0f}")
+        print(f"  dbmagic.batch / output columns      peak {peak / columns:8.2f}x, kept {kept / columns:6.2f}x")
+        print(f"  BatchResult / output columns        peak {result_peak / columns:8.2f}x, kept {result_kept / columns:6.2f}x")
+        print(f"  dbmagic.batch / bare threads        peak {peak / bare_peak:8.2f}x, kept {kept / bare_kept:6.2f}x")
 
 
 if __name__ == "__main__":
