@@ -89,8 +89,9 @@ def one(kind: str, folder: str, concurrency: int) -> None:
             started = time.perf_counter()
             threads(concurrency, send, paths)
             seconds, failed = time.perf_counter() - started, len(failures)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "rows": len(paths), "peak_mib": peak, "start_mib": start, "failed": failed}))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print(json.dumps({"seconds": seconds, "rows": len(paths), "peak_mib": peak, "start_mib": start,
+                          "failed": failed}), flush=True)  # before the workspace process ends
 
 
 def main() -> None:
@@ -109,7 +110,7 @@ def main() -> None:
               f"concurrency {args.concurrency}, workspace in another process:")
         for kind, label in (("batch", "dbmagic.batch (fitted to 1568 px)"), ("bare", "bare threads (sent as they are)")):
             run = subprocess.run([sys.executable, __file__, "--one", kind, "--folder", folder,
-                                  "--concurrency", str(args.concurrency)], capture_output=True, text=True, check=True)
+                                  "--concurrency", str(args.concurrency)], capture_output=True, text=True)
             got = json.loads(run.stdout.strip().splitlines()[-1])
             print(f"  {label:36} {got['rows'] / got['seconds']:6.1f} rows/s, peak resident memory "
                   f"{got['peak_mib']:6.0f} MiB ({got['peak_mib'] - got['start_mib']:+5.0f} MiB over its start, "

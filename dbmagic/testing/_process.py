@@ -28,5 +28,11 @@ def in_another_process(*args: str) -> Iterator[dict[str, str]]:
         yield env
     finally:
         proc.send_signal(signal.SIGINT)
-        if proc.wait(10) != 0:
-            raise RuntimeError(f"python -m dbmagic.testing ended with exit code {proc.returncode}")
+        try:
+            code = proc.wait(10)
+        except subprocess.TimeoutExpired:  # never left running behind (it would hold this process's pipe)
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("python -m dbmagic.testing did not end within 10 s of Ctrl-C; it was killed") from None
+        if code != 0:
+            raise RuntimeError(f"python -m dbmagic.testing ended with exit code {code}")
