@@ -252,3 +252,10 @@ def test_a_registry_prompt_cannot_attach_a_file(tmp_path):
     template = RegistryTemplate("{% if 1 %}Look {{ image('" + str(secret) + "') }}{% endif %}", "prompts:/look/1")
     with pytest.raises(dbmagic.TemplateError, match="image"):
         template.render({})
+
+
+def test_a_picture_lost_in_a_filter_is_an_error_not_garbage():
+    with pytest.raises(AttachmentError, match="must stand on their own"):
+        Template("{{ image(p) | upper }}").render({"p": picture(4, 4)})
+    parts = Template("{% for p in ps %}[{{ image(p) }}]{% endfor %}").render({"ps": [picture(4, 4), picture(5, 4)]})
+    assert [x if isinstance(x, str) else x.width for x in parts] == ["[", 4, "][", 5, "]"]

@@ -151,15 +151,19 @@ def collecting() -> Iterator[Any]:
     def split(text: str) -> str | Parts:
         if not added:
             return text
-        parts, at = Parts(), 0
+        parts, at, placed = Parts(), 0, set()
         for match in mark.finditer(text):
             if match.start() > at:
                 parts.append(text[at:match.start()])
             item = added[int(match.group(1))]
             parts.extend(item if isinstance(item, list) else [item])
+            placed.add(int(match.group(1)))
             at = match.end()
         if at < len(text):
             parts.append(text[at:])
+        if len(placed) < len(added) or any("\x00att" in p for p in parts if isinstance(p, str)):
+            raise AttachmentError("image() and document() must stand on their own in the template, as "
+                                  "{{ image(x) }}: a filter or string operation on them loses the picture.")
         return parts
 
     try:
