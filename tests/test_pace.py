@@ -166,11 +166,35 @@ def test_a_task_grows_by_its_share_and_faster_once_no_429_comes():
         c.now += 0.5
         lim.on_success(lim.acquire())
     assert math.isclose(alone.rate - 2.0, 1 / 2.0)  # one request a second each second, per answer
-    assert math.isclose(task.rate - 2.0, 0.25 / 2.0 * 1.5)  # its share of that, half a window after the 429
-    task_clock.now += 20  # no 429 for 20 windows: the other tasks may have ended
+    assert math.isclose(task.rate - 2.0, 0.25 / 2.0 * 1.5 ** 2)  # its share of that, half a window after the 429
+    task_clock.now += 2
     before = task.rate
     task.on_success(task.acquire())
-    assert math.isclose(task.rate - before, 0.25 / (before * 1.0) * 11)  # at most QUIET + 1 times
+    assert math.isclose(task.rate - before, 0.25 / before * 3.5 ** 2)  # 2.5 windows without a 429
+    task_clock.now += 20  # no 429 for 22 windows: the other tasks may have ended
+    before = task.rate
+    task.on_success(task.acquire())
+    assert math.isclose(task.rate - before, 0.25 / before * 11 ** 2)  # at most (QUIET + 1) squared times
+
+
+def test_a_task_refused_again_slows_rather_than_stopping_for_a_window():
+    """One of several tasks: a 429 again before its next answer may be another task's burst, not
+    its own rate: stopping for the window (as a lone batch does) left its share unused (a 4-task job
+    lost 1 to 4 requests a second of 20)."""
+    lim, clock = task_limiter(tasks=4)
+    clock.now += 10
+    answer(lim, clock, 10, 0.02)  # ten answers within the last 0.2 s (its share: 10 in 4 s)
+    lim.on_rate_limited(lim.acquire(), None)
+    first = lim.rate
+    lim.on_rate_limited(lim.acquire(), None)  # refused again, nothing answered since
+    assert math.isclose(lim.rate, first * SHARE)
+    assert math.isclose(lim.delay(), 1 / lim.rate)  # its next start at its rate, not when the window frees
+    alone, clock = limiter()
+    clock.now += 10
+    answer(alone, clock, 10, 0.02)
+    alone.on_rate_limited(alone.acquire(), None)
+    alone.on_rate_limited(alone.acquire(), None)
+    assert math.isclose(alone.delay(), 0.8)  # a lone batch: its window is full until the oldest ages out
 
 
 def test_a_task_with_nothing_answered_lately_waits_at_most_a_window():

@@ -31,11 +31,13 @@ ask it for a start (`delay`, then `acquire`), and tell it how each request went 
 - **One of several tasks** on one limit (a Spark job's: ``share`` is 1 / the tasks that run at
   once, and they cannot talk to each other): what a task alone saw accepted in the last window is a
   noisy sample of its share, so it learns over the time it has run (up to ``window / share``), and
-  once it has a rate it slows by the same step of its own rate each time; it grows by its share of
-  one request per window each window, faster the longer no 429 came (up to `QUIET` times: the other
-  tasks may have ended); with nothing answered lately it waits a window at most (the others'
-  answers say the endpoint is up). `shared` remembers the rate an endpoint's batch learned, so a
-  Python worker's next task starts there.
+  once it has a rate it slows by the same step of its own rate each time, refused again or not (a
+  429 before its next answer may be another task's burst: it does not stop for the window); it
+  grows by its share of one request per window each window, faster with the square of the windows
+  since its last 429 (up to `QUIET` windows: the other tasks may have ended, and the last task of a
+  job must reach the whole limit in seconds, not tens); with nothing answered lately it waits a
+  window at most (the others' answers say the endpoint is up). `shared` remembers the rate an
+  endpoint's batch learned, so a Python worker's next task starts there.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ WINDOW = 1.0  # seconds: a limit's window when its 429 names none (Databricks' Q
 LONGEST = 60.0  # the longest window paced (tokens or queries per minute); what is answered is kept this long
 SHARE = 0.95  # of the accepted rate, after a 429 without Retry-After
 GROWTH = 0.05  # per window, of the rate itself (and at least one request per window per window)
-QUIET = 10  # a task's growth is this many times more at most, after as many windows without a 429
+QUIET = 10  # a task's growth is (1 + this) squared times more at most, after as many windows without a 429
 
 
 @dataclass(frozen=True, eq=False)  # each start is its own, even two at the same instant
@@ -165,7 +167,7 @@ class Limiter:
             weight = self._weight(permit, used) if self.tokens else 1.0  # a request's worth (in tokens, its own)
             step = max(GROWTH / w, self.share / (w * w * (self.rate / weight)))
             if self.share < 1:  # one of several tasks: the longer no 429 came, the faster it grows (the
-                step *= 1 + min((now - self.last_limited) / w, QUIET)  # others may have ended)
+                step *= (1 + min((now - self.last_limited) / w, QUIET)) ** 2  # others may have ended)
             self.rate += step * weight
 
     @_locked
@@ -211,8 +213,8 @@ class Limiter:
             self.rate = max(learned, floor * (permit.cost if self.tokens else 1.0))
             self._next_start = now + (permit.cost if self.tokens else 1.0) / self.rate
             recent = [t for t in in_window if t > now - w]
-            if not answered_since and recent:  # refused again at the learned rate: the window is full until
-                self.pause_until = max(self.pause_until, recent[0] + w)  # its oldest ages out
+            if not answered_since and recent and self.share >= 1:  # refused again at the learned rate: the
+                self.pause_until = max(self.pause_until, recent[0] + w)  # window is full until its oldest ages out
         else:  # nothing answered lately to learn a rate from: the transport's backoff, growing (for one of
             self.backoffs += 1  # several tasks, never past a window: the others' answers say the endpoint is up)
             wait = backoff(self.policy, self.backoffs, self.rand)
