@@ -195,6 +195,12 @@ def test_a_task_refused_again_slows_rather_than_stopping_for_a_window():
     alone.on_rate_limited(alone.acquire(), None)
     alone.on_rate_limited(alone.acquire(), None)
     assert math.isclose(alone.delay(), 0.8)  # a lone batch: its window is full until the oldest ages out
+    lim, clock = task_limiter(tasks=4)
+    clock.now += 100
+    answer(lim, clock, 10, 0.02)
+    lim.on_rate_limited(lim.acquire(), None, 60.0)
+    lim.on_rate_limited(lim.acquire(), None, 60.0)
+    assert math.isclose(lim.delay(), 59.8)  # a minute's window full: every task must wait for it
 
 
 def test_a_task_with_nothing_answered_lately_waits_at_most_a_window():

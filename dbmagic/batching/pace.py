@@ -32,12 +32,12 @@ ask it for a start (`delay`, then `acquire`), and tell it how each request went 
   once, and they cannot talk to each other): what a task alone saw accepted in the last window is a
   noisy sample of its share, so it learns over the time it has run (up to ``window / share``), and
   once it has a rate it slows by the same step of its own rate each time, refused again or not (a
-  429 before its next answer may be another task's burst: it does not stop for the window); it
-  grows by its share of one request per window each window, faster with the square of the windows
-  since its last 429 (up to `QUIET` windows: the other tasks may have ended, and the last task of a
-  job must reach the whole limit in seconds, not tens); with nothing answered lately it waits a
-  window at most (the others' answers say the endpoint is up). `shared` remembers the rate an
-  endpoint's batch learned, so a Python worker's next task starts there.
+  429 before its next answer may be another task's burst: it does not stop for a second's window,
+  only for a minute's); it grows by its share of one request per window each window, faster with
+  the square of the windows since its last 429 (up to `QUIET` windows: the other tasks may have
+  ended, and the last task of a job must reach the whole limit in seconds, not tens); with nothing
+  answered lately it waits a window at most (the others' answers say the endpoint is up). `shared`
+  remembers the rate an endpoint's batch learned, so a Python worker's next task starts there.
 """
 
 from __future__ import annotations
@@ -213,8 +213,10 @@ class Limiter:
             self.rate = max(learned, floor * (permit.cost if self.tokens else 1.0))
             self._next_start = now + (permit.cost if self.tokens else 1.0) / self.rate
             recent = [t for t in in_window if t > now - w]
-            if not answered_since and recent and self.share >= 1:  # refused again at the learned rate: the
-                self.pause_until = max(self.pause_until, recent[0] + w)  # window is full until its oldest ages out
+            # refused again at the learned rate: the window is full until its oldest ages out (for one of
+            # several tasks only a minute's: in a second's, that 429 is as likely another task's burst)
+            if not answered_since and recent and (self.share >= 1 or w > WINDOW):
+                self.pause_until = max(self.pause_until, recent[0] + w)
         else:  # nothing answered lately to learn a rate from: the transport's backoff, growing (for one of
             self.backoffs += 1  # several tasks, never past a window: the others' answers say the endpoint is up)
             wait = backoff(self.policy, self.backoffs, self.rand)
