@@ -99,6 +99,19 @@ def test_a_corrupt_image_fails_its_row_alone_before_sending(workspace, client, t
     assert len(invocations(workspace, CHAT)) == 2  # only the good rows reached the server
 
 
+def test_a_path_that_is_not_a_regular_file_fails_its_row_without_blocking(workspace, client, tmp_path):
+    """A path column of a shared table may name a FIFO (its open would wait for a writer forever) or
+    a folder: each fails its row, unread, and the others are answered."""
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    rows = [{"pic": str(fifo)}, {"pic": str(tmp_path)}, {"pic": picture(16, 16)}]
+    result = dbmagic.batch("{{ image(pic) }}", rows, CHAT, client=client, progress=False)
+    assert result.failed == [0, 1] and all("is not one" in result.errors[i] for i in (0, 1))
+    assert result.texts[2] == "Echo: [image/png 16x16]" and len(invocations(workspace, CHAT)) == 1
+
+
 def test_nothing_is_fetched_from_a_url(workspace, client):
     with pytest.raises(AttachmentError, match="does not fetch URLs"):
         client.complete(Template("{{ image(u) }}").render(

@@ -232,17 +232,19 @@ def _read(x: Any, what: str) -> tuple[bytes, str]:
         raise AttachmentError(f"{what}() does not fetch URLs ({x[:80]!r}): give the file's bytes or a path "
                               "(on Databricks, a /Volumes/... path).")
     path = os.path.expanduser(x)
-    try:
-        info = os.stat(path)
+    try:  # opened without blocking and looked at once open: a FIFO or a device is never read, even one
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # swapped in after a look
     except OSError as exc:
         raise AttachmentError(f"{what}() cannot read {x[:200]!r}: {exc.strerror or exc}. Give an existing file "
                               "(on Databricks, a /Volumes/... path).") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise AttachmentError(f"{what}() reads a regular file; {x[:200]!r} is not one.")
-    if info.st_size > MAX_FILE_BYTES:
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
+        os.close(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise AttachmentError(f"{what}() reads a regular file; {x[:200]!r} is not one.")
         raise AttachmentError(f"{what}() reads files up to {MAX_FILE_BYTES >> 20} MB; {x[:200]!r} is "
                               f"{info.st_size / 1e6:,.0f} MB.")
-    with open(path, "rb") as f:
+    with os.fdopen(descriptor, "rb") as f:
         return f.read(MAX_FILE_BYTES + 1), os.path.basename(path)
 
 
