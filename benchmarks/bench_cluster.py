@@ -54,7 +54,8 @@ def main() -> None:
                   f"(first request after {first:.2f} s; {args.rows / span / args.limit:.1%} over the requests' span)")
 
         sdf = spark.createDataFrame(rows, "id INT, text STRING")
-        dbmagic.batching.spark.complete(sdf.limit(4), "{{ text }}", endpoint=name, client=client).count()  # warm
+        dbmagic.batching.spark.complete(sdf.limit(8).repartition(4), "{{ text }}", endpoint=name,
+                                        client=client).count()  # warm: a Python worker for each of the 4 slots
         time.sleep(1.5)
         for partitions in [int(p) for p in args.partitions.split(",")]:
             frame = sdf.repartition(partitions).cache()

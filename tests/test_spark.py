@@ -323,17 +323,20 @@ def test_embeddings_on_the_executors_go_many_rows_a_request(spark, workspace, tm
     assert len([r for r in workspace.requests if r.path == "/serving-endpoints/vectors/invocations"]) == len(sent)
 
 
-@pytest.mark.parametrize("partitions", [16, 64])
-def test_the_tasks_of_a_job_share_a_rate_limit_without_losing_a_row(spark, workspace, partitions):
+@pytest.mark.parametrize(("partitions", "retry_after"), [(16, False), (64, False), (16, True)])
+def test_the_tasks_of_a_job_share_a_rate_limit_without_losing_a_row(spark, workspace, partitions, retry_after):
     """Issue 34: every task paced on its own and learned only its own share; on main, two tasks at once
     (local[2]) over 64 partitions against a 20/s limit without Retry-After met 0.64 429s a row, and a
     row could fail. Each task now knows how many run at once: it slows by a step of its own rate,
     grows by its share, and a Python worker's next task starts at the pace the last one learned.
-    Here four run at once (local[4]); benchmarks/bench_cluster.py measures the share of the limit."""
+    Here four run at once (local[4]); benchmarks/bench_cluster.py measures the share of the limit.
+    With Retry-After, each task obeyed its own and all started again at their whole concurrency
+    (3 429s a row at 4 partitions): a task now learns its rate from such a 429 too."""
     import dbmagic.batching.spark
     from dbmagic.testing import Endpoint
 
-    workspace.add_endpoint(Endpoint("shared-limit", "llm/v1/chat", latency=0.05, rate_limit=20, retry_after=False))
+    workspace.add_endpoint(Endpoint("shared-limit", "llm/v1/chat", latency=0.05, rate_limit=20,
+                                    retry_after=retry_after))
     rows = 200
     sdf = spark.createDataFrame([(i, f"t{i}") for i in range(rows)], "id INT, text STRING").repartition(partitions)
     out = dbmagic.batching.spark.complete(sdf, "{{ text }}", endpoint="shared-limit", concurrency_per_task=4,

@@ -5,7 +5,9 @@ ask it for a start (`delay`, then `acquire`), and tell it how each request went 
 `on_rate_limited`, `release`). Its unit tests drive it with a fake clock, without sleeping.
 
 - At most ``cap`` requests are in flight (the batch's ``concurrency``).
-- A 429 **with** ``Retry-After`` pauses every start until then: the endpoint said when.
+- A 429 **with** ``Retry-After`` pauses every start until then: the endpoint said when. (One of
+  several tasks also learns its rate from it, as below: the other tasks did not hear it, and all
+  of them starting again at their whole concurrency when it ends met 1 to 3 429s a row.)
 - A 429 **without** one (as Databricks often answers) sets a start rate learned from what the
   endpoint has been accepting: the requests answered, or still in flight, that started in the
   last second, times 0.95. Starts are then spaced at that rate (a token bucket of one), and the rate
@@ -186,7 +188,8 @@ class Limiter:
         now = self.last_limited = self.clock.monotonic()
         if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
             self.pause_until = max(self.pause_until, now + min(retry_after, self.policy.max_retry_after))
-            return
+            if self.share >= 1:  # a lone batch: every start waits, and the server said when
+                return  # one of several tasks: the others did not hear it, so it learns its rate too
         if permit.epoch != self.epoch:  # sent at the old rate: nothing new
             return
         self.epoch += 1
