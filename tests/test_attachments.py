@@ -88,6 +88,18 @@ def test_a_large_image_is_brought_under_the_limit(workspace, client):
     assert len(json.dumps(request.json)) < 4_000_000 and answer.text == "Echo: [image/jpeg 1568x1176] what is it?"
 
 
+def test_a_phones_photo_is_sent_the_right_way_up(workspace, client):
+    """A camera's JPEG says its orientation in EXIF, and re-encoding drops EXIF: the pixels are turned
+    first (else a portrait arrived on its side)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    for size, sent in (((4000, 3000), (1176, 1568)), ((800, 600), (600, 800))):  # a small one is not sent as is
+        out = io.BytesIO()
+        Image.new("RGB", size, (10, 200, 10)).save(out, "JPEG", exif=exif.tobytes())
+        client.complete(Template("{{ image(photo) }}").render({"photo": out.getvalue()}), endpoint=CHAT)
+        assert received_images(invocations(workspace, CHAT)[-1]) == [("data:image/jpeg;base64", sent)]
+
+
 def test_a_corrupt_image_fails_its_row_alone_before_sending(workspace, client, tmp_path):
     secret = tmp_path / "notes.txt"
     secret.write_text("password=hunter2")

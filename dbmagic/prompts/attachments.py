@@ -244,8 +244,8 @@ def _read(x: Any, what: str) -> tuple[bytes, str]:
             raise AttachmentError(f"{what}() reads a regular file; {x[:200]!r} is not one.")
         raise AttachmentError(f"{what}() reads files up to {MAX_FILE_BYTES >> 20} MB; {x[:200]!r} is "
                               f"{info.st_size / 1e6:,.0f} MB.")
-    with os.fdopen(descriptor, "rb") as f:
-        return f.read(MAX_FILE_BYTES + 1), os.path.basename(path)
+    with os.fdopen(descriptor, "rb") as f:  # its size, not the most a file may hold (read(n) makes n bytes)
+        return f.read(info.st_size + 1), os.path.basename(path)
 
 
 def _pil() -> Any:
@@ -273,6 +273,9 @@ def load_image(x: Any, *, max_side: int = MAX_SIDE, quality: int = QUALITY,
         try:
             picture = Image.open(io.BytesIO(data))  # its header: what it is and its size
             if not _as_is(picture, data, max_side, budget):
+                # a JPEG decoded at the smallest of its scales (1/2, 1/4, 1/8) that still holds max_side:
+                # a 4000x3000 photo is decoded at 2000x1500, a quarter of the memory and the time
+                picture.draft("RGB", _within(picture.size, max_side))
                 picture.load()  # its pixels, to be re-encoded (a file cut short fails here)
         except Exception as exc:  # not an image, or a corrupt one: Pillow raises several kinds
             raise AttachmentError(f"image(): {source} is not an image Pillow can read "
@@ -280,9 +283,17 @@ def load_image(x: Any, *, max_side: int = MAX_SIDE, quality: int = QUALITY,
     return fit(picture, data, source, max_side=max_side, quality=quality, budget=budget)
 
 
+def _within(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """``size`` scaled so that its longer side is at most ``side`` (never enlarged)."""
+    width, height = size
+    scale = min(1.0, side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _as_is(picture: Any, data: bytes | None, max_side: int, budget: int) -> bool:
     """A JPEG or PNG that needs no change: sent as it is (its pixels are never decoded)."""
-    return data is not None and picture.format in SENT_AS_IS and max(picture.size) <= max_side and len(data) <= budget
+    return (data is not None and picture.format in SENT_AS_IS and max(picture.size) <= max_side and len(data) <= budget
+            and picture.getexif().get(0x0112, 1) == 1)  # not turned by its EXIF (turned, it is re-encoded)
 
 
 def fit(picture: Any, data: bytes | None, source: str, *, max_side: int, quality: int, budget: int) -> Attachment:
@@ -291,11 +302,15 @@ def fit(picture: Any, data: bytes | None, source: str, *, max_side: int, quality
     width, height = picture.size
     if _as_is(picture, data, max_side, budget):
         return Attachment(SENT_AS_IS[picture.format], data, source, width, height)
+    if picture.getexif().get(0x0112, 1) != 1:  # a phone's photo: its EXIF orientation, which re-encoding drops,
+        from PIL import ImageOps  # applied to the pixels (else the model sees it on its side)
+
+        picture = ImageOps.exif_transpose(picture)
+        width, height = picture.size
     clear = picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info)
     side = min(max_side, max(width, height))
     while True:
-        scale = side / max(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        size = _within((width, height), side)
         shrunk = picture.resize(size, Image.Resampling.LANCZOS) if size != (width, height) else picture
         out = io.BytesIO()
         if clear:
