@@ -42,6 +42,7 @@ MAX_REQUEST_BYTES = 4_000_000  # Databricks' request limit for foundation, exter
 MAX_SIDE = 1568  # pixels, the long side an image is brought down to (the size vision models read best)
 QUALITY = 85  # JPEG quality of a re-encoded image
 MAX_PAGES = 20  # pages of a document sent, unless pages= says otherwise
+ORIENTATION = 0x0112  # the EXIF tag that says how a photo is turned (1: as stored)
 MAX_FILE_BYTES = 100 << 20  # the largest file read (the AI Functions' own document limit is 100 MB)
 MIN_SIDE = 256  # an image is not shrunk below this to make a request fit: the row fails instead
 # an image sent as it is: what every vision model takes
@@ -293,7 +294,7 @@ def _within(size: tuple[int, int], side: int) -> tuple[int, int]:
 def _as_is(picture: Any, data: bytes | None, max_side: int, budget: int) -> bool:
     """A JPEG or PNG that needs no change: sent as it is (its pixels are never decoded)."""
     return (data is not None and picture.format in SENT_AS_IS and max(picture.size) <= max_side and len(data) <= budget
-            and picture.getexif().get(0x0112, 1) == 1)  # not turned by its EXIF (turned, it is re-encoded)
+            and picture.getexif().get(ORIENTATION, 1) == 1)  # not turned by its EXIF (turned, it is re-encoded)
 
 
 def fit(picture: Any, data: bytes | None, source: str, *, max_side: int, quality: int, budget: int) -> Attachment:
@@ -302,7 +303,7 @@ def fit(picture: Any, data: bytes | None, source: str, *, max_side: int, quality
     width, height = picture.size
     if _as_is(picture, data, max_side, budget):
         return Attachment(SENT_AS_IS[picture.format], data, source, width, height)
-    if picture.getexif().get(0x0112, 1) != 1:  # a phone's photo: its EXIF orientation, which re-encoding drops,
+    if picture.getexif().get(ORIENTATION, 1) != 1:  # a phone's photo: its EXIF orientation, which re-encoding drops,
         from PIL import ImageOps  # applied to the pixels (else the model sees it on its side)
 
         picture = ImageOps.exif_transpose(picture)
