@@ -116,6 +116,11 @@ class Limiter:
         self._open: dict[Permit, None] = {}  # requests in flight, oldest first
         self.last_answer = self.started = self.last_limited = self.clock.monotonic()
 
+    @property
+    def one_of_several(self) -> bool:
+        """Whether its batch is one of several tasks on the endpoint's limit (a Spark job's)."""
+        return self.share < 1
+
     @_locked
     def delay(self) -> float:
         """Seconds until a request may start (0: now; ``inf``: when one in flight ends)."""
@@ -168,7 +173,7 @@ class Limiter:
             w = self.window  # of itself and one request per window (its share of one, when tasks share the limit)
             weight = self._weight(permit, used) if self.tokens else 1.0  # a request's worth (in tokens, its own)
             step = max(GROWTH / w, self.share / (w * w * (self.rate / weight)))
-            if self.share < 1:  # one of several tasks: the longer no 429 came, the faster it grows (the
+            if self.one_of_several:  # the longer no 429 came, the faster it grows (the
                 step *= (1 + min((now - self.last_limited) / w, QUIET)) ** 2  # others may have ended)
             self.rate += step * weight
 
@@ -188,8 +193,9 @@ class Limiter:
         now = self.last_limited = self.clock.monotonic()
         if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
             self.pause_until = max(self.pause_until, now + min(retry_after, self.policy.max_retry_after))
-            if self.share >= 1:  # a lone batch: every start waits, and the server said when
-                return  # one of several tasks: the others did not hear it, so it learns its rate too
+            if not self.one_of_several:  # a lone batch: every start waits, and the server said when
+                return
+            # one of several tasks: the others did not hear it, so it learns its rate from it too
         if permit.epoch != self.epoch:  # sent at the old rate: nothing new
             return
         self.epoch += 1
@@ -206,7 +212,7 @@ class Limiter:
         else:
             accepted = len(in_window) + sum(1 for p in self._open if p.started > now - seen)
         if in_window:
-            if self.share < 1 and self.rate is not None:
+            if self.one_of_several and self.rate is not None:
                 # one of several tasks on the limit: what it alone saw accepted is a noisy sample of its
                 # share (another task's burst took its slots), so it slows by the same step each time
                 learned = self.rate * SHARE
@@ -218,12 +224,12 @@ class Limiter:
             recent = [t for t in in_window if t > now - w]
             # refused again at the learned rate: the window is full until its oldest ages out (for one of
             # several tasks only a minute's: in a second's, that 429 is as likely another task's burst)
-            if not answered_since and recent and (self.share >= 1 or w > WINDOW):
+            if not answered_since and recent and (not self.one_of_several or w > WINDOW):
                 self.pause_until = max(self.pause_until, recent[0] + w)
         else:  # nothing answered lately to learn a rate from: the transport's backoff, growing (for one of
             self.backoffs += 1  # several tasks, never past a window: the others' answers say the endpoint is up)
             wait = backoff(self.policy, self.backoffs, self.rand)
-            self.pause_until = max(self.pause_until, now + (min(wait, w) if self.share < 1 else wait))
+            self.pause_until = max(self.pause_until, now + (min(wait, w) if self.one_of_several else wait))
 
     @_locked
     def done(self) -> None:
